@@ -1,0 +1,1 @@
+"""HTTP layer: request/response models, routes and errors. Never imports MLX."""

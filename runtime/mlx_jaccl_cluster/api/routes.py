@@ -1,0 +1,148 @@
+"""The OpenAI routes. Each turns a request into a ``Prepared`` one, runs it through
+``Serving.generate`` and writes OpenAI's JSON or SSE shapes."""
+
+from __future__ import annotations
+
+import json
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .errors import APIError
+from .schemas import ChatCompletionRequest, CompletionRequest
+from .serving import KEEPALIVE, Piece, Prepared, Serving, Slot
+
+router = APIRouter()
+
+
+def _dumps(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class OpenAIShape:
+    """Chat and text completions differ only in a few field names; this holds them."""
+
+    def __init__(self, serving: Serving, prepared: Prepared):
+        self.serving = serving
+        self.p = prepared
+        self.chat = prepared.kind == "chat"
+        self.object = "chat.completion" if self.chat else "text_completion"
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + prepared.id
+        self.completion_tokens = 0
+
+    def _envelope(self, obj: str, choices: list) -> dict:
+        return {"id": self.id, "object": obj, "created": self.p.created, "model": self.serving.model_id, "choices": choices}
+
+    def usage(self) -> dict:
+        prompt = len(self.p.request.prompt_tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt + self.completion_tokens}
+
+    def logprobs(self, pieces: list[Piece]) -> dict | None:
+        if self.p.request.top_logprobs is None:
+            return None
+        events = [ev for piece in pieces for ev in piece.events]
+        text = self.serving.token_text
+        if self.chat:
+            def entry(token: int, lp: float) -> dict:
+                t = text(token)
+                return {"token": t, "logprob": lp, "bytes": list(t.encode())}
+
+            return {"content": [
+                {**entry(ev.token, ev.logprob), "top_logprobs": [entry(t, lp) for t, lp in ev.top_logprobs or []]}
+                for ev in events
+            ]}
+        offsets, pos = [], 0
+        for ev in events:
+            offsets.append(pos)
+            pos += len(text(ev.token))
+        return {
+            "tokens": [text(ev.token) for ev in events],
+            "token_logprobs": [ev.logprob for ev in events],
+            "top_logprobs": [{text(t): lp for t, lp in ev.top_logprobs or []} for ev in events],
+            "text_offset": offsets,
+        }
+
+    def choice(self, text: str | None, pieces: list[Piece], finish: str | None, *, delta: bool) -> dict:
+        choice: dict = {"index": 0}
+        if self.chat:
+            if delta:
+                choice["delta"] = {} if text is None else {"content": text}
+            else:
+                choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text or ""
+        choice["logprobs"] = self.logprobs(pieces)
+        choice["finish_reason"] = finish
+        return choice
+
+    def complete(self, pieces: list[Piece]) -> dict:
+        body = self._envelope(self.object, [self.choice("".join(p.text for p in pieces), pieces, pieces[-1].finish_reason, delta=False)])
+        body["usage"] = self.usage()
+        return body
+
+    def chunk(self, piece: Piece | None, *, first: bool = False) -> str:
+        if first:
+            choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        elif piece is None:  # the usage-only chunk
+            body = self._envelope(self.object + ".chunk" if self.chat else self.object, [])
+            body["usage"] = self.usage()
+            return f"data: {_dumps(body)}\n\n"
+        else:
+            choice = self.choice(piece.text, [piece], piece.finish_reason, delta=True)
+        return f"data: {_dumps(self._envelope(self.object + '.chunk' if self.chat else self.object, [choice]))}\n\n"
+
+
+async def _run(request: Request, prepared: Prepared):
+    serving: Serving = request.app.state.serving
+    shape = OpenAIShape(serving, prepared)
+    slot = serving.admit()
+    if not prepared.stream:
+        pieces: list[Piece] = []
+        async for item in serving.generate(prepared, slot, disconnected=request.is_disconnected):
+            if isinstance(item, Piece):
+                pieces.append(item)
+                shape.completion_tokens += len(item.events)
+        if not pieces:  # the client went away; nobody reads this
+            raise APIError(499, "client disconnected")
+        return JSONResponse(shape.complete(pieces))
+    return StreamingResponse(_sse(serving, shape, prepared, slot), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _sse(serving: Serving, shape: OpenAIShape, prepared: Prepared, slot: Slot) -> AsyncIterator[str]:
+    try:
+        if shape.chat:
+            yield shape.chunk(None, first=True)
+        async for item in serving.generate(prepared, slot):
+            if item is KEEPALIVE:
+                yield ": keepalive\n\n"
+                continue
+            assert isinstance(item, Piece)
+            shape.completion_tokens += len(item.events)
+            if item.text or item.finish_reason or prepared.request.top_logprobs is not None:
+                yield shape.chunk(item)
+        if prepared.include_usage:
+            yield shape.chunk(None)
+    except APIError as exc:
+        yield f"data: {_dumps(exc.body())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    return await _run(request, request.app.state.serving.prepare_chat(body))
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    return await _run(request, request.app.state.serving.prepare_completion(body))
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict:
+    serving: Serving = request.app.state.serving
+    return {"object": "list", "data": [
+        {"id": serving.model_id, "object": "model", "created": int(serving.state.started), "owned_by": "mlx-jaccl-cluster"}
+    ]}

@@ -1,0 +1,284 @@
+"""From a validated OpenAI request to a stream of text pieces, and back to OpenAI shapes.
+
+Runs on the HTTP side (asyncio); talks to the engine only through ``submit`` / ``cancel``
+and the tokenizer it loaded. No MLX here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from ..generation import EngineUnavailable, ErrorEvent, GenerationRequest, SamplingParams, TokenEvent
+from ..settings import Settings
+from ..state import ClusterState
+from .errors import APIError
+from .schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+KEEPALIVE = object()  # yielded while nothing was generated for keepalive_interval
+
+
+@dataclass
+class Prepared:
+    """A request ready for the engine, plus what the response needs."""
+
+    kind: str  # "chat" | "completion"
+    request: GenerationRequest
+    stops: list[str]
+    stream: bool
+    include_usage: bool
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class Piece:
+    """New text for the client, the tokens behind it, and the finish reason on the last one."""
+
+    text: str
+    events: list[TokenEvent]
+    finish_reason: str | None = None
+
+
+class TextAssembler:
+    """Detokenizes a stream of tokens and applies stop strings.
+
+    Text that could be the start of a stop string is held back until it is known
+    not to be one, so a stop string never reaches the client.
+    """
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self._detok = tokenizer.detokenizer
+        self._eos = tokenizer.eos_token_ids
+        self._stops = stops
+        self._held = ""
+
+    def add(self, event: TokenEvent) -> tuple[str, bool]:
+        """Text that may be sent now, and whether a stop string ended the output."""
+        final = event.finish_reason is not None
+        if not (final and event.finish_reason == "stop" and event.token in self._eos):
+            self._detok.add_token(event.token)
+        if final:
+            self._detok.finalize()
+        text = self._held + self._detok.last_segment
+        self._held = ""
+        if not self._stops:
+            return text, False
+        cuts = [i for i in (text.find(s) for s in self._stops) if i >= 0]
+        if cuts:
+            return text[: min(cuts)], True
+        if final:
+            return text, False
+        hold = self._partial_stop_length(text)
+        if hold:
+            self._held = text[-hold:]
+            text = text[:-hold]
+        return text, False
+
+    def _partial_stop_length(self, text: str) -> int:
+        longest = max(len(s) for s in self._stops) - 1
+        for k in range(min(longest, len(text)), 0, -1):
+            tail = text[-k:]
+            if any(s.startswith(tail) for s in self._stops):
+                return k
+        return 0
+
+
+class Slot:
+    """One admitted request. Released exactly once: when its generation ends, or when
+    the slot is dropped unused (a streaming response whose client left before it began)."""
+
+    def __init__(self, serving: "Serving"):
+        self._serving = serving
+        serving.inflight += 1
+
+    def release(self) -> None:
+        if self._serving is not None:
+            self._serving.inflight -= 1
+            self._serving = None
+
+    __del__ = release
+
+
+class Serving:
+    """Validation, admission and the token stream of every generation request."""
+
+    def __init__(self, settings: Settings, state: ClusterState, engine):
+        self.settings = settings
+        self.state = state
+        self.engine = engine
+        self.inflight = 0
+        self._token_text: dict[int, str] = {}
+
+    @property
+    def model_id(self) -> str:
+        return self.settings.served_model_id
+
+    @property
+    def capacity(self) -> int:
+        return self.settings.max_batch + self.settings.max_queue
+
+    @property
+    def queue_depth(self) -> int:
+        return max(0, self.inflight - self.settings.max_batch)
+
+    # --- preparing ---------------------------------------------------------------
+    def _require_ready(self) -> None:
+        if not self.state.ready:
+            raise APIError(503, f"cluster is {self.state.phase.replace('_', ' ')}: {self.state.detail}".rstrip(": "),
+                           code="not_ready", headers={"Retry-After": "5"})
+
+    def _check_model(self, name: str) -> None:
+        if name != self.model_id:
+            raise APIError(404, f"model {name!r} is not served here; this cluster serves {self.model_id!r} (see /v1/models)",
+                           param="model", code="model_not_found")
+
+    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+        self._require_ready()
+        self._check_model(req.model)
+        tokenizer = self.engine.tokenizer
+        if not tokenizer.has_chat_template:
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        except Exception as exc:  # jinja raises for e.g. roles out of order
+            raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
+        top = None
+        if req.logprobs:
+            top = req.top_logprobs or 0
+        elif req.top_logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        return self._prepared("chat", req, prompt, "messages", max_tokens, top)
+
+    def prepare_completion(self, req: CompletionRequest) -> Prepared:
+        self._require_ready()
+        self._check_model(req.model)
+        if isinstance(req.prompt, str):
+            prompt = list(self.engine.tokenizer.encode(req.prompt))
+        else:
+            vocab = self.engine.vocab_size
+            bad = [t for t in req.prompt if t < 0 or (vocab is not None and t >= vocab)]
+            if bad:
+                raise APIError(400, f"prompt holds token ids outside the vocabulary (0..{vocab - 1 if vocab else '?'}): {bad[:5]}",
+                               param="prompt")
+            prompt = list(req.prompt)
+        if not prompt:
+            raise APIError(400, "prompt encodes to no tokens", param="prompt")
+        return self._prepared("completion", req, prompt, "prompt", req.max_tokens, req.logprobs)
+
+    def _prepared(self, kind: str, req: SamplingFields, prompt: list[int], prompt_field: str,
+                  max_tokens: int | None, top_logprobs: int | None) -> Prepared:
+        context = self.engine.context_length
+        if context is not None:
+            if len(prompt) >= context:
+                raise APIError(400, f"{prompt_field} is {len(prompt)} tokens; the model's context is {context} tokens",
+                               param=prompt_field, code="context_length_exceeded")
+            room = context - len(prompt)
+            if max_tokens is not None and max_tokens > room:
+                raise APIError(400, f"max_tokens is {max_tokens}, but only {room} tokens fit after the {len(prompt)}-token "
+                                    f"prompt in the {context}-token context", param="max_tokens", code="context_length_exceeded")
+            max_tokens = max_tokens or min(self.settings.default_max_tokens, room)
+        vocab = self.engine.vocab_size
+        bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
+        if vocab is not None and any(k >= vocab for k in bias):
+            raise APIError(400, f"logit_bias names token ids at or above the vocabulary size {vocab}", param="logit_bias")
+        sampling = SamplingParams(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            seed=req.seed if req.seed is not None else random.getrandbits(31),
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty or None,
+            frequency_penalty=req.frequency_penalty or None,
+            logit_bias=bias,
+        )
+        gen = GenerationRequest(prompt_tokens=prompt, max_tokens=max_tokens or self.settings.default_max_tokens,
+                                sampling=sampling, top_logprobs=top_logprobs)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return Prepared(kind=kind, request=gen, stops=req.stop, stream=req.stream, include_usage=include_usage)
+
+    # --- generating --------------------------------------------------------------
+    def admit(self) -> "Slot":
+        """Take a slot or refuse with 429 (call before a response starts)."""
+        self._require_ready()
+        if self.inflight >= self.capacity:
+            raise APIError(429, f"the server is at capacity ({self.settings.max_batch} generating, "
+                                f"{self.settings.max_queue} waiting); retry shortly",
+                           code="queue_full", headers={"Retry-After": "1"})
+        return Slot(self)
+
+    async def generate(self, prepared: Prepared, slot: "Slot",
+                       disconnected: Callable[[], "asyncio.Future[bool]"] | None = None
+                       ) -> AsyncIterator[Piece | object]:
+        """Pieces of text as tokens arrive; KEEPALIVE while waiting. Holds ``slot`` until it ends.
+
+        Raises APIError (503 cluster lost, 504 timeout). On exit for any reason the
+        request leaves the batch on every rank.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        try:
+            try:
+                ticket = self.engine.submit(prepared.request, events.put_nowait)
+            except EngineUnavailable as exc:
+                raise APIError(503, f"cluster unavailable: {exc}", code="not_ready", headers={"Retry-After": "5"}) from None
+            assembler = TextAssembler(self.engine.tokenizer, prepared.stops)
+            deadline = loop.time() + self.settings.request_timeout
+            wait = self.settings.keepalive_interval if disconnected is None else min(0.5, self.settings.keepalive_interval)
+            finished = engine_done = False
+            try:
+                while not finished:
+                    try:
+                        event = events.get_nowait()
+                    except asyncio.QueueEmpty:
+                        remaining = deadline - loop.time()
+                        if remaining <= 0:
+                            raise APIError(504, f"request timed out after {self.settings.request_timeout:g} s",
+                                           code="timeout")
+                        try:
+                            event = await asyncio.wait_for(events.get(), min(wait, remaining))
+                        except TimeoutError:
+                            if disconnected is not None and await disconnected():
+                                return
+                            if disconnected is None:
+                                yield KEEPALIVE
+                            continue
+                    if isinstance(event, ErrorEvent):
+                        raise APIError(event.status, event.message, type=event.kind, code="cluster_error")
+                    batch = [event]
+                    while event.finish_reason is None and not events.empty():
+                        event = events.get_nowait()
+                        if isinstance(event, ErrorEvent):
+                            raise APIError(event.status, event.message, type=event.kind, code="cluster_error")
+                        batch.append(event)
+                    text = []
+                    reason = None
+                    used = []
+                    for ev in batch:
+                        used.append(ev)
+                        piece, stopped = assembler.add(ev)
+                        text.append(piece)
+                        reason = "stop" if stopped else ev.finish_reason
+                        if reason is not None:
+                            engine_done = not stopped
+                            break
+                    finished = reason is not None
+                    yield Piece("".join(text), used, reason)
+            finally:
+                if not engine_done:
+                    self.engine.cancel(ticket)
+        finally:
+            slot.release()
+
+    def token_text(self, token: int) -> str:
+        text = self._token_text.get(token)
+        if text is None:
+            text = self._token_text[token] = self.engine.tokenizer.decode([token])
+        return text

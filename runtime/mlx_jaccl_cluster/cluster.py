@@ -1,0 +1,433 @@
+"""The control channel the ranks use beside the MLX group.
+
+One TCP connection from every follower rank to rank 0 (the leader), bound to the cluster
+address and open only to the configured peers. It carries, in order:
+
+1. **Rendezvous.** Followers connect (retrying, in any order, minutes apart) and say
+   HELLO with their rank and configuration. Rank 0 rejects a mismatch with a message
+   that names the field. When every rank is present rank 0 sends GO and all ranks call
+   ``mx.distributed.init`` at once, so MLX's own connect back-off never stalls start-up.
+2. **Readiness.** Each follower sends READY after loading its shard (or FAIL with the
+   reason, which rank 0 reports).
+3. **Heartbeats** both ways every ``heartbeat_interval`` seconds, carrying each rank's
+   memory figures. A rank silent for ``heartbeat_misses`` intervals, or whose socket
+   closes, is lost: ``on_lost`` runs once. Liveness never comes from the MLX group,
+   where a rank waiting for a dead peer spins and looks busy.
+4. **Steps.** Rank 0 sends one STEP frame before each generation step: what to insert
+   and remove (empty when nothing changed). Followers apply exactly these, in order, so
+   every rank runs the same sequence of steps.
+
+Frames are ``>BI`` (kind, length) followed by the payload. No MLX here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+log = logging.getLogger("mjc.cluster")
+
+HELLO, REJECT, GO, READY, FAIL, BEAT, STEP = range(1, 8)
+_HEADER = struct.Struct(">BI")
+_MAX_FRAME = 256 * 1024 * 1024
+HELLO_TIMEOUT = 10.0
+
+
+class ChannelClosed(Exception):
+    """The other end went away."""
+
+
+class Rejected(Exception):
+    """Rank 0 refused this rank; the message says why."""
+
+
+def send_frame(sock: socket.socket, kind: int, payload: bytes = b"") -> None:
+    sock.sendall(_HEADER.pack(kind, len(payload)) + payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        try:
+            chunk = sock.recv(n)
+        except OSError as exc:
+            raise ChannelClosed(str(exc)) from None
+        if not chunk:
+            raise ChannelClosed("connection closed")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv_frame(sock: socket.socket) -> tuple[int, bytes]:
+    kind, length = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    if length > _MAX_FRAME:
+        raise ChannelClosed(f"frame of {length} bytes is too large")
+    return kind, _recv_exact(sock, length) if length else b""
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def _dumps(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def config_mismatch(mine: dict, theirs: dict) -> str | None:
+    """Name the first configuration field on which two ranks disagree, or None."""
+    for key in sorted(set(mine) | set(theirs)):
+        if mine.get(key) != theirs.get(key):
+            return f"{key} is {theirs.get(key)!r} on this rank but {mine.get(key)!r} on rank 0"
+    return None
+
+
+@dataclass
+class PeerInfo:
+    """What rank 0 knows about one follower."""
+
+    rank: int
+    address: str
+    sock: socket.socket
+    last_seen: float = field(default_factory=time.monotonic)
+    stats: dict = field(default_factory=dict)
+    ready: bool = False
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def send(self, kind: int, payload: bytes = b"") -> None:
+        with self.send_lock:
+            send_frame(self.sock, kind, payload)
+
+
+class _Liveness:
+    """Shared by both ends: the once-only loss callback and the heartbeat timing."""
+
+    def __init__(self, interval: float, misses: int, on_lost: Callable[[str], None]):
+        self.interval = interval
+        self.deadline = interval * misses
+        self._on_lost = on_lost
+        self._lost = threading.Event()
+        self._lost_lock = threading.Lock()
+        self.lost_reason: str | None = None
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    def lose(self, reason: str) -> None:
+        with self._lost_lock:
+            if self._lost.is_set():
+                return
+            self.lost_reason = reason
+            self._lost.set()
+        log.error("cluster lost: %s", reason)
+        self._on_lost(reason)
+
+    def run_every_interval(self, tick: Callable[[], None], name: str) -> None:
+        def loop() -> None:
+            while not self._lost.wait(self.interval):
+                tick()
+
+        threading.Thread(target=loop, name=name, daemon=True).start()
+
+
+class Leader:
+    """Rank 0's end: accepts followers, sends GO, beats, STEP frames."""
+
+    def __init__(
+        self,
+        bind: tuple[str, int],
+        world_size: int,
+        allowed_ips: list[str],
+        config: dict,
+        *,
+        heartbeat_interval: float = 1.0,
+        heartbeat_misses: int = 3,
+        stats: Callable[[], dict] = dict,
+        on_lost: Callable[[str], None],
+        log_every: float = 10.0,
+    ):
+        self.bind = bind
+        self.world_size = world_size
+        self.allowed_ips = set(allowed_ips)
+        self.config = config
+        self.stats = stats
+        self.log_every = log_every
+        self.live = _Liveness(heartbeat_interval, heartbeat_misses, on_lost)
+        self.peers: dict[int, PeerInfo] = {}
+        self._lock = threading.Condition()
+        self._formed = False
+        self._fail: str | None = None
+        self._server: socket.socket | None = None
+
+    # --- rendezvous --------------------------------------------------------------
+    def start(self) -> None:
+        server = socket.create_server(self.bind, reuse_port=False)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server = server
+        threading.Thread(target=self._accept_loop, name="mjc-accept", daemon=True).start()
+        log.info("control channel listening on %s:%d for %d follower(s)", *self.bind, self.world_size - 1)
+
+    def _accept_loop(self) -> None:
+        assert self._server is not None
+        while True:
+            try:
+                sock, (ip, _port) = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._admit, args=(sock, ip), name="mjc-admit", daemon=True).start()
+
+    def _admit(self, sock: socket.socket, ip: str) -> None:
+        if ip not in self.allowed_ips:
+            log.warning("refused control connection from %s: not a configured peer %s", ip, sorted(self.allowed_ips))
+            sock.close()
+            return
+        _tune(sock)
+        sock.settimeout(HELLO_TIMEOUT)
+        try:
+            kind, payload = recv_frame(sock)
+            hello = json.loads(payload) if kind == HELLO else None
+        except (ChannelClosed, OSError, ValueError):
+            hello = None
+        if not isinstance(hello, dict) or not isinstance(hello.get("rank"), int):
+            log.warning("dropped control connection from %s: no valid HELLO", ip)
+            sock.close()
+            return
+        sock.settimeout(None)
+        rank = hello["rank"]
+        reason = self._check_hello(rank, hello.get("config", {}))
+        if reason:
+            log.error("rejected rank %s from %s: %s", rank, ip, reason)
+            try:
+                send_frame(sock, REJECT, reason.encode())
+            finally:
+                sock.close()
+            return
+        peer = PeerInfo(rank=rank, address=ip, sock=sock)
+        with self._lock:
+            self.peers[rank] = peer
+            self._lock.notify_all()
+        log.info("rank %d joined from %s (%d/%d)", rank, ip, len(self.peers) + 1, self.world_size)
+        threading.Thread(target=self._read_loop, args=(peer,), name=f"mjc-read-{rank}", daemon=True).start()
+
+    def _check_hello(self, rank: int, config: dict) -> str | None:
+        if not 0 < rank < self.world_size:
+            return f"rank {rank} is not a follower rank of this group (1..{self.world_size - 1})"
+        mismatch = config_mismatch(self.config, config)
+        if mismatch:
+            return f"configuration differs from rank 0: {mismatch}; re-render the rank files from one inventory"
+        with self._lock:
+            if self._formed:
+                return "the group is already formed; restart every rank to form a new one"
+            if rank in self.peers:
+                return f"rank {rank} is already connected from {self.peers[rank].address}"
+        return None
+
+    def wait_for_peers(self) -> None:
+        """Block until every follower has said HELLO, logging who is missing."""
+        with self._lock:
+            while len(self.peers) < self.world_size - 1:
+                missing = sorted(set(range(1, self.world_size)) - set(self.peers))
+                if not self._lock.wait(self.log_every):
+                    log.info("waiting for rank(s) %s to connect to %s:%d", missing, *self.bind)
+
+    def missing_ranks(self) -> list[int]:
+        with self._lock:
+            return sorted(set(range(1, self.world_size)) - set(self.peers))
+
+    def go(self) -> None:
+        """Seal the group and tell every follower to join the MLX group now."""
+        with self._lock:
+            self._formed = True
+            peers = list(self.peers.values())
+        now = time.monotonic()
+        for peer in peers:
+            peer.last_seen = now
+            peer.send(GO)
+        self.live.run_every_interval(self._beat, "mjc-beat")
+
+    def wait_ready(self) -> None:
+        """Block until every follower loaded its shard; raise with its reason if one failed."""
+        with self._lock:
+            while not all(p.ready for p in self.peers.values()) and self._fail is None and not self.live.lost:
+                self._lock.wait(1.0)
+            if self._fail is not None:
+                raise RuntimeError(self._fail)
+            if self.live.lost:
+                raise RuntimeError(self.live.lost_reason or "a rank was lost")
+
+    # --- running -----------------------------------------------------------------
+    def _read_loop(self, peer: PeerInfo) -> None:
+        try:
+            while True:
+                kind, payload = recv_frame(peer.sock)
+                peer.last_seen = time.monotonic()
+                if kind == BEAT:
+                    peer.stats = json.loads(payload) if payload else {}
+                elif kind == READY:
+                    with self._lock:
+                        peer.ready = True
+                        self._lock.notify_all()
+                elif kind == FAIL:
+                    with self._lock:
+                        self._fail = f"rank {peer.rank} failed: {payload.decode(errors='replace')}"
+                        self._lock.notify_all()
+                    self.live.lose(self._fail)
+                    return
+        except ChannelClosed as exc:
+            with self._lock:
+                formed = self._formed
+                if not formed and self.peers.get(peer.rank) is peer:
+                    del self.peers[peer.rank]
+            if formed:
+                self.live.lose(f"rank {peer.rank} ({peer.address}) disconnected: {exc}")
+            else:
+                log.warning("rank %d left before the group formed; waiting for it again", peer.rank)
+
+    def _beat(self) -> None:
+        payload = _dumps(self.stats())
+        now = time.monotonic()
+        for peer in list(self.peers.values()):
+            silent = now - peer.last_seen
+            if silent > self.live.deadline:
+                self.live.lose(f"rank {peer.rank} ({peer.address}) missed heartbeats for {silent:.1f} s")
+                return
+            try:
+                peer.send(BEAT, payload)
+            except OSError as exc:
+                self.live.lose(f"rank {peer.rank} ({peer.address}) unreachable: {exc}")
+                return
+
+    def broadcast_step(self, payload: bytes) -> None:
+        """Send one STEP frame to every follower (called by the engine thread)."""
+        for peer in self.peers.values():
+            try:
+                peer.send(STEP, payload)
+            except OSError as exc:
+                self.live.lose(f"rank {peer.rank} ({peer.address}) unreachable: {exc}")
+                raise ChannelClosed(str(exc)) from None
+
+    def ranks_up(self) -> int:
+        if self.live.lost:
+            return 0
+        return 1 + sum(1 for p in self.peers.values() if p.ready or not self._formed)
+
+    def peer_stats(self) -> dict[int, dict]:
+        return {rank: dict(p.stats) for rank, p in sorted(self.peers.items())}
+
+
+class Follower:
+    """A follower rank's end: joins rank 0, beats, receives STEP frames."""
+
+    def __init__(
+        self,
+        rank: int,
+        control: tuple[str, int],
+        config: dict,
+        *,
+        heartbeat_interval: float = 1.0,
+        heartbeat_misses: int = 3,
+        stats: Callable[[], dict] = dict,
+        on_lost: Callable[[str], None],
+        log_every: float = 10.0,
+    ):
+        self.rank = rank
+        self.control = control
+        self.config = config
+        self.stats = stats
+        self.log_every = log_every
+        self.live = _Liveness(heartbeat_interval, heartbeat_misses, on_lost)
+        self.steps: queue.Queue[bytes | None] = queue.Queue()
+        self._sock: socket.socket | None = None
+        self._send_lock = threading.Lock()
+        self._last_seen = time.monotonic()
+
+    def join(self) -> None:
+        """Connect to rank 0 (retrying until it is up) and return once it says GO."""
+        started = last_log = time.monotonic()
+        while True:
+            try:
+                sock = socket.create_connection(self.control, timeout=5.0)
+            except OSError as exc:
+                now = time.monotonic()
+                if now - last_log >= self.log_every:
+                    log.info("waiting for rank 0 at %s:%d (%s, %.0f s so far)", *self.control, exc, now - started)
+                    last_log = now
+                time.sleep(0.25)
+                continue
+            _tune(sock)
+            sock.settimeout(None)
+            try:
+                send_frame(sock, HELLO, _dumps({"rank": self.rank, "config": self.config}))
+                kind, payload = recv_frame(sock)
+            except (ChannelClosed, OSError) as exc:
+                log.info("rank 0 closed the connection during rendezvous (%s); retrying", exc)
+                sock.close()
+                time.sleep(0.5)
+                continue
+            if kind == REJECT:
+                sock.close()
+                raise Rejected(payload.decode(errors="replace"))
+            if kind != GO:
+                sock.close()
+                raise Rejected(f"unexpected frame {kind} from rank 0 during rendezvous")
+            self._sock = sock
+            self._last_seen = time.monotonic()
+            threading.Thread(target=self._read_loop, name="mjc-read-0", daemon=True).start()
+            self.live.run_every_interval(self._beat, "mjc-beat")
+            log.info("rank %d joined the group at %s:%d", self.rank, *self.control)
+            return
+
+    def _send(self, kind: int, payload: bytes = b"") -> None:
+        assert self._sock is not None
+        with self._send_lock:
+            send_frame(self._sock, kind, payload)
+
+    def ready(self) -> None:
+        self._send(READY)
+
+    def fail(self, reason: str) -> None:
+        try:
+            self._send(FAIL, reason.encode())
+        except OSError:
+            pass
+
+    def _read_loop(self) -> None:
+        assert self._sock is not None
+        try:
+            while True:
+                kind, payload = recv_frame(self._sock)
+                self._last_seen = time.monotonic()
+                if kind == STEP:
+                    self.steps.put(payload)
+        except ChannelClosed as exc:
+            self.steps.put(None)
+            self.live.lose(f"rank 0 {self.control[0]}:{self.control[1]} disconnected: {exc}")
+
+    def _beat(self) -> None:
+        silent = time.monotonic() - self._last_seen
+        if silent > self.live.deadline:
+            self.steps.put(None)
+            self.live.lose(f"rank 0 missed heartbeats for {silent:.1f} s")
+            return
+        try:
+            self._send(BEAT, _dumps(self.stats()))
+        except OSError as exc:
+            self.steps.put(None)
+            self.live.lose(f"rank 0 unreachable: {exc}")
+
+    def next_step(self) -> bytes:
+        """The next STEP payload from rank 0; raises ChannelClosed once rank 0 is lost."""
+        payload = self.steps.get()
+        if payload is None:
+            self.steps.put(None)
+            raise ChannelClosed(self.live.lost_reason or "rank 0 lost")
+        return payload

@@ -1,0 +1,108 @@
+"""Load the model once per rank: mlx-lm ``load`` on one rank, ``sharded_load`` on several.
+
+Everything that can be checked from the folder itself is checked before MLX sees it, so
+a bad model is one clear line at start-up, not a traceback from deep inside MLX.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.utils import load, sharded_load
+
+
+class ModelError(Exception):
+    """The model folder cannot be served as configured; the message says what to fix."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    config: dict
+
+    @property
+    def context_length(self) -> int | None:
+        for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length"):
+            value = self.config.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+        text = self.config.get("text_config")
+        if isinstance(text, dict):
+            return LoadedModel(None, None, text).context_length
+        return None
+
+
+def read_config(folder: Path) -> dict:
+    """``config.json`` of a model folder, after checking the folder looks servable."""
+    if not folder.is_dir():
+        raise ModelError(f"model folder {folder} does not exist; sync the model to this node (site.yml does) or fix MJC_MODEL")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"{config_path} is missing: {folder} is not an mlx-lm model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{config_path} is not valid JSON ({exc}); re-sync the model") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ModelError(f"{config_path} has no model_type; is this an mlx-lm model folder?")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelError(f"{folder} holds no *.safetensors weights; re-sync or convert the model with mlx_lm.convert")
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            files = set(json.loads(index_path.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{index_path} is not a valid weight index ({exc}); re-sync the model") from None
+        missing = sorted(f for f in files if not (folder / f).is_file())
+        if missing:
+            raise ModelError(f"{folder} lacks weight files named in its index: {', '.join(missing)}; re-sync the model")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise ModelError(f"{folder} has no tokenizer (tokenizer.json / tokenizer.model); re-sync the model")
+    return config
+
+
+def check_split(config: dict, parallel: str, world_size: int, folder: Path) -> None:
+    """Reject splits the model cannot take, naming the numbers involved."""
+    if world_size == 1:
+        return
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    if parallel == "tensor":
+        heads = text.get("num_attention_heads")
+        kv_heads = text.get("num_key_value_heads", heads)
+        for name, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+            if isinstance(value, int) and value % world_size:
+                divisors = [n for n in range(1, value + 1) if value % n == 0 and (not isinstance(kv_heads, int) or kv_heads % n == 0) and (not isinstance(heads, int) or heads % n == 0)]
+                raise ModelError(
+                    f"tensor parallel over {world_size} ranks needs {name} ({value}) divisible by {world_size}; "
+                    f"this model splits over {divisors} ranks, or use parallel=pipeline if its class supports it"
+                )
+    elif not (folder / "model.safetensors.index.json").is_file():
+        raise ModelError(f"pipeline parallel needs {folder}/model.safetensors.index.json; convert the model with mlx_lm.convert")
+
+
+def load_model(folder: Path, parallel: str, group: "mx.distributed.Group | None") -> LoadedModel:
+    """Load (and shard, when ``group`` has several ranks) the model in ``folder``."""
+    config = read_config(folder)
+    world = group.size() if group is not None else 1
+    check_split(config, parallel, world, folder)
+    try:
+        if world == 1:
+            model, tokenizer = load(str(folder))
+        elif parallel == "tensor":
+            model, tokenizer = sharded_load(str(folder), tensor_group=group)
+        else:
+            model, tokenizer = sharded_load(str(folder), pipeline_group=group)
+    except ValueError as exc:
+        if "pipelin" in str(exc):
+            raise ModelError(
+                f"model_type {config.get('model_type')!r} has no pipeline split in mlx-lm; use parallel=tensor"
+            ) from None
+        raise ModelError(f"could not load {folder}: {exc}") from None
+    except (FileNotFoundError, OSError, RuntimeError, KeyError) as exc:
+        raise ModelError(f"could not load {folder}: {type(exc).__name__}: {exc}; re-sync the model") from None
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config)

@@ -1,0 +1,82 @@
+"""What the HTTP layer hands the engine and what it gets back. Plain data, no MLX.
+
+A ``GenerationRequest`` travels from rank 0 to every rank (as a dict inside a step
+message), so everything in it must be JSON-serialisable and decide the same sampling
+on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int = 0
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def to_wire(self) -> dict:
+        data = asdict(self)
+        data["logit_bias"] = [[k, v] for k, v in self.logit_bias.items()]
+        return data
+
+    @classmethod
+    def from_wire(cls, data: dict) -> "SamplingParams":
+        data = dict(data)
+        data["logit_bias"] = {int(k): float(v) for k, v in data.get("logit_bias", [])}
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One sequence to generate. ``top_logprobs`` is None when no logprobs were asked."""
+
+    prompt_tokens: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    top_logprobs: int | None = None
+
+    def to_wire(self) -> dict:
+        return {
+            "prompt": self.prompt_tokens,
+            "max_tokens": self.max_tokens,
+            "sampling": self.sampling.to_wire(),
+        }
+
+    @classmethod
+    def from_wire(cls, data: dict) -> "GenerationRequest":
+        return cls(
+            prompt_tokens=list(data["prompt"]),
+            max_tokens=int(data["max_tokens"]),
+            sampling=SamplingParams.from_wire(data["sampling"]),
+        )
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" on the last token
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    message: str
+    kind: str = "server_error"  # OpenAI error type
+    status: int = 500
+
+
+class EngineUnavailable(Exception):
+    """The engine is not (or no longer) able to take requests."""

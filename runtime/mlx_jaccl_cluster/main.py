@@ -1,0 +1,111 @@
+"""``mjc-rank``: the one program every rank runs.
+
+A service manager (launchd, systemd, supervisord) starts it with the same environment
+``mlx.launch`` would give it. Rank 0 serves the API; the other ranks follow. Crash-only:
+a rank that loses its group exits non-zero and the service manager starts it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+from pydantic import ValidationError
+
+EXIT_CONFIG = 2  # bad settings or model: restarting will not help until someone fixes it
+EXIT_LOST = 1  # the group broke: restart the whole group
+
+
+def _configure_logging(level: str, rank: int) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _exit_soon(code: int, delay: float) -> None:
+    """Leave the process after ``delay`` s (time for in-flight streams to get their error)."""
+    timer = threading.Timer(delay, os._exit, (code,))
+    timer.daemon = True
+    timer.start()
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .settings import load_settings
+
+    try:
+        settings = load_settings(argv)
+    except (ValidationError, ValueError) as exc:
+        print(f"mjc-rank: invalid settings:\n{exc}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    _configure_logging(settings.log_level, settings.rank)
+    log = logging.getLogger("mjc")
+
+    # Heavy imports before the rendezvous, so no rank stalls its heartbeats importing.
+    from .cluster import Follower, Leader
+    from .engine.core import Engine, memory_stats
+    from .state import ClusterState
+
+    state = ClusterState(world_size=settings.world_size, backend=settings.backend, model_id=settings.served_model_id)
+    engine: Engine | None = None
+    config = {
+        "world_size": settings.world_size,
+        "backend": settings.backend,
+        "parallel": settings.parallel,
+        "model_id": settings.served_model_id,
+        "max_batch": settings.max_batch,
+        "prefill_step_size": settings.prefill_step_size,
+        "version": __import__("mlx_jaccl_cluster").__version__,
+    }
+
+    def lost(reason: str) -> None:
+        state.set("lost", reason)
+        if engine is not None:
+            engine.fail_all(f"cluster lost a rank: {reason}")
+        log.error("exiting so the service manager restarts the group: %s", reason)
+        _exit_soon(EXIT_LOST, 1.0 if settings.rank == 0 else 0.0)
+
+    def fatal(message: str, config_error: bool) -> None:
+        log.error("%s", message)
+        _exit_soon(EXIT_CONFIG if config_error else EXIT_LOST, 1.0 if settings.rank == 0 else 0.0)
+
+    channel = None
+    beat = dict(heartbeat_interval=settings.heartbeat_interval, heartbeat_misses=settings.heartbeat_misses,
+                stats=memory_stats, on_lost=lost, log_every=settings.rendezvous_log_every)
+    if settings.world_size > 1:
+        if settings.rank == 0:
+            channel = Leader(settings.control_address, settings.world_size, settings.peer_ips, config, **beat)
+            try:
+                channel.start()
+            except OSError as exc:
+                log.error("cannot listen on control address %s: %s", settings.control, exc)
+                sys.exit(EXIT_CONFIG)
+            state.ranks_up = channel.ranks_up
+            state.rank_stats = channel.peer_stats
+        else:
+            channel = Follower(settings.rank, settings.control_address, config, **beat)
+
+    engine = Engine(settings, state, channel, on_fatal=fatal)
+
+    if settings.rank != 0:
+        engine.start()
+        engine.join()
+        return
+
+    import uvicorn
+
+    from .api.app import create_app
+
+    app = create_app(settings, state, engine)
+    engine.start()
+    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level=settings.log_level,
+                timeout_graceful_shutdown=3)
+
+
+if __name__ == "__main__":
+    main()

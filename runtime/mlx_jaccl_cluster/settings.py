@@ -1,0 +1,164 @@
+"""One typed settings object for a rank, read from the environment and the command line.
+
+The environment contract is the one ``mlx.launch`` uses (``MLX_RANK``, ``MLX_HOSTFILE``,
+``MLX_IBV_DEVICES``, ``MLX_JACCL_COORDINATOR``, ``MLX_JACCL_RING``, NCCL variables), so a
+service manager can start every rank directly. Our own settings use the ``MJC_`` prefix
+(``MJC_MODEL``, ``MJC_API_PORT``...) or the matching ``--kebab-case`` flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Backend = Literal["jaccl", "jaccl-ring", "ring", "nccl"]
+Parallel = Literal["tensor", "pipeline"]
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not an integer") from None
+
+
+def split_hostport(value: str, what: str) -> tuple[str, int]:
+    """``"10.0.0.1:32400"`` -> ``("10.0.0.1", 32400)`` with an error that names ``what``."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{what} must look like HOST:PORT (got {value!r})")
+    return host, int(port)
+
+
+class Settings(BaseSettings):
+    """Everything one rank needs. ``mjc-rank --help`` lists every field."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MJC_",
+        cli_prog_name="mjc-rank",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="ignore",
+    )
+
+    # --- the group ---------------------------------------------------------------
+    rank: int = Field(
+        default_factory=lambda: _env_int("MLX_RANK") or 0,
+        ge=0,
+        description="This process's rank (default: $MLX_RANK, else 0).",
+    )
+    world_size: int | None = Field(
+        default_factory=lambda: _env_int("MLX_WORLD_SIZE"),
+        ge=1,
+        description="Number of ranks (default: $MLX_WORLD_SIZE, else read from the backend files).",
+    )
+    backend: Backend = Field(
+        "ring",
+        description="MLX backend: jaccl (RDMA mesh), jaccl-ring (jaccl with MLX_JACCL_RING=1), ring (TCP), nccl (CUDA).",
+    )
+    parallel: Parallel = Field("tensor", description="How the model is split over the ranks.")
+    control: str | None = Field(
+        None,
+        description="HOST:PORT of rank 0's control channel (rendezvous, heartbeats, steps). "
+        "Rank 0 binds it; the others connect. Needed when world size > 1.",
+    )
+    peer_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated addresses the control channel accepts (default: the control host).",
+    )
+    heartbeat_interval: float = Field(1.0, gt=0, description="Seconds between heartbeats.")
+    heartbeat_misses: int = Field(3, ge=1, description="A rank is lost after this many missed beats.")
+    rendezvous_log_every: float = Field(10.0, gt=0, description="Seconds between 'still waiting' logs.")
+
+    # --- the model ---------------------------------------------------------------
+    model: Path = Field(..., description="Folder of an mlx-lm model (config.json, *.safetensors, tokenizer).")
+    model_id: str | None = Field(None, description="Name served by /v1/models (default: the folder name).")
+    max_batch: int = Field(8, ge=1, description="Sequences decoded together.")
+    prefill_step_size: int = Field(512, ge=16, description="Prompt tokens processed per step.")
+
+    # --- the API (rank 0) --------------------------------------------------------
+    api_host: str = Field("127.0.0.1", description="Address the API binds on rank 0.")
+    api_port: int = Field(8080, gt=0, lt=65536, description="API port on rank 0.")
+    api_key: SecretStr | None = Field(None, description="When set, every route but /health needs 'Authorization: Bearer <key>'.")
+    max_queue: int = Field(32, ge=0, description="Requests that may wait for a batch slot; beyond it, 429.")
+    request_timeout: float = Field(300.0, gt=0, description="Seconds a request may run before it ends with an error.")
+    default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none.")
+    keepalive_interval: float = Field(5.0, gt=0, description="Seconds between SSE keepalive comments while nothing is sent.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("peer_ips", mode="before")
+    @classmethod
+    def _split_peers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _derive_and_check(self) -> "Settings":
+        if self.world_size is None:
+            self.world_size = backend_world_size(self.backend)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size} (ranks are 0..{self.world_size - 1})")
+        if self.world_size > 1:
+            if not self.control:
+                raise ValueError("control (MJC_CONTROL=HOST:PORT of rank 0) is required when world size > 1")
+            host, _ = split_hostport(self.control, "control (MJC_CONTROL)")
+            if not self.peer_ips:
+                self.peer_ips = [host]
+        if self.parallel == "pipeline" and self.world_size < 2:
+            raise ValueError("parallel=pipeline needs at least 2 ranks")
+        return self
+
+    @property
+    def served_model_id(self) -> str:
+        return self.model_id or self.model.name
+
+    @property
+    def control_address(self) -> tuple[str, int]:
+        assert self.control is not None
+        return split_hostport(self.control, "control (MJC_CONTROL)")
+
+    @property
+    def mlx_backend(self) -> str:
+        """The name given to ``mx.distributed.init`` (jaccl-ring is jaccl with an env flag)."""
+        return "jaccl" if self.backend == "jaccl-ring" else self.backend
+
+
+def backend_world_size(backend: str) -> int:
+    """World size from the backend's own files, as MLX itself will see it."""
+    if backend == "ring":
+        return len(_read_json_env("MLX_HOSTFILE", "ring")) if os.environ.get("MLX_HOSTFILE") else 1
+    if backend in ("jaccl", "jaccl-ring"):
+        return len(_read_json_env("MLX_IBV_DEVICES", backend)) if os.environ.get("MLX_IBV_DEVICES") else 1
+    return 1  # nccl: MLX_WORLD_SIZE is part of its contract
+
+
+def _read_json_env(name: str, backend: str) -> list:
+    path = Path(os.environ[name])
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{name} points to {path}, which does not exist (backend {backend})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{name} file {path} must hold a non-empty JSON list, one entry per rank")
+    return data
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    """Settings from the environment, overridden by ``argv`` flags (``--help`` prints them)."""
+    return Settings(_cli_parse_args=argv if argv is not None else True)
