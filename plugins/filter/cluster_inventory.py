@@ -1,0 +1,75 @@
+"""Ansible filters over the ``mlx_cluster`` inventory.
+
+``mjc_validate_cluster``: list of problem strings (empty when the inventory is good).
+``mjc_cluster_plan``: the rendered plan every role reads (fails on a bad inventory).
+
+Both take a mapping inventory hostname -> host variables; in a play::
+
+    dict(groups['mlx_cluster'] | zip(groups['mlx_cluster'] | map('extract', hostvars)))
+
+The group variables default to the values most hosts see (Ansible merges group_vars
+into every host's variables); a host that sets one differently is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Mapping
+
+try:
+    from mlx_jaccl_cluster.ops import inventory
+except ImportError:  # not installed on the controller: use the repository's copy
+    sys.path.insert(0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "runtime")))
+    from mlx_jaccl_cluster.ops import inventory
+
+from ansible.errors import AnsibleFilterError
+
+
+def _plain_hosts(hosts: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Only the schema's variables of each host (hostvars hold far more, some lazily templated)."""
+    if not isinstance(hosts, Mapping):
+        raise AnsibleFilterError(f"expected a mapping of hostname -> host variables, got {type(hosts).__name__}")
+    return {
+        str(name): {key: variables[key] for key in inventory.INVENTORY_KEYS if key in variables}
+        for name, variables in hosts.items()
+    }
+
+
+def _group_vars(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The group variables: as given, else the value most hosts see (the first host's on a tie)."""
+    if group is not None:
+        return {key: group[key] for key in inventory.GROUP_DEFAULTS if key in group}
+    derived = {}
+    for key in inventory.GROUP_DEFAULTS:
+        values = [inventory.setting(variables, key) for variables in hosts.values()]
+        derived[key] = max(values, key=lambda v: sum(repr(other) == repr(v) for other in values), default=None)
+    return derived
+
+
+def mjc_validate_cluster(
+    hosts: Mapping[str, Mapping[str, Any]],
+    group: Mapping[str, Any] | None = None,
+    model_config: Mapping[str, Any] | None = None,
+    supports_pipeline: bool | None = None,
+) -> list[str]:
+    """Problems of the inventory as ``host: field: message — fix`` strings."""
+    plain = _plain_hosts(hosts)
+    problems = inventory.validate_cluster(plain, _group_vars(plain, group), model_config, supports_pipeline)
+    return [str(p) for p in problems]
+
+
+def mjc_cluster_plan(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The cluster plan (see ``mlx_jaccl_cluster.ops.inventory.cluster_plan``)."""
+    plain = _plain_hosts(hosts)
+    try:
+        return inventory.cluster_plan(plain, _group_vars(plain, group))
+    except ValueError as exc:
+        raise AnsibleFilterError(str(exc)) from None
+
+
+class FilterModule:
+    """Registers the mjc_* inventory filters."""
+
+    def filters(self) -> dict[str, Any]:
+        return {"mjc_validate_cluster": mjc_validate_cluster, "mjc_cluster_plan": mjc_cluster_plan}

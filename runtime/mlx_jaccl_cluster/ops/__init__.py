@@ -1,0 +1,1 @@
+"""Controller-side operations: pure functions the Ansible roles call (no MLX import)."""

@@ -1,0 +1,117 @@
+"""Model manifests: the size and sha256 of every file of a model folder.
+
+The controller writes one next to the model it fetched; each node checks its copy
+against it on the very path the runtime loads from. Hashing a large model takes
+minutes, so a successful check leaves a stamp (manifest digest + size and mtime of each
+file); later checks re-hash only when a file changed.
+
+    python -m mlx_jaccl_cluster.ops.manifest build DIR      # writes DIR/mjc-manifest.json
+    python -m mlx_jaccl_cluster.ops.manifest verify DIR     # exit 0 verified, 1 not (says why)
+
+Stdlib only: it runs on the controller and on nodes alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+MANIFEST = "mjc-manifest.json"
+STAMP = ".mjc-verified"
+_SKIP = {MANIFEST, STAMP}
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in _SKIP and not p.name.startswith(".mjc-"))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(4 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build(folder: Path) -> dict:
+    """Manifest of ``folder``: ``{"files": {relpath: {"size", "sha256"}}}``."""
+    return {"files": {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256(p)} for p in _files(folder)}}
+
+
+def digest(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def _quick_state(folder: Path, manifest: dict) -> dict:
+    state = {}
+    for rel in manifest["files"]:
+        st = (folder / rel).stat()
+        state[rel] = [st.st_size, st.st_mtime_ns]
+    return state
+
+
+def problems(folder: Path, manifest: dict) -> list[str]:
+    """Why ``folder`` does not match ``manifest`` (empty when it does). Uses the stamp when valid."""
+    if not folder.is_dir():
+        return [f"{folder} does not exist"]
+    expected = manifest.get("files", {})
+    issues = []
+    for rel, meta in expected.items():
+        path = folder / rel
+        if not path.is_file():
+            issues.append(f"{rel}: missing")
+        elif path.stat().st_size != meta["size"]:
+            issues.append(f"{rel}: {path.stat().st_size} bytes, expected {meta['size']}")
+    if issues:
+        return issues
+    stamp_path = folder / STAMP
+    try:
+        stamp = json.loads(stamp_path.read_text())
+        if stamp.get("digest") == digest(manifest) and stamp.get("files") == _quick_state(folder, manifest):
+            return []
+    except (OSError, ValueError):
+        pass
+    for rel, meta in expected.items():
+        if sha256(folder / rel) != meta["sha256"]:
+            issues.append(f"{rel}: sha256 differs")
+    if not issues:
+        stamp_path.write_text(json.dumps({"digest": digest(manifest), "files": _quick_state(folder, manifest)}))
+    return issues
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlx_jaccl_cluster.ops.manifest", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help=f"write DIR/{MANIFEST}")
+    b.add_argument("folder", type=Path)
+    v = sub.add_parser("verify", help="check DIR against a manifest; exit 1 with the reasons when it differs")
+    v.add_argument("folder", type=Path)
+    v.add_argument("--manifest", type=Path, help=f"manifest to check against (default: DIR/{MANIFEST})")
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        if not args.folder.is_dir():
+            print(f"{args.folder} is not a folder", file=sys.stderr)
+            return 2
+        manifest = build(args.folder)
+        (args.folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        print(f"{args.folder / MANIFEST}: {len(manifest['files'])} files, {sum(f['size'] for f in manifest['files'].values())} bytes")
+        return 0
+    manifest_path = args.manifest or args.folder / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"cannot read manifest {manifest_path}: {exc}", file=sys.stderr)
+        return 1
+    issues = problems(args.folder, manifest)
+    for issue in issues:
+        print(issue)
+    if not issues:
+        print(f"{args.folder}: verified ({len(manifest['files'])} files)")
+    return 1 if issues else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

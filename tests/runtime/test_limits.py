@@ -1,0 +1,67 @@
+"""Admission, timeouts and the API key, each on a cluster configured for it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _body(cluster, **kw) -> dict:
+    return {"model": cluster.model_id, "messages": [{"role": "user", "content": "go"}], "temperature": 0} | kw
+
+
+def test_full_queue_answers_429_with_retry_after(tiny_llama, cluster_factory):
+    cluster = cluster_factory(tiny_llama, 1, args=("--max-batch", "1", "--max-queue", "1"))
+    cluster.wait_ready()
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(
+                client.post(cluster.url("/v1/chat/completions"), json=_body(cluster, max_tokens=300)) for _ in range(6)
+            ))
+
+    responses = asyncio.run(run())
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(200) >= 2, codes
+    refused = [r for r in responses if r.status_code == 429]
+    assert refused, codes
+    assert set(codes) <= {200, 429}
+    for r in refused:
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "queue_full"
+    assert httpx.get(cluster.url("/health")).json()["active"] == 0
+
+
+def test_request_timeout_ends_the_request_with_an_error(tiny_llama, cluster_factory):
+    cluster = cluster_factory(tiny_llama, 2, args=("--request-timeout", "0.5"))
+    cluster.wait_ready()
+    r = httpx.post(cluster.url("/v1/chat/completions"), json=_body(cluster, max_tokens=2000), timeout=60)
+    assert r.status_code == 504
+    assert r.json()["error"]["type"] == "timeout"
+    with httpx.stream("POST", cluster.url("/v1/chat/completions"), json=_body(cluster, max_tokens=2000, stream=True),
+                      timeout=60) as s:
+        lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["error"]["type"] == "timeout"
+    # the cluster is still serving
+    assert httpx.post(cluster.url("/v1/chat/completions"), json=_body(cluster, max_tokens=4)).status_code == 200
+
+
+def test_api_key_guards_every_route_but_health(tiny_llama, cluster_factory):
+    cluster = cluster_factory(tiny_llama, 1, api_key="s3cret")
+    cluster.wait_ready()
+    assert httpx.get(cluster.url("/health")).status_code == 200
+    for method, path, body in [("GET", "/v1/models", None), ("POST", "/v1/chat/completions", _body(cluster, max_tokens=2)),
+                               ("POST", "/v1/completions", {"model": cluster.model_id, "prompt": "x", "max_tokens": 2})]:
+        r = httpx.request(method, cluster.url(path), json=body)
+        assert r.status_code == 401, (path, r.text)
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.request(method, cluster.url(path), json=body, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        r = httpx.request(method, cluster.url(path), json=body, headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200, (path, r.text)

@@ -1,0 +1,62 @@
+"""Model manifests: a changed, missing or truncated file is caught; a good copy verifies fast."""
+
+import json
+import os
+
+from mlx_jaccl_cluster.ops import manifest as m
+
+
+def _model(tmp_path):
+    d = tmp_path / "model"
+    (d / "sub").mkdir(parents=True)
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    (d / "model.safetensors").write_bytes(os.urandom(4096))
+    (d / "sub" / "tokenizer.json").write_text("{}")
+    return d
+
+
+def test_build_lists_every_file_with_size_and_hash(tmp_path):
+    d = _model(tmp_path)
+    man = m.build(d)
+    assert set(man["files"]) == {"config.json", "model.safetensors", "sub/tokenizer.json"}
+    assert man["files"]["model.safetensors"]["size"] == 4096
+    assert len(man["files"]["config.json"]["sha256"]) == 64
+
+
+def test_a_good_copy_verifies_and_leaves_a_stamp(tmp_path):
+    d = _model(tmp_path)
+    man = m.build(d)
+    assert m.problems(d, man) == []
+    assert (d / m.STAMP).is_file()
+    assert m.problems(d, man) == []  # the stamped path
+
+
+def test_same_size_corruption_is_caught_even_after_a_stamp(tmp_path):
+    d = _model(tmp_path)
+    man = m.build(d)
+    assert m.problems(d, man) == []
+    data = bytearray((d / "model.safetensors").read_bytes())
+    data[100] ^= 0xFF
+    (d / "model.safetensors").write_bytes(bytes(data))
+    assert m.problems(d, man) == ["model.safetensors: sha256 differs"]
+
+
+def test_missing_and_truncated_files_are_named(tmp_path):
+    d = _model(tmp_path)
+    man = m.build(d)
+    (d / "config.json").unlink()
+    (d / "model.safetensors").write_bytes(b"short")
+    issues = m.problems(d, man)
+    assert "config.json: missing" in issues
+    assert "model.safetensors: 5 bytes, expected 4096" in issues
+
+
+def test_cli_build_then_verify(tmp_path, capsys):
+    d = _model(tmp_path)
+    assert m.main(["build", str(d)]) == 0
+    assert json.loads((d / m.MANIFEST).read_text())["files"]
+    assert m.main(["verify", str(d)]) == 0
+    (d / "sub" / "tokenizer.json").write_text("{changed}")
+    assert m.main(["verify", str(d)]) == 1
+    assert "sub/tokenizer.json" in capsys.readouterr().out
+    assert m.main(["verify", str(tmp_path / "nowhere")]) == 1
