@@ -877,7 +877,7 @@ def cluster_plan(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any
 
     ``ranks``: hostnames in rank order; ``hosts``: hostname -> rank entry (rank, ssh, ips,
     unit_name, prefix, etc_dir, python, service_user, service_manager, env, files relative to
-    ``<prefix>/etc/``, argv); plus ``hostfile``
+    ``<prefix>/etc/``, argv, primary: first rank on its machine); plus ``hostfile``
     (mlx.launch object form), ``world_size``, ``backend``, ``parallel``, ``control`` and
     ``api_url``.
     """
@@ -886,6 +886,14 @@ def cluster_plan(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any
         raise ValueError("the inventory is not valid:\n" + "\n".join(f"- {p}" for p in problems))
     ordered = ordered_hosts(hosts)
     backend = setting(group, "cluster_backend")
+    entries = {name: _rank_entry(rank, name, v, group, ordered) for rank, (name, v) in enumerate(ordered)}
+    # Several ranks may share one machine (and its install prefix): the first of them
+    # ("primary") does the per-machine work (venv, model, service manager).
+    seen: set[tuple[str, str]] = set()
+    for entry in entries.values():
+        machine = (entry["ssh"], entry["prefix"])
+        entry["primary"] = machine not in seen
+        seen.add(machine)
     return {
         "world_size": len(ordered),
         "backend": backend,
@@ -894,5 +902,5 @@ def cluster_plan(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any
         "api_url": _api_url(group, ordered),
         "hostfile": launch_hostfile(backend, ordered),
         "ranks": [name for name, _ in ordered],
-        "hosts": {name: _rank_entry(rank, name, v, group, ordered) for rank, (name, v) in enumerate(ordered)},
+        "hosts": entries,
     }
