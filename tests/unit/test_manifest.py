@@ -60,3 +60,13 @@ def test_cli_build_then_verify(tmp_path, capsys):
     assert m.main(["verify", str(d)]) == 1
     assert "sub/tokenizer.json" in capsys.readouterr().out
     assert m.main(["verify", str(tmp_path / "nowhere")]) == 1
+
+
+def test_build_is_a_no_op_on_an_unchanged_folder_and_redone_on_a_new_file(tmp_path, capsys):
+    d = _model(tmp_path)
+    assert m.main(["build", str(d)]) == 0
+    assert m.main(["build", str(d)]) == 0
+    assert "unchanged" in capsys.readouterr().out
+    (d / "extra.txt").write_text("new")
+    assert m.main(["build", str(d)]) == 0
+    assert "extra.txt" in json.loads((d / m.MANIFEST).read_text())["files"]

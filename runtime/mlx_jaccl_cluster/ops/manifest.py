@@ -82,6 +82,16 @@ def problems(folder: Path, manifest: dict) -> list[str]:
     return issues
 
 
+def is_current(folder: Path) -> bool:
+    """True when ``folder`` already holds a manifest of exactly its current files."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        listed = set(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return listed == {str(p.relative_to(folder)) for p in _files(folder)} and not problems(folder, manifest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlx_jaccl_cluster.ops.manifest", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.folder.is_dir():
             print(f"{args.folder} is not a folder", file=sys.stderr)
             return 2
+        if is_current(args.folder):
+            print(f"{args.folder / MANIFEST}: unchanged")
+            return 0
         manifest = build(args.folder)
         (args.folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         print(f"{args.folder / MANIFEST}: {len(manifest['files'])} files, {sum(f['size'] for f in manifest['files'].values())} bytes")
