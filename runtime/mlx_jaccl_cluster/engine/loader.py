@@ -74,12 +74,13 @@ def check_split(config: dict, parallel: str, world_size: int, folder: Path) -> N
     if parallel == "tensor":
         heads = text.get("num_attention_heads")
         kv_heads = text.get("num_key_value_heads", heads)
-        for name, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+        counts = {"num_attention_heads": heads, "num_key_value_heads": kv_heads}
+        for name, value in counts.items():
             if isinstance(value, int) and value % world_size:
-                divisors = [n for n in range(1, value + 1) if value % n == 0 and (not isinstance(kv_heads, int) or kv_heads % n == 0) and (not isinstance(heads, int) or heads % n == 0)]
+                fits = [n for n in range(1, value + 1) if all(not isinstance(c, int) or c % n == 0 for c in counts.values())]
                 raise ModelError(
                     f"tensor parallel over {world_size} ranks needs {name} ({value}) divisible by {world_size}; "
-                    f"this model splits over {divisors} ranks, or use parallel=pipeline if its class supports it"
+                    f"this model splits over {fits} ranks, or use parallel=pipeline if its class supports it"
                 )
     elif not (folder / "model.safetensors.index.json").is_file():
         raise ModelError(f"pipeline parallel needs {folder}/model.safetensors.index.json; convert the model with mlx_lm.convert")
