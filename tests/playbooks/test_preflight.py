@@ -28,10 +28,32 @@ def test_bad_inventory_stops_in_preflight_with_nothing_changed(tmp_path, name, e
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
-    assert "Preflight | validate every host and group setting" in out
+    assert "Preflight | every host and group setting is valid" in out
     assert "problem(s); nothing was changed" in out
     for word in words:
         assert word in out, f"{word!r} missing from:\n{out[-3000:]}"
     assert "TASK [node_readiness" not in out and "TASK [python_env" not in out
     assert not prefix.exists()
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_split_the_model_cannot_take_is_refused_by_name(tmp_path):
+    """SmolLM2's 9 attention / 3 key-value heads do not split over 2 ranks."""
+    model = tmp_path / "smol"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 9,
+                                                   "num_key_value_heads": 3, "num_hidden_layers": 30}))
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(json.dumps({"all": {"children": {"mlx_cluster": {
+        "hosts": {f"r{i}": {"cluster_rank": i, "cluster_ring_port": 32600 + i, "cluster_unit_name": f"u{i}"}
+                  for i in range(2)},
+        "vars": {"ansible_connection": "local", "ansible_host": "127.0.0.1", "cluster_ips": ["127.0.0.1"],
+                 "cluster_backend": "ring", "cluster_model_source": "local", "cluster_model_local_path": str(model),
+                 "cluster_model_name": "smol", "cluster_install_prefix": str(tmp_path / "prefix"),
+                 "cluster_model_path": str(tmp_path / "prefix" / "models" / "smol")}}}}}))
+    proc = subprocess.run([str(PLAYBOOK), "-i", str(inventory), "site.yml"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "num_attention_heads" in out and "2" in out, out[-3000:]
+    assert not (tmp_path / "prefix").exists()
