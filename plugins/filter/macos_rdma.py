@@ -39,6 +39,18 @@ FILTERS: dict[str, Callable[..., Any]] = {
     "mjc_paired_interface": macos.paired_interface,
     "mjc_check_node_rdma": macos.check_node_rdma,
     "mjc_check_disk_free": macos.check_disk_free,
+    # mac_hygiene role: pmset and the Thunderbolt network
+    "mjc_parse_pmset": macos.parse_pmset,
+    "mjc_pmset_changes": macos.pmset_changes,
+    "mjc_pmset_unsupported": macos.pmset_unsupported,
+    "mjc_pmset_argv": macos.pmset_argv,
+    "mjc_pmset_record": macos.pmset_record,
+    "mjc_pmset_restore": macos.pmset_restore,
+    "mjc_parse_ifconfig_status_by_iface": macos.parse_ifconfig_status_by_iface,
+    "mjc_rdma_interfaces": macos.rdma_interfaces,
+    "mjc_thunderbolt_network_plan": macos.thunderbolt_network_plan,
+    "mjc_thunderbolt_network_record": macos.thunderbolt_network_record,
+    "mjc_thunderbolt_network_restore": macos.thunderbolt_network_restore,
 }
 
 
