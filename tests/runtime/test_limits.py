@@ -38,12 +38,14 @@ def test_full_queue_answers_429_with_retry_after(tiny_llama, cluster_factory):
 
 
 def test_request_timeout_ends_the_request_with_an_error(tiny_llama, cluster_factory):
-    cluster = cluster_factory(tiny_llama, 2, args=("--request-timeout", "0.5"))
+    # 1900 tokens would need > 950 tok/s to beat 2 s (the tiny model does ~300 on one rank);
+    # 4 tokens fit easily, even on a loaded machine.
+    cluster = cluster_factory(tiny_llama, 2, args=("--request-timeout", "2"))
     cluster.wait_ready()
-    r = httpx.post(cluster.url("/v1/chat/completions"), json=_body(cluster, max_tokens=2000), timeout=60)
+    r = httpx.post(cluster.url("/v1/chat/completions"), json=_body(cluster, max_tokens=1900), timeout=60)
     assert r.status_code == 504
     assert r.json()["error"]["type"] == "timeout"
-    with httpx.stream("POST", cluster.url("/v1/chat/completions"), json=_body(cluster, max_tokens=2000, stream=True),
+    with httpx.stream("POST", cluster.url("/v1/chat/completions"), json=_body(cluster, max_tokens=1900, stream=True),
                       timeout=60) as s:
         lines = [line for line in s.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
