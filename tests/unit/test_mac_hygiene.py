@@ -28,11 +28,10 @@ from pathlib import Path
 
 import pytest
 
+from ansible_run import ANSIBLE_PLAYBOOK, ROOT, run_playbook
 from mlx_jaccl_cluster.ops import macos
 
-ROOT = Path(__file__).resolve().parents[2]
 CAPTURES = Path(__file__).parent / "captures" / "macos"
-ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 WANTED = {"sleep": 0, "disksleep": 0, "autorestart": 1, "womp": 1}   # the role's default
 
 
@@ -305,12 +304,8 @@ PLAYBOOK = """
 def render(tmp_path: Path, extra: dict) -> Path:
     out = tmp_path / "out"
     out.mkdir()
-    playbook = tmp_path / "render.yml"
-    playbook.write_text(PLAYBOOK.format(root=ROOT, out=out))
-    cmd = [str(ANSIBLE_PLAYBOOK), "-i", "localhost,", str(playbook),
-           "-e", json.dumps({"ansible_python_interpreter": sys.executable, **extra})]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_playbook(tmp_path, PLAYBOOK.format(root=ROOT, out=out), "localhost,",
+                 {"ansible_python_interpreter": sys.executable, **extra})
     return out
 
 

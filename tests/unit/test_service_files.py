@@ -8,17 +8,14 @@ example 2-Mac inventory and validated with plistlib. The systemd unit goes throu
 from __future__ import annotations
 
 import configparser
-import json
 import plistlib
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-ANSIBLE_PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
+from ansible_run import ROOT, run_playbook
 
 PLAYBOOK = """
 - hosts: mlx_cluster
@@ -43,12 +40,7 @@ PLAYBOOK = """
 def render(tmp_path: Path, inventory: str, extra: dict | None = None) -> Path:
     out = tmp_path / "out"
     out.mkdir()
-    playbook = tmp_path / "render.yml"
-    playbook.write_text(PLAYBOOK.format(root=ROOT, out=out))
-    cmd = [str(ANSIBLE_PLAYBOOK), "-i", str(ROOT / "inventory" / inventory), str(playbook),
-           "-e", json.dumps(extra or {})]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_playbook(tmp_path, PLAYBOOK.format(root=ROOT, out=out), str(ROOT / "inventory" / inventory), extra)
     return out
 
 
