@@ -67,3 +67,16 @@ def test_api_key_guards_every_route_but_health(tiny_llama, cluster_factory):
         assert r.status_code == 401
         r = httpx.request(method, cluster.url(path), json=body, headers={"Authorization": "Bearer s3cret"})
         assert r.status_code == 200, (path, r.text)
+
+
+def test_long_prefill_sends_keepalive_comments(tiny_llama, cluster_factory):
+    cluster = cluster_factory(tiny_llama, 1, args=("--keepalive-interval", "0.05", "--prefill-step-size", "16"))
+    cluster.wait_ready()
+    body = _body(cluster, max_tokens=2, stream=True) | {
+        "messages": [{"role": "user", "content": "the quick brown fox " * 120}]}
+    with httpx.stream("POST", cluster.url("/v1/chat/completions"), json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line for line in r.iter_lines() if line]
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: ") and '"content":""' not in line)
+    assert any(line == ": keepalive" for line in lines[:first_data]), lines[:5]
+    assert lines[-1] == "data: [DONE]"
