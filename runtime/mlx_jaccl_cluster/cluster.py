@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import socket
 import struct
 import threading
@@ -344,6 +345,7 @@ class Follower:
         self.stats = stats
         self.log_every = log_every
         self.live = _Liveness(heartbeat_interval, heartbeat_misses, on_lost)
+        self.steps: queue.Queue[bytes | None] = queue.Queue()
         self._sock: socket.socket | None = None
         self._send_lock = threading.Lock()
         self._last_seen = time.monotonic()
@@ -379,6 +381,7 @@ class Follower:
                 raise Rejected(f"unexpected frame {kind} from rank 0 during rendezvous")
             self._sock = sock
             self._last_seen = time.monotonic()
+            threading.Thread(target=self._read_loop, name="mjc-read-0", daemon=True).start()
             self.live.run_every_interval(self._beat, "mjc-beat")
             log.info("rank %d joined the group at %s:%d", self.rank, *self.control)
             return
@@ -397,46 +400,34 @@ class Follower:
         except OSError:
             pass
 
-    def _rank0_has_spoken(self) -> bool | None:
-        """Peek at the socket without consuming: True when rank 0 sent something not yet
-        read (the engine thread is busy with a long step), None when it closed, else False."""
+    def _read_loop(self) -> None:
         assert self._sock is not None
         try:
-            data = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError, TimeoutError):
-            return False
-        except OSError:
-            return None
-        return True if data else None
+            while True:
+                kind, payload = recv_frame(self._sock)
+                self._last_seen = time.monotonic()
+                if kind == STEP:
+                    self.steps.put(payload)
+        except ChannelClosed as exc:
+            self.steps.put(None)
+            self.live.lose(f"rank 0 {self.control[0]}:{self.control[1]} disconnected: {exc}")
 
     def _beat(self) -> None:
         silent = time.monotonic() - self._last_seen
-        if silent > self.live.interval:
-            spoken = self._rank0_has_spoken()
-            if spoken is None:
-                self.live.lose(f"rank 0 {self.control[0]}:{self.control[1]} closed the control channel")
-                return
-            if spoken:
-                self._last_seen = time.monotonic()
-            elif silent > self.live.deadline:
-                self.live.lose(f"rank 0 missed heartbeats for {silent:.1f} s")
-                return
+        if silent > self.live.deadline:
+            self.steps.put(None)
+            self.live.lose(f"rank 0 missed heartbeats for {silent:.1f} s")
+            return
         try:
             self._send(BEAT, _dumps(self.stats()))
         except OSError as exc:
+            self.steps.put(None)
             self.live.lose(f"rank 0 unreachable: {exc}")
 
     def next_step(self) -> bytes:
-        """The next STEP payload from rank 0, read on the calling (engine) thread itself: a
-        hand-off through another thread cost ~13 % of decode speed at 2 ranks. Heartbeats
-        read on the way count as liveness; raises ChannelClosed once rank 0 is gone."""
-        assert self._sock is not None
-        while True:
-            try:
-                kind, payload = recv_frame(self._sock)
-            except ChannelClosed as exc:
-                self.live.lose(f"rank 0 {self.control[0]}:{self.control[1]} disconnected: {exc}")
-                raise
-            self._last_seen = time.monotonic()
-            if kind == STEP:
-                return payload
+        """The next STEP payload from rank 0; raises ChannelClosed once rank 0 is lost."""
+        payload = self.steps.get()
+        if payload is None:
+            self.steps.put(None)
+            raise ChannelClosed(self.live.lost_reason or "rank 0 lost")
+        return payload
