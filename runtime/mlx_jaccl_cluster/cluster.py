@@ -235,9 +235,8 @@ class Leader:
         """Block until every follower has said HELLO, logging who is missing."""
         with self._lock:
             while len(self.peers) < self.world_size - 1:
-                missing = sorted(set(range(1, self.world_size)) - set(self.peers))
                 if not self._lock.wait(self.log_every):
-                    log.info("waiting for rank(s) %s to connect to %s:%d", missing, *self.bind)
+                    log.info("waiting for rank(s) %s to connect to %s:%d", self.missing_ranks(), *self.bind)
 
     def missing_ranks(self) -> list[int]:
         with self._lock:

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     log = logging.getLogger("mjc")
 
     # Heavy imports before the rendezvous, so no rank stalls its heartbeats importing.
+    from . import __version__
     from .cluster import Follower, Leader
     from .engine.core import Engine, memory_stats
     from .state import ClusterState
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         "model_id": settings.served_model_id,
         "max_batch": settings.max_batch,
         "prefill_step_size": settings.prefill_step_size,
-        "version": __import__("mlx_jaccl_cluster").__version__,
+        "version": __version__,
     }
 
     def lost(reason: str) -> None:
