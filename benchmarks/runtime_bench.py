@@ -46,13 +46,15 @@ import platform
 import queue
 import resource
 import signal
-import statistics
 import subprocess
 import sys
 import threading
 import time
 import traceback
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+from mlx_jaccl_cluster.ops.apibench import concurrent, median, sequential, stream_chat  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread in a small village."}]
 
@@ -69,11 +71,6 @@ TARGETS = {
 # --------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -280,74 +277,6 @@ def tail(path: Path, n: int = 3000) -> str:
 # --------------------------------------------------------------------------------------
 # the HTTP client (stdlib, so it costs as little CPU as possible on 2 cores)
 # --------------------------------------------------------------------------------------
-def stream_chat(port: int, body: dict, io_timeout: float, deadline: float) -> dict:
-    """One streaming chat request; times of the first and last token, usage, text, error."""
-    res: dict = {"ok": False, "error": None, "completion_tokens": None, "text": ""}
-    payload = json.dumps(body).encode()
-    t0 = time.perf_counter()
-    res["start"] = t0
-    first = last = None
-    pieces = []
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=io_timeout)
-    try:
-        conn.request("POST", "/v1/chat/completions", body=payload, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            res["error"] = f"HTTP {resp.status}: {resp.read()[:500].decode(errors='replace')}"
-            return res
-        finish = None
-        while True:
-            line = resp.readline()
-            if not line:
-                break
-            now = time.perf_counter()
-            if now - t0 > deadline:
-                res["error"] = f"request still running after {deadline:.0f} s (deadline)"
-                break
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                res["ok"] = True
-                break
-            obj = json.loads(data)
-            if "error" in obj:
-                res["error"] = f"error in stream: {json.dumps(obj)[:500]}"
-                break
-            if obj.get("usage"):
-                res["completion_tokens"] = obj["usage"].get("completion_tokens")
-                res["prompt_tokens"] = obj["usage"].get("prompt_tokens")
-                cached = (obj["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
-                if cached is not None:
-                    res["cached_tokens"] = cached
-            for ch in obj.get("choices") or []:
-                content = (ch.get("delta") or {}).get("content") or ch.get("text")
-                if content:
-                    pieces.append(content)
-                    if first is None:
-                        first = now
-                    last = now
-                if ch.get("finish_reason"):
-                    finish = ch["finish_reason"]
-                    if first is not None:
-                        last = now
-        res["finish_reason"] = finish
-        if not res["ok"] and res["error"] is None:
-            res["error"] = "stream ended without [DONE] (server closed the connection)"
-    except Exception as exc:  # socket timeout, reset, bad JSON: all are results here
-        res["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
-        conn.close()
-        res["end"] = time.perf_counter()
-    res["text"] = "".join(pieces)
-    if first is not None:
-        res["ttft_s"] = first - t0
-        n = res["completion_tokens"]
-        if n and n > 1 and last > first:
-            res["decode_tps"] = (n - 1) / (last - first)
-    return res
-
-
 def chat_body(model_id: str, tokens: int) -> dict:
     return {
         "model": model_id,
@@ -356,57 +285,6 @@ def chat_body(model_id: str, tokens: int) -> dict:
         "temperature": 0.0,
         "stream": True,
         "stream_options": {"include_usage": True},
-    }
-
-
-def concurrent(port: int, body: dict, clients: int, io_timeout: float, deadline: float) -> dict:
-    """``clients`` streaming requests released together; aggregate tok/s over the whole span."""
-    results: list[dict | None] = [None] * clients
-    gate = threading.Barrier(clients)
-
-    def worker(i: int) -> None:
-        try:
-            gate.wait(timeout=10)
-        except threading.BrokenBarrierError:
-            pass
-        results[i] = stream_chat(port, body, io_timeout, deadline)
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=deadline + io_timeout + 15)
-    done = [r for r in results if r is not None]
-    errors = [r["error"] for r in done if r["error"]]
-    if len(done) < clients:
-        errors.append(f"{clients - len(done)} client thread(s) never returned")
-    return summarize_batch(done, errors)
-
-
-def sequential(port: int, body: dict, n: int, io_timeout: float, deadline: float) -> dict:
-    done, errors = [], []
-    for _ in range(n):
-        r = stream_chat(port, body, io_timeout, deadline)
-        done.append(r)
-        if r["error"]:
-            errors.append(r["error"])
-            break
-    return summarize_batch(done, errors)
-
-
-def summarize_batch(done: list[dict], errors: list[str]) -> dict:
-    tokens = sum(r.get("completion_tokens") or 0 for r in done)
-    span = (max(r["end"] for r in done) - min(r["start"] for r in done)) if done else None
-    return {
-        "requests": len(done),
-        "errors": errors,
-        "completion_tokens": [r.get("completion_tokens") for r in done],
-        "span_s": span,
-        "aggregate_tps": tokens / span if span and not errors else None,
-        "ttft_s_median": median([r.get("ttft_s") for r in done]),
-        "decode_tps_median": median([r.get("decode_tps") for r in done]),
-        "texts_identical": len({r["text"] for r in done}) == 1 if done else None,
-        "text0": done[0]["text"] if done else "",
     }
 
 

@@ -133,8 +133,13 @@ class Settings(BaseSettings):
 
     @property
     def mlx_backend(self) -> str:
-        """The name given to ``mx.distributed.init`` (jaccl-ring is jaccl with an env flag)."""
-        return "jaccl" if self.backend == "jaccl-ring" else self.backend
+        """The name given to ``mx.distributed.init``."""
+        return mlx_backend_name(self.backend)
+
+
+def mlx_backend_name(backend: str) -> str:
+    """The name ``mx.distributed.init`` takes for a backend (jaccl-ring is jaccl with an env flag)."""
+    return "jaccl" if backend == "jaccl-ring" else backend
 
 
 def backend_world_size(backend: str) -> int:

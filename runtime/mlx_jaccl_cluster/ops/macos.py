@@ -655,3 +655,32 @@ def thunderbolt_network_restore(state: Mapping[str, Any] | None, bridge_members:
             else:
                 left.append(f"{name} was a member of {bridge}, which does not exist now; left out of it")
     return {"release_ipv4": release, "rejoin_bridge": rejoin, "left": left}
+
+
+# --------------------------------------------------------------------------- link speed
+
+_WIDTH = re.compile(r"^(\d+)X$", re.IGNORECASE)
+_GBPS = re.compile(r"^([\d.]+)\s*Gbps$", re.IGNORECASE)
+
+
+def port_link_gbps(port: Mapping[str, Any]) -> float | None:
+    """Signalling rate of one ``ibv_devinfo -v`` port: active_speed x active_width (10.0 Gbps x 8X = 80)."""
+    speed = _GBPS.match(str(port.get("active_speed") or ""))
+    width = _WIDTH.match(str(port.get("active_width") or ""))
+    if not speed or not width:
+        return None
+    return float(speed.group(1)) * int(width.group(1))
+
+
+def link_gbps(devinfo: Mapping[str, Mapping[str, Any]], devices: Iterable[str] | None = None) -> float | None:
+    """Slowest active link among ``devices`` (all when None): the peak a collective can reach; None if unknown."""
+    wanted = None if devices is None else set(devices)
+    speeds = [
+        port_link_gbps(port)
+        for name, device in devinfo.items()
+        if wanted is None or name in wanted
+        for port in device.get("ports", {}).values()
+        if port.get("state") == "PORT_ACTIVE"
+    ]
+    known = [s for s in speeds if s]
+    return min(known) if known else None

@@ -1,0 +1,208 @@
+"""``mjc-bench``: the link and collective sweep, run on every rank of the cluster at once.
+
+Started per rank by ``playbooks/bench.yml`` with the service's own environment
+(``MLX_RANK``, ``MJC_BACKEND`` and the backend's rank files, exactly as the service
+manager starts ``mjc-rank``), while the service is stopped. Every figure comes from
+:mod:`mlx_jaccl_cluster.engine.collectives` (timed and checked); each all_sum size is
+also timed with :func:`bare_all_sum_times`, a deliberately minimal MLX loop, in
+interleaved rounds of the same run, so the report can show that the bench adds nothing.
+
+Rank 0 writes one JSON document (``--out``, or stdout); other ranks only take part.
+
+    MLX_RANK=0 MLX_HOSTFILE=hostfile.json MJC_BACKEND=ring mjc-bench --out /tmp/link.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import itertools
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+KB, MB = 1024, 1024 * 1024
+DEFAULT_SIZES = [4 * KB, 16 * KB, 64 * KB, 256 * KB, 1 * MB, 4 * MB, 16 * MB, 64 * MB, 256 * MB]
+
+
+def parse_size(text: str) -> int:
+    """``4K``, ``16M``, ``1G`` or a plain number of bytes -> bytes."""
+    text = text.strip().upper().removesuffix("B")
+    scale = {"K": KB, "M": MB, "G": 1024 * MB}.get(text[-1:], 1)
+    number = text[:-1] if scale > 1 else text
+    if not number.isdigit() or int(number) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4K, 16M or 4096")
+    return int(number) * scale
+
+
+def iterations(nbytes: int, budget_bytes: int, least: int, most: int) -> int:
+    """Iterations for one round of one size: about ``budget_bytes`` moved, within [least, most]."""
+    return max(least, min(most, budget_bytes // nbytes))
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of ``samples``, nearest rank."""
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+def summary(samples: list[float], nbytes: int | None = None) -> dict:
+    """Median, p99, mean and min of seconds per iteration; bandwidths when ``nbytes`` is given."""
+    out = {
+        "iters": len(samples),
+        "median_s": statistics.median(samples),
+        "p99_s": percentile(samples, 99),
+        "mean_s": statistics.fmean(samples),
+        "min_s": min(samples),
+    }
+    if nbytes:
+        out |= {
+            "avg_gbps": nbytes * 8 / out["mean_s"] / 1e9,
+            "median_gbps": nbytes * 8 / out["median_s"] / 1e9,
+            "peak_gbps": nbytes * 8 / out["min_s"] / 1e9,
+        }
+    return out
+
+
+def bare_all_sum_times(group, nbytes: int, iters: int, warmup: int = 2) -> list[float]:
+    """The plainest MLX all_sum loop (no checks), timed the same way: the reference figure."""
+    import mlx.core as mx
+
+    x = mx.ones((nbytes // 4,), dtype=mx.float32)
+    mx.eval(x)
+    samples = []
+    for i in range(warmup + iters):
+        start = time.perf_counter()
+        mx.eval(mx.distributed.all_sum(x, group=group))
+        if i >= warmup:
+            samples.append(time.perf_counter() - start)
+    return samples
+
+
+def init_group():
+    """The MLX group, from the same environment and backend files the service uses."""
+    import mlx.core as mx
+
+    from .settings import mlx_backend_name
+
+    backend = os.environ.get("MJC_BACKEND", "ring")
+    if backend == "jaccl-ring":
+        os.environ["MLX_JACCL_RING"] = "1"
+    return mx.distributed.init(backend=mlx_backend_name(backend), strict=True)
+
+
+def _all_sum_sweep(group, opts, log) -> list[dict]:
+    from .engine import collectives
+
+    rows = []
+    for nbytes in opts.sizes:
+        n = iterations(nbytes, opts.budget, opts.min_iters, opts.max_iters)
+        checked: list[float] = []
+        bare: list[float] = []
+        for _ in range(opts.rounds):  # interleaved, so drift hits both alike
+            checked += collectives.all_sum_times(group, nbytes, n)
+            bare += bare_all_sum_times(group, nbytes, n)
+        row = {"bytes": nbytes, **summary(checked, nbytes), "bare": summary(bare, nbytes)}
+        row["overhead_pct"] = (row["median_s"] / row["bare"]["median_s"] - 1) * 100
+        rows.append(row)
+        log(f"all_sum {nbytes:>10} B  {row['median_s'] * 1e6:10.1f} us  {row['avg_gbps']:8.3f} Gb/s avg"
+            f"  {row['peak_gbps']:8.3f} Gb/s peak  bare {row['bare']['median_s'] * 1e6:10.1f} us")
+    return rows
+
+
+def _all_gather_sweep(group, opts) -> list[dict]:
+    from .engine import collectives
+
+    rows = []
+    for nbytes in opts.gather_sizes:
+        n = iterations(nbytes * group.size(), opts.budget, opts.min_iters, opts.max_iters)
+        rows.append({"bytes": nbytes, **summary(collectives.all_gather_times(group, nbytes, n), nbytes * group.size())})
+    return rows
+
+
+def _pair_sweep(group, opts) -> list[dict]:
+    """send/recv between every ordered pair; the receiver's median reaches rank 0 by an all_sum."""
+    import mlx.core as mx
+
+    from .engine import collectives
+
+    pairs = list(itertools.permutations(range(group.size()), 2))
+    n = iterations(opts.pair_size, opts.budget, opts.min_iters, opts.max_iters)
+    mine = []
+    for src, dst in pairs:
+        samples = collectives.send_recv_times(group, src, dst, opts.pair_size, n)
+        mine.append(statistics.median(samples) if samples and group.rank() == dst else 0.0)
+    medians = mx.distributed.all_sum(mx.array(mine, dtype=mx.float32), group=group).tolist()
+    return [
+        {"src": src, "dst": dst, "bytes": opts.pair_size, "iters": n, "median_s": t,
+         "median_gbps": opts.pair_size * 8 / t / 1e9 if t > 0 else None}
+        for (src, dst), t in zip(pairs, medians)
+    ]
+
+
+def link_sweep(group, opts, log=lambda _msg: None) -> dict:
+    """Every measurement of one run, as rank 0 reports it."""
+    from .engine import collectives
+
+    started = time.time()
+    latency = summary(collectives.all_sum_latency(group, opts.latency_iters))
+    log(f"latency 1-element all_sum: median {latency['median_s'] * 1e6:.1f} us, p99 {latency['p99_s'] * 1e6:.1f} us")
+    result = {
+        "kind": "link",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "world_size": group.size(),
+        "backend": os.environ.get("MJC_BACKEND", "ring"),
+        "host": socket.gethostname(),
+        "machine": platform.machine(),
+        "latency": latency,
+        "all_sum": _all_sum_sweep(group, opts, log),
+        "all_gather": _all_gather_sweep(group, opts) if opts.gather_sizes else [],
+        "pairs": _pair_sweep(group, opts) if opts.pairs and group.size() > 1 else [],
+    }
+    result["seconds"] = round(time.time() - started, 1)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mjc-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=parse_size, nargs="+", default=DEFAULT_SIZES, help="all_sum sizes (4K .. 256M)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of checked and bare loops per size")
+    p.add_argument("--budget", type=parse_size, default=256 * MB, help="bytes moved per size and round (sets iterations)")
+    p.add_argument("--min-iters", type=int, default=3)
+    p.add_argument("--max-iters", type=int, default=200)
+    p.add_argument("--latency-iters", type=int, default=500, help="1-element all_sum samples")
+    p.add_argument("--gather-sizes", type=parse_size, nargs="*", default=[], help="all_gather sizes per rank")
+    p.add_argument("--pairs", action="store_true", help="send/recv between every pair of ranks")
+    p.add_argument("--pair-size", type=parse_size, default=16 * MB)
+    p.add_argument("--out", type=Path, help="where rank 0 writes the JSON (default: stdout)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)
+    group = init_group()
+    rank = group.rank()
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(f"[mjc-bench] {msg}", file=sys.stderr, flush=True)
+
+    result = link_sweep(group, opts, log)
+    if rank == 0:
+        text = json.dumps(result, indent=1)
+        if opts.out:
+            opts.out.parent.mkdir(parents=True, exist_ok=True)
+            opts.out.write_text(text + "\n")
+        else:
+            print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
