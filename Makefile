@@ -6,7 +6,17 @@ INVENTORY ?= inventory/local
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PLAYBOOK := $(VENV)/bin/ansible-playbook -i $(INVENTORY)
+ANSIBLE := $(VENV)/bin/ansible -i $(INVENTORY)
 PYTEST_ARGS ?=
+# bench: extra ansible-playbook arguments, e.g. BENCH_ARGS='-e {"bench_sizes": ["1M", "16M"]}'
+BENCH_ARGS ?=
+INTERVAL ?= 5
+LINES ?= 40
+# rank 0's URL (path $(1)), from the inventory through playbooks/url.yml
+url = $$($(PLAYBOOK) playbooks/url.yml -e url_path=$(1) | sed -n 's/.*MJC_URL=\([^"]*\).*/\1/p')
+# per host: its prefix and its rank's unit name, as the inventory sets them
+HOST_PREFIX := {{ cluster_install_prefix | default("/opt/mlx-jaccl-cluster") }}
+HOST_UNIT := {{ cluster_unit_name | default("mlx-jaccl-cluster") }}
 MLX_EXTRA := $(if $(filter Darwin,$(shell uname -s)),,[cpu])
 
 .DEFAULT_GOAL := help
@@ -34,4 +44,63 @@ test: venv ## run every test (unit, runtime, provisioning lab)
 test-fast: venv ## unit tests only (seconds)
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
-.PHONY: help venv up test test-fast
+bench: venv ## link and collective sweep (service stopped, then restored); results/<date>-<inventory>/
+	$(PLAYBOOK) playbooks/bench.yml $(BENCH_ARGS)
+
+bench-api: venv ## tokens/s and TTFT of the deployed API at 1, 4 and 8 concurrent clients
+	$(PLAYBOOK) playbooks/bench.yml -e bench_mode=api $(BENCH_ARGS)
+
+status: venv ## one table of the whole cluster; exits non-zero when anything is unhealthy
+	@$(PLAYBOOK) playbooks/status.yml
+
+monitor: venv ## status every INTERVAL seconds (default 5) until Ctrl-C
+	@while true; do out=$$($(PLAYBOOK) playbooks/status.yml 2>&1); clear; date; \
+	  printf '%s\n' "$$out" | sed -n '/Status | show it/,/^$$/p' | sed '1,2d'; sleep $(INTERVAL); done
+
+logs: venv ## the last LINES (default 40) lines of every rank's log
+	@$(ANSIBLE) mlx_cluster -m ansible.builtin.command -a 'tail -n $(LINES) $(HOST_PREFIX)/logs/$(HOST_UNIT).log'
+
+download: venv ## fetch MODEL=org/name from Hugging Face once, copy it to every node and serve it
+	@test -n "$(MODEL)" || { echo "usage: make download MODEL=org/name (a Hugging Face repo id)"; exit 2; }
+	$(PLAYBOOK) site.yml -e cluster_model_source=hf -e cluster_model_repo=$(MODEL) -e cluster_model_name=$(notdir $(MODEL)) \
+	  -e '{"cluster_model_path": "{{ cluster_install_prefix }}/models/$(notdir $(MODEL))"}'
+
+models-local: venv ## models in the controller cache, with their sizes
+	@du -sh $${MJC_CACHE:-$$HOME/.cache/mlx-jaccl-cluster}/models/*/ 2>/dev/null || echo "no models in the controller cache yet"
+
+models-check: venv ## every node's model against its manifest
+	$(ANSIBLE) mlx_cluster -m ansible.builtin.command -a '$(HOST_PREFIX)/venv/bin/python -m mlx_jaccl_cluster.ops.manifest verify {{ cluster_model_path }} --manifest $(HOST_PREFIX)/etc/model-manifest.json'
+
+dashboard: venv ## print rank 0's /dashboard URL (and open it where a browser is)
+	@u=$(call url,/dashboard); echo "$$u"; \
+	  if command -v open >/dev/null && [ "$$(uname -s)" = Darwin ]; then open "$$u"; \
+	  elif [ -n "$${DISPLAY:-}" ] && command -v xdg-open >/dev/null; then xdg-open "$$u"; fi
+
+metrics: venv ## a snapshot of rank 0's /metrics
+	@u=$(call url,/metrics); curl -fsS "$$u" || { echo "no answer from $$u" >&2; exit 1; }
+
+version: venv ## versions on the controller (the nodes': make status)
+	@$(PY) -c 'import importlib.metadata as m, platform; \
+	  [print(f"{p:20} {m.version(p)}") for p in ("mlx-jaccl-cluster", "mlx", "mlx-lm", "ansible-core")]; \
+	  print(f"{\"python\":20} {platform.python_version()}")'
+
+lint: venv ## yamllint and ansible-lint (production profile)
+	$(VENV)/bin/yamllint --strict .
+	$(VENV)/bin/ansible-lint --profile production --nocolor site.yml playbooks roles
+
+loc: ## lines of code by component
+	@for d in runtime/mlx_jaccl_cluster runtime/mlx_jaccl_cluster/engine runtime/mlx_jaccl_cluster/api \
+	  runtime/mlx_jaccl_cluster/ops roles playbooks plugins tests molecule benchmarks docs; do \
+	  printf '%-32s %6s\n' "$$d" "$$(git ls-files "$$d" | grep -E '\.(py|ya?ml|j2|md|sh)$$' | xargs cat 2>/dev/null | wc -l)"; done
+
+stop: venv ## stop every rank (units stay installed)
+	$(PLAYBOOK) playbooks/stop.yml
+
+restart: venv ## stop every rank, then start the group and wait until it serves
+	$(PLAYBOOK) playbooks/restart.yml
+
+uninstall: venv ## remove units, venv, rendered files (models stay unless UNINSTALL_MODELS=true)
+	$(PLAYBOOK) playbooks/uninstall.yml -e cluster_uninstall_models=$(or $(UNINSTALL_MODELS),false)
+
+.PHONY: help venv up test test-fast bench bench-api status monitor logs download models-local models-check \
+	dashboard metrics version lint loc stop restart uninstall

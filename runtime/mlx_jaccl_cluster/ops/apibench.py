@@ -16,6 +16,7 @@ import argparse
 import datetime as _dt
 import http.client
 import json
+import os
 import statistics
 import sys
 import threading
@@ -201,10 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--api-key", default="")
+    p.add_argument("--api-key", default=os.environ.get("MJC_API_KEY", ""), help="default: $MJC_API_KEY")
     p.add_argument("--out", required=True)
     opts = p.parse_args(argv)
     result = api_bench(opts.url, opts.model, opts.clients, opts.tokens, opts.rounds, opts.api_key)
+    os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
     with open(opts.out, "w") as f:
         json.dump(result, f, indent=1)
     return 0
