@@ -1,0 +1,78 @@
+"""The node probe reads service managers and ps right, and the link speed comes from ibv_devinfo -v."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mlx_jaccl_cluster.ops import macos, manifest, probe
+
+CAPTURES = Path(__file__).parent / "captures"
+
+
+def capture(name: str) -> str:
+    return (CAPTURES / name).read_text()
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("00:36", 36), ("  01:02:03\n", 3723), ("2-00:00:01", 172801), ("10:00", 600), ("", None), ("bogus", None),
+])
+def test_ps_etime(text, seconds):
+    assert probe.parse_etime(text) == seconds
+
+
+def test_supervisor_running_and_stopped():
+    assert probe.parse_supervisor_status(capture("ops/supervisorctl_status_running.txt")) == {"state": "RUNNING", "pid": 23536}
+    assert probe.parse_supervisor_status(capture("ops/supervisorctl_status_stopped.txt")) == {"state": "STOPPED", "pid": None}
+    assert probe.parse_supervisor_status("unix:///x/run/supervisor.sock no such file\n")["state"] == "unknown"
+
+
+def test_systemctl_show():
+    assert probe.parse_systemctl_show(capture("ops/systemctl_show_running.txt")) == {"state": "active/running", "pid": 4242}
+    assert probe.parse_systemctl_show(capture("ops/systemctl_show_not_found.txt")) == {"state": "not-installed", "pid": None}
+
+
+def test_launchctl_print_reads_the_top_level_state_and_pid():
+    assert probe.parse_launchctl_print(capture("ops/launchctl_print_running.txt")) == {"state": "running", "pid": 812}
+    assert probe.parse_launchctl_print(capture("ops/launchctl_print_waiting.txt")) == {"state": "not running", "pid": None}
+
+
+def test_tb5_link_speed_from_ibv_devinfo_v():
+    devinfo = macos.parse_ibv_devinfo(capture("macos/ibv_devinfo_v_ipv4.txt"))
+    assert macos.port_link_gbps(devinfo["rdma_en4"]["ports"][1]) == macos.TB5_GBPS
+    assert macos.link_gbps(devinfo) == macos.TB5_GBPS
+    assert macos.link_gbps(devinfo, ["rdma_en5"]) is None
+
+
+def test_link_speed_unknown_without_verbose_output_or_active_port():
+    assert macos.link_gbps(macos.parse_ibv_devinfo(capture("macos/ibv_devinfo_one_active.txt"))) is None
+    assert macos.link_gbps(macos.parse_ibv_devinfo(capture("macos/ibv_devinfo_one_down.txt"))) is None
+    assert macos.port_link_gbps({"active_speed": "10.0 Gbps", "active_width": "4X"}) == 40.0
+
+
+def test_model_state_verifies_against_the_manifest(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    wanted = tmp_path / "manifest.json"
+    import json
+
+    wanted.write_text(json.dumps(manifest.build(model)))
+    assert probe.model_state(str(model), str(wanted)) == {"present": True, "verified": True, "problems": []}
+    (model / "config.json").write_text('{"changed": true}')
+    state = probe.model_state(str(model), str(wanted))
+    assert state["present"] and not state["verified"] and state["problems"]
+    assert probe.model_state(str(tmp_path / "gone"), str(wanted))["present"] is False
+
+
+def test_supervisord_without_its_config_is_not_installed(tmp_path):
+    state = probe.service_state("supervisord", "rank0", str(tmp_path), "")
+    assert state == {"state": "not-installed", "pid": None, "running": False, "uptime_s": None}
+
+
+def test_the_probe_runs_here(tmp_path):
+    info = probe.platform_info()
+    assert info["system"] and info["memory_bytes"] > 0 and info["cpus"] >= 1
+    assert probe.versions(str(tmp_path))["mlx-jaccl-cluster"]
+    assert probe.disk_free(str(tmp_path / "not" / "yet")) > 0
