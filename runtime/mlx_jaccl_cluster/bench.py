@@ -18,6 +18,7 @@ import argparse
 import datetime as _dt
 import itertools
 import json
+import math
 import os
 import platform
 import socket
@@ -48,7 +49,7 @@ def iterations(nbytes: int, budget_bytes: int, least: int, most: int) -> int:
 def percentile(samples: list[float], q: float) -> float:
     """The ``q``-th percentile (0..100) of ``samples``, nearest rank."""
     ordered = sorted(samples)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
+    index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
     return ordered[index]
 
 
