@@ -94,6 +94,17 @@ class Settings(BaseSettings):
     keepalive_interval: float = Field(5.0, gt=0, description="Seconds between SSE keepalive comments while nothing is sent.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # --- the link probe (rank 0 decides, every rank runs it; only while idle) -----
+    probe_latency_interval: float = Field(
+        10.0, ge=0, description="Seconds between idle-time 1-element all_sum latency probes (0: off)."
+    )
+    probe_bandwidth_interval: float = Field(
+        60.0, ge=0, description="Seconds between idle-time all_sum bandwidth probes (0: off)."
+    )
+    probe_bandwidth_bytes: int = Field(4 << 20, ge=4, description="Message size of the bandwidth probe, in bytes.")
+    probe_steps: int = Field(4, ge=1, description="Steps one probe is split into (a request waits at most one step).")
+    probe_step_iters: int = Field(2, ge=1, description="Collectives timed in each probe step.")
+
     @field_validator("peer_ips", mode="before")
     @classmethod
     def _split_peers(cls, value: object) -> object:
@@ -144,6 +155,18 @@ def backend_world_size(backend: str) -> int:
     if backend in ("jaccl", "jaccl-ring"):
         return len(_read_json_env("MLX_IBV_DEVICES", backend)) if os.environ.get("MLX_IBV_DEVICES") else 1
     return 1  # nccl: MLX_WORLD_SIZE is part of its contract
+
+
+def backend_links(backend: str) -> list[list[str]]:
+    """Per rank, what the backend files give it: ring addresses, or RDMA devices (jaccl)
+    as ``"rank J: DEVICE"``. Empty when the backend has no such file (nccl, one rank)."""
+    if backend == "ring" and os.environ.get("MLX_HOSTFILE"):
+        rows = _read_json_env("MLX_HOSTFILE", backend)
+        return [[str(a) for a in (row if isinstance(row, list) else [row])] for row in rows]
+    if backend in ("jaccl", "jaccl-ring") and os.environ.get("MLX_IBV_DEVICES"):
+        rows = _read_json_env("MLX_IBV_DEVICES", backend)
+        return [[f"rank {j}: {d}" for j, d in enumerate(row) if d] if isinstance(row, list) else [] for row in rows]
+    return []
 
 
 def _read_json_env(name: str, backend: str) -> list:

@@ -9,7 +9,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .errors import APIError
+from .errors import APIError, record
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .serving import KEEPALIVE, Piece, Prepared, Serving, Slot
 
@@ -98,24 +98,27 @@ async def _run(request: Request, prepared: Prepared):
     serving: Serving = request.app.state.serving
     shape = OpenAIShape(serving, prepared)
     slot = serving.admit()
+    watch = request.app.state.observer.watch
+    route, prompt_tokens = request.url.path, len(prepared.request.prompt_tokens)
     if not prepared.stream:
         pieces: list[Piece] = []
-        async for item in serving.generate(prepared, slot, disconnected=request.is_disconnected):
+        async for item in watch(route, prompt_tokens, serving.generate(prepared, slot, disconnected=request.is_disconnected)):
             if isinstance(item, Piece):
                 pieces.append(item)
                 shape.completion_tokens += len(item.events)
         if not pieces:  # the client went away; nobody reads this
             raise APIError(499, "client disconnected")
         return JSONResponse(shape.complete(pieces))
-    return StreamingResponse(_sse(serving, shape, prepared, slot), media_type="text/event-stream",
+    pieces = watch(route, prompt_tokens, serving.generate(prepared, slot))
+    return StreamingResponse(_sse(request, shape, prepared, pieces), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _sse(serving: Serving, shape: OpenAIShape, prepared: Prepared, slot: Slot) -> AsyncIterator[str]:
+async def _sse(request: Request, shape: OpenAIShape, prepared: Prepared, pieces: AsyncIterator) -> AsyncIterator[str]:
     try:
         if shape.chat:
             yield shape.chunk(None, first=True)
-        async for item in serving.generate(prepared, slot):
+        async for item in pieces:
             if item is KEEPALIVE:
                 yield ": keepalive\n\n"
                 continue
@@ -126,7 +129,7 @@ async def _sse(serving: Serving, shape: OpenAIShape, prepared: Prepared, slot: S
         if prepared.include_usage:
             yield shape.chunk(None)
     except APIError as exc:
-        yield f"data: {_dumps(exc.body())}\n\n"
+        yield f"data: {_dumps(record(request, exc).body())}\n\n"
     yield "data: [DONE]\n\n"
 
 

@@ -35,6 +35,7 @@ from ..generation import EngineUnavailable, ErrorEvent, GenerationRequest, Token
 from ..settings import Settings
 from ..state import ClusterState
 from .loader import LoadedModel, ModelError, load_model
+from .probe import LinkProbe, run_step
 from .sampling import make_processors, make_sampler
 
 log = logging.getLogger("mjc.engine")
@@ -102,6 +103,7 @@ class Engine:
         self._checksum = 0
         self._dead: str | None = None
         self._gen: BatchGenerator | None = None
+        self._group: mx.distributed.Group | None = None
         self._thread = threading.Thread(target=self._run, name="mjc-engine", daemon=True)
 
     # --- the HTTP side's view (thread-safe) ----------------------------------------
@@ -190,7 +192,7 @@ class Engine:
             else:
                 assert isinstance(self.channel, Follower)
                 self.channel.join()
-            group = self._init_group()
+            group = self._group = self._init_group()
         self.state.set("loading", f"loading {s.model}")
         started = time.perf_counter()
         self.loaded = load_model(s.model, s.parallel, group)
@@ -260,9 +262,14 @@ class Engine:
         # BatchGenerator runs its steps on its own stream; the small reads below
         # (logprobs) stay on this thread's default stream so they never wait behind
         # the step it has already queued.
+        probe = LinkProbe(self.settings, self.state.link) if self._group is not None else None
         while True:
-            inserts, removes = self._collect(block=not self._active)
+            wait = probe.wait() if probe is not None and not self._active else None
+            inserts, removes = self._collect(block=not self._active, timeout=wait)
             if not inserts and not removes and not self._active:
+                if wait is not None and (spec := probe.next_step()) is not None:
+                    self.channel.broadcast_step(json.dumps({"c": self._checksum, "p": spec}).encode())
+                    probe.run(self._group, spec)
                 continue
             if self.channel is not None:
                 payload: dict = {"c": self._checksum}
@@ -281,11 +288,12 @@ class Engine:
             if self._active:
                 self._deliver(self._step())
 
-    def _collect(self, block: bool) -> tuple[list[Ticket], list[int]]:
-        """Drain the inbox: new tickets to insert and uids to remove."""
+    def _collect(self, block: bool, timeout: float | None = None) -> tuple[list[Ticket], list[int]]:
+        """Drain the inbox: new tickets to insert and uids to remove (waiting at most
+        ``timeout`` s for the first one when ``block``; None: until one comes)."""
         items = []
         try:
-            items.append(self._inbox.get(block=block, timeout=None if block else 0))
+            items.append(self._inbox.get(block=block, timeout=timeout if block else 0))
             while True:
                 items.append(self._inbox.get_nowait())
         except queue.Empty:
@@ -335,6 +343,9 @@ class Engine:
                 raise Desync(
                     f"rank {self.settings.rank} token checksum {self._checksum} differs from rank 0's {message.get('c')}"
                 )
+            if "p" in message:  # a link-probe step, run at the same point as on rank 0
+                run_step(self._group, message["p"])
+                continue
             inserts = [GenerationRequest.from_wire(d) for d in message.get("i", ())]
             self._apply(inserts, list(message.get("r", ())))
             if self._active:
