@@ -104,6 +104,10 @@ def test_dashboard_in_chromium(cluster, page, tmp_path):
     expect(page.locator("#chat-log .error").last).to_contain_text("max_tokens", timeout=10_000)
     expect(page.locator("#errors tbody tr").first).to_contain_text("max_tokens", timeout=10_000)
 
+    # and go back to idle: nothing in flight, nothing in the batch
+    expect(page.locator("#inflight")).to_have_text("0", timeout=10_000)
+    expect(page.locator("#batch-size")).to_have_text("0")
+
     shot = tmp_path / "dashboard.png"
     page.screenshot(path=str(shot), full_page=True)
     if SCREENSHOT:

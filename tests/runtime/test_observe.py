@@ -120,6 +120,7 @@ def test_request_and_error_history(cluster):
     assert delta("mjc_generated_tokens_total", route=route) == out["usage"]["completion_tokens"]
     assert delta("mjc_prompt_tokens_total", route=route) == out["usage"]["prompt_tokens"]
     assert delta("mjc_time_to_first_token_seconds_count", route=route) == 1
+    assert _wait_for(lambda: (lambda s: s["inflight"] == 0 and s["batch_size"] == 0)(_state(cluster)), 5)
     # the tokens/s series counts whole seconds: these tokens appear within a second or two
     assert _wait_for(lambda: sum(_state(cluster)["tokens_per_s"]) >= out["usage"]["completion_tokens"], 3)
 
