@@ -64,21 +64,30 @@ class OpenAIShape:
             "text_offset": offsets,
         }
 
-    def choice(self, text: str | None, pieces: list[Piece], finish: str | None, *, delta: bool) -> dict:
+    def choice(self, pieces: list[Piece], finish: str | None, *, delta: bool) -> dict:
+        text = "".join(p.text for p in pieces)
         choice: dict = {"index": 0}
         if self.chat:
+            reasoning = "".join(p.reasoning for p in pieces)
+            calls = [call for p in pieces for call in p.tool_calls]
             if delta:
-                choice["delta"] = {} if text is None else {"content": text}
-            else:
-                choice["message"] = {"role": "assistant", "content": text}
+                message = {"content": text} if text or not (reasoning or calls) else {}
+            else:  # a whole message: content is null beside tool calls, and calls carry no index
+                message = {"role": "assistant", "content": text if text or not calls else None}
+                calls = [{k: v for k, v in call.items() if k != "index"} for call in calls]
+            if reasoning:
+                message["reasoning"] = reasoning
+            if calls:
+                message["tool_calls"] = calls
+            choice["delta" if delta else "message"] = message
         else:
-            choice["text"] = text or ""
+            choice["text"] = text
         choice["logprobs"] = self.logprobs(pieces)
         choice["finish_reason"] = finish
         return choice
 
     def complete(self, pieces: list[Piece]) -> dict:
-        body = self._envelope(self.object, [self.choice("".join(p.text for p in pieces), pieces, pieces[-1].finish_reason, delta=False)])
+        body = self._envelope(self.object, [self.choice(pieces, pieces[-1].finish_reason, delta=False)])
         body["usage"] = self.usage()
         return body
 
@@ -90,7 +99,7 @@ class OpenAIShape:
             body["usage"] = self.usage()
             return f"data: {_dumps(body)}\n\n"
         else:
-            choice = self.choice(piece.text, [piece], piece.finish_reason, delta=True)
+            choice = self.choice([piece], piece.finish_reason, delta=True)
         return f"data: {_dumps(self._envelope(self.object + '.chunk' if self.chat else self.object, [choice]))}\n\n"
 
 
@@ -121,7 +130,7 @@ async def _sse(serving: Serving, shape: OpenAIShape, prepared: Prepared, slot: S
                 continue
             assert isinstance(item, Piece)
             shape.completion_tokens += len(item.events)
-            if item.text or item.finish_reason or prepared.request.top_logprobs is not None:
+            if item.text or item.reasoning or item.tool_calls or item.finish_reason or prepared.request.top_logprobs is not None:
                 yield shape.chunk(item)
         if prepared.include_usage:
             yield shape.chunk(None)

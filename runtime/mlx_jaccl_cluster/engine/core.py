@@ -111,6 +111,11 @@ class Engine:
         return self.loaded.tokenizer
 
     @property
+    def text_machine(self):
+        assert self.loaded is not None
+        return self.loaded.text_machine
+
+    @property
     def context_length(self) -> int | None:
         return self.loaded.context_length if self.loaded else None
 
