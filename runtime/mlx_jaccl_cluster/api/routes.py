@@ -37,7 +37,8 @@ class OpenAIShape:
     def usage(self) -> dict:
         prompt = len(self.p.request.prompt_tokens)
         return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt + self.completion_tokens}
+                "total_tokens": prompt + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.p.cached_tokens}}
 
     def logprobs(self, pieces: list[Piece]) -> dict | None:
         if self.p.request.top_logprobs is None:

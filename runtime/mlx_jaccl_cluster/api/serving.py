@@ -33,6 +33,7 @@ class Prepared:
     stream: bool
     include_usage: bool
     channels: Channels | None = None  # chat replies with reasoning or tool calls
+    cached_tokens: int = 0  # prompt tokens the engine took from its prompt cache
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -292,6 +293,7 @@ class Serving:
                             engine_done = not stopped
                             break
                     finished = reason is not None
+                    prepared.cached_tokens = ticket.cached_tokens
                     yield Piece("".join(text), used, reason).split(prepared.channels)
             finally:
                 if not engine_done:
