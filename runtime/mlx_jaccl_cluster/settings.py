@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     model_id: str | None = Field(None, description="Name served by /v1/models (default: the folder name).")
     max_batch: int = Field(8, ge=1, description="Sequences decoded together.")
     prefill_step_size: int = Field(512, ge=16, description="Prompt tokens processed per step.")
+    prompt_cache_size: int = Field(
+        8, ge=0,
+        description="Finished sequences whose KV cache is kept so that a later prompt starting the same way "
+        "(a chat's next turn) skips that part of the prefill; 0 turns it off. Each entry costs this rank "
+        "its shard of that sequence's KV cache.",
+    )
 
     # --- the API (rank 0) --------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Address the API binds on rank 0.")

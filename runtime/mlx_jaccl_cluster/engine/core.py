@@ -36,6 +36,7 @@ from ..settings import Settings
 from ..state import ClusterState
 from .loader import LoadedModel, ModelError, load_model
 from .probe import LinkProbe, run_step
+from .prompt_cache import PromptCache
 from .sampling import make_processors, make_sampler
 
 log = logging.getLogger("mjc.engine")
@@ -53,6 +54,7 @@ class Ticket:
     sink: Callable[[object], None]
     uid: int | None = None
     cancelled: bool = False
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused (set before the first token)
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -104,6 +106,7 @@ class Engine:
         self._dead: str | None = None
         self._gen: BatchGenerator | None = None
         self._group: mx.distributed.Group | None = None
+        self._prompts = PromptCache(settings.prompt_cache_size)
         self._thread = threading.Thread(target=self._run, name="mjc-engine", daemon=True)
 
     # --- the HTTP side's view (thread-safe) ----------------------------------------
@@ -111,6 +114,11 @@ class Engine:
     def tokenizer(self):
         assert self.loaded is not None
         return self.loaded.tokenizer
+
+    @property
+    def text_machine(self):
+        assert self.loaded is not None
+        return self.loaded.text_machine
 
     @property
     def context_length(self) -> int | None:
@@ -225,13 +233,20 @@ class Engine:
         return group
 
     # --- the steps ---------------------------------------------------------------
-    def _apply(self, inserts: list[GenerationRequest], removes: list[int]) -> list[int]:
+    def _reuse(self, inserts: list[GenerationRequest]) -> list[tuple[list | None, int]]:
+        """The reusable prompt cache of each insert (see prompt_cache.py)."""
+        return [self._prompts.fetch(r.prompt_tokens) for r in inserts]
+
+    def _apply(self, inserts: list[GenerationRequest], removes: list[int],
+               reused: list[tuple[list | None, int]]) -> list[int]:
         """Apply one step's changes; identical on every rank."""
         assert self._gen is not None
         uids = []
         if inserts:
             uids = self._gen.insert(
-                [r.prompt_tokens for r in inserts],
+                [r.prompt_tokens[k:] for r, (_, k) in zip(inserts, reused)],
+                caches=[cache for cache, _ in reused],
+                all_tokens=[r.prompt_tokens[:k] for r, (_, k) in zip(inserts, reused)],
                 max_tokens=[r.max_tokens for r in inserts],
                 samplers=[make_sampler(r.sampling) for r in inserts],
                 logits_processors=[make_processors(r.sampling) for r in inserts],
@@ -255,6 +270,7 @@ class Engine:
             acc = (acc * 1_000_003 + r.uid * 65_599 + r.token) & 0x7FFFFFFF
             if r.finish_reason is not None:
                 self._active.discard(r.uid)
+                self._prompts.store(r.all_tokens, r.prompt_cache)
         self._checksum = acc
         return responses
 
@@ -271,14 +287,18 @@ class Engine:
                     self.channel.broadcast_step(json.dumps({"c": self._checksum, "p": spec}).encode())
                     probe.run(self._group, spec)
                 continue
+            reused = self._reuse([t.request for t in inserts])
+            for ticket, (_, k) in zip(inserts, reused):
+                ticket.cached_tokens = k
             if self.channel is not None:
                 payload: dict = {"c": self._checksum}
                 if inserts:
                     payload["i"] = [t.request.to_wire() for t in inserts]
+                    payload["k"] = [k for _, k in reused]
                 if removes:
                     payload["r"] = removes
                 self.channel.broadcast_step(json.dumps(payload, separators=(",", ":")).encode())
-            uids = self._apply([t.request for t in inserts], removes)
+            uids = self._apply([t.request for t in inserts], removes, reused)
             with self._tickets_lock:
                 for uid, ticket in zip(uids, inserts):
                     ticket.uid = uid
@@ -347,6 +367,12 @@ class Engine:
                 run_step(self._group, message["p"])
                 continue
             inserts = [GenerationRequest.from_wire(d) for d in message.get("i", ())]
-            self._apply(inserts, list(message.get("r", ())))
+            reused = self._reuse(inserts)
+            if [k for _, k in reused] != message.get("k", []):
+                raise Desync(
+                    f"rank {self.settings.rank} would reuse {[k for _, k in reused]} cached prompt tokens "
+                    f"where rank 0 reuses {message.get('k')}"
+                )
+            self._apply(inserts, list(message.get("r", ())), reused)
             if self._active:
                 self._step()
