@@ -55,7 +55,9 @@ def _wait_for(check, timeout=15.0):
 
 
 def test_heartbeat_memory_of_every_rank_reaches_rank_0(cluster):
-    state = _state(cluster)
+    # a follower's figures are those of its last beat (each second): the first after its
+    # READY carries the loaded model
+    state = _wait_for(lambda: (lambda s: s if s["ranks"][1]["memory"].get("active") else None)(_state(cluster)), 5)
     assert [r["rank"] for r in state["ranks"]] == [0, 1]
     for r in state["ranks"]:
         assert r["up"], r
@@ -135,3 +137,14 @@ def test_data_endpoints_need_the_key_but_health_and_page_do_not(cluster):
     assert page.status_code == 200 and 'data-key-required="true"' in page.text
     assert cluster.model_id not in page.text  # the open page carries no cluster data
     assert httpx.get(cluster.url("/dashboard/static/dashboard.js")).status_code == 200
+
+
+def test_probe_off_sends_no_probe_steps(tiny_llama, cluster_factory):
+    c = cluster_factory(tiny_llama, 2, args=("--probe-latency-interval", "0", "--probe-bandwidth-interval", "0"))
+    c.wait_ready()
+    time.sleep(2)
+    c.chat("anything", max_tokens=4)
+    time.sleep(1)
+    link = _state(c)["link"]
+    assert link["steps"] == 0 and link["latency_s"] is None and link["bandwidth_bps"] is None
+    assert "mjc_link_latency_seconds" not in _get(c, "/metrics").text
