@@ -84,6 +84,7 @@ class Observer:
         rec = RequestRecord(route=route, prompt_tokens=prompt_tokens)
         self.requests.append(rec)
         self.prompt_tokens.labels(route).inc(prompt_tokens)
+        generated = self.generated_tokens.labels(route)  # looked up once, not per piece
         status, error, first = "cancelled", None, None
         try:
             async for item in pieces:
@@ -95,7 +96,7 @@ class Observer:
                         rec.ttft_s = now - rec._start
                         self.ttft.labels(route).observe(rec.ttft_s)
                     rec.completion_tokens += n
-                    self.generated_tokens.labels(route).inc(n)
+                    generated.inc(n)
                     self._count(n)
                 status = getattr(item, "finish_reason", None) or status
                 yield item
