@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from playwright import sync_api  # the 'test' extra; it drives Debian's chromium, never its own download
 
 from conftest import start_cluster
 
@@ -24,7 +25,6 @@ SCREENSHOT = os.environ.get("MJC_DASHBOARD_SCREENSHOT")  # e.g. docs/dashboard.p
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is missing (scripts/system-deps.sh --test installs Debian's chromium)",
                 allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the 'test' extra installs playwright")
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +114,16 @@ def test_dashboard_in_chromium(cluster, page, tmp_path):
         shutil.copy(shot, SCREENSHOT)
     # Chromium logs the deliberate 400 response itself; nothing else may appear
     assert len(page.problems) == 1 and "400 (Bad Request)" in page.problems[0], page.problems
+
+
+def test_a_wrong_key_is_refused_in_the_page(cluster, page):
+    expect = sync_api.expect
+    page.goto(cluster.url("/dashboard"))
+    page.fill("#key-input", "not-the-key")
+    page.click("#key-form button")
+    expect(page.locator("#key-message")).to_contain_text("refused")
+    expect(page.locator("#key-form")).to_be_visible()
+    assert page.locator("#topology [data-rank]").count() == 0  # nothing shown without the key
+    page.fill("#key-input", KEY)
+    page.click("#key-form button")
+    expect(page.locator('#topology [data-rank="1"]')).to_have_attribute("data-state", "up")
