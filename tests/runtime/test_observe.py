@@ -148,3 +148,28 @@ def test_probe_off_sends_no_probe_steps(tiny_llama, cluster_factory):
     link = _state(c)["link"]
     assert link["steps"] == 0 and link["latency_s"] is None and link["bandwidth_bps"] is None
     assert "mjc_link_latency_seconds" not in _get(c, "/metrics").text
+
+
+def test_a_request_waits_for_at_most_one_probe_step(tiny_llama, cluster_factory):
+    """With a long probe always due (24 steps of one 8 MiB all_sum each), requests are
+    answered between its steps: their time to first token is a fraction of a probe, not
+    the rest of one (which would average 12 steps)."""
+    steps = 24
+    c = cluster_factory(tiny_llama, 2, args=("--probe-latency-interval", "0", "--probe-bandwidth-interval", "0.01",
+                                             "--probe-bandwidth-bytes", str(8 << 20), "--probe-steps", str(steps),
+                                             "--probe-step-iters", "1"))
+    c.wait_ready()
+    first = _wait_for(lambda: (lambda l: l if l["steps"] >= 5 else None)(_state(c)["link"]), 30)
+    assert first, "the probe never ran"
+    started = time.monotonic()
+    time.sleep(2)
+    step_s = 2 / max(1, _state(c)["link"]["steps"] - first["steps"])  # it probes all the time while idle
+    ttft = []
+    for i in range(8):
+        time.sleep(step_s * (i % 5) / 2)  # land at different points of a step
+        c.chat("between the steps", max_tokens=1)
+        ttft.append(_get(c, "/requests").json()["data"][0]["ttft_s"])
+    ttft.sort()
+    median = (ttft[3] + ttft[4]) / 2
+    assert median < 6 * step_s, f"median TTFT {median:.3f} s with probe steps of {step_s:.3f} s ({ttft})"
+    assert _state(c)["link"]["probes"] >= 1 and time.monotonic() - started > 2
