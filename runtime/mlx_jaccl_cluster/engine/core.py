@@ -8,6 +8,9 @@ Start-up on every rank: rendezvous on the control channel, ``mx.distributed.init
   step, then hands the new tokens to the HTTP layer in one batch;
 - **other ranks** apply each STEP frame exactly as rank 0 did and run the same step.
 
+While idle, rank 0 may send a STEP frame naming one link-probe step instead, which
+every rank runs at that point (``probe.py``).
+
 Every rank therefore inserts the same requests in the same order (uids agree), removes
 the same uids at the same step, and runs the same number of steps. Finishing is decided
 from token ids, identical everywhere; each STEP frame also carries a checksum of the
@@ -284,7 +287,7 @@ class Engine:
             inserts, removes = self._collect(block=not self._active, timeout=wait)
             if not inserts and not removes and not self._active:
                 if wait is not None and (spec := probe.next_step()) is not None:
-                    self.channel.broadcast_step(json.dumps({"c": self._checksum, "p": spec}).encode())
+                    self.channel.broadcast_step(json.dumps({"c": self._checksum, "p": spec}, separators=(",", ":")).encode())
                     probe.run(self._group, spec)
                 continue
             reused = self._reuse([t.request for t in inserts])
