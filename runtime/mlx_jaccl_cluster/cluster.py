@@ -124,6 +124,10 @@ class _Liveness:
     def lost(self) -> bool:
         return self._lost.is_set()
 
+    def wait_lost(self, timeout: float) -> bool:
+        """True once the group is lost, waiting at most ``timeout`` s for it."""
+        return self._lost.wait(timeout)
+
     def lose(self, reason: str) -> None:
         with self._lost_lock:
             if self._lost.is_set():

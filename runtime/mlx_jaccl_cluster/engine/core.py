@@ -182,6 +182,11 @@ class Engine:
         except (ModelError, Rejected) as exc:
             self._fatal(str(exc), config_error=True)
         except Exception as exc:  # crash-only: any engine failure ends the process
+            if self.channel is not None and self.channel.live.wait_lost(self.settings.heartbeat_interval):
+                # A collective fails when a peer dies; the control channel, which names the
+                # lost rank, has handled it (streams ended, exit scheduled).
+                log.warning("engine stopped: %s (%s)", self.channel.live.lost_reason, exc)
+                return
             log.exception("engine failed")
             self._fatal(f"{type(exc).__name__}: {exc}", config_error=False)
 
