@@ -54,8 +54,9 @@ status: venv ## one table of the whole cluster; exits non-zero when anything is 
 	@$(PLAYBOOK) playbooks/status.yml
 
 monitor: venv ## status every INTERVAL seconds (default 5) until Ctrl-C
-	@while true; do out=$$($(PLAYBOOK) playbooks/status.yml 2>&1); clear; date; \
-	  printf '%s\n' "$$out" | sed -n '/Status | show it/,/^$$/p' | sed '1,2d'; sleep $(INTERVAL); done
+	@while true; do out=$$($(PLAYBOOK) playbooks/status.yml 2>&1); clear 2>/dev/null || true; date; \
+	  printf '%s\n' "$$out" | sed -n '/Status | show it/,/^$$/p' | sed '1,3d;s/^        //'; \
+	  printf '%s\n' "$$out" | grep -m1 -E '^(fatal|\[ERROR\])' || true; sleep $(INTERVAL); done
 
 logs: venv ## the last LINES (default 40) lines of every rank's log
 	@$(ANSIBLE) mlx_cluster -m ansible.builtin.command -a 'tail -n $(LINES) $(HOST_PREFIX)/logs/$(HOST_UNIT).log'

@@ -171,6 +171,7 @@ def api_bench(url: str, model: str, clients: list[int], tokens: int, rounds: int
              "headers": {"Authorization": f"Bearer {api_key}"} if api_key else {}}
     port = parts.port or 80
     body = api_body(model, tokens)
+    health = _health(where["host"], port)
     warm = stream_chat(port, body, io_timeout, deadline, **where)
     if warm["error"]:
         raise RuntimeError(f"the API at {url} did not answer a warm-up request: {warm['error']}")
@@ -192,7 +193,20 @@ def api_bench(url: str, model: str, clients: list[int], tokens: int, rounds: int
             "errors": [e for b in batches for e in b["errors"]],
         })
     return {"kind": "api", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "url": url,
-            "model": model, "max_tokens": tokens, "rounds": rounds, "runs": runs}
+            "model": model, "max_tokens": tokens, "rounds": rounds, "world_size": health.get("world_size"),
+            "backend": health.get("backend"), "runs": runs}
+
+
+def _health(host: str, port: int) -> dict:
+    """Rank 0's /health body ({} when it does not answer with JSON)."""
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        conn.request("GET", "/health")
+        return json.loads(conn.getresponse().read() or b"{}")
+    except (OSError, ValueError):
+        return {}
+    finally:
+        conn.close()
 
 
 def main(argv: list[str] | None = None) -> int:
