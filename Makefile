@@ -82,8 +82,8 @@ metrics: venv ## a snapshot of rank 0's /metrics
 
 version: venv ## versions on the controller (the nodes': make status)
 	@$(PY) -c 'import importlib.metadata as m, platform; \
-	  [print(f"{p:20} {m.version(p)}") for p in ("mlx-jaccl-cluster", "mlx", "mlx-lm", "ansible-core")]; \
-	  print(f"{\"python\":20} {platform.python_version()}")'
+	  [print("%-20s %s" % (p, m.version(p))) for p in ("mlx-jaccl-cluster", "mlx", "mlx-lm", "ansible-core")]; \
+	  print("%-20s %s" % ("python", platform.python_version()))'
 
 lint: venv ## yamllint and ansible-lint (production profile)
 	$(VENV)/bin/yamllint --strict .
