@@ -31,6 +31,7 @@ FILTERS: dict[str, Callable[..., Any]] = {
     "mjc_parse_thunderbolt": macos.parse_thunderbolt,
     "mjc_parse_link_speed": macos.parse_link_speed,
     "mjc_link_gbps": macos.link_gbps,
+    "mjc_port_link_gbps": macos.port_link_gbps,
     "mjc_parse_hardware_ports": macos.parse_hardware_ports,
     "mjc_parse_ifconfig_bridge_members": macos.parse_ifconfig_bridge_members,
     "mjc_parse_ifconfig_ipv4": macos.parse_ifconfig_ipv4,
