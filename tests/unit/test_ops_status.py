@@ -70,7 +70,7 @@ def _stopped(doc):
     (lambda d: d["nodes"]["rank1"].update({"probe": None, "error": "not installed: /p/venv/bin/python is missing"}),
      ["rank1: not installed: /p/venv/bin/python is missing"]),
     (lambda d: d.update({"health": {"status": -1, "json": None, "msg": "Connection refused"}}),
-     ["rank 0 /health at http://127.0.0.1:8080 answered -1: Connection refused"]),
+     ["rank 0 /health at http://127.0.0.1:8080 answered nothing: Connection refused"]),
     (lambda d: d["health"]["json"].update({"ranks_up": 1}), ["rank 0 sees 1 of 2 ranks up"]),
     (lambda d: d["nodes"]["rank0"]["probe"].update({"disk_free_bytes": GIB}),
      ["rank0: only 1.0 GiB free on the install prefix"]),

@@ -102,12 +102,18 @@ def version_drift(nodes: dict[str, dict]) -> list[str]:
     return found
 
 
+def _http_status(health: dict) -> int | None:
+    """The HTTP status rank 0 answered; None when nothing answered (Ansible's uri says -1)."""
+    status = health.get("status")
+    return status if isinstance(status, int) and status > 0 else None
+
+
 def cluster_problems(doc: dict) -> list[str]:
     health, world = doc.get("health") or {}, doc["world_size"]
     body = health.get("json") or {}
-    if health.get("status") != 200:
+    if _http_status(health) != 200:
         detail = body.get("detail") or body.get("status") or health.get("msg") or "no answer"
-        return [f"rank 0 /health at {doc.get('api_url')} answered {health.get('status') or 'nothing'}: {detail}"]
+        return [f"rank 0 /health at {doc.get('api_url')} answered {_http_status(health) or 'nothing'}: {detail}"]
     if body.get("ranks_up") != world:
         return [f"rank 0 sees {body.get('ranks_up')} of {world} ranks up"]
     return []
@@ -116,7 +122,7 @@ def cluster_problems(doc: dict) -> list[str]:
 def cluster_line(doc: dict) -> str:
     health = doc.get("health") or {}
     body = health.get("json") or {}
-    return (f"cluster: {doc.get('api_url')}/health {health.get('status') or 'no answer'} "
+    return (f"cluster: {doc.get('api_url')}/health {_http_status(health) or 'no answer'} "
             f"({body.get('status', '-')}), ranks up {body.get('ranks_up', '-')}/{doc['world_size']}, "
             f"queue depth {body.get('queue_depth', '-')}, active {body.get('active', '-')}, "
             f"model {body.get('model', '-')}, backend {body.get('backend', '-')}")
