@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from conftest import changed, converge
+from local_cluster import changed, converge
 
 pytestmark = pytest.mark.slow
 

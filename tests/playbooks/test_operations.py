@@ -11,7 +11,7 @@ import subprocess
 import httpx
 import pytest
 
-from conftest import changed, converge, playbook
+from local_cluster import changed, converge, playbook
 
 pytestmark = pytest.mark.slow
 
