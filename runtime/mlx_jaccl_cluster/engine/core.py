@@ -214,6 +214,15 @@ class Engine:
         s = self.settings
         if s.backend == "jaccl-ring":
             os.environ["MLX_JACCL_RING"] = "1"
+        if s.backend == "nccl":
+            # MLX's nccl backend takes rank and size from the environment only, and rank 0
+            # hands out NCCL's id on NCCL_HOST_IP:NCCL_PORT (it binds the port on every address).
+            os.environ["MLX_RANK"] = str(s.rank)
+            os.environ["MLX_WORLD_SIZE"] = str(s.world_size)
+            missing = [v for v in ("NCCL_HOST_IP", "NCCL_PORT") if not os.environ.get(v)]
+            if missing:
+                raise ModelError(f"backend nccl needs {' and '.join(missing)} (rank 0's address and a free port "
+                                 "for NCCL's rendezvous) in every rank's environment")
         group = mx.distributed.init(backend=s.mlx_backend, strict=True)
         if group.size() != s.world_size or group.rank() != s.rank:
             raise ModelError(
