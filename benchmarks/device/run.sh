@@ -13,14 +13,16 @@
 #             the machine stays warm)
 #   .dev/before  optional: an older mlx_jaccl_cluster package, measured beside this one
 # Results go to $OUT (gpu-bench-MODE.json, py-spy stacks, bench.log).
+#   (MJC_DEV=DIR reads these folders from DIR instead of .dev)
 set -uo pipefail
+DEV=${MJC_DEV:-.dev}
 STORE=/tmp/mjc-wheels
 SITE=/tmp/mjc-site
 CUDA_WHEEL=mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl
 CUDA_SHA256=94cb48fba73e5ee39467e51c35c51c691123359ca17bafd1a24cf92ad6732bee
 OUT=${OUT:-/tmp/mjc-out}
 mkdir -p "$STORE" "$OUT"
-for d in .dev/whl .dev/a .dev/b; do
+for d in "$DEV/whl" "$DEV/a" "$DEV/b"; do
   [ -d "$d" ] && cp "$d"/* "$STORE"/
 done
 echo "stored: $(ls "$STORE" | tr '\n' ' ')"
