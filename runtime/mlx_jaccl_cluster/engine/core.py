@@ -34,6 +34,7 @@ from ..cluster import Follower, Leader, Rejected
 from ..generation import EngineUnavailable, ErrorEvent, GenerationRequest, TokenEvent
 from ..settings import Settings
 from ..state import ClusterState
+from . import fastpath
 from .loader import LoadedModel, ModelError, load_model
 from .sampling import make_processors, make_sampler
 
@@ -196,6 +197,7 @@ class Engine:
         self.loaded = load_model(s.model, s.parallel, group)
         log.info("rank %d loaded %s in %.1f s", s.rank, s.model, time.perf_counter() - started)
         tokenizer = self.loaded.tokenizer
+        fastpath.install()
         self._gen = BatchGenerator(
             self.loaded.model,
             stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
