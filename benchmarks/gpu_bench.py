@@ -9,7 +9,9 @@ the wheels and calls this file; docs/BENCHMARKS.md has the commands and the figu
   in-process ``stream_generate`` (1 stream) and mlx-lm's ``BatchGenerator`` on N copies of
   the prompt (what ``batch_generate`` runs: the in-process limit for N clients), the
   runtime (1 rank) through its HTTP API, ``mlx_lm.server``, and optionally the runtime of
-  an older tree (``--before DIR``, to measure a change on the same machine in one run).
+  other trees (``--variant NAME=DIR``, to measure a change on the same machine in one run).
+  ``BatchGenerator`` on one sequence is timed too ("in-process batch-1": the runtime's own
+  engine without HTTP; its rate includes the prefill).
 - ``tp``: the runtime with 1 rank against the runtime with ``--ranks`` ranks, tensor
   parallel over the ``nccl`` backend (one GPU a rank), same model: scaling at 1 and N
   clients, and whether greedy output matches 1 rank.
@@ -154,6 +156,9 @@ class System:
     def one_client(self, opts) -> dict:
         if self.kind == "inproc":
             return self.obj.run_once(opts.request_deadline)
+        if self.kind == "inproc-b1":
+            r = self.obj.run_batch(1, opts.request_deadline)
+            return r | {"decode_tps": r["aggregate_tps"]}
         if self.kind == "peer":
             self.obj.resume()
         try:
@@ -202,7 +207,7 @@ def rounds(systems: list[System], opts) -> None:
         rb.log(f"{s.name}: warm-up (1 client, then {opts.clients} clients)")
         try:
             w1 = s.one_client(opts)
-            wn = s.clients(opts) if opts.clients else {}
+            wn = s.clients(opts) if opts.clients and s.kind != "inproc-b1" else {}
             s.warmup = {"one": w1, "many": {k: v for k, v in wn.items() if k != "text0"}}
             err = w1.get("error") or (wn.get("errors") or [None])[0]
             if err:
@@ -225,7 +230,7 @@ def rounds(systems: list[System], opts) -> None:
     for i in range(opts.concurrent_repeats):
         k = i % len(live)
         for s in live[k:] + live[:k]:
-            if s.error is None:
+            if s.error is None and s.kind != "inproc-b1":
                 r = s.clients(opts)
                 r.pop("text0", None)
                 s.many.append(r)
@@ -295,24 +300,22 @@ def run_single(opts, model: Path, workdir: Path, res: dict) -> list[System]:
         base = rb.Baseline(opts, model, workdir)
         closers.append(base.close)
         systems.append(System("in-process", "inproc", base))
+        systems.append(System("in-process batch-1", "inproc-b1", base))
         ours = Ours("runtime", model, workdir, 1, "ring")
         closers.append(ours.close)
         systems.append(System("runtime", "ours", ours, rb.chat_body(ours.model_id, opts.tokens)))
-        if opts.before:
-            before = Ours("runtime-before", model, workdir, 1, "ring", pythonpath=str(opts.before.resolve()))
-            closers.append(before.close)
-            systems.append(System("runtime-before", "ours", before, rb.chat_body(before.model_id, opts.tokens)))
+        for spec in opts.variant:
+            name, _, folder = spec.partition("=")
+            other = Ours(name, model, workdir, 1, "ring", pythonpath=str(Path(folder).resolve()))
+            closers.append(other.close)
+            systems.append(System(name, "ours", other, rb.chat_body(other.model_id, opts.tokens)))
         if not opts.skip_peer:
             peer = rb.Peer(opts, model, workdir)
             closers.append(peer.close)
             systems.append(System("mlx_lm.server", "peer", peer, rb.chat_body("default_model", opts.tokens)))
         for s in systems:
             try:
-                if s.kind == "inproc":
-                    s.obj.wait_ready(opts.start_timeout)
-                elif s.kind == "peer":
-                    s.obj.wait_ready(opts.start_timeout)
-                else:
+                if s.kind != "inproc-b1":
                     s.obj.wait_ready(opts.start_timeout)
             except Exception as exc:
                 s.error = f"start-up failed: {type(exc).__name__}: {exc}"
@@ -321,11 +324,10 @@ def run_single(opts, model: Path, workdir: Path, res: dict) -> list[System]:
             if s.kind == "peer":
                 s.obj.pause()
         rounds(systems, opts)
-        if opts.profile and systems[1].error is None:
+        ours_sys = systems[2]
+        if opts.profile and ours_sys.error is None:
             rb.log(f"py-spy on the runtime's rank 0 for {opts.profile} s of 1-client traffic")
-            res["profile"] = {"runtime": profile(opts, systems[1], [0], opts.out.parent, "single")}
-            if opts.before and systems[2].error is None:
-                res["profile"]["runtime-before"] = profile(opts, systems[2], [0], opts.out.parent, "single-before")
+            res["profile"] = {"runtime": profile(opts, ours_sys, [0], opts.out.parent, "single")}
     finally:
         for close in reversed(closers):
             try:
@@ -407,16 +409,25 @@ def summarize(opts, res: dict) -> list[dict]:
         r = ratio(ours.get("aggregate_tps"), peer.get("aggregate_tps"))
         rows.append([f"runtime / mlx_lm.server, {opts.clients} clients aggregate tok/s", ours.get("aggregate_tps"),
                      peer.get("aggregate_tps"), r, "(info)", "info"])
+        b1 = s.get("in-process batch-1", {})
+        rows.append(["runtime / in-process BatchGenerator 1 seq (incl. prefill), 1 client tok/s", ours.get("decode_tps"),
+                     b1.get("decode_tps"), ratio(ours.get("decode_tps"), b1.get("decode_tps")), "(info)", "info"])
         rows.append(["TTFT ms, 1 client: runtime / in-process", ours.get("ttft_ms"), inp.get("ttft_ms"),
                      ratio(ours.get("ttft_ms"), inp.get("ttft_ms")), "(info)", "info"])
         rows.append(["TTFT ms, 1 client: runtime / mlx_lm.server", ours.get("ttft_ms"), peer.get("ttft_ms"),
                      ratio(ours.get("ttft_ms"), peer.get("ttft_ms")), "(info)", "info"])
-        if "runtime-before" in s:
-            b = s["runtime-before"]
-            rows.append(["runtime / runtime-before, 1 client tok/s", ours.get("decode_tps"), b.get("decode_tps"),
+        for spec in opts.variant:
+            name = spec.partition("=")[0]
+            b = s.get(name, {})
+            rows.append([f"runtime / {name}, 1 client tok/s", ours.get("decode_tps"), b.get("decode_tps"),
                          ratio(ours.get("decode_tps"), b.get("decode_tps")), "(change)", "info"])
-            rows.append([f"runtime / runtime-before, {opts.clients} clients tok/s", ours.get("aggregate_tps"),
+            rows.append([f"runtime / {name}, {opts.clients} clients tok/s", ours.get("aggregate_tps"),
                          b.get("aggregate_tps"), ratio(ours.get("aggregate_tps"), b.get("aggregate_tps")), "(change)", "info"])
+        texts = {n: v.get("text0") for n, v in s.items() if v.get("text0")}
+        ref = texts.get("in-process", "")
+        differ = [n for n, t in texts.items() if t != ref]
+        rows.append(["greedy 1-client text identical to in-process stream_generate", len(texts) - len(differ), len(texts),
+                     None, "all", "met" if ref and not differ else "differ: " + ", ".join(differ)])
     else:
         one, many = s.get("1 rank", {}), s.get(f"{opts.ranks} ranks {opts.backend}", {})
         rows.append([f"{opts.ranks} ranks / 1 rank, 1 client tok/s", many.get("decode_tps"), one.get("decode_tps"),
@@ -491,7 +502,8 @@ def main() -> int:
     ap.add_argument("--kv-heads", type=int)
     ap.add_argument("--ranks", type=int, default=2, help="tp: ranks of the split group (default 2)")
     ap.add_argument("--backend", choices=["nccl", "ring"], default="nccl", help="tp: backend of the split group")
-    ap.add_argument("--before", type=Path, help="single: a folder holding an older mlx_jaccl_cluster package to measure too")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
+                    help="single: also measure the mlx_jaccl_cluster package in DIR under NAME (repeatable)")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--peer-prompt-cache", type=int, default=0, help="mlx_lm.server --prompt-cache-size (default 0)")
     ap.add_argument("--tokens", type=int, default=256)

@@ -11,7 +11,7 @@
 #   .dev/a    first half of mlx_cuda_13-0.32.4 (split -b 46M), carried with the first call
 #   .dev/b    second half, carried with the second call (within 30 s: /tmp survives while
 #             the machine stays warm)
-#   .dev/before  optional: an older mlx_jaccl_cluster package, measured beside this one
+#   .dev/v-*    optional: other mlx_jaccl_cluster trees (gpu_bench.py --variant NAME=DIR)
 # Results go to $OUT (gpu-bench-MODE.json, py-spy stacks, bench.log).
 #   (MJC_DEV=DIR reads these folders from DIR instead of .dev)
 set -uo pipefail
@@ -30,14 +30,18 @@ stage=${1:?stage: stash, single or tp}
 shift
 [ "$stage" = stash ] && exit 0
 
-if [ ! -f "$SITE/.installed" ]; then
-  if [ ! -f "$STORE/$CUDA_WHEEL" ]; then
-    [ -f "$STORE/part.aa" ] && [ -f "$STORE/part.ab" ] || { echo "missing a half of $CUDA_WHEEL (machine went cold?)"; exit 3; }
-    cat "$STORE/part.aa" "$STORE/part.ab" > "$STORE/$CUDA_WHEEL"
-  fi
-  echo "$CUDA_SHA256  $STORE/$CUDA_WHEEL" | sha256sum -c - || exit 3
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$STORE"/*.whl || exit 3
-  touch "$SITE/.installed"
+if [ ! -f "$STORE/$CUDA_WHEEL" ]; then
+  [ -f "$STORE/part.aa" ] && [ -f "$STORE/part.ab" ] || { echo "missing a half of $CUDA_WHEEL (machine went cold?)"; exit 3; }
+  cat "$STORE/part.aa" "$STORE/part.ab" > "$STORE/$CUDA_WHEEL"
+  echo "$CUDA_SHA256  $STORE/$CUDA_WHEEL" | sha256sum -c - || { rm -f "$STORE/$CUDA_WHEEL"; exit 3; }
+fi
+# install the wheels not installed yet (a later call may bring more)
+mkdir -p "$SITE"
+new=()
+for w in "$STORE"/*.whl; do grep -qxF "$(basename "$w")" "$SITE/.installed" 2>/dev/null || new+=("$w"); done
+if [ ${#new[@]} -gt 0 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${new[@]}" || exit 3
+  for w in "${new[@]}"; do basename "$w" >> "$SITE/.installed"; done
 fi
 export PYTHONPATH="$SITE:$PWD/runtime" PATH="$SITE/bin:$PATH" PYTHONUNBUFFERED=1
 # NVLink multicast stays off (the machine's rule); keep it so in every child process.
