@@ -194,7 +194,7 @@ class Engine:
             group = self._init_group()
         self.state.set("loading", f"loading {s.model}")
         started = time.perf_counter()
-        self.loaded = load_model(s.model, s.parallel, group)
+        self.loaded = load_model(s.model, s.parallel, group, s.mlx_backend)
         log.info("rank %d loaded %s in %.1f s", s.rank, s.model, time.perf_counter() - started)
         tokenizer = self.loaded.tokenizer
         fastpath.install()
