@@ -337,6 +337,39 @@ def run_single(opts, model: Path, workdir: Path, res: dict) -> list[System]:
     return systems
 
 
+NCCL_SMOKE = """
+import mlx.core as mx
+g = mx.distributed.init(backend="nccl", strict=True)
+y = mx.distributed.all_sum(mx.ones((4,)) * (g.rank() + 1), group=g)
+mx.eval(y)
+print("rank", g.rank(), "of", g.size(), "all_sum on the GPU stream:", y.tolist(), flush=True)
+z = mx.distributed.all_sum(mx.array(1.0), group=g, stream=mx.cpu)
+mx.eval(z)
+print("rank", g.rank(), "all_sum with stream=mx.cpu:", z.item(), flush=True)
+"""
+
+
+def nccl_smoke(ranks: int) -> dict:
+    """Two bare MLX processes on the nccl backend: a GPU all_sum, then one on the CPU stream
+    (what mlx-lm's sharded_load uses as its barrier)."""
+    from mlx_jaccl_cluster.launch import free_ports
+
+    (port,) = free_ports(1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
+    env |= {"NCCL_HOST_IP": "127.0.0.1", "NCCL_PORT": str(port), "MLX_WORLD_SIZE": str(ranks)}
+    procs = [subprocess.Popen([sys.executable, "-c", NCCL_SMOKE], env=env | {"MLX_RANK": str(r)}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(ranks)]
+    out = []
+    for r, p in enumerate(procs):
+        try:
+            text, _ = p.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            text, _ = p.communicate()
+        out.append({"rank": r, "rc": p.returncode, "output": text[-1500:]})
+    return {"ranks": out}
+
+
 def run_tp(opts, model: Path, workdir: Path, res: dict) -> list[System]:
     systems: list[System] = []
     closers = []
@@ -532,6 +565,10 @@ def main() -> int:
     systems: list[System] = []
     try:
         res["machine"] = machine_info()
+        if opts.mode == "tp" and opts.backend == "nccl":
+            res["nccl_smoke"] = nccl_smoke(opts.ranks)
+            for r in res["nccl_smoke"]["ranks"]:
+                rb.log(f"nccl smoke, rank {r['rank']} rc={r['rc']}: {r['output'][-600:]}")
         model, origin = build_model(opts, workdir)
         res["model"] = {"name": model.name, "path": str(model), "bytes": rb.model_bytes(model), **origin}
         systems = (run_single if opts.mode == "single" else run_tp)(opts, model, workdir, res)
