@@ -357,12 +357,14 @@ def nccl_smoke(ranks: int) -> dict:
     (port,) = free_ports(1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
     env |= {"NCCL_HOST_IP": "127.0.0.1", "NCCL_PORT": str(port), "MLX_WORLD_SIZE": str(ranks)}
-    procs = [subprocess.Popen([sys.executable, "-c", NCCL_SMOKE], env=env | {"MLX_RANK": str(r)}, text=True,
+    # one GPU a process, as mjc-rank does for nccl (see main._pin_cuda_device)
+    procs = [subprocess.Popen([sys.executable, "-c", NCCL_SMOKE], text=True,
+                              env=env | {"MLX_RANK": str(r), "CUDA_VISIBLE_DEVICES": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(ranks)]
     out = []
     for r, p in enumerate(procs):
         try:
-            text, _ = p.communicate(timeout=90)
+            text, _ = p.communicate(timeout=45)
         except subprocess.TimeoutExpired:
             p.kill()
             text, _ = p.communicate()
