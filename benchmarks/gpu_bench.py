@@ -30,6 +30,7 @@ a table last. A measuring script, not a test: it asserts nothing.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import json
 import os
@@ -196,6 +197,12 @@ class System:
         return out
 
 
+def sys_logs(s: "System") -> dict:
+    if s.kind == "ours":
+        return s.obj.logs()
+    return {r: rb.tail(f) for r, f in enumerate(getattr(s.obj, "logs", []))}
+
+
 def ms(x):
     return None if x is None else x * 1000
 
@@ -319,8 +326,7 @@ def run_single(opts, model: Path, workdir: Path, res: dict) -> list[System]:
                     s.obj.wait_ready(opts.start_timeout)
             except Exception as exc:
                 s.error = f"start-up failed: {type(exc).__name__}: {exc}"
-                if s.kind == "ours":
-                    res.setdefault("logs", {})[s.name] = s.obj.logs()
+                res.setdefault("logs", {})[s.name] = sys_logs(s)
             if s.kind == "peer":
                 s.obj.pause()
         rounds(systems, opts)
@@ -382,6 +388,24 @@ def run_tp(opts, model: Path, workdir: Path, res: dict) -> list[System]:
         closers.append(many.close)
         systems = [System("1 rank", "ours", one, rb.chat_body(one.model_id, opts.tokens)),
                    System(f"{opts.ranks} ranks {opts.backend}", "ours", many, rb.chat_body(many.model_id, opts.tokens))]
+        if not opts.skip_inproc:
+            # mlx-lm in-process on the same splits (stream_generate / BatchGenerator): what MLX
+            # itself gets from the split, and the same numerics as the runtime's ranks
+            opts1 = copy.copy(opts)
+            opts1.ranks = 1
+            (workdir / "inproc-1").mkdir(exist_ok=True)
+            base1 = rb.Baseline(opts1, model, workdir / "inproc-1")
+            closers.append(base1.close)
+            env = {"MJC_BENCH_BACKEND": opts.backend}
+            if opts.backend == "nccl":
+                from mlx_jaccl_cluster.launch import free_ports
+
+                env |= {"NCCL_HOST_IP": "127.0.0.1", "NCCL_PORT": str(free_ports(1)[0]), "MLX_WORLD_SIZE": str(opts.ranks)}
+            (workdir / "inproc-n").mkdir(exist_ok=True)
+            basen = rb.Baseline(opts, model, workdir / "inproc-n", env=env)
+            closers.append(basen.close)
+            systems += [System("in-process 1 rank", "inproc", base1),
+                        System(f"in-process {opts.ranks} ranks {opts.backend}", "inproc", basen)]
         for s in systems:
             t0 = time.monotonic()
             try:
@@ -389,7 +413,7 @@ def run_tp(opts, model: Path, workdir: Path, res: dict) -> list[System]:
                 rb.log(f"{s.name}: ready after {time.monotonic() - t0:.0f} s")
             except Exception as exc:
                 s.error = f"start-up failed: {type(exc).__name__}: {exc}"[:3000]
-                res.setdefault("logs", {})[s.name] = s.obj.logs()
+                res.setdefault("logs", {})[s.name] = sys_logs(s)
                 rb.log(s.error)
         rounds(systems, opts)
         if opts.profile and systems[1].error is None:
@@ -397,7 +421,7 @@ def run_tp(opts, model: Path, workdir: Path, res: dict) -> list[System]:
             res["profile"] = {systems[1].name: profile(opts, systems[1], [0, 1], opts.out.parent, "tp")}
         for s in systems:
             if s.error and s.name not in res.get("logs", {}):
-                res.setdefault("logs", {})[s.name] = s.obj.logs()
+                res.setdefault("logs", {})[s.name] = sys_logs(s)
     finally:
         for close in reversed(closers):
             try:
@@ -471,10 +495,19 @@ def summarize(opts, res: dict) -> list[dict]:
                      one.get("aggregate_tps"), ratio(many.get("aggregate_tps"), one.get("aggregate_tps")), "(scaling)", "info"])
         rows.append([f"TTFT ms, 1 client: {opts.ranks} ranks / 1 rank", many.get("ttft_ms"), one.get("ttft_ms"),
                      ratio(many.get("ttft_ms"), one.get("ttft_ms")), "(info)", "info"])
-        a, b = one.get("text0") or "", many.get("text0") or ""
-        same = bool(a) and a == b
-        rows.append(["greedy text identical to 1 rank (chars in common / total)", common_prefix(a, b), len(a), None,
-                     "identical", "met" if same else ("-" if not a or not b else "MISSED")])
+        i1, iN = s.get("in-process 1 rank", {}), s.get(f"in-process {opts.ranks} ranks {opts.backend}", {})
+        rows.append([f"in-process {opts.ranks} ranks / 1 rank, 1 client tok/s", iN.get("decode_tps"), i1.get("decode_tps"),
+                     ratio(iN.get("decode_tps"), i1.get("decode_tps")), "(MLX's own scaling)", "info"])
+        rows.append([f"in-process {opts.ranks} ranks / 1 rank, {opts.clients} seqs aggregate tok/s", iN.get("aggregate_tps"),
+                     i1.get("aggregate_tps"), ratio(iN.get("aggregate_tps"), i1.get("aggregate_tps")), "(MLX's own scaling)", "info"])
+        rows.append([f"runtime / in-process, {opts.ranks} ranks, 1 client tok/s", many.get("decode_tps"), iN.get("decode_tps"),
+                     ratio(many.get("decode_tps"), iN.get("decode_tps")), "(info)", "info"])
+        for label, x, y in (("runtime: greedy text, N ranks vs 1 rank", many, one),
+                            ("runtime vs in-process, N ranks (same split)", many, iN),
+                            ("runtime vs in-process, 1 rank", one, i1)):
+            a, b = y.get("text0") or "", x.get("text0") or ""
+            rows.append([label + " (chars in common / total)", common_prefix(a, b), len(a), None, "identical",
+                         "-" if not a or not b else ("identical" if a == b else "differ")])
     for name, v in s.items():
         rows.append([f"  {name}: 1 client tok/s | {opts.clients} clients tok/s | TTFT ms | CPU ms/token",
                      v.get("decode_tps"), v.get("aggregate_tps"), v.get("ttft_ms"), v.get("cpu_ms_per_token"),
@@ -540,6 +573,7 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
                     help="single: also measure the mlx_jaccl_cluster package in DIR under NAME (repeatable)")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--skip-inproc", action="store_true", help="tp: no in-process mlx-lm baselines")
     ap.add_argument("--peer-prompt-cache", type=int, default=0, help="mlx_lm.server --prompt-cache-size (default 0)")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=7)
