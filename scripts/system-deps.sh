@@ -4,7 +4,7 @@
 set -euo pipefail
 need=(rsync python3-venv)
 if [ "${1:-}" = "--test" ]; then
-  need+=(openssh-server iproute2 systemd)
+  need+=(openssh-server iproute2 systemd chromium chromium-driver)  # chromium: the dashboard browser test
 fi
 command -v dpkg >/dev/null 2>&1 || exit 0   # not Debian-like (macOS): nothing to do here
 missing=()

@@ -10,12 +10,13 @@ address and open only to the configured peers. It carries, in order:
 2. **Readiness.** Each follower sends READY after loading its shard (or FAIL with the
    reason, which rank 0 reports).
 3. **Heartbeats** both ways every ``heartbeat_interval`` seconds, carrying each rank's
-   memory figures. A rank silent for ``heartbeat_misses`` intervals, or whose socket
+   memory figures (rank 0 keeps each follower's last ones for ``/metrics`` and the dashboard). A rank silent for ``heartbeat_misses`` intervals, or whose socket
    closes, is lost: ``on_lost`` runs once. Liveness never comes from the MLX group,
    where a rank waiting for a dead peer spins and looks busy.
 4. **Steps.** Rank 0 sends one STEP frame before each generation step: what to insert
    and remove (empty when nothing changed). Followers apply exactly these, in order, so
-   every rank runs the same sequence of steps.
+   every rank runs the same sequence of steps. While idle, a STEP frame may instead name
+   one step of the link probe, which every rank then runs at the same point.
 
 Frames are ``>BI`` (kind, length) followed by the payload. No MLX here.
 """
@@ -97,6 +98,7 @@ class PeerInfo:
     rank: int
     address: str
     sock: socket.socket
+    host: str = ""
     last_seen: float = field(default_factory=time.monotonic)
     stats: dict = field(default_factory=dict)
     ready: bool = False
@@ -121,6 +123,10 @@ class _Liveness:
     @property
     def lost(self) -> bool:
         return self._lost.is_set()
+
+    def wait_lost(self, timeout: float) -> bool:
+        """True once the group is lost, waiting at most ``timeout`` s for it."""
+        return self._lost.wait(timeout)
 
     def lose(self, reason: str) -> None:
         with self._lost_lock:
@@ -211,7 +217,7 @@ class Leader:
             finally:
                 sock.close()
             return
-        peer = PeerInfo(rank=rank, address=ip, sock=sock)
+        peer = PeerInfo(rank=rank, address=ip, sock=sock, host=str(hello.get("host") or ip))
         with self._lock:
             self.peers[rank] = peer
             self._lock.notify_all()
@@ -319,8 +325,18 @@ class Leader:
             return 0
         return 1 + sum(1 for p in self.peers.values() if p.ready or not self._formed)
 
-    def peer_stats(self) -> dict[int, dict]:
-        return {rank: dict(p.stats) for rank, p in sorted(self.peers.items())}
+    def ranks_view(self) -> dict[int, dict]:
+        """Every rank as rank 0 sees it: host, address, up, seconds since its last frame,
+        and the memory figures of its last heartbeat (rank 0's own are read now)."""
+        now = time.monotonic()
+        up = not self.live.lost
+        view = {0: {"host": socket.gethostname(), "address": self.bind[0], "up": up, "silent_s": 0.0,
+                    "memory": self.stats()}}
+        for rank, p in sorted(self.peers.items()):
+            silent = now - p.last_seen
+            view[rank] = {"host": p.host, "address": p.address, "silent_s": round(silent, 3), "memory": dict(p.stats),
+                          "up": up and p.ready and silent <= self.live.deadline}
+        return view
 
 
 class Follower:
@@ -365,7 +381,7 @@ class Follower:
             _tune(sock)
             sock.settimeout(None)
             try:
-                send_frame(sock, HELLO, _dumps({"rank": self.rank, "config": self.config}))
+                send_frame(sock, HELLO, _dumps({"rank": self.rank, "config": self.config, "host": socket.gethostname()}))
                 kind, payload = recv_frame(sock)
             except (ChannelClosed, OSError) as exc:
                 log.info("rank 0 closed the connection during rendezvous (%s); retrying", exc)

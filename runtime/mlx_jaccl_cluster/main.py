@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
 
@@ -53,7 +54,7 @@ def _pin_cuda_device(rank: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .settings import load_settings
+    from .settings import backend_links, load_settings
 
     try:
         settings = load_settings(argv)
@@ -71,7 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     from .engine.core import Engine, memory_stats
     from .state import ClusterState
 
-    state = ClusterState(world_size=settings.world_size, backend=settings.backend, model_id=settings.served_model_id)
+    state = ClusterState(world_size=settings.world_size, backend=settings.backend, model_id=settings.served_model_id,
+                         links=backend_links(settings.backend))
+    state.ranks = lambda: {0: {"host": socket.gethostname(), "address": settings.api_host, "up": True,
+                               "silent_s": 0.0, "memory": memory_stats()}}
     engine: Engine | None = None
     config = {
         "world_size": settings.world_size,
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         "model_id": settings.served_model_id,
         "max_batch": settings.max_batch,
         "prefill_step_size": settings.prefill_step_size,
+        "prompt_cache_size": settings.prompt_cache_size,
         "version": __version__,
     }
 
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                 log.error("cannot listen on control address %s: %s", settings.control, exc)
                 sys.exit(EXIT_CONFIG)
             state.ranks_up = channel.ranks_up
-            state.rank_stats = channel.peer_stats
+            state.ranks = channel.ranks_view
         else:
             channel = Follower(settings.rank, settings.control_address, config, **beat)
 

@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     model_id: str | None = Field(None, description="Name served by /v1/models (default: the folder name).")
     max_batch: int = Field(8, ge=1, description="Sequences decoded together.")
     prefill_step_size: int = Field(512, ge=16, description="Prompt tokens processed per step.")
+    prompt_cache_size: int = Field(
+        8, ge=0,
+        description="Finished sequences whose KV cache is kept so that a later prompt starting the same way "
+        "(a chat's next turn) skips that part of the prefill; 0 turns it off. Each entry costs this rank "
+        "its shard of that sequence's KV cache.",
+    )
 
     # --- the API (rank 0) --------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Address the API binds on rank 0.")
@@ -93,6 +99,17 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none.")
     keepalive_interval: float = Field(5.0, gt=0, description="Seconds between SSE keepalive comments while nothing is sent.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # --- the link probe (rank 0 decides, every rank runs it; only while idle) -----
+    probe_latency_interval: float = Field(
+        10.0, ge=0, description="Seconds between idle-time 1-element all_sum latency probes (0: off)."
+    )
+    probe_bandwidth_interval: float = Field(
+        60.0, ge=0, description="Seconds between idle-time all_sum bandwidth probes (0: off)."
+    )
+    probe_bandwidth_bytes: int = Field(4 << 20, ge=4, description="Message size of the bandwidth probe, in bytes.")
+    probe_steps: int = Field(4, ge=1, description="Steps one probe is split into (a request waits at most one step).")
+    probe_step_iters: int = Field(2, ge=1, description="Collectives timed in each probe step.")
 
     @field_validator("peer_ips", mode="before")
     @classmethod
@@ -144,6 +161,18 @@ def backend_world_size(backend: str) -> int:
     if backend in ("jaccl", "jaccl-ring"):
         return len(_read_json_env("MLX_IBV_DEVICES", backend)) if os.environ.get("MLX_IBV_DEVICES") else 1
     return 1  # nccl: MLX_WORLD_SIZE is part of its contract
+
+
+def backend_links(backend: str) -> list[list[str]]:
+    """Per rank, what the backend files give it: ring addresses, or RDMA devices (jaccl)
+    as ``"rank J: DEVICE"``. Empty when the backend has no such file (nccl, one rank)."""
+    if backend == "ring" and os.environ.get("MLX_HOSTFILE"):
+        rows = _read_json_env("MLX_HOSTFILE", backend)
+        return [[str(a) for a in (row if isinstance(row, list) else [row])] for row in rows]
+    if backend in ("jaccl", "jaccl-ring") and os.environ.get("MLX_IBV_DEVICES"):
+        rows = _read_json_env("MLX_IBV_DEVICES", backend)
+        return [[f"rank {j}: {d}" for j, d in enumerate(row) if d] if isinstance(row, list) else [] for row in rows]
+    return []
 
 
 def _read_json_env(name: str, backend: str) -> list:

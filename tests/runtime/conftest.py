@@ -4,7 +4,9 @@ the MLX ``ring`` backend. No mocks of MLX."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -32,6 +34,17 @@ class Cluster(LocalGroup):
 
 def start_cluster(model: Path, world: int, workdir: Path, **kw) -> Cluster:
     return _start_group(model, world, workdir, group_class=Cluster, **kw)
+
+
+@contextmanager
+def running_cluster(model: Path, world: int, workdir: Path, **kw) -> Iterator[Cluster]:
+    """A started, ready cluster, stopped on leaving the block (for module fixtures)."""
+    c = start_cluster(model, world, workdir, **kw)
+    try:
+        c.wait_ready()
+        yield c
+    finally:
+        c.stop()
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +93,11 @@ def reference_text(model: Path, messages: list[dict] | None = None, prompt: str 
     else:
         tokens = tokenizer.encode(prompt)
     return "".join(r.text for r in stream_generate(model_obj, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler))
+
+
+@pytest.fixture(scope="session")
+def scripted_qwen2(models_dir) -> Path:
+    """Answers every chat with reasoning, a sentence and one get_weather tool call."""
+    from mlx_jaccl_cluster.models.scripted import build_scripted_model
+
+    return build_scripted_model(models_dir / "scripted-qwen2", arch="qwen2")

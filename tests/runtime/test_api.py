@@ -10,19 +10,15 @@ import httpx
 import openai
 import pytest
 
-from conftest import start_cluster
+from conftest import running_cluster
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_llama, tmp_path_factory):
-    c = start_cluster(tiny_llama, 2, tmp_path_factory.mktemp("api"), args=("--max-queue", "8"))
-    try:
-        c.wait_ready()
+    with running_cluster(tiny_llama, 2, tmp_path_factory.mktemp("api"), args=("--max-queue", "8")) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +173,8 @@ BAD_INPUTS = [
     ("logit_bias out of vocab", {"model": "M", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     ("n > 1", {"model": "M", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
     ("stream not bool", {"model": "M", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400, "stream"),
+    ("tools for a model with no tool format", {"model": "M", "messages": [{"role": "user", "content": "x"}],
+     "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("prompt too long", {"model": "M", "messages": [{"role": "user", "content": "fox " * 5000}]}, 400, "messages"),
 ]
 

@@ -64,7 +64,9 @@ def test_follower_started_first_joins_and_steps_arrive_in_order():
     follower.ready()
     leader.wait_ready()
     time.sleep(0.35)  # a few beats both ways
-    assert leader.peer_stats()[1]["rss"] == 123
+    view = leader.ranks_view()
+    assert view[1]["memory"]["rss"] == 123 and view[0]["memory"] == {"rank": 0}
+    assert view[1]["host"] == socket.gethostname() and view[1]["up"] and view[0]["up"]
     assert leader.ranks_up() == 2
     assert not leader_lost.reasons and not follower_lost.reasons
 

@@ -13,8 +13,9 @@ from fastapi.responses import JSONResponse
 from .. import __version__
 from ..settings import Settings
 from ..state import ClusterState
-from . import errors
+from . import dashboard, errors
 from .errors import APIError
+from .metrics import CountRequests, Observer
 from .routes import router
 from .serving import Serving
 
@@ -50,8 +51,12 @@ def create_app(settings: Settings, state: ClusterState, engine) -> FastAPI:
     # No /docs: Swagger UI would load its assets from a CDN, and nodes may be offline.
     app = FastAPI(title="mlx-jaccl-cluster", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.serving = serving
+    app.state.observer = observer = Observer()
+    app.add_middleware(CountRequests, observer=observer)
     errors.install(app)
     app.include_router(router, dependencies=[Depends(require_key)])
+    app.include_router(dashboard.router, dependencies=[Depends(require_key)])
+    dashboard.install(app, settings, state, serving, engine, observer)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -73,23 +73,32 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return APIError(400, f"{field}: {msg}{more}", param=field, code="invalid_value")
 
 
+def record(request: Request, exc: APIError) -> APIError:
+    """Note ``exc`` in the app's error history (``/errors``, ``mjc_errors_total``)."""
+    observer = getattr(request.app.state, "observer", None)
+    if observer is not None:
+        route = getattr(request.scope.get("route"), "path", None) or request.url.path
+        observer.error(route, exc.status, exc.type, exc.message)
+    return exc
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return record(request, exc).response()
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc).response()
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return record(request, validation_error(exc)).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}; see /v1/models, /v1/chat/completions, /v1/completions, /health"
-        return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
+        return record(request, APIError(exc.status_code, message, headers=getattr(exc, "headers", None))).response()
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return APIError(500, f"internal error: {type(exc).__name__}").response()
+        return record(request, APIError(500, f"internal error: {type(exc).__name__}")).response()

@@ -9,9 +9,9 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .errors import APIError
+from .errors import APIError, record
 from .schemas import ChatCompletionRequest, CompletionRequest
-from .serving import KEEPALIVE, Piece, Prepared, Serving, Slot
+from .serving import KEEPALIVE, Piece, Prepared, Serving
 
 router = APIRouter()
 
@@ -37,7 +37,8 @@ class OpenAIShape:
     def usage(self) -> dict:
         prompt = len(self.p.request.prompt_tokens)
         return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt + self.completion_tokens}
+                "total_tokens": prompt + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.p.cached_tokens}}
 
     def logprobs(self, pieces: list[Piece]) -> dict | None:
         if self.p.request.top_logprobs is None:
@@ -64,21 +65,30 @@ class OpenAIShape:
             "text_offset": offsets,
         }
 
-    def choice(self, text: str | None, pieces: list[Piece], finish: str | None, *, delta: bool) -> dict:
+    def choice(self, pieces: list[Piece], finish: str | None, *, delta: bool) -> dict:
+        text = "".join(p.text for p in pieces)
         choice: dict = {"index": 0}
         if self.chat:
+            reasoning = "".join(p.reasoning for p in pieces)
+            calls = [call for p in pieces for call in p.tool_calls]
             if delta:
-                choice["delta"] = {} if text is None else {"content": text}
-            else:
-                choice["message"] = {"role": "assistant", "content": text}
+                message = {"content": text} if text or not (reasoning or calls) else {}
+            else:  # a whole message: content is null beside tool calls, and calls carry no index
+                message = {"role": "assistant", "content": text if text or not calls else None}
+                calls = [{k: v for k, v in call.items() if k != "index"} for call in calls]
+            if reasoning:
+                message["reasoning"] = reasoning
+            if calls:
+                message["tool_calls"] = calls
+            choice["delta" if delta else "message"] = message
         else:
-            choice["text"] = text or ""
+            choice["text"] = text
         choice["logprobs"] = self.logprobs(pieces)
         choice["finish_reason"] = finish
         return choice
 
     def complete(self, pieces: list[Piece]) -> dict:
-        body = self._envelope(self.object, [self.choice("".join(p.text for p in pieces), pieces, pieces[-1].finish_reason, delta=False)])
+        body = self._envelope(self.object, [self.choice(pieces, pieces[-1].finish_reason, delta=False)])
         body["usage"] = self.usage()
         return body
 
@@ -90,7 +100,7 @@ class OpenAIShape:
             body["usage"] = self.usage()
             return f"data: {_dumps(body)}\n\n"
         else:
-            choice = self.choice(piece.text, [piece], piece.finish_reason, delta=True)
+            choice = self.choice([piece], piece.finish_reason, delta=True)
         return f"data: {_dumps(self._envelope(self.object + '.chunk' if self.chat else self.object, [choice]))}\n\n"
 
 
@@ -98,35 +108,38 @@ async def _run(request: Request, prepared: Prepared):
     serving: Serving = request.app.state.serving
     shape = OpenAIShape(serving, prepared)
     slot = serving.admit()
+    disconnected = None if prepared.stream else request.is_disconnected
+    items = request.app.state.observer.watch(request.url.path, len(prepared.request.prompt_tokens),
+                                             serving.generate(prepared, slot, disconnected=disconnected))
     if not prepared.stream:
         pieces: list[Piece] = []
-        async for item in serving.generate(prepared, slot, disconnected=request.is_disconnected):
+        async for item in items:
             if isinstance(item, Piece):
                 pieces.append(item)
                 shape.completion_tokens += len(item.events)
         if not pieces:  # the client went away; nobody reads this
             raise APIError(499, "client disconnected")
         return JSONResponse(shape.complete(pieces))
-    return StreamingResponse(_sse(serving, shape, prepared, slot), media_type="text/event-stream",
+    return StreamingResponse(_sse(request, shape, prepared, items), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _sse(serving: Serving, shape: OpenAIShape, prepared: Prepared, slot: Slot) -> AsyncIterator[str]:
+async def _sse(request: Request, shape: OpenAIShape, prepared: Prepared, items: AsyncIterator) -> AsyncIterator[str]:
     try:
         if shape.chat:
             yield shape.chunk(None, first=True)
-        async for item in serving.generate(prepared, slot):
+        async for item in items:
             if item is KEEPALIVE:
                 yield ": keepalive\n\n"
                 continue
             assert isinstance(item, Piece)
             shape.completion_tokens += len(item.events)
-            if item.text or item.finish_reason or prepared.request.top_logprobs is not None:
+            if item.text or item.reasoning or item.tool_calls or item.finish_reason or prepared.request.top_logprobs is not None:
                 yield shape.chunk(item)
         if prepared.include_usage:
             yield shape.chunk(None)
     except APIError as exc:
-        yield f"data: {_dumps(exc.body())}\n\n"
+        yield f"data: {_dumps(record(request, exc).body())}\n\n"
     yield "data: [DONE]\n\n"
 
 

@@ -1,8 +1,9 @@
 """OpenAI request models. Unknown fields are ignored, as OpenAI's own SDKs send many;
-fields we cannot honour (``n`` > 1, tools) are rejected by name."""
+fields we cannot honour (``n`` > 1, a forced ``tool_choice``) are rejected by name."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
@@ -16,11 +17,51 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(..., min_length=1)
+    arguments: str = Field("{}", description="JSON text, as OpenAI sends it")
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"arguments must be JSON text ({exc})") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("arguments must be a JSON object")
+        return value
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def for_template(self) -> dict:
+        """The message as chat templates expect it (tool-call arguments as objects)."""
+        message: dict = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": c.type, "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
     def text(self) -> str:
         if self.content is None:
@@ -28,6 +69,20 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class StreamOptions(BaseModel):
@@ -82,14 +137,32 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=10)
-    tools: list | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Union[Literal["none", "auto"], None] = None
+    parallel_tool_calls: StrictBool = True
+    chat_template_kwargs: dict[str, Union[StrictBool, str, int, float]] | None = None
 
-    @field_validator("tools")
+    @field_validator("tool_choice", mode="before")
     @classmethod
-    def _no_tools(cls, value: list | None) -> list | None:
-        if value:
-            raise ValueError("tool calling is not supported by this server yet")
+    def _choice(cls, value):
+        if value == "required" or isinstance(value, dict):
+            raise ValueError("this server cannot force a tool call (no constrained decoding): "
+                             "use tool_choice 'auto' or 'none'")
         return value
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _own_arguments(cls, value: dict | None) -> dict | None:
+        reserved = sorted(set(value or ()) & {"messages", "conversation", "tools", "add_generation_prompt", "tokenize"})
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} cannot be set here: the request's own fields decide them")
+        return value
+
+    def tools_wanted(self) -> list[dict] | None:
+        """The tools as plain dicts when the model may call them, else None."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
 
 class CompletionRequest(SamplingFields):

@@ -17,6 +17,7 @@ from typing import AsyncIterator, Callable
 from ..generation import EngineUnavailable, ErrorEvent, GenerationRequest, SamplingParams, TokenEvent
 from ..settings import Settings
 from ..state import ClusterState
+from .channels import Channels, initial_state
 from .errors import APIError
 from .schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -32,6 +33,8 @@ class Prepared:
     stops: list[str]
     stream: bool
     include_usage: bool
+    channels: Channels | None = None  # chat replies with reasoning or tool calls
+    cached_tokens: int = 0  # prompt tokens the engine took from its prompt cache
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -43,6 +46,16 @@ class Piece:
     text: str
     events: list[TokenEvent]
     finish_reason: str | None = None
+    reasoning: str = ""
+    tool_calls: list[dict] = field(default_factory=list)
+
+    def split(self, channels: Channels | None) -> "Piece":
+        """This piece with its text divided into content, reasoning and tool calls."""
+        if channels is None:
+            return self
+        parts = channels.feed(self.text, final=self.finish_reason is not None)
+        reason = "tool_calls" if self.finish_reason == "stop" and channels.calls_made else self.finish_reason
+        return Piece(parts.content, self.events, reason, parts.reasoning, parts.tool_calls)
 
 
 class TextAssembler:
@@ -208,9 +221,16 @@ class Serving:
         tokenizer = self.engine.tokenizer
         if not tokenizer.has_chat_template:
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        tools = req.tools_wanted()
+        if tools and not tokenizer.has_tool_calling:
+            raise APIError(400, f"{self.model_id!r} has no tool-call format mlx-lm knows (its chat template names none); "
+                                "send the request without tools, or serve a model trained for tool calling", param="tools")
+        template_args = dict(req.chat_template_kwargs or {})
+        if tools:
+            template_args["tools"] = tools
+        messages = [m.for_template() for m in req.messages]
         try:
-            prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_args))
         except Exception as exc:  # jinja raises for e.g. roles out of order
             raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
         top = None
@@ -219,7 +239,10 @@ class Serving:
         elif req.top_logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = req.max_completion_tokens or req.max_tokens
-        return self._prepared("chat", req, prompt, "messages", max_tokens, top)
+        prepared = self._prepared("chat", req, prompt, "messages", max_tokens, top)
+        if tools or tokenizer.has_thinking:
+            prepared.channels = Channels(self.engine.text_machine, tokenizer, tools, initial_state(tokenizer, prompt))
+        return prepared
 
     def prepare_completion(self, req: CompletionRequest) -> Prepared:
         self._require_ready()
@@ -337,7 +360,8 @@ class Serving:
                             engine_done = not stopped
                             break
                     finished = reason is not None
-                    yield Piece("".join(text), used, reason)
+                    prepared.cached_tokens = ticket.cached_tokens
+                    yield Piece("".join(text), used, reason).split(prepared.channels)
             finally:
                 inbox.close()
                 if not engine_done:

@@ -8,6 +8,9 @@ Start-up on every rank: rendezvous on the control channel, ``mx.distributed.init
   step, then hands the new tokens to the HTTP layer in one batch;
 - **other ranks** apply each STEP frame exactly as rank 0 did and run the same step.
 
+While idle, rank 0 may send a STEP frame naming one link-probe step instead, which
+every rank runs at that point (``probe.py``).
+
 Every rank therefore inserts the same requests in the same order (uids agree), removes
 the same uids at the same step, and runs the same number of steps. Finishing is decided
 from token ids, identical everywhere; each STEP frame also carries a checksum of the
@@ -36,6 +39,8 @@ from ..settings import Settings
 from ..state import ClusterState
 from . import fastpath
 from .loader import LoadedModel, ModelError, load_model
+from .probe import LinkProbe, run_step
+from .prompt_cache import PromptCache
 from .sampling import make_processors, make_sampler
 
 log = logging.getLogger("mjc.engine")
@@ -53,6 +58,7 @@ class Ticket:
     sink: Callable[[object], None]
     uid: int | None = None
     cancelled: bool = False
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused (set before the first token)
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -103,6 +109,8 @@ class Engine:
         self._checksum = 0
         self._dead: str | None = None
         self._gen: BatchGenerator | None = None
+        self._group: mx.distributed.Group | None = None
+        self._prompts = PromptCache(settings.prompt_cache_size)
         self._thread = threading.Thread(target=self._run, name="mjc-engine", daemon=True)
 
     # --- the HTTP side's view (thread-safe) ----------------------------------------
@@ -110,6 +118,11 @@ class Engine:
     def tokenizer(self):
         assert self.loaded is not None
         return self.loaded.tokenizer
+
+    @property
+    def text_machine(self):
+        assert self.loaded is not None
+        return self.loaded.text_machine
 
     @property
     def context_length(self) -> int | None:
@@ -170,6 +183,11 @@ class Engine:
         except (ModelError, Rejected) as exc:
             self._fatal(str(exc), config_error=True)
         except Exception as exc:  # crash-only: any engine failure ends the process
+            if self.channel is not None and self.channel.live.wait_lost(self.settings.heartbeat_interval):
+                # A collective fails when a peer dies; the control channel, which names the
+                # lost rank, has handled it (streams ended, exit scheduled).
+                log.warning("engine stopped: %s (%s)", self.channel.live.lost_reason, exc)
+                return
             log.exception("engine failed")
             self._fatal(f"{type(exc).__name__}: {exc}", config_error=False)
 
@@ -191,7 +209,7 @@ class Engine:
             else:
                 assert isinstance(self.channel, Follower)
                 self.channel.join()
-            group = self._init_group()
+            group = self._group = self._init_group()
         self.state.set("loading", f"loading {s.model}")
         started = time.perf_counter()
         self.loaded = load_model(s.model, s.parallel, group, s.mlx_backend)
@@ -234,13 +252,20 @@ class Engine:
         return group
 
     # --- the steps ---------------------------------------------------------------
-    def _apply(self, inserts: list[GenerationRequest], removes: list[int]) -> list[int]:
+    def _reuse(self, inserts: list[GenerationRequest]) -> list[tuple[list | None, int]]:
+        """The reusable prompt cache of each insert (see prompt_cache.py)."""
+        return [self._prompts.fetch(r.prompt_tokens) for r in inserts]
+
+    def _apply(self, inserts: list[GenerationRequest], removes: list[int],
+               reused: list[tuple[list | None, int]]) -> list[int]:
         """Apply one step's changes; identical on every rank."""
         assert self._gen is not None
         uids = []
         if inserts:
             uids = self._gen.insert(
-                [r.prompt_tokens for r in inserts],
+                [r.prompt_tokens[k:] for r, (_, k) in zip(inserts, reused)],
+                caches=[cache for cache, _ in reused],
+                all_tokens=[r.prompt_tokens[:k] for r, (_, k) in zip(inserts, reused)],
                 max_tokens=[r.max_tokens for r in inserts],
                 samplers=[make_sampler(r.sampling) for r in inserts],
                 logits_processors=[make_processors(r.sampling) for r in inserts],
@@ -264,6 +289,7 @@ class Engine:
             acc = (acc * 1_000_003 + r.uid * 65_599 + r.token) & 0x7FFFFFFF
             if r.finish_reason is not None:
                 self._active.discard(r.uid)
+                self._prompts.store(r.all_tokens, r.prompt_cache)
         self._checksum = acc
         return responses
 
@@ -271,18 +297,27 @@ class Engine:
         # BatchGenerator runs its steps on its own stream; the small reads below
         # (logprobs) stay on this thread's default stream so they never wait behind
         # the step it has already queued.
+        probe = LinkProbe(self.settings, self.state.link) if self._group is not None else None
         while True:
-            inserts, removes = self._collect(block=not self._active)
+            wait = probe.wait() if probe is not None and not self._active else None
+            inserts, removes = self._collect(block=not self._active, timeout=wait)
             if not inserts and not removes and not self._active:
+                if wait is not None and (spec := probe.next_step()) is not None:
+                    self.channel.broadcast_step(json.dumps({"c": self._checksum, "p": spec}, separators=(",", ":")).encode())
+                    probe.run(self._group, spec)
                 continue
+            reused = self._reuse([t.request for t in inserts])
+            for ticket, (_, k) in zip(inserts, reused):
+                ticket.cached_tokens = k
             if self.channel is not None:
                 payload: dict = {"c": self._checksum}
                 if inserts:
                     payload["i"] = [t.request.to_wire() for t in inserts]
+                    payload["k"] = [k for _, k in reused]
                 if removes:
                     payload["r"] = removes
                 self.channel.broadcast_step(json.dumps(payload, separators=(",", ":")).encode())
-            uids = self._apply([t.request for t in inserts], removes)
+            uids = self._apply([t.request for t in inserts], removes, reused)
             with self._tickets_lock:
                 for uid, ticket in zip(uids, inserts):
                     ticket.uid = uid
@@ -292,11 +327,12 @@ class Engine:
             if self._active:
                 self._deliver(self._step())
 
-    def _collect(self, block: bool) -> tuple[list[Ticket], list[int]]:
-        """Drain the inbox: new tickets to insert and uids to remove."""
+    def _collect(self, block: bool, timeout: float | None = None) -> tuple[list[Ticket], list[int]]:
+        """Drain the inbox: new tickets to insert and uids to remove (waiting at most
+        ``timeout`` s for the first one when ``block``; None: until one comes)."""
         items = []
         try:
-            items.append(self._inbox.get(block=block, timeout=None if block else 0))
+            items.append(self._inbox.get(block=block, timeout=timeout if block else 0))
             while True:
                 items.append(self._inbox.get_nowait())
         except queue.Empty:
@@ -346,7 +382,16 @@ class Engine:
                 raise Desync(
                     f"rank {self.settings.rank} token checksum {self._checksum} differs from rank 0's {message.get('c')}"
                 )
+            if "p" in message:  # a link-probe step, run at the same point as on rank 0
+                run_step(self._group, message["p"])
+                continue
             inserts = [GenerationRequest.from_wire(d) for d in message.get("i", ())]
-            self._apply(inserts, list(message.get("r", ())))
+            reused = self._reuse(inserts)
+            if [k for _, k in reused] != message.get("k", []):
+                raise Desync(
+                    f"rank {self.settings.rank} would reuse {[k for _, k in reused]} cached prompt tokens "
+                    f"where rank 0 reuses {message.get('k')}"
+                )
+            self._apply(inserts, list(message.get("r", ())), reused)
             if self._active:
                 self._step()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.generate import make_text_state_machine
 from mlx_lm.utils import load, sharded_load
 
 
@@ -25,6 +26,8 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     config: dict
+    #: mlx-lm's reasoning / tool-call marker machine for this tokenizer (the HTTP side drives it)
+    text_machine: Any = None
 
     @property
     def context_length(self) -> int | None:
@@ -131,4 +134,4 @@ def load_model(folder: Path, parallel: str, group: "mx.distributed.Group | None"
         raise ModelError(f"could not load {folder}: {exc}") from None
     except (FileNotFoundError, OSError, RuntimeError, KeyError) as exc:
         raise ModelError(f"could not load {folder}: {type(exc).__name__}: {exc}; re-sync the model") from None
-    return LoadedModel(model=model, tokenizer=tokenizer, config=config)
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, text_machine=make_text_state_machine(tokenizer))
