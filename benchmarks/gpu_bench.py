@@ -299,6 +299,15 @@ def top_frames(path: Path, n: int = 15) -> dict:
 # --------------------------------------------------------------------------------------
 # the modes
 # --------------------------------------------------------------------------------------
+def close_all(closers: list) -> None:
+    """Stop every system started (last first); one that fails to stop does not stop the rest."""
+    for close in reversed(closers):
+        try:
+            close()
+        except Exception:
+            pass
+
+
 def run_single(opts, model: Path, workdir: Path, res: dict) -> list[System]:
     opts.ranks, opts.parallel = 1, "tensor"
     systems: list[System] = []
@@ -335,11 +344,7 @@ def run_single(opts, model: Path, workdir: Path, res: dict) -> list[System]:
             rb.log(f"py-spy on the runtime's rank 0 for {opts.profile} s of 1-client traffic")
             res["profile"] = {"runtime": profile(opts, ours_sys, [0], opts.out.parent, "single")}
     finally:
-        for close in reversed(closers):
-            try:
-                close()
-            except Exception:
-                pass
+        close_all(closers)
     return systems
 
 
@@ -423,19 +428,14 @@ def run_tp(opts, model: Path, workdir: Path, res: dict) -> list[System]:
             if s.error and s.name not in res.get("logs", {}):
                 res.setdefault("logs", {})[s.name] = sys_logs(s)
     finally:
-        for close in reversed(closers):
-            try:
-                close()
-            except Exception:
-                pass
+        close_all(closers)
     return systems
 
 
 # --------------------------------------------------------------------------------------
 # the report
 # --------------------------------------------------------------------------------------
-def ratio(a, b):
-    return a / b if a is not None and b else None
+ratio, fmt = rb.ratio, rb.fmt
 
 
 def verdict(r, target):
@@ -489,19 +489,16 @@ def summarize(opts, res: dict) -> list[dict]:
                      None, "all", "met" if ref and not differ else "differ: " + ", ".join(differ)])
     else:
         one, many = s.get("1 rank", {}), s.get(f"{opts.ranks} ranks {opts.backend}", {})
-        rows.append([f"{opts.ranks} ranks / 1 rank, 1 client tok/s", many.get("decode_tps"), one.get("decode_tps"),
-                     ratio(many.get("decode_tps"), one.get("decode_tps")), "(scaling)", "info"])
-        rows.append([f"{opts.ranks} ranks / 1 rank, {opts.clients} clients aggregate tok/s", many.get("aggregate_tps"),
-                     one.get("aggregate_tps"), ratio(many.get("aggregate_tps"), one.get("aggregate_tps")), "(scaling)", "info"])
-        rows.append([f"TTFT ms, 1 client: {opts.ranks} ranks / 1 rank", many.get("ttft_ms"), one.get("ttft_ms"),
-                     ratio(many.get("ttft_ms"), one.get("ttft_ms")), "(info)", "info"])
         i1, iN = s.get("in-process 1 rank", {}), s.get(f"in-process {opts.ranks} ranks {opts.backend}", {})
-        rows.append([f"in-process {opts.ranks} ranks / 1 rank, 1 client tok/s", iN.get("decode_tps"), i1.get("decode_tps"),
-                     ratio(iN.get("decode_tps"), i1.get("decode_tps")), "(MLX's own scaling)", "info"])
-        rows.append([f"in-process {opts.ranks} ranks / 1 rank, {opts.clients} seqs aggregate tok/s", iN.get("aggregate_tps"),
-                     i1.get("aggregate_tps"), ratio(iN.get("aggregate_tps"), i1.get("aggregate_tps")), "(MLX's own scaling)", "info"])
-        rows.append([f"runtime / in-process, {opts.ranks} ranks, 1 client tok/s", many.get("decode_tps"), iN.get("decode_tps"),
-                     ratio(many.get("decode_tps"), iN.get("decode_tps")), "(info)", "info"])
+        n, c = opts.ranks, opts.clients
+        for label, x, y, key, note in (
+                (f"{n} ranks / 1 rank, 1 client tok/s", many, one, "decode_tps", "(scaling)"),
+                (f"{n} ranks / 1 rank, {c} clients aggregate tok/s", many, one, "aggregate_tps", "(scaling)"),
+                (f"TTFT ms, 1 client: {n} ranks / 1 rank", many, one, "ttft_ms", "(info)"),
+                (f"in-process {n} ranks / 1 rank, 1 client tok/s", iN, i1, "decode_tps", "(MLX's own scaling)"),
+                (f"in-process {n} ranks / 1 rank, {c} seqs aggregate tok/s", iN, i1, "aggregate_tps", "(MLX's own scaling)"),
+                (f"runtime / in-process, {n} ranks, 1 client tok/s", many, iN, "decode_tps", "(info)")):
+            rows.append([label, x.get(key), y.get(key), ratio(x.get(key), y.get(key)), note, "info"])
         for label, x, y in (("runtime: greedy text, N ranks vs 1 rank", many, one),
                             ("runtime vs in-process, N ranks (same split)", many, iN),
                             ("runtime vs in-process, 1 rank", one, i1)):
@@ -513,14 +510,6 @@ def summarize(opts, res: dict) -> list[dict]:
                      v.get("decode_tps"), v.get("aggregate_tps"), v.get("ttft_ms"), v.get("cpu_ms_per_token"),
                      v.get("error") or ""])
     return rows
-
-
-def fmt(x, nd=1):
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.{nd}f}"
-    return str(x)
 
 
 def print_table(res: dict) -> None:
