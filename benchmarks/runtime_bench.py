@@ -303,19 +303,29 @@ def baseline_worker(opts) -> None:
     """Load the shard, warm up, then run one timed ``stream_generate`` per ``run`` line on
     stdin (all ranks get the line at once); rank 0 prints each timing as one JSON line.
     On ``quit`` (or EOF) write this rank's VmHWM to the result folder and exit."""
+    rank = int(os.environ.get("MLX_RANK", "0"))
+    backend = os.environ.get("MJC_BENCH_BACKEND", "ring")  # gpu_bench.py: nccl
+    if backend == "nccl":
+        from mlx_jaccl_cluster.main import _pin_cuda_device
+
+        _pin_cuda_device(rank)  # before MLX starts CUDA, as mjc-rank does
     import mlx.core as mx
 
-    rank = int(os.environ.get("MLX_RANK", "0"))
-    group = mx.distributed.init(backend="ring", strict=True) if os.environ.get("MLX_HOSTFILE") else None
+    distributed = os.environ.get("MLX_HOSTFILE") or backend == "nccl"
+    group = mx.distributed.init(backend=backend, strict=True) if distributed else None
     from mlx_lm import stream_generate
     from mlx_lm.utils import load, sharded_load
+
+    from mlx_jaccl_cluster.engine.loader import _collectives_on_gpu
 
     if group is None or group.size() == 1:
         model, tokenizer = load(str(opts.model))
     elif opts.parallel == "tensor":
-        model, tokenizer = sharded_load(str(opts.model), tensor_group=group)
+        with _collectives_on_gpu(backend):
+            model, tokenizer = sharded_load(str(opts.model), tensor_group=group)
     else:
-        model, tokenizer = sharded_load(str(opts.model), pipeline_group=group)
+        with _collectives_on_gpu(backend):
+            model, tokenizer = sharded_load(str(opts.model), pipeline_group=group)
     prompt = list(tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True))
 
     def once() -> dict:
@@ -374,9 +384,9 @@ class Baseline:
     """The in-process baseline's ranks, kept loaded so that its runs can alternate with
     the API's runs (on a shared 2-core machine, speed drifts by 20-30 % over a minute)."""
 
-    def __init__(self, opts, model: Path, workdir: Path):
+    def __init__(self, opts, model: Path, workdir: Path, env: dict | None = None, tag: str = "baseline"):
         self.opts, self.workdir = opts, workdir
-        env = ring_env(workdir, opts.ranks, "baseline")
+        env = ring_env(workdir, opts.ranks, tag) | (env or {})
         for f in workdir.glob("baseline-rank*.json"):
             f.unlink()
         argv = [sys.executable, str(Path(__file__).resolve()), "--baseline-worker", "--model", str(model),

@@ -34,6 +34,23 @@ def _exit_soon(code: int, delay: float) -> None:
     timer.start()
 
 
+def _pin_cuda_device(rank: int) -> None:
+    """Backend nccl on a host with several GPUs: show this rank only GPU ``rank % GPUs``.
+
+    MLX's nccl group binds rank r to GPU r % (GPUs), but MLX computes on GPU 0, so every
+    other rank handed NCCL a stream of the wrong GPU ('invalid resource handle', seen on
+    2 H200s). Must run before MLX starts CUDA; an operator's CUDA_VISIBLE_DEVICES wins.
+    """
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return
+    try:
+        gpus = len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return
+    if gpus > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank % gpus)
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -46,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_CONFIG)
     _configure_logging(settings.log_level, settings.rank)
     log = logging.getLogger("mjc")
+    if settings.backend == "nccl":
+        _pin_cuda_device(settings.rank)
 
     # Heavy imports before the rendezvous, so no rank stalls its heartbeats importing.
     from . import __version__

@@ -211,6 +211,20 @@ BAD = [
     case("pipeline-one-rank", single_mac, group_set(cluster_parallel="pipeline"), GROUP, "cluster_parallel", "add a second host"),
     case("pipeline-unsupported", two_macs, group_set(cluster_parallel="pipeline"), GROUP, "cluster_parallel",
          "set cluster_parallel: tensor", supports_pipeline=False),
+    case("runtime-settings-not-a-mapping", two_macs, group_set(cluster_runtime_settings=["max_batch=16"]), GROUP,
+         "cluster_runtime_settings", "{max_batch: 16}"),
+    case("runtime-setting-unknown", two_macs, group_set(cluster_runtime_settings={"max_batches": 16}), GROUP,
+         "cluster_runtime_settings.max_batches", "max_batch, max_queue"),
+    case("runtime-setting-owned-by-inventory", two_macs, group_set(cluster_runtime_settings={"api_port": 9000}), GROUP,
+         "cluster_runtime_settings.api_port", "remove it"),
+    case("runtime-setting-wrong-type", two_macs, group_set(cluster_runtime_settings={"max_batch": "16"}), GROUP,
+         "cluster_runtime_settings.max_batch", "Sequences decoded together"),
+    case("runtime-setting-out-of-range", two_macs, group_set(cluster_runtime_settings={"request_timeout": 0}), GROUP,
+         "cluster_runtime_settings.request_timeout", "Seconds a request may run"),
+    case("runtime-setting-bad-choice", two_macs, group_set(cluster_runtime_settings={"log_level": "loud"}), GROUP,
+         "cluster_runtime_settings.log_level", "fits"),
+    case("runtime-settings-per-host", two_macs, host_set("mac2", cluster_runtime_settings={"max_batch": 4}), "mac2",
+         "cluster_runtime_settings", "group_vars/mlx_cluster"),
     case("pipeline-more-ranks-than-layers", local_ring, group_set(cluster_parallel="pipeline"), GROUP, "cluster_parallel",
          "at most 2 hosts", model_config={"num_hidden_layers": 2}),
 ]
@@ -364,6 +378,23 @@ def test_plan_api_key_only_when_set_and_custom_prefix() -> None:
     assert entry["env"]["MJC_API_KEY"] == "s3cret"
     assert entry["env"]["MLX_HOSTFILE"] == "/srv/mjc/etc/mlx-jaccl-cluster-rank0/hostfile.json"
     assert entry["argv"] == ["/srv/mjc/venv/bin/mjc-rank"]
+
+
+def test_plan_passes_runtime_settings_to_every_rank() -> None:
+    hosts, group = local_ring()
+    group.update(cluster_runtime_settings={"max_batch": 16, "probe_latency_interval": 0, "log_level": "debug",
+                                           "request_timeout": 2.5})
+    plan = cluster_plan(hosts, group)
+    for entry in plan["hosts"].values():
+        env = entry["env"]
+        assert (env["MJC_MAX_BATCH"], env["MJC_PROBE_LATENCY_INTERVAL"]) == ("16", "0")
+        assert (env["MJC_LOG_LEVEL"], env["MJC_REQUEST_TIMEOUT"]) == ("debug", "2.5")
+    from mlx_jaccl_cluster.settings import Settings
+
+    env = plan["hosts"]["rank0"]["env"]
+    read = Settings.model_validate({k.removeprefix("MJC_").lower(): v for k, v in env.items() if k.startswith("MJC_")}
+                                   | {"world_size": 3, "rank": 0})
+    assert (read.max_batch, read.probe_latency_interval, read.request_timeout) == (16, 0, 2.5)
 
 
 def test_plan_sorts_by_rank_and_is_json() -> None:

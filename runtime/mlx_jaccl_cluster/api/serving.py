@@ -10,6 +10,7 @@ import asyncio
 import random
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
@@ -115,6 +116,70 @@ class Slot:
             self._serving = None
 
     __del__ = release
+
+
+class _Inbox:
+    """One request's events, filled by the engine's dispatcher on the event loop.
+
+    Waiting costs one future per wake-up; a single repeating timer (``arm``) marks each
+    ``interval`` with no event as an idle tick (keepalive, disconnect check) and wakes
+    the reader at the deadline. (``asyncio.wait_for`` per token cost a task and a timer
+    for every token.)
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self.items: deque = deque()
+        self._waiter: asyncio.Future | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._interval = 0.0
+        self._deadline = 0.0
+        self._seen = False  # an event arrived since the last tick
+        self._idle = False  # a whole interval passed with no event
+
+    def put(self, event: object) -> None:
+        self.items.append(event)
+        self._seen = True
+        self._idle = False
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def arm(self, interval: float, deadline: float) -> None:
+        self._interval, self._deadline = interval, deadline
+        self._schedule()
+
+    def _schedule(self) -> None:
+        at = min(self._loop.time() + self._interval, self._deadline)
+        self._timer = self._loop.call_at(at, self._tick)
+
+    def _tick(self) -> None:
+        if not self._seen:
+            self._idle = True
+        self._seen = False
+        self._wake()
+        if self._loop.time() < self._deadline:
+            self._schedule()
+
+    def idle_tick(self) -> bool:
+        """True once per interval that passed with no event."""
+        idle, self._idle = self._idle, False
+        return idle
+
+    async def wait(self) -> None:
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class Serving:
@@ -246,38 +311,40 @@ class Serving:
         request leaves the batch on every rank.
         """
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        inbox = _Inbox(loop)
         try:
             try:
-                ticket = self.engine.submit(prepared.request, events.put_nowait)
+                ticket = self.engine.submit(prepared.request, inbox.put)
             except EngineUnavailable as exc:
                 raise APIError(503, f"cluster unavailable: {exc}", code="not_ready", headers={"Retry-After": "5"}) from None
             assembler = TextAssembler(self.engine.tokenizer, prepared.stops)
             deadline = loop.time() + self.settings.request_timeout
             wait = self.settings.keepalive_interval if disconnected is None else min(0.5, self.settings.keepalive_interval)
+            events = inbox.items
             finished = engine_done = False
+            # One timer per request, not one per token: it wakes the loop below every
+            # ``wait`` s (and at the deadline) to send a keepalive or check the client.
+            inbox.arm(min(wait, self.settings.request_timeout), deadline)
             try:
                 while not finished:
-                    try:
-                        event = events.get_nowait()
-                    except asyncio.QueueEmpty:
-                        remaining = deadline - loop.time()
-                        if remaining <= 0:
+                    if not events:
+                        if loop.time() >= deadline:
                             raise APIError(504, f"request timed out after {self.settings.request_timeout:g} s",
                                            code="timeout")
-                        try:
-                            event = await asyncio.wait_for(events.get(), min(wait, remaining))
-                        except TimeoutError:
+                        if inbox.idle_tick():
                             if disconnected is not None and await disconnected():
                                 return
                             if disconnected is None:
                                 yield KEEPALIVE
                             continue
+                        await inbox.wait()
+                        continue
+                    event = events.popleft()
                     if isinstance(event, ErrorEvent):
                         raise APIError(event.status, event.message, type=event.kind, code="cluster_error")
                     batch = [event]
-                    while event.finish_reason is None and not events.empty():
-                        event = events.get_nowait()
+                    while event.finish_reason is None and events:
+                        event = events.popleft()
                         if isinstance(event, ErrorEvent):
                             raise APIError(event.status, event.message, type=event.kind, code="cluster_error")
                         batch.append(event)
@@ -296,6 +363,7 @@ class Serving:
                     prepared.cached_tokens = ticket.cached_tokens
                     yield Piece("".join(text), used, reason).split(prepared.channels)
             finally:
+                inbox.close()
                 if not engine_done:
                     self.engine.cancel(ticket)
         finally:

@@ -37,6 +37,7 @@ from ..cluster import Follower, Leader, Rejected
 from ..generation import EngineUnavailable, ErrorEvent, GenerationRequest, TokenEvent
 from ..settings import Settings
 from ..state import ClusterState
+from . import fastpath
 from .loader import LoadedModel, ModelError, load_model
 from .probe import LinkProbe, run_step
 from .prompt_cache import PromptCache
@@ -211,9 +212,10 @@ class Engine:
             group = self._group = self._init_group()
         self.state.set("loading", f"loading {s.model}")
         started = time.perf_counter()
-        self.loaded = load_model(s.model, s.parallel, group)
+        self.loaded = load_model(s.model, s.parallel, group, s.mlx_backend)
         log.info("rank %d loaded %s in %.1f s", s.rank, s.model, time.perf_counter() - started)
         tokenizer = self.loaded.tokenizer
+        fastpath.install()
         self._gen = BatchGenerator(
             self.loaded.model,
             stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
@@ -232,6 +234,15 @@ class Engine:
         s = self.settings
         if s.backend == "jaccl-ring":
             os.environ["MLX_JACCL_RING"] = "1"
+        if s.backend == "nccl":
+            # MLX's nccl backend takes rank and size from the environment only, and rank 0
+            # hands out NCCL's id on NCCL_HOST_IP:NCCL_PORT (it binds the port on every address).
+            os.environ["MLX_RANK"] = str(s.rank)
+            os.environ["MLX_WORLD_SIZE"] = str(s.world_size)
+            missing = [v for v in ("NCCL_HOST_IP", "NCCL_PORT") if not os.environ.get(v)]
+            if missing:
+                raise ModelError(f"backend nccl needs {' and '.join(missing)} (rank 0's address and a free port "
+                                 "for NCCL's rendezvous) in every rank's environment")
         group = mx.distributed.init(backend=s.mlx_backend, strict=True)
         if group.size() != s.world_size or group.rank() != s.rank:
             raise ModelError(

@@ -7,6 +7,7 @@ a bad model is one clear line at start-up, not a traceback from deep inside MLX.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,30 @@ def check_split(config: dict, parallel: str, world_size: int, folder: Path) -> N
         raise ModelError(f"pipeline parallel needs {folder}/model.safetensors.index.json; convert the model with mlx_lm.convert")
 
 
-def load_model(folder: Path, parallel: str, group: "mx.distributed.Group | None") -> LoadedModel:
-    """Load (and shard, when ``group`` has several ranks) the model in ``folder``."""
+@contextmanager
+def _collectives_on_gpu(backend: str | None):
+    """nccl only: ``sharded_load`` ends with a barrier, ``all_sum(..., stream=mx.cpu)``, but
+    MLX's nccl group runs collectives on CUDA streams only; run that one on the default
+    (GPU) stream instead. Other backends are left as they are."""
+    if backend != "nccl":
+        yield
+        return
+    original = mx.distributed.all_sum
+
+    def all_sum(x, *args, stream=None, **kwargs):
+        return original(x, *args, **kwargs)
+
+    mx.distributed.all_sum = all_sum
+    try:
+        yield
+    finally:
+        mx.distributed.all_sum = original
+
+
+def load_model(folder: Path, parallel: str, group: "mx.distributed.Group | None",
+               backend: str | None = None) -> LoadedModel:
+    """Load (and shard, when ``group`` has several ranks) the model in ``folder``.
+    ``backend`` is the MLX backend of ``group`` (settings' ``mlx_backend``)."""
     config = read_config(folder)
     world = group.size() if group is not None else 1
     check_split(config, parallel, world, folder)
@@ -98,9 +121,11 @@ def load_model(folder: Path, parallel: str, group: "mx.distributed.Group | None"
         if world == 1:
             model, tokenizer = load(str(folder))
         elif parallel == "tensor":
-            model, tokenizer = sharded_load(str(folder), tensor_group=group)
+            with _collectives_on_gpu(backend):
+                model, tokenizer = sharded_load(str(folder), tensor_group=group)
         else:
-            model, tokenizer = sharded_load(str(folder), pipeline_group=group)
+            with _collectives_on_gpu(backend):
+                model, tokenizer = sharded_load(str(folder), pipeline_group=group)
     except ValueError as exc:
         if "pipelin" in str(exc):
             raise ModelError(

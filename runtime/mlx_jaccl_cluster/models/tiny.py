@@ -206,13 +206,18 @@ def model_config(arch: str, vocab_size: int, eos_id: int, pad_id: int, overrides
     return cfg
 
 
-def build_tiny_model(out_dir, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_tiny_model(out_dir, arch: str = "llama", seed: int = 0, dtype: str = "float32", **overrides) -> Path:
     """Build a tiny random-weight ``arch`` model ("llama", "qwen2" or "qwen3") in ``out_dir``.
 
     ``overrides`` change the shape (``hidden_size``, ``num_hidden_layers``,
     ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
     ``max_position_embeddings``, ``rms_norm_eps``, ``rope_theta``, ``tie_word_embeddings``).
-    ``out_dir`` must be absent, empty, or an earlier mjc-model build (which is replaced).
+    ``dtype`` is the saved weights' type (float32, bfloat16 or float16; the init is drawn
+    in float32 and cast). ``out_dir`` must be absent, empty, or an earlier mjc-model build
+    (which is replaced).
     Returns the folder's path. Raises :class:`ModelBuildError` on bad input.
     It seeds MLX's global random generator with ``seed``.
     """
@@ -224,6 +229,8 @@ def build_tiny_model(out_dir, arch: str = "llama", seed: int = 0, **overrides) -
     if arch not in ARCHES:
         raise ModelBuildError(f"unknown arch {arch!r}; choose one of {', '.join(sorted(ARCHES))}")
     seed = int(seed)
+    if dtype not in DTYPES:
+        raise ModelBuildError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
 
     tok = train_tokenizer()
     cfg = model_config(
@@ -241,10 +248,15 @@ def build_tiny_model(out_dir, arch: str = "llama", seed: int = 0, **overrides) -
         "seed": seed,
         "overrides": {k: overrides[k] for k in sorted(overrides)},
     }
+    if dtype != "float32":  # earlier float32 builds keep their marker
+        marker["dtype"] = dtype
+        cfg["torch_dtype"] = dtype
     with staging(out_dir, marker) as tmp:
         mx.random.seed(seed)
         model = model_cls(args_cls.from_dict(cfg))
         _init_weights(model, cfg, unprintable_token_ids(tok))
+        if dtype != "float32":
+            model.set_dtype(getattr(mx, dtype))
         mx.eval(model.parameters())
         save_model(tmp, model)
         save_config(dict(cfg), tmp / "config.json")

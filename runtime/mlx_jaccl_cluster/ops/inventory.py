@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterable, Mapping
+from typing import Annotated, Any, Callable, Iterable, Mapping
 
 GROUP = "mlx_cluster"
 BACKENDS = ("jaccl", "jaccl-ring", "ring", "nccl")
@@ -53,6 +53,7 @@ GROUP_DEFAULTS: dict[str, Any] = {
     "cluster_service_user": "",
     "cluster_service_manager": "auto",
     "cluster_python": "/usr/bin/python3",
+    "cluster_runtime_settings": None,  # a mapping of mjc-rank settings, e.g. {max_batch: 16}
 }
 HOST_DEFAULTS: dict[str, Any] = {
     "cluster_rank": None,
@@ -243,9 +244,55 @@ GROUP_CHECKS: dict[str, Callable[[str, Mapping[str, Any], str], Problem | None]]
 }
 
 
+# Runtime settings the inventory decides through its own variables (cluster_backend, the
+# rank order, cluster_api_port...): cluster_runtime_settings may not set them.
+RUNTIME_OWNED = ("rank", "world_size", "backend", "parallel", "control", "peer_ips", "model", "model_id",
+                 "api_host", "api_port", "api_key")
+
+
+def runtime_settings(group: Mapping[str, Any]) -> dict[str, Any]:
+    """``cluster_runtime_settings`` as a plain dict (empty when unset)."""
+    value = group.get("cluster_runtime_settings")
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _runtime_settings_problems(group: Mapping[str, Any]) -> list[Problem]:
+    """Each entry names a tunable ``mjc-rank`` setting and holds a value it accepts."""
+    key = "cluster_runtime_settings"
+    value = group.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, Mapping):
+        return [Problem(GROUP, key, f"is {_describe(value)}; it must be a mapping",
+                        f"write it as a mapping of mjc-rank settings, e.g. {key}: {{max_batch: 16}}")]
+    # pydantic, not MLX: the controller has the runtime package installed
+    from pydantic import TypeAdapter, ValidationError
+
+    from ..settings import Settings
+
+    tunable = sorted(k for k in Settings.model_fields if k not in RUNTIME_OWNED)
+    found = []
+    for name, item in value.items():
+        field_name = f"{key}.{name}"
+        info = Settings.model_fields.get(str(name))
+        if info is None or name in RUNTIME_OWNED:
+            why = "is set by the inventory's own variables" if name in RUNTIME_OWNED else "is not an mjc-rank setting"
+            found.append(Problem(GROUP, field_name, why, f"remove it; settable here: {_choices(tunable)} (mjc-rank --help)"))
+            continue
+        try:
+            kind = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+            TypeAdapter(kind).validate_python(item, strict=True)
+        except ValidationError as exc:
+            reason = exc.errors()[0]["msg"].lower()
+            found.append(Problem(GROUP, field_name, f"is {_describe(item)}: {reason}",
+                                 f"give a value that fits: {info.description or name}"))
+    return found
+
+
 def _group_problems(group: Mapping[str, Any]) -> list[Problem]:
     """Types, choices and required keys of the group variables."""
     found = [check(GROUP, group, key) for key, check in GROUP_CHECKS.items()]
+    found += _runtime_settings_problems(group)
     source = setting(group, "cluster_model_source")
     if source == "hf":
         found.append(
@@ -812,6 +859,8 @@ def _common_env(group: Mapping[str, Any], ordered: list[tuple[str, Mapping[str, 
     }
     if setting(group, "cluster_api_key"):
         env["MJC_API_KEY"] = setting(group, "cluster_api_key")
+    for name, value in sorted(runtime_settings(group).items()):
+        env[f"MJC_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else value
     return {key: str(value) for key, value in env.items()}
 
 

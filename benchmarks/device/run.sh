@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Run benchmarks/gpu_bench.py on a lent GPU machine (the `device` tool), from the repo root.
+#
+#   bash benchmarks/device/run.sh stash              # call 1: keep the carried wheels in /tmp
+#   bash benchmarks/device/run.sh single [ARGS...]   # call 2: install, then gpu_bench.py single
+#   bash benchmarks/device/run.sh tp [ARGS...]       #         install, then gpu_bench.py tp
+#
+# The device image has no internet and lacks mlx, mlx-lm, fastapi, uvicorn, pydantic...
+# Wheels travel in git-ignored folders named in `carry` (64 MiB a call):
+#   .dev/whl  every small wheel (mlx, mlx-lm, fastapi, starlette, uvicorn, pydantic*, py-spy)
+#   .dev/a    first half of mlx_cuda_13-0.32.4 (split -b 46M), carried with the first call
+#   .dev/b    second half, carried with the second call (within 30 s: /tmp survives while
+#             the machine stays warm)
+#   .dev/v-*    optional: other mlx_jaccl_cluster trees (gpu_bench.py --variant NAME=DIR)
+# Results go to $OUT (gpu-bench-MODE.json, py-spy stacks, bench.log).
+#   (MJC_DEV=DIR reads these folders from DIR instead of .dev)
+set -uo pipefail
+DEV=${MJC_DEV:-.dev}
+STORE=/tmp/mjc-wheels
+SITE=/tmp/mjc-site
+CUDA_WHEEL=mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl
+CUDA_SHA256=94cb48fba73e5ee39467e51c35c51c691123359ca17bafd1a24cf92ad6732bee
+OUT=${OUT:-/tmp/mjc-out}
+mkdir -p "$STORE" "$OUT"
+for d in "$DEV/whl" "$DEV/a" "$DEV/b"; do
+  [ -d "$d" ] && cp "$d"/* "$STORE"/
+done
+echo "stored: $(ls "$STORE" | tr '\n' ' ')"
+stage=${1:?stage: stash, single or tp}
+shift
+[ "$stage" = stash ] && exit 0
+
+if [ ! -f "$STORE/$CUDA_WHEEL" ]; then
+  [ -f "$STORE/part.aa" ] && [ -f "$STORE/part.ab" ] || { echo "missing a half of $CUDA_WHEEL (machine went cold?)"; exit 3; }
+  cat "$STORE/part.aa" "$STORE/part.ab" > "$STORE/$CUDA_WHEEL"
+  echo "$CUDA_SHA256  $STORE/$CUDA_WHEEL" | sha256sum -c - || { rm -f "$STORE/$CUDA_WHEEL"; exit 3; }
+fi
+# install the wheels not installed yet (a later call may bring more)
+mkdir -p "$SITE"
+new=()
+for w in "$STORE"/*.whl; do grep -qxF "$(basename "$w")" "$SITE/.installed" 2>/dev/null || new+=("$w"); done
+if [ ${#new[@]} -gt 0 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${new[@]}" || exit 3
+  for w in "${new[@]}"; do basename "$w" >> "$SITE/.installed"; done
+fi
+export PYTHONPATH="$SITE:$PWD/runtime" PATH="$SITE/bin:$PATH" PYTHONUNBUFFERED=1
+# NVLink multicast stays off (the machine's rule); keep it so in every child process.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=index,name,memory.used,memory.total,utilization.gpu --format=csv,noheader
+python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" || exit 4
+python3 benchmarks/gpu_bench.py "$stage" --out "$OUT/gpu-bench-$stage.json" "$@" 2> >(tee "$OUT/bench-$stage.log" >&2)
