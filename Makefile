@@ -61,10 +61,10 @@ monitor: venv ## status every INTERVAL seconds (default 5) until Ctrl-C
 logs: venv ## the last LINES (default 40) lines of every rank's log
 	@$(ANSIBLE) mlx_cluster -m ansible.builtin.command -a 'tail -n $(LINES) $(HOST_PREFIX)/logs/$(HOST_UNIT).log'
 
-download: venv ## fetch MODEL=org/name from Hugging Face once, copy it to every node and serve it
+download: venv ## fetch MODEL=org/name from Hugging Face into the controller cache (serving stays as it is)
 	@test -n "$(MODEL)" || { echo "usage: make download MODEL=org/name (a Hugging Face repo id)"; exit 2; }
-	$(PLAYBOOK) site.yml -e cluster_model_source=hf -e cluster_model_repo=$(MODEL) -e cluster_model_name=$(notdir $(MODEL)) \
-	  -e '{"cluster_model_path": "{{ cluster_install_prefix }}/models/$(notdir $(MODEL))"}'
+	$(PLAYBOOK) playbooks/download.yml -e cluster_model_source=hf -e cluster_model_repo=$(MODEL) \
+	  -e cluster_model_name=$(notdir $(MODEL))
 
 models-local: venv ## models in the controller cache, with their sizes
 	@du -sh $${MJC_CACHE:-$$HOME/.cache/mlx-jaccl-cluster}/models/*/ 2>/dev/null || echo "no models in the controller cache yet"
