@@ -77,8 +77,9 @@ dashboard: venv ## print rank 0's /dashboard URL (and open it where a browser is
 	  if command -v open >/dev/null && [ "$$(uname -s)" = Darwin ]; then open "$$u"; \
 	  elif [ -n "$${DISPLAY:-}" ] && command -v xdg-open >/dev/null; then xdg-open "$$u"; fi
 
-metrics: venv ## a snapshot of rank 0's /metrics
-	@u=$(call url,/metrics); curl -fsS "$$u" || { echo "no answer from $$u" >&2; exit 1; }
+metrics: venv ## a snapshot of rank 0's /metrics (MJC_API_KEY=... when the cluster has a key)
+	@u=$(call url,/metrics); curl -fsS $${MJC_API_KEY:+-H "Authorization: Bearer $$MJC_API_KEY"} "$$u" \
+	  || { echo "no answer from $$u (401: set MJC_API_KEY to the cluster's cluster_api_key)" >&2; exit 1; }
 
 version: venv ## versions on the controller (the nodes': make status)
 	@$(PY) -c 'import importlib.metadata as m, platform; \

@@ -119,6 +119,8 @@ def test_a_cut_off_tool_call_is_returned_as_text(cluster):
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
     ({"tools": [{"type": "retrieval"}]}, "tools"),
     ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"return_tensors": "np"}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, "chat_template_kwargs"),
     ({"messages": [{"role": "assistant", "content": None,
                     "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},
      "messages"),
@@ -129,3 +131,9 @@ def test_bad_tool_requests_name_the_field(cluster, body, field):
     error = r.json()["error"]
     assert field in (error.get("param") or "") + error["message"]
     assert _post(cluster, messages=ASK, tools=TOOLS).status_code == 200
+
+
+def test_template_switches_pass_through(cluster):
+    r = _post(cluster, messages=ASK, tools=TOOLS, temperature=0, chat_template_kwargs={"enable_thinking": False})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] == "tool_calls"

@@ -59,6 +59,11 @@ def test_model_state_verifies_against_the_manifest(tmp_path):
     import json
 
     wanted.write_text(json.dumps(manifest.build(model)))
+    before = sorted(p.name for p in model.iterdir())
+    state = probe.model_state(str(model), str(wanted))  # never verified on this node: status does not hash
+    assert not state["verified"] and "make models-check" in state["problems"][0]
+    assert sorted(p.name for p in model.iterdir()) == before  # and writes nothing
+    assert manifest.problems(model, json.loads(wanted.read_text())) == []  # what site.yml / models-check do
     assert probe.model_state(str(model), str(wanted)) == {"present": True, "verified": True, "problems": []}
     (model / "config.json").write_text('{"changed": true}')
     state = probe.model_state(str(model), str(wanted))

@@ -39,6 +39,15 @@ HEALTHY = {
 }
 
 
+def test_numbers_rendered_as_strings_read_the_same():
+    """ansible-core before 2.19 renders templated numbers as strings."""
+    doc = copy.deepcopy(HEALTHY)
+    doc["world_size"], doc["health"]["status"] = "2", "200"
+    assert status.evaluate(doc)[1] == []
+    doc["health"]["status"] = "-1"
+    assert status.evaluate(doc)[1] != []
+
+
 def test_healthy_cluster_has_no_problems_and_rank_order():
     text, problems = status.evaluate(HEALTHY)
     assert problems == []

@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .metrics import route_label
+
 log = logging.getLogger("mjc.api")
 
 _TYPES = {
@@ -77,8 +79,7 @@ def record(request: Request, exc: APIError) -> APIError:
     """Note ``exc`` in the app's error history (``/errors``, ``mjc_errors_total``)."""
     observer = getattr(request.app.state, "observer", None)
     if observer is not None:
-        route = getattr(request.scope.get("route"), "path", None) or request.url.path
-        observer.error(route, exc.status, exc.type, exc.message)
+        observer.error(route_label(request.scope), exc.status, exc.type, exc.message)
     return exc
 
 

@@ -10,6 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
+#: Arguments of ``apply_chat_template`` itself (transformers), not switches of the template:
+#: ``chat_template_kwargs`` may not set them (return_tensors, say, would change what comes back).
+TEMPLATE_CALL_ARGUMENTS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs",
+})
+
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -153,9 +161,11 @@ class ChatCompletionRequest(SamplingFields):
     @field_validator("chat_template_kwargs")
     @classmethod
     def _own_arguments(cls, value: dict | None) -> dict | None:
-        reserved = sorted(set(value or ()) & {"messages", "conversation", "tools", "add_generation_prompt", "tokenize"})
+        reserved = sorted(set(value or ()) & TEMPLATE_CALL_ARGUMENTS)
         if reserved:
-            raise ValueError(f"{', '.join(reserved)} cannot be set here: the request's own fields decide them")
+            raise ValueError(f"{', '.join(reserved)} cannot be set here: these are arguments of the templating call, "
+                             "decided by the server and the request's own fields; only the template's own switches "
+                             "(e.g. enable_thinking) may be set")
         return value
 
     def tools_wanted(self) -> list[dict] | None:

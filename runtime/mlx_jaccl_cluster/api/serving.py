@@ -233,6 +233,9 @@ class Serving:
             prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_args))
         except Exception as exc:  # jinja raises for e.g. roles out of order
             raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
+        if not all(type(t) is int for t in prompt):  # only token ids may reach the engine (and every rank)
+            raise APIError(400, "the chat template did not return token ids with these chat_template_kwargs",
+                           param="chat_template_kwargs")
         top = None
         if req.logprobs:
             top = req.top_logprobs or 0

@@ -53,8 +53,11 @@ def _quick_state(folder: Path, manifest: dict) -> dict:
     return state
 
 
-def problems(folder: Path, manifest: dict) -> list[str]:
-    """Why ``folder`` does not match ``manifest`` (empty when it does). Uses the stamp when valid."""
+def problems(folder: Path, manifest: dict, rehash: bool = True) -> list[str]:
+    """Why ``folder`` does not match ``manifest`` (empty when it does). Uses the stamp when valid.
+
+    ``rehash=False`` (read-only callers such as status) never hashes and never writes: a
+    folder whose stamp is stale is reported as not verified since it changed."""
     if not folder.is_dir():
         return [f"{folder} does not exist"]
     expected = manifest.get("files", {})
@@ -74,11 +77,16 @@ def problems(folder: Path, manifest: dict) -> list[str]:
             return []
     except (OSError, ValueError):
         pass
+    if not rehash:
+        return ["changed since it was last verified (sizes match; make models-check hashes it)"]
     for rel, meta in expected.items():
         if sha256(folder / rel) != meta["sha256"]:
             issues.append(f"{rel}: sha256 differs")
     if not issues:
-        stamp_path.write_text(json.dumps({"digest": digest(manifest), "files": _quick_state(folder, manifest)}))
+        try:
+            stamp_path.write_text(json.dumps({"digest": digest(manifest), "files": _quick_state(folder, manifest)}))
+        except OSError:
+            pass  # a read-only folder: verified all the same, only not remembered
     return issues
 
 

@@ -104,12 +104,15 @@ def version_drift(nodes: dict[str, dict]) -> list[str]:
 
 def _http_status(health: dict) -> int | None:
     """The HTTP status rank 0 answered; None when nothing answered (Ansible's uri says -1)."""
-    status = health.get("status")
-    return status if isinstance(status, int) and status > 0 else None
+    try:  # ansible-core before 2.19 renders templated numbers as strings
+        status = int(health.get("status"))
+    except (TypeError, ValueError):
+        return None
+    return status if status > 0 else None
 
 
 def cluster_problems(doc: dict) -> list[str]:
-    health, world = doc.get("health") or {}, doc["world_size"]
+    health, world = doc.get("health") or {}, int(doc["world_size"])
     body = health.get("json") or {}
     if _http_status(health) != 200:
         detail = body.get("detail") or body.get("status") or health.get("msg") or "no answer"
