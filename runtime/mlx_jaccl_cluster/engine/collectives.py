@@ -39,22 +39,28 @@ def _elements(nbytes: int) -> int:
     return nbytes // FLOAT_BYTES
 
 
-def all_sum_times(group: mx.distributed.Group, nbytes: int, iters: int, warmup: int = 2) -> list[float]:
-    """Seconds per ``all_sum`` of ``nbytes`` of float32, ``iters`` samples after ``warmup``."""
-    n = _elements(nbytes)
-    x = mx.full((n,), float(group.rank() + 1), dtype=mx.float32)
-    expected = _expected_sum(group.size())
-    mx.eval(x)
+def _timed(op, is_right, what: str, iters: int, warmup: int) -> list[float]:
+    """Seconds per ``op()`` and its evaluation, ``iters`` samples after ``warmup``; each
+    result checked with ``is_right`` outside the timed region."""
     samples = []
     for i in range(warmup + iters):
         start = time.perf_counter()
-        y = mx.distributed.all_sum(x, group=group)
+        y = op()
         mx.eval(y)
         elapsed = time.perf_counter() - start
-        _check(mx.all(y == expected), f"all_sum of {nbytes} B")
+        _check(is_right(y), what)
         if i >= warmup:
             samples.append(elapsed)
     return samples
+
+
+def all_sum_times(group: mx.distributed.Group, nbytes: int, iters: int, warmup: int = 2) -> list[float]:
+    """Seconds per ``all_sum`` of ``nbytes`` of float32, ``iters`` samples after ``warmup``."""
+    x = mx.full((_elements(nbytes),), float(group.rank() + 1), dtype=mx.float32)
+    expected = _expected_sum(group.size())
+    mx.eval(x)
+    return _timed(lambda: mx.distributed.all_sum(x, group=group), lambda y: mx.all(y == expected),
+                  f"all_sum of {nbytes} B", iters, warmup)
 
 
 def all_sum_latency(group: mx.distributed.Group, iters: int, warmup: int = 5) -> list[float]:
@@ -65,20 +71,11 @@ def all_sum_latency(group: mx.distributed.Group, iters: int, warmup: int = 5) ->
 def all_gather_times(group: mx.distributed.Group, nbytes: int, iters: int, warmup: int = 2) -> list[float]:
     """Seconds per ``all_gather`` where every rank contributes ``nbytes``."""
     n = _elements(nbytes)
-    world = group.size()
     x = mx.full((n,), float(group.rank() + 1), dtype=mx.float32)
-    expected = mx.repeat(mx.arange(1, world + 1, dtype=mx.float32), n)
+    expected = mx.repeat(mx.arange(1, group.size() + 1, dtype=mx.float32), n)
     mx.eval(x, expected)
-    samples = []
-    for i in range(warmup + iters):
-        start = time.perf_counter()
-        y = mx.distributed.all_gather(x, group=group)
-        mx.eval(y)
-        elapsed = time.perf_counter() - start
-        _check(mx.array_equal(y, expected), f"all_gather of {nbytes} B")
-        if i >= warmup:
-            samples.append(elapsed)
-    return samples
+    return _timed(lambda: mx.distributed.all_gather(x, group=group), lambda y: mx.array_equal(y, expected),
+                  f"all_gather of {nbytes} B", iters, warmup)
 
 
 def send_recv_times(
