@@ -23,6 +23,8 @@ import threading
 import time
 import urllib.parse
 
+from ..bench import percentile
+
 
 def median(xs):
     xs = [x for x in xs if x is not None]
@@ -159,8 +161,8 @@ def api_body(model: str, tokens: int) -> dict:
 
 
 def _p99_ms(values: list) -> float | None:
-    known = sorted(v for v in values if v is not None)
-    return known[min(len(known) - 1, int(0.99 * len(known)))] * 1000 if known else None
+    known = [v for v in values if v is not None]
+    return percentile(known, 99) * 1000 if known else None
 
 
 def api_bench(url: str, model: str, clients: list[int], tokens: int, rounds: int, api_key: str = "",
