@@ -41,8 +41,8 @@ test: venv ## run every test (unit, runtime, provisioning lab)
 	@scripts/system-deps.sh --test
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-test-fast: venv ## unit tests only (seconds)
-	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+test-fast: venv ## the unit tier only: no ranks, no ansible-playbook (seconds)
+	$(VENV)/bin/pytest -m "unit and not slow" $(PYTEST_ARGS)
 
 bench: venv ## link and collective sweep (service stopped, then restored); results/<date>-<inventory>/
 	$(PLAYBOOK) playbooks/bench.yml $(BENCH_ARGS)
@@ -86,7 +86,9 @@ version: venv ## versions on the controller (the nodes': make status)
 	  [print("%-20s %s" % (p, m.version(p))) for p in ("mlx-jaccl-cluster", "mlx", "mlx-lm", "ansible-core")]; \
 	  print("%-20s %s" % ("python", platform.python_version()))'
 
-lint: venv ## yamllint and ansible-lint (production profile)
+lint: venv ## ruff (lint + format check), yamllint and ansible-lint (production profile)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/yamllint --strict .
 	$(VENV)/bin/ansible-lint --profile production --nocolor site.yml playbooks roles
 

@@ -316,6 +316,7 @@ def daemon(tmp_path_factory) -> Path:
         "cluster_install_prefix": "/Users/admin/mlx-jaccl-cluster"})
 
 
+@pytest.mark.playbook  # renders the role with ansible-playbook
 def test_the_launchdaemon_runs_the_script_with_the_inventory_ports_at_boot(daemon):
     plist = plistlib.loads((daemon / "thunderbolt-network.plist").read_bytes())
     assert plist["Label"] == "io.github.mlx-jaccl-cluster.thunderbolt-network"
@@ -329,6 +330,7 @@ def test_the_launchdaemon_runs_the_script_with_the_inventory_ports_at_boot(daemo
     assert plist["EnvironmentVariables"]["PATH"].split(":") == ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
 
 
+@pytest.mark.playbook  # renders the role with ansible-playbook
 def test_interval_zero_means_at_boot_only(tmp_path):
     out = render(tmp_path, {"cluster_rdma": ["rdma_en4", None], "mac_hygiene_thunderbolt_network_interval": 0})
     plist = plistlib.loads((out / "thunderbolt-network.plist").read_bytes())
@@ -336,6 +338,7 @@ def test_interval_zero_means_at_boot_only(tmp_path):
     assert plist["ProgramArguments"][-2:] == ["bridge0", "en4"]
 
 
+@pytest.mark.playbook  # renders the role with ansible-playbook
 def test_the_script_is_valid_bash(daemon):
     script = daemon / "thunderbolt-network.sh"
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
@@ -398,6 +401,7 @@ def run_script(daemon: Path, mac: dict, *args: str) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=30)
 
 
+@pytest.mark.playbook  # renders the role with ansible-playbook
 def test_the_script_frees_only_the_ports_it_is_given_and_is_idempotent(daemon, mac):
     first = run_script(daemon, mac, "bridge0", "en4")
     assert first.returncode == 0, first.stderr
@@ -412,12 +416,14 @@ def test_the_script_frees_only_the_ports_it_is_given_and_is_idempotent(daemon, m
     assert len((mac["state"] / "calls").read_text().splitlines()) == 2
 
 
+@pytest.mark.playbook  # renders the role with ansible-playbook
 def test_the_script_asks_no_address_for_a_port_without_a_link(daemon, mac):
     proc = run_script(daemon, mac, "bridge0", "en2")
     assert proc.returncode == 0 and "changed: en2 left bridge0" in proc.stdout
     assert "DHCP" not in (mac["state"] / "calls").read_text()
 
 
+@pytest.mark.playbook  # renders the role with ansible-playbook
 def test_the_script_fails_on_a_missing_or_odd_port_but_still_does_the_others(daemon, mac):
     proc = run_script(daemon, mac, "bridge0", "en7", "bridge0", "en4")
     assert proc.returncode == 1
@@ -425,6 +431,7 @@ def test_the_script_fails_on_a_missing_or_odd_port_but_still_does_the_others(dae
     assert (mac["state"] / "members").read_text().split() == ["en2", "en3"]
 
 
+@pytest.mark.playbook  # renders the role with ansible-playbook
 def test_the_script_works_without_a_bridge(daemon, mac):
     (mac["state"] / "members").unlink()
     proc = run_script(daemon, mac, "bridge0", "en4")
@@ -569,6 +576,7 @@ def play(mac: dict, entry: str, *flags: str) -> int:
     return int(recap.split("changed=")[1].split()[0])
 
 
+@pytest.mark.playbook  # renders the role with ansible-playbook
 @pytest.mark.slow
 def test_the_role_applies_once_records_first_and_uninstall_puts_everything_back(fake_mac):
     mac, initial = fake_mac, fake_mac["initial"]

@@ -17,6 +17,8 @@ import pytest
 
 from ansible_run import ROOT, run_playbook
 
+pytestmark = pytest.mark.playbook  # every file here is rendered by ansible-playbook
+
 PLAYBOOK = """
 - hosts: mlx_cluster
   gather_facts: false
