@@ -8,6 +8,10 @@ the controller against the deployed rank 0)::
 
 Decode rate = (tokens - 1) / (time of the last token - time of the first token);
 TTFT = request sent -> first chunk with text. Standard library only.
+
+Every request gets its own prompt by default (:class:`Prompts`): a server that caches
+prompts would otherwise serve a repeated one from its cache and look faster than real
+traffic lets it be. ``--same-prompt`` sends one prompt over and over (the cache-on figure).
 """
 
 from __future__ import annotations
@@ -32,14 +36,17 @@ def median(xs):
 
 
 def stream_chat(port: int, body: dict, io_timeout: float, deadline: float, host: str = "127.0.0.1",
-                headers: dict | None = None) -> dict:
-    """One streaming chat request; times of the first and last token, usage, text, error."""
+                headers: dict | None = None, keep_times: bool = False) -> dict:
+    """One streaming chat request; times of the first and last token, usage, text, error.
+    ``keep_times``: also every chunk's arrival time (``times``, perf_counter seconds), for
+    inter-token latencies."""
     res: dict = {"ok": False, "error": None, "completion_tokens": None, "text": ""}
     payload = json.dumps(body).encode()
     t0 = time.perf_counter()
     res["start"] = t0
     first = last = None
     pieces = []
+    times: list[float] = []
     conn = http.client.HTTPConnection(host, port, timeout=io_timeout)
     try:
         conn.request("POST", "/v1/chat/completions", body=payload, headers={"Content-Type": "application/json", **(headers or {})})
@@ -76,6 +83,7 @@ def stream_chat(port: int, body: dict, io_timeout: float, deadline: float, host:
                 content = (ch.get("delta") or {}).get("content") or ch.get("text")
                 if content:
                     pieces.append(content)
+                    times.append(now)
                     if first is None:
                         first = now
                     last = now
@@ -92,6 +100,8 @@ def stream_chat(port: int, body: dict, io_timeout: float, deadline: float, host:
         conn.close()
         res["end"] = time.perf_counter()
     res["text"] = "".join(pieces)
+    if keep_times:
+        res["times"] = times
     if first is not None:
         res["ttft_s"] = first - t0
         n = res["completion_tokens"]
@@ -100,8 +110,20 @@ def stream_chat(port: int, body: dict, io_timeout: float, deadline: float, host:
     return res
 
 
-def concurrent(port: int, body: dict, clients: int, io_timeout: float, deadline: float, **where) -> dict:
-    """``clients`` streaming requests released together; aggregate tok/s over the whole span."""
+def _per_client(body: dict | list[dict], n: int) -> list[dict]:
+    """One body for every client, or one body per client (distinct prompts)."""
+    if isinstance(body, dict):
+        return [body] * n
+    if len(body) < n:
+        raise ValueError(f"{n} clients need {n} request bodies, got {len(body)}")
+    return list(body)
+
+
+def concurrent(port: int, body: dict | list[dict], clients: int, io_timeout: float, deadline: float,
+               **where) -> dict:
+    """``clients`` streaming requests released together; aggregate tok/s over the whole span.
+    ``body``: one for all, or a list (client i sends ``body[i]``)."""
+    bodies = _per_client(body, clients)
     results: list[dict | None] = [None] * clients
     gate = threading.Barrier(clients)
 
@@ -110,7 +132,7 @@ def concurrent(port: int, body: dict, clients: int, io_timeout: float, deadline:
             gate.wait(timeout=10)
         except threading.BrokenBarrierError:
             pass
-        results[i] = stream_chat(port, body, io_timeout, deadline, **where)
+        results[i] = stream_chat(port, bodies[i], io_timeout, deadline, **where)
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
@@ -124,10 +146,10 @@ def concurrent(port: int, body: dict, clients: int, io_timeout: float, deadline:
     return summarize_batch(done, errors)
 
 
-def sequential(port: int, body: dict, n: int, io_timeout: float, deadline: float, **where) -> dict:
+def sequential(port: int, body: dict | list[dict], n: int, io_timeout: float, deadline: float, **where) -> dict:
     done, errors = [], []
-    for _ in range(n):
-        r = stream_chat(port, body, io_timeout, deadline, **where)
+    for b in _per_client(body, n):
+        r = stream_chat(port, b, io_timeout, deadline, **where)
         done.append(r)
         if r["error"]:
             errors.append(r["error"])
@@ -148,6 +170,8 @@ def summarize_batch(done: list[dict], errors: list[str]) -> dict:
         "ttft_s_median": median([r.get("ttft_s") for r in done]),
         "decode_tps_median": median([r.get("decode_tps") for r in done]),
         "texts_identical": len({r["text"] for r in done}) == 1 if done else None,
+        "prompt_tokens": [r.get("prompt_tokens") for r in done],
+        "cached_tokens": [r.get("cached_tokens") for r in done],
         "text0": done[0]["text"] if done else "",
     }
 
@@ -155,8 +179,57 @@ def summarize_batch(done: list[dict], errors: list[str]) -> dict:
 PROMPT = "Write a long story about a dragon who learns to bake bread in a small village."
 
 
-def api_body(model: str, tokens: int) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens,
+def numbered_prompt(k: int) -> str:
+    """Candidate ``k`` of the distinct prompts: a five-digit number, then :data:`PROMPT`.
+
+    The number comes first, so that two prompts share no more than the chat template's
+    head and a prompt cache can reuse nothing of substance; its digits are those of ``k``
+    reversed, so that consecutive requests differ in the very first digit."""
+    return f"{str(k % 100_000).zfill(5)[::-1]}: {PROMPT}"
+
+
+class Prompts:
+    """Distinct prompts of one token length, numbered 0, 1, 2...: the same number is the
+    same text in every process, so that systems measured side by side get the same requests.
+
+    ``length_of(text)`` (optional) gives a prompt's token count (chat template included).
+    With it, only candidates of the commonest length among the first ``probe`` are kept, so
+    every prompt costs the same prefill (a tokenizer merges some digit groups, not others).
+    Without it (no tokenizer at hand, e.g. against a remote API), lengths are not checked
+    here; the server's ``usage.prompt_tokens`` shows them."""
+
+    def __init__(self, length_of=None, probe: int = 200, limit: int = 100_000):
+        self._length_of = length_of
+        self._limit = limit
+        self._kept: list[str] = []
+        self._next = 0
+        self.length = None
+        if length_of is not None:
+            counts: dict[int, int] = {}
+            for k in range(probe):
+                n = length_of(numbered_prompt(k))
+                counts[n] = counts.get(n, 0) + 1
+            self.length = max(sorted(counts), key=lambda n: counts[n])
+
+    def __getitem__(self, i: int) -> str:
+        if i < 0:
+            raise IndexError(f"prompt number {i} is negative")
+        while len(self._kept) <= i:
+            if self._next >= self._limit:
+                raise IndexError(f"only {len(self._kept)} distinct prompts of {self.length} tokens among "
+                                 f"{self._limit} candidates; prompt {i} was asked for")
+            text = numbered_prompt(self._next)
+            self._next += 1
+            if self._length_of is None or self._length_of(text) == self.length:
+                self._kept.append(text)
+        return self._kept[i]
+
+    def take(self, start: int, n: int) -> list[str]:
+        return [self[i] for i in range(start, start + n)]
+
+
+def api_body(model: str, tokens: int, prompt: str = PROMPT) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
 
 
@@ -166,37 +239,52 @@ def _p99_ms(values: list) -> float | None:
 
 
 def api_bench(url: str, model: str, clients: list[int], tokens: int, rounds: int, api_key: str = "",
-              io_timeout: float = 120.0, deadline: float = 600.0) -> dict:
-    """``rounds`` batches of N concurrent streaming clients for each N in ``clients`` (after one warm-up)."""
+              io_timeout: float = 120.0, deadline: float = 600.0, same_prompt: bool = False) -> dict:
+    """``rounds`` batches of N concurrent streaming clients for each N in ``clients`` (after one
+    warm-up). Every request has a prompt of its own unless ``same_prompt``."""
     parts = urllib.parse.urlsplit(url)
     where = {"host": parts.hostname or "127.0.0.1",
              "headers": {"Authorization": f"Bearer {api_key}"} if api_key else {}}
     port = parts.port or 80
-    body = api_body(model, tokens)
+    prompts = Prompts()
+    sent = [0]
+
+    def bodies(n: int) -> list[dict]:
+        if same_prompt:
+            return [api_body(model, tokens)] * n
+        out = [api_body(model, tokens, p) for p in prompts.take(sent[0], n)]
+        sent[0] += n
+        return out
+
     health = _health(where["host"], port)
-    warm = stream_chat(port, body, io_timeout, deadline, **where)
+    warm = stream_chat(port, bodies(1)[0], io_timeout, deadline, **where)
     if warm["error"]:
         raise RuntimeError(f"the API at {url} did not answer a warm-up request: {warm['error']}")
     runs = []
     for n in clients:
         batches, ttfts = [], []
         for _ in range(rounds):
-            batch = concurrent(port, body, n, io_timeout, deadline, **where)
+            batch = concurrent(port, bodies(n), n, io_timeout, deadline, **where)
             batches.append(batch)
             ttfts += batch.pop("ttfts")
+        rates = [b["aggregate_tps"] for b in batches if b["aggregate_tps"] is not None]
+        lengths = sorted({t for b in batches for t in b["prompt_tokens"] if t is not None})
         runs.append({
             "clients": n,
             "requests": sum(b["requests"] for b in batches),
             "completion_tokens": sum(sum(t or 0 for t in b["completion_tokens"]) for b in batches),
-            "aggregate_tps": median([b["aggregate_tps"] for b in batches]),
+            "aggregate_tps": median(rates),
+            "aggregate_tps_range": [min(rates), max(rates)] if rates else None,
             "decode_tps_median": median([b["decode_tps_median"] for b in batches]),
             "ttft_ms_median": (median(ttfts) or 0) * 1000 if ttfts else None,
             "ttft_ms_p99": _p99_ms(ttfts),
+            "prompt_tokens_seen": lengths,
+            "cached_tokens_median": median([t for b in batches for t in b["cached_tokens"]]),
             "errors": [e for b in batches for e in b["errors"]],
         })
     return {"kind": "api", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "url": url,
-            "model": model, "max_tokens": tokens, "rounds": rounds, "world_size": health.get("world_size"),
-            "backend": health.get("backend"), "runs": runs}
+            "model": model, "max_tokens": tokens, "rounds": rounds, "prompts": "same" if same_prompt else "distinct",
+            "world_size": health.get("world_size"), "backend": health.get("backend"), "runs": runs}
 
 
 def _health(host: str, port: int) -> dict:
@@ -217,11 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=9, help="rounds per client count; the median of 9 is stable "
+                   "where the median of 2 or 3 moved by 20 %% between runs")
+    p.add_argument("--same-prompt", action="store_true",
+                   help="send one prompt over and over (a prompt cache serves it: the cache-on figure); "
+                   "default: a distinct prompt per request")
     p.add_argument("--api-key", default=os.environ.get("MJC_API_KEY", ""), help="default: $MJC_API_KEY")
     p.add_argument("--out", required=True)
     opts = p.parse_args(argv)
-    result = api_bench(opts.url, opts.model, opts.clients, opts.tokens, opts.rounds, opts.api_key)
+    result = api_bench(opts.url, opts.model, opts.clients, opts.tokens, opts.rounds, opts.api_key,
+                       same_prompt=opts.same_prompt)
     os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
     with open(opts.out, "w") as f:
         json.dump(result, f, indent=1)
