@@ -10,19 +10,20 @@ and measured in turn, so that the drift of a shared 2-core machine hits all of t
 - **ours**: ``mjc-rank`` ranks started with ``mlx_jaccl_cluster.launch.start_group``.
 - **peer**: ``python -m mlx_lm.server --model PATH --port P`` on every rank (same ring
   hostfile scheme), SIGSTOPped between its own runs (idle, its ranks spin in a collective).
-  Its prompt cache is off by default (``--peer-prompt-cache``): this bench sends one prompt
-  over and over, which real traffic does not. A crash or hang (mlx-lm issue 1737) is
+  Both servers run with their default prompt caches. A crash or hang (mlx-lm issue 1737) is
   recorded as the result, with the error text, and its ranks are killed at once.
 
 After one warm-up request per server: ``--repeats`` rounds of one request each (1 streaming
 client); ``--concurrent-repeats`` rounds of ``--clients`` concurrent streaming clients (the
-baseline runs mlx-lm's ``BatchGenerator`` on as many copies of the prompt: the in-process
-ceiling); ``--clients`` requests one after the other to ours; then the peak RSS (VmHWM) of
+baseline runs mlx-lm's ``BatchGenerator`` on as many prompts: the in-process ceiling); ``--clients`` requests one after the other to ours; then the peak RSS (VmHWM) of
 every rank. A round during which other jobs used more than ``--foreign-max`` cores is
 repeated (up to ``--max-attempts`` times as many rounds); the JSON keeps every round.
 
-Every system gets the same chat prompt (the model's chat template), greedy decoding and the
-same ``max_tokens``; ``completion_tokens`` is checked. Decode rate = (tokens - 1) / (time of
+Every request has a prompt of its own (``Prompts``: a numbered message, all of one token
+length through the model's chat template), and every system is sent the same sequence of
+them, so that no system serves a prompt from its cache that real traffic would not repeat
+(``--same-prompt``: one fixed prompt, the cache-on figure). Greedy decoding, the same
+``max_tokens``; ``completion_tokens`` is checked. Decode rate = (tokens - 1) / (time of
 the last token - time of the first token); TTFT = request sent -> first token (API: first
 chunk with text). Figures are medians over the rounds that count.
 
@@ -54,9 +55,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-from mlx_jaccl_cluster.ops.apibench import concurrent, median, sequential, stream_chat  # noqa: E402
-
-MESSAGES = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread in a small village."}]
+from mlx_jaccl_cluster.ops.apibench import PROMPT, Prompts, concurrent, median, sequential, stream_chat  # noqa: E402
 
 TARGETS = {
     "decode_vs_inproc": 0.98,
@@ -277,10 +276,52 @@ def tail(path: Path, n: int = 3000) -> str:
 # --------------------------------------------------------------------------------------
 # the HTTP client (stdlib, so it costs as little CPU as possible on 2 cores)
 # --------------------------------------------------------------------------------------
-def chat_body(model_id: str, tokens: int) -> dict:
+def messages(text: str = PROMPT) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def prompt_counter(tokenizer):
+    """Token count of a user message through the model's chat template (what every system
+    prefills), for :class:`Prompts` to keep the prompts of one length."""
+    return lambda text: len(list(tokenizer.apply_chat_template(messages(text), add_generation_prompt=True)))
+
+
+def model_prompts(model: Path) -> Prompts:
+    """The distinct prompts for ``model`` (its own tokenizer decides the common length)."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    return Prompts(prompt_counter(load_tokenizer(Path(model))))
+
+
+class Feed:
+    """The requests one system is sent: prompt 0, 1, 2... of :class:`Prompts` (every system
+    gets the same sequence, so that none of them has seen a prompt the others have not), or
+    with ``same`` the one fixed prompt every time (a prompt cache then serves it)."""
+
+    def __init__(self, prompts: Prompts, model_id: str, tokens: int, same: bool = False):
+        self.prompts, self.model_id, self.tokens, self.same = prompts, model_id, tokens, same
+        self.sent = 0
+
+    def take(self, n: int) -> int:
+        """Number of the first of the next ``n`` prompts (for the in-process baseline)."""
+        start = self.sent
+        self.sent += n
+        return start
+
+    def bodies(self, n: int) -> list[dict]:
+        if self.same:
+            return [chat_body(self.model_id, self.tokens)] * n
+        start = self.take(n)
+        return [chat_body(self.model_id, self.tokens, t) for t in self.prompts.take(start, n)]
+
+    def body(self) -> dict:
+        return self.bodies(1)[0]
+
+
+def chat_body(model_id: str, tokens: int, text: str = PROMPT) -> dict:
     return {
         "model": model_id,
-        "messages": MESSAGES,
+        "messages": messages(text),
         "max_tokens": tokens,
         "temperature": 0.0,
         "stream": True,
@@ -300,9 +341,12 @@ RESULT_PREFIX = "BASELINE-RESULT "
 
 
 def baseline_worker(opts) -> None:
-    """Load the shard, warm up, then run one timed ``stream_generate`` per ``run`` line on
-    stdin (all ranks get the line at once); rank 0 prints each timing as one JSON line.
-    On ``quit`` (or EOF) write this rank's VmHWM to the result folder and exit."""
+    """Load the shard, warm up, then serve lines from stdin (all ranks get each line at once;
+    rank 0 prints each result as one JSON line): ``run I`` one timed ``stream_generate`` of
+    prompt I (``run`` alone: the fixed prompt), ``batch N I`` prompts I..I+N-1 through
+    ``BatchGenerator``, ``interleave {json}`` the long-prompt-among-decoders steps
+    (:func:`interleave_steps`). On ``quit`` (or EOF) write this rank's VmHWM to the result
+    folder and exit."""
     rank = int(os.environ.get("MLX_RANK", "0"))
     backend = os.environ.get("MJC_BENCH_BACKEND", "ring")  # gpu_bench.py: nccl
     if backend == "nccl":
@@ -326,9 +370,14 @@ def baseline_worker(opts) -> None:
     else:
         with _collectives_on_gpu(backend):
             model, tokenizer = sharded_load(str(opts.model), pipeline_group=group)
-    prompt = list(tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True))
+    prompts = Prompts(prompt_counter(tokenizer))
 
-    def once() -> dict:
+    def tokens_of(i: int | None) -> list[int]:
+        text = PROMPT if i is None else prompts[i]
+        return list(tokenizer.apply_chat_template(messages(text), add_generation_prompt=True))
+
+    def once(i: int | None) -> dict:
+        prompt = tokens_of(i)
         t0 = time.perf_counter()
         first = last = None
         text, r = [], None
@@ -340,20 +389,21 @@ def baseline_worker(opts) -> None:
             text.append(r.text)
         n = r.generation_tokens
         return {"ttft_s": first - t0, "decode_tps": (n - 1) / (last - first) if n > 1 else None,
-                "total_s": last - t0, "completion_tokens": n, "prompt_tokens": len(prompt),
+                "total_s": last - t0, "completion_tokens": n, "prompt_tokens": len(prompt), "prompt": i,
                 "finish_reason": r.finish_reason, "text": "".join(text)}
 
-    def batch(n: int) -> dict:
-        """``n`` copies of the prompt through mlx-lm's BatchGenerator (the engine both servers
-        use): the in-process ceiling for n concurrent clients, prefill included."""
+    def batch(n: int, start: int | None) -> dict:
+        """``n`` prompts through mlx-lm's BatchGenerator (the engine both servers use): the
+        in-process ceiling for n concurrent clients, prefill included."""
         from mlx_lm.generate import BatchGenerator
         from mlx_lm.sample_utils import make_sampler
 
         gen = BatchGenerator(model, stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
                              completion_batch_size=n, prefill_batch_size=n)
         sampler = make_sampler(0.0)
+        batch_prompts = [tokens_of(None if start is None else start + k) for k in range(n)]
         t0 = time.perf_counter()
-        gen.insert([prompt] * n, max_tokens=[opts.tokens] * n, samplers=[sampler] * n,
+        gen.insert(batch_prompts, max_tokens=[opts.tokens] * n, samplers=[sampler] * n,
                    logits_processors=[[] for _ in range(n)])
         tokens, left = 0, n
         while left:
@@ -363,21 +413,80 @@ def baseline_worker(opts) -> None:
         wall = time.perf_counter() - t0
         if hasattr(gen, "close"):
             gen.close()
-        return {"sequences": n, "completion_tokens": tokens, "wall_s": wall, "aggregate_tps": tokens / wall}
+        return {"sequences": n, "completion_tokens": tokens, "wall_s": wall, "aggregate_tps": tokens / wall,
+                "prompt": start}
 
-    once()  # warm-up
+    once(None)  # warm-up
     print(READY_LINE, flush=True)
     for line in sys.stdin:
-        cmd = line.split()
+        cmd = line.split(maxsplit=1)
+        args = cmd[1].split() if len(cmd) > 1 else []
         if cmd[:1] == ["run"]:
-            result = once()
+            result = once(int(args[0]) if args else None)
         elif cmd[:1] == ["batch"]:
-            result = batch(int(cmd[1]))
+            result = batch(int(args[0]), int(args[1]) if len(args) > 1 else None)
+        elif cmd[:1] == ["interleave"]:
+            spec = json.loads(cmd[1])
+            long = list(tokenizer.apply_chat_template(messages(spec["long_text"]), add_generation_prompt=True))
+            result = interleave_steps(model, tokenizer, [tokens_of(i) for i in spec["prompts"]], long, spec)
         else:
             break
         if rank == 0:
             print(RESULT_PREFIX + json.dumps(result), flush=True)
     Path(opts.result_dir, f"baseline-rank{rank}.json").write_text(json.dumps({"rank": rank, **proc_status(os.getpid())}))
+
+
+def interleave_steps(model, tokenizer, short: list[list[int]], long: list[int], spec: dict) -> dict:
+    """mlx-lm's ``BatchGenerator`` alone (no server): ``short`` prompts decode ``spec['tokens']``
+    tokens each; with ``spec['long']`` the ``long`` prompt is inserted ``spec['after']`` steps
+    after every short one has its first token. Returns the wall time of every step (one
+    step = one token for each decoding sequence) and when the long prompt was inserted and
+    gave its first token, for inter-token latencies with and without a long prefill among
+    the decoders. ``spec['prefill_step_size']``: the chunk a step prefills (mlx-lm does at
+    most one chunk per step)."""
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.sample_utils import make_sampler
+
+    n = len(short) + 1
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)], completion_batch_size=n,
+                         prefill_batch_size=n, prefill_step_size=spec["prefill_step_size"])
+    sampler = make_sampler(0.0)
+    k = len(short)
+    uids = gen.insert(short, max_tokens=[spec["tokens"]] * k, samplers=[sampler] * k,
+                      logits_processors=[[] for _ in range(k)])
+    started: set[int] = set()
+    steps: list[dict] = []
+    long_uid = inserted = first_long = None
+    long_done = False
+    left = set(uids)
+    t0 = time.perf_counter()
+    # until every short sequence is done and the long one (if inserted) too, so that the
+    # next run starts from an empty batch
+    while left or (long_uid is not None and not long_done):
+        _, responses = gen.next()
+        now = time.perf_counter() - t0
+        short_tokens = 0
+        for r in responses:
+            if r.uid == long_uid:
+                if first_long is None:
+                    first_long = now
+                long_done = long_done or r.finish_reason is not None
+                continue
+            short_tokens += 1
+            started.add(r.uid)
+            if r.finish_reason is not None:
+                left.discard(r.uid)
+        steps.append({"t": now, "short_tokens": short_tokens})
+        if (spec.get("long") and long_uid is None and len(started) == k
+                and sum(1 for s in steps if s["short_tokens"] == k) >= spec["after"]):
+            (long_uid,) = gen.insert([long], max_tokens=[spec["long_max_tokens"]], samplers=[sampler],
+                                     logits_processors=[[]])
+            inserted = time.perf_counter() - t0
+    if hasattr(gen, "close"):
+        gen.close()
+    return {"steps": steps, "long_inserted_s": inserted, "long_first_token_s": first_long,
+            "long_prompt_tokens": len(long), "short_prompt_tokens": [len(p) for p in short],
+            "prefill_step_size": spec["prefill_step_size"]}
 
 
 class Baseline:
@@ -432,8 +541,8 @@ class Baseline:
     def wait_ready(self, timeout: float) -> None:
         self._expect(READY_LINE, timeout)
 
-    def run_once(self, timeout: float) -> dict:
-        self._send("run\n")
+    def run_once(self, timeout: float, prompt: int | None = None) -> dict:
+        self._send("run\n" if prompt is None else f"run {prompt}\n")
         result = json.loads(self._expect(RESULT_PREFIX, timeout))
         self.runs.append(result)
         return result
@@ -442,11 +551,16 @@ class Baseline:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
-    def run_batch(self, n: int, timeout: float) -> dict:
-        self._send(f"batch {n}\n")
+    def run_batch(self, n: int, timeout: float, start: int | None = None) -> dict:
+        self._send(f"batch {n}\n" if start is None else f"batch {n} {start}\n")
         result = json.loads(self._expect(RESULT_PREFIX, timeout))
         self.batches.append(result)
         return result
+
+    def interleave(self, spec: dict, timeout: float) -> dict:
+        """One :func:`interleave_steps` run on every rank (the result of rank 0)."""
+        self._send("interleave " + json.dumps(spec) + "\n")
+        return json.loads(self._expect(RESULT_PREFIX, timeout))
 
     def close(self) -> dict:
         """Stop the ranks; the baseline's figures and every rank's VmHWM."""
@@ -502,7 +616,9 @@ class Peer:
         env = ring_env(workdir, opts.ranks, "peer")
         (self.port,) = free_ports(1)
         self.argv = [sys.executable, "-m", "mlx_lm.server", "--model", str(model), "--port", str(self.port),
-                     "--log-level", "WARNING", "--prompt-cache-size", str(opts.peer_prompt_cache)]
+                     "--log-level", "WARNING"]
+        if opts.peer_prompt_cache is not None:
+            self.argv += ["--prompt-cache-size", str(opts.peer_prompt_cache)]
         if opts.parallel == "pipeline":
             self.argv.append("--pipeline")
         self.logs = [workdir / f"peer-rank{r}.log" for r in range(opts.ranks)]
@@ -596,8 +712,10 @@ def run_all(opts, model: Path, workdir: Path) -> tuple[dict, dict, dict | None]:
         ours["start_s"] = round(time.monotonic() - t, 1)
         port = int(group.api.rsplit(":", 1)[1])
         opids = [p.pid for p in group.procs]
-        body = chat_body(group.model_id, opts.tokens)
-        pbody = chat_body("default_model", opts.tokens)
+        prompts = model_prompts(model)
+        feeds = {"baseline": Feed(prompts, "", opts.tokens), "ours": Feed(prompts, group.model_id, opts.tokens, opts.same_prompt),
+                 "peer": Feed(prompts, "default_model", opts.tokens, opts.same_prompt)}
+        ours["prompts"] = "same" if opts.same_prompt else f"distinct, {prompts.length} tokens each"
         try:
             baseline.wait_ready(opts.start_timeout)
         except Exception as exc:
@@ -606,7 +724,7 @@ def run_all(opts, model: Path, workdir: Path) -> tuple[dict, dict, dict | None]:
             try:
                 peer.wait_ready(opts.start_timeout)
                 log("peer: warm-up")
-                warm = stream_chat(peer.port, pbody, opts.start_timeout, opts.start_timeout)
+                warm = stream_chat(peer.port, feeds["peer"].body(), opts.start_timeout, opts.start_timeout)
                 prr["warmup"] = strip(warm)
                 if warm["error"]:
                     peer.error = f"warm-up failed: {warm['error']}"
@@ -614,7 +732,8 @@ def run_all(opts, model: Path, workdir: Path) -> tuple[dict, dict, dict | None]:
                 peer.error = f"{type(exc).__name__}: {exc}"
             peer.pause()
         log("ours: warm-up")
-        warm = stream_chat(port, body, opts.start_timeout, opts.start_timeout)
+        warm = stream_chat(port, feeds["ours"].body(), opts.start_timeout, opts.start_timeout)
+        feeds["baseline"].take(1)  # its warm-up ran the fixed prompt; keep the three sequences in step
         ours["warmup"] = strip(warm)
         if warm["error"]:
             raise RuntimeError(f"our warm-up failed: {warm['error']}")
@@ -645,14 +764,17 @@ def run_all(opts, model: Path, workdir: Path) -> tuple[dict, dict, dict | None]:
             for name in steps[k:] + steps[:k]:
                 if name == "baseline" and baseline.error is None:
                     try:
-                        out["baseline"] = with_cpu(lambda: baseline.run_once(opts.request_deadline), baseline.pids)
+                        i = None if opts.same_prompt else feeds["baseline"].take(1)
+                        out["baseline"] = with_cpu(lambda: baseline.run_once(opts.request_deadline, i), baseline.pids)
                     except Exception as exc:
                         baseline.error = f"{type(exc).__name__}: {exc}"
                 elif name == "ours":
-                    out["ours"] = with_cpu(lambda: one_client_run(port, body, opts), opids)
+                    b = feeds["ours"].body()
+                    out["ours"] = with_cpu(lambda: one_client_run(port, b, opts), opids)
                 elif name == "peer" and peer is not None and peer.error is None:
                     peer.resume()
-                    out["peer"] = with_cpu(lambda: one_client_run(peer.port, pbody, opts), peer.pids)
+                    b = feeds["peer"].body()
+                    out["peer"] = with_cpu(lambda: one_client_run(peer.port, b, opts), peer.pids)
                     peer.pause()
                     if out["peer"]["error"]:
                         fail_peer(f"1-client request failed: {out['peer']['error']}")
@@ -683,13 +805,16 @@ def run_all(opts, model: Path, workdir: Path) -> tuple[dict, dict, dict | None]:
                 out: dict = {}
                 if baseline.error is None:
                     try:
-                        out["baseline"] = baseline.run_batch(opts.clients, opts.request_deadline * opts.clients)
+                        i = None if opts.same_prompt else feeds["baseline"].take(opts.clients)
+                        out["baseline"] = baseline.run_batch(opts.clients, opts.request_deadline * opts.clients, i)
                     except Exception as exc:
                         baseline.error = f"{type(exc).__name__}: {exc}"
-                out["ours"] = concurrent(port, body, opts.clients, opts.io_timeout, opts.request_deadline)
+                out["ours"] = concurrent(port, feeds["ours"].bodies(opts.clients), opts.clients, opts.io_timeout,
+                                         opts.request_deadline)
                 if peer is not None and peer.error is None:
                     peer.resume()
-                    out["peer"] = concurrent(peer.port, pbody, opts.clients, opts.io_timeout, opts.request_deadline)
+                    out["peer"] = concurrent(peer.port, feeds["peer"].bodies(opts.clients), opts.clients, opts.io_timeout,
+                                             opts.request_deadline)
                     if out["peer"]["errors"]:
                         fail_peer(f"{opts.clients}-client run failed: {out['peer']['errors'][0]}")
                     else:
@@ -713,7 +838,8 @@ def run_all(opts, model: Path, workdir: Path) -> tuple[dict, dict, dict | None]:
 
             # --- the same requests one after the other, ours only -------------------------
             log(f"ours: {opts.clients} requests one after the other")
-            seq = clean_series(lambda: sequential(port, body, opts.clients, opts.io_timeout, opts.request_deadline),
+            seq = clean_series(lambda: sequential(port, feeds["ours"].bodies(opts.clients), opts.clients, opts.io_timeout,
+                                                  opts.request_deadline),
                                1, all_pids, opts, "sequential", lambda r: bool(r["errors"]))
             ours["sequential"] = pick(seq, 1)[-1]
             ours["sequential"]["counted"] = counted(seq, 1)
@@ -916,13 +1042,16 @@ def main() -> int:
     ap.add_argument("--ranks", type=int, default=1)
     ap.add_argument("--parallel", choices=["tensor", "pipeline"], default="tensor")
     ap.add_argument("--tokens", type=int, default=128, help="max_tokens of every request")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=9, help="1-client rounds (9: a median that holds between runs)")
     ap.add_argument("--concurrent-repeats", type=int, help="repeats of the concurrent run (default: --repeats)")
     ap.add_argument("--clients", type=int, default=8, help="concurrent clients (0: skip the concurrent and sequential runs)")
     ap.add_argument("--skip-peer", action="store_true")
-    ap.add_argument("--peer-prompt-cache", type=int, default=0,
-                    help="mlx_lm.server --prompt-cache-size (default 0: every request is prefilled, as on ours; "
-                         "its default of 10 would reuse the KV cache of this bench's identical prompts)")
+    ap.add_argument("--peer-prompt-cache", type=int, default=None,
+                    help="mlx_lm.server --prompt-cache-size (default: its own default, as ours runs with its own; "
+                         "with distinct prompts neither cache can reuse more than the chat template's head)")
+    ap.add_argument("--same-prompt", action="store_true",
+                    help="send one fixed prompt every time (prompt caches serve it: the cache-on figure); "
+                         "default: a distinct prompt of the same token length per request")
     ap.add_argument("--foreign-max", type=float, default=0.1,
                     help="a run counts only if other jobs used at most this many cores meanwhile (default 0.1)")
     ap.add_argument("--max-attempts", type=int, default=3,
