@@ -4,6 +4,7 @@
 #   bash benchmarks/device/run.sh stash              # call 1: keep the carried wheels in /tmp
 #   bash benchmarks/device/run.sh single [ARGS...]   # call 2: install, then gpu_bench.py single
 #   bash benchmarks/device/run.sh tp [ARGS...]       #         install, then gpu_bench.py tp
+#   bash benchmarks/device/run.sh interleave [ARGS...] #       long prompts among decoders
 #
 # The device image has no internet and lacks mlx, mlx-lm, fastapi, uvicorn, pydantic...
 # Wheels travel in git-ignored folders named in `carry` (64 MiB a call):
@@ -48,4 +49,8 @@ export PYTHONPATH="$SITE:$PWD/runtime" PATH="$SITE/bin:$PATH" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=index,name,memory.used,memory.total,utilization.gpu --format=csv,noheader
 python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" || exit 4
-python3 benchmarks/gpu_bench.py "$stage" --out "$OUT/gpu-bench-$stage.json" "$@" 2> >(tee "$OUT/bench-$stage.log" >&2)
+# MJC_BENCH_LIMIT=S: SIGTERM after S seconds (gpu_bench.py then stops its systems and still
+# writes what it measured), so that a run near the call's limit returns its figures.
+limit=()
+[ -n "${MJC_BENCH_LIMIT:-}" ] && limit=(timeout -s TERM -k 30 "$MJC_BENCH_LIMIT")
+"${limit[@]}" python3 benchmarks/gpu_bench.py "$stage" --out "$OUT/gpu-bench-$stage.json" "$@" 2> >(tee "$OUT/bench-$stage.log" >&2)
