@@ -552,6 +552,38 @@ def decoders_round(port: int, bodies: list[dict], long_body: dict | None, delay:
     return {"decoders": done, "long": long or None, "errors": errors}
 
 
+def round_times(rd: dict) -> dict:
+    """When, in a loaded round, the long request was sent, got its first and last token, and
+    where the longest gap of the decoders ended (seconds from the first decoder's sending):
+    to place a stall."""
+    decs = rd["decoders"]
+    t0 = min(r["start"] for r in decs)
+    long = rd.get("long") or {}
+    worst = max(((t, g) for r in decs for t, g in gaps_of(r)), key=lambda tg: tg[1], default=(None, None))
+    rel = lambda t: None if t is None else round(t - t0, 4)
+    return {"long_sent": rel(long.get("start")), "long_first": rel((long.get("times") or [None])[0]),
+            "long_last": rel((long.get("times") or [None])[-1]), "max_gap_end": rel(worst[0]),
+            "max_gap_s": worst[1]}
+
+
+def start_spy(pid: int, path: Path, seconds: int):
+    spy = shutil.which("py-spy")
+    if not spy:
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "500",
+                             "--nonblocking", "--threads", "--format", "raw", "--output", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def stop_spy(proc, seconds: int):
+    try:
+        _, err = proc.communicate(timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err[-500:] if proc.returncode else None
+
+
 def itl_stats(gaps: list[float]) -> dict:
     from mlx_jaccl_cluster.bench import percentile
 
@@ -628,6 +660,12 @@ def run_interleave(opts, model: Path, workdir: Path, res: dict) -> list[System]:
                      env={"MJC_PREFILL_STEP_SIZE": str(size)} | (nccl_env(opts.ranks) if opts.backend == "nccl" else {}))
             closers.append(o.close)
             systems.append(System(f"runtime prefill_step_size {size}", "ours", o, o.model_id, prompts))
+        for spec in opts.runtime_env:  # NAME:VAR=VALUE[,VAR=VALUE...]: the runtime with other settings
+            name, _, pairs = spec.partition(":")
+            extra = dict(kv.split("=", 1) for kv in pairs.split(",") if kv)
+            o = Ours(f"runtime-{name}", model, workdir, opts.ranks, opts.backend, env=extra)
+            closers.append(o.close)
+            systems.append(System(f"runtime {name} ({pairs})", "ours", o, o.model_id, prompts))
         if not opts.skip_peer:
             peer = rb.Peer(opts, model, workdir)
             closers.append(peer.close)
@@ -671,6 +709,11 @@ def run_interleave(opts, model: Path, workdir: Path, res: dict) -> list[System]:
                     s.obj.resume()
                 s.tokens = opts.tokens
                 long_body = lambda: rb.chat_body(s.model_id, opts.long_max_tokens, long_for())
+                spy = None
+                if opts.profile and s.kind == "ours" and not any("pyspy" in v for v in figures.values()):
+                    spy = start_spy(s.obj.group.procs[0].pid, opts.out.parent / "pyspy-interleave-rank0.txt",
+                                    opts.profile)
+                    f["pyspy"] = "pyspy-interleave-rank0.txt"
                 # warm-up: the shapes of a long prefill among decoders compile once
                 warm = decoders_round(s.obj.port, s._bodies(fresh(d), d), long_body(), 0.05, opts)
                 if warm["errors"]:
@@ -685,7 +728,10 @@ def run_interleave(opts, model: Path, workdir: Path, res: dict) -> list[System]:
                     errs = quiet["errors"] + loaded["errors"]
                     if errs:
                         raise RuntimeError(errs[0])
-                    f["rounds"].append({"quiet": q, "loaded": http_round_figures(loaded, opts.tokens), "delay_s": delay})
+                    f["rounds"].append({"quiet": q, "loaded": http_round_figures(loaded, opts.tokens), "delay_s": delay,
+                                        "times": round_times(loaded)})
+                if spy is not None:
+                    f["pyspy_errors"] = stop_spy(spy, opts.profile)
             except Exception as exc:
                 s.error = f"{type(exc).__name__}: {exc}"[:2000]
                 f["error"] = s.error
@@ -712,7 +758,8 @@ def interleave_summary(rounds_: list[dict]) -> list[dict]:
         out.append({
             "step_size": size, "quiet": quiet, "loaded_all": loaded_all, "loaded_window": window,
             "loaded_prefill_window": pre,
-            "p99_ratio_window": ratio(window.get("p99_ms") or pre.get("p99_ms"), quiet.get("p99_ms")),
+            "p99_ratio_prefill": ratio(pre.get("p99_ms"), quiet.get("p99_ms")),
+            "p99_ratio_window": ratio(window.get("p99_ms"), quiet.get("p99_ms")),
             "p99_ratio_all": ratio(loaded_all.get("p99_ms"), quiet.get("p99_ms")),
             "long_ttft_ms": ms(rb.median([r["loaded"].get("long_ttft_s") for r in rs])),
             "quiet_decode_tps": rb.median([r["quiet"].get("decode_tps") for r in rs]),
@@ -749,6 +796,20 @@ def run_ratios(x: dict, y: dict, key: str) -> list:
     return [ratio(a.get(key), b.get(key)) for a, b in zip(x.get("per_run") or [], y.get("per_run") or [])]
 
 
+def paired_text(x: dict, y: dict, runs: str, key: str, scale: float = 1.0, op=None) -> str:
+    """'; paired 0.90 [0.74-1.01]': the median and quartiles of the per-round figure of x
+    against y. Within a round the systems ran one after the other, so a pair shares the
+    machine's state; on a noisy machine this is the steadier estimate of a ratio."""
+    op = op or ratio
+    pairs = [op(a.get(key) * scale, b.get(key) * scale) for a, b in zip(x.get(runs) or [], y.get(runs) or [])
+             if a.get(key) is not None and b.get(key) is not None and not a.get("error") and not b.get("error")]
+    pairs = [v for v in pairs if v is not None]
+    if len(pairs) < 4:
+        return ""
+    q = statistics.quantiles(pairs, n=4)
+    return f"; paired {statistics.median(pairs):.2f} [{q[0]:.2f}-{q[2]:.2f}]"
+
+
 def spread_text(values: list) -> str:
     """' (runs 0.97 / 1.01 / 0.99)': each run's figure, the spread of a target's ratio."""
     known = [v for v in values if v is not None]
@@ -779,7 +840,8 @@ def summarize(opts, res: dict) -> list[dict]:
             spread = spread_text(runs)
             ok = None if r is None else r >= goal
             rows.append([label, x.get(key), y.get(key), r, f"{op} {goal}",
-                         ("-" if ok is None else "met" if ok else "MISSED") + spread])
+                         ("-" if ok is None else "met" if ok else "MISSED") + spread
+                         + paired_text(x, y, "many_runs" if key == "aggregate_tps" else "one_runs", key)])
 
         target_row("runtime / in-process stream_generate, 1 client tok/s", ours, inp, "decode_tps", ">=",
                    TARGETS["one_client_vs_inproc"])
@@ -792,7 +854,8 @@ def summarize(opts, res: dict) -> list[dict]:
         runs = [diff(a.get("ttft_ms"), b.get("ttft_ms")) for a, b in zip(ours.get("per_run") or [], inp.get("per_run") or [])]
         rows.append(["TTFT ms, 1 client: runtime - in-process", ours.get("ttft_ms"), inp.get("ttft_ms"), d,
                      f"<= {TARGETS['ttft_delta_ms']} ms", ("-" if d is None else "met" if d <= TARGETS["ttft_delta_ms"]
-                                                          else "MISSED") + spread_text(runs)])
+                                                          else "MISSED") + spread_text(runs)
+                     + paired_text(ours, inp, "one_runs", "ttft_s", scale=1000, op=diff)])
         b1 = s.get("in-process batch-1", {})
         rows.append(["runtime / in-process BatchGenerator 1 seq (incl. prefill), 1 client tok/s", ours.get("decode_tps"),
                      b1.get("decode_tps"), ratio(ours.get("decode_tps"), b1.get("decode_tps")), "(info)",
@@ -830,14 +893,18 @@ def summarize(opts, res: dict) -> list[dict]:
                 rows.append([f"{name}: failed", None, None, None, "-", f["error"][:120]])
             for x in f.get("summary") or []:
                 label = name + (f" (prefill_step_size {x['step_size']})" if x.get("step_size") else "")
-                q, w = x["quiet"], x["loaded_window"] if x["loaded_window"].get("n") else x["loaded_prefill_window"]
-                r = x["p99_ratio_window"]
-                rows.append([f"{label}: ITL p99 ms, {opts.decoders} decoders during the long prompt / alone",
+                q, w, j = x["quiet"], x["loaded_prefill_window"], x["loaded_window"]
+                r = x["p99_ratio_prefill"]
+                rows.append([f"{label}: ITL p99 ms, {opts.decoders} decoders during the long prefill / alone",
                              w.get("p99_ms"), q.get("p99_ms"), r, f"<= {goal}",
                              "-" if r is None else ("met" if r <= goal else "MISSED")])
-                rows.append([f"{label}: ITL p50 ms during / alone; max ms during; gaps counted",
+                rows.append([f"{label}: ITL p50 ms during the prefill / alone; max ms during; gaps counted",
                              w.get("p50_ms"), q.get("p50_ms"), ratio(w.get("p50_ms"), q.get("p50_ms")), "(info)",
                              f"max {fmt(w.get('max_ms'))} ms; {w.get('n')} gaps during, {q.get('n')} alone"])
+                if j.get("n"):
+                    rows.append([f"{label}: ITL p99 ms from the long request's sending to its last token / alone",
+                                 j.get("p99_ms"), q.get("p99_ms"), x["p99_ratio_window"], "(info)",
+                                 f"max {fmt(j.get('max_ms'))} ms (its prefill, joining the batch, decoding, leaving)"])
                 rows.append([f"{label}: long prompt TTFT ms ({'/'.join(map(str, x['long_prompt_tokens']))} tokens); "
                              "decode tok/s of the decoders, loaded / alone",
                              x.get("long_ttft_ms"), x.get("loaded_decode_tps"), x.get("quiet_decode_tps"), "(info)",
@@ -903,8 +970,22 @@ def machine_info() -> dict:
     return info
 
 
+def report(path: Path) -> int:
+    """Print the table of a saved result again (with the current summary code)."""
+    res = json.loads(path.read_text())
+    opts = argparse.Namespace(**res["args"])
+    for f in (res.get("interleave") or {}).values():
+        f["summary"] = interleave_summary(f["rounds"])
+    res["summary"] = summarize(opts, res)
+    print_table(res)
+    return 0
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    if sys.argv[1:2] == ["--report"]:
+        return report(Path(sys.argv[2]))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="gpu_bench.py --report RESULT.json prints the table of a saved result again")
     ap.add_argument("mode", choices=["single", "tp", "interleave"])
     ap.add_argument("--model", type=Path, help="an existing mlx-lm folder instead of building one")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="772m", help="llama shape preset (default 772m)")
@@ -936,8 +1017,10 @@ def main() -> int:
     ap.add_argument("--interleave-rounds", type=int, default=3, help="interleave: quiet + loaded pairs per system")
     ap.add_argument("--step-sizes", type=int, nargs="+", default=[256, 512, 2048, 8192],
                     help="interleave: in-process BatchGenerator prefill_step_size values")
-    ap.add_argument("--runtime-step-sizes", type=int, nargs="+", default=[512, 2048],
+    ap.add_argument("--runtime-step-sizes", type=int, nargs="*", default=[512, 2048],
                     help="interleave: the runtime's MJC_PREFILL_STEP_SIZE values (512 is its default)")
+    ap.add_argument("--runtime-env", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+                    help="interleave: also the runtime with these settings, e.g. nocache:MJC_PROMPT_CACHE_SIZE=0")
     ap.add_argument("--profile", type=int, default=0, help="seconds of py-spy on the runtime (0: none)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mjc-gpu-bench"))
     ap.add_argument("--out", type=Path, default=Path("gpu-bench.json"))
