@@ -405,16 +405,18 @@ def baseline_worker(opts) -> None:
         t0 = time.perf_counter()
         gen.insert(batch_prompts, max_tokens=[opts.tokens] * n, samplers=[sampler] * n,
                    logits_processors=[[] for _ in range(n)])
-        tokens, left = 0, n
+        tokens, left, first = 0, n, None
         while left:
             _, responses = gen.next()
+            if responses and first is None:
+                first = time.perf_counter() - t0
             tokens += len(responses)
             left -= sum(1 for x in responses if x.finish_reason is not None)
         wall = time.perf_counter() - t0
         if hasattr(gen, "close"):
             gen.close()
         return {"sequences": n, "completion_tokens": tokens, "wall_s": wall, "aggregate_tps": tokens / wall,
-                "prompt": start}
+                "ttft_s": first, "prompt": start}
 
     once(None)  # warm-up
     print(READY_LINE, flush=True)
