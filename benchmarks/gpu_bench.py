@@ -306,8 +306,9 @@ def profile(opts, target: System, ranks: list[int], out_dir: Path, tag: str, pro
         return {"error": "py-spy not found on PATH"}
     pids = [target.obj.group.procs[r].pid for r in ranks]
     files = [out_dir / f"pyspy-{tag}-rank{r}.txt" for r in ranks]
+    idle = ["--idle"] if opts.profile_idle else []
     procs = [subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(opts.profile)), "--rate", "500",
-                               "--nonblocking", "--threads", "--format", "raw", "--output", str(f)],
+                               "--nonblocking", "--threads", *idle, "--format", "raw", "--output", str(f)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for pid, f in zip(pids, files)]
     time.sleep(1.0)  # py-spy attaches
@@ -1024,6 +1025,8 @@ def main() -> int:
     ap.add_argument("--runtime-env", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
                     help="interleave: also the runtime with these settings, e.g. nocache:MJC_PROMPT_CACHE_SIZE=0")
     ap.add_argument("--profile", type=int, default=0, help="seconds of py-spy on the runtime (0: none)")
+    ap.add_argument("--profile-idle", action="store_true",
+                    help="py-spy records waiting threads too (where a rank waits: for the STEP frame, in a collective)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mjc-gpu-bench"))
     ap.add_argument("--out", type=Path, default=Path("gpu-bench.json"))
     ap.add_argument("--io-timeout", type=float, default=120.0)
