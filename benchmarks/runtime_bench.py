@@ -15,8 +15,8 @@ and measured in turn, so that the drift of a shared 2-core machine hits all of t
 
 After one warm-up request per server: ``--repeats`` rounds of one request each (1 streaming
 client); ``--concurrent-repeats`` rounds of ``--clients`` concurrent streaming clients (the
-baseline runs mlx-lm's ``BatchGenerator`` on as many prompts: the in-process ceiling); ``--clients`` requests one after the other to ours; then the peak RSS (VmHWM) of
-every rank. A round during which other jobs used more than ``--foreign-max`` cores is
+baseline runs mlx-lm's ``BatchGenerator`` on as many prompts: the in-process ceiling);
+``--clients`` requests one after the other to ours; then the peak RSS (VmHWM) of every rank. A round during which other jobs used more than ``--foreign-max`` cores is
 repeated (up to ``--max-attempts`` times as many rounds); the JSON keeps every round.
 
 Every request has a prompt of its own (``Prompts``: a numbered message, all of one token
