@@ -689,7 +689,8 @@ def run_interleave(opts, model: Path, workdir: Path, res: dict) -> list[System]:
         for s in systems:
             if s.error:
                 continue
-            rb.log(f"{s.name}: {d} decoders alone, then with a {opts.long_tokens}-token prompt, x {opts.interleave_rounds}")
+            rb.log(f"{s.name}: {d} decoders alone, then with a {opts.long_tokens}-token prompt, "
+                   f"x {opts.interleave_rounds}")
             f = figures[s.name] = {"rounds": []}
             try:
                 if s.kind == "inproc":
@@ -816,7 +817,8 @@ def spread_text(values: list) -> str:
     known = [v for v in values if v is not None]
     if len(known) < 2:
         return ""
-    return " (runs " + " / ".join(f"{v:.2f}" for v in values if v is not None) + f"; spread {max(known) - min(known):.2f})"
+    runs = " / ".join(f"{v:.2f}" for v in known)
+    return f" (runs {runs}; spread {max(known) - min(known):.2f})"
 
 
 def common_prefix(a: str, b: str) -> int:
@@ -848,11 +850,13 @@ def summarize(opts, res: dict) -> list[dict]:
                    TARGETS["one_client_vs_inproc"])
         target_row(f"runtime / in-process BatchGenerator, {c} clients aggregate tok/s", ours, inp, "aggregate_tps", ">=",
                    TARGETS["concurrent_vs_inproc_batch"])
-        target_row("runtime / mlx_lm.server, 1 client tok/s", ours, peer, "decode_tps", ">=", TARGETS["one_client_vs_peer"])
+        target_row("runtime / mlx_lm.server, 1 client tok/s", ours, peer, "decode_tps", ">=",
+                   TARGETS["one_client_vs_peer"])
         target_row(f"runtime / mlx_lm.server, {c} clients aggregate tok/s", ours, peer, "aggregate_tps", ">=",
                    TARGETS["concurrent_vs_peer"])
         d = diff(ours.get("ttft_ms"), inp.get("ttft_ms"))
-        runs = [diff(a.get("ttft_ms"), b.get("ttft_ms")) for a, b in zip(ours.get("per_run") or [], inp.get("per_run") or [])]
+        runs = [diff(a.get("ttft_ms"), b.get("ttft_ms"))
+                for a, b in zip(ours.get("per_run") or [], inp.get("per_run") or [])]
         rows.append(["TTFT ms, 1 client: runtime - in-process", ours.get("ttft_ms"), inp.get("ttft_ms"), d,
                      f"<= {TARGETS['ttft_delta_ms']} ms", ("-" if d is None else "met" if d <= TARGETS["ttft_delta_ms"]
                                                           else "MISSED") + spread_text(runs)
@@ -1059,7 +1063,8 @@ def main() -> int:
                 rb.log(f"nccl smoke, rank {r['rank']} rc={r['rc']}: {r['output'][-600:]}")
         model, origin = build_model(opts, workdir)
         res["model"] = {"name": model.name, "path": str(model), "bytes": rb.model_bytes(model), **origin}
-        systems = {"single": run_single, "tp": run_tp, "interleave": run_interleave}[opts.mode](opts, model, workdir, res)
+        run = {"single": run_single, "tp": run_tp, "interleave": run_interleave}[opts.mode]
+        systems = run(opts, model, workdir, res)
     except BaseException:
         res["crash"] = traceback.format_exc()
         rb.log(res["crash"])
