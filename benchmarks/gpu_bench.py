@@ -63,6 +63,8 @@ SHAPES = {  # --shape presets; each flag below overrides one field
                  num_key_value_heads=16, max_position_embeddings=CONTEXT),
     "3b": dict(hidden_size=3072, num_hidden_layers=28, intermediate_size=8192, num_attention_heads=24,
                num_key_value_heads=8, max_position_embeddings=CONTEXT),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+               num_key_value_heads=8, max_position_embeddings=CONTEXT),  # Llama-3-8B's shape (tiny vocabulary)
     "cpu": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=512, num_attention_heads=8,
                 num_key_value_heads=8, max_position_embeddings=CONTEXT),
 }
