@@ -105,10 +105,12 @@ class SamplingFields(BaseModel):
 
     model: str
     max_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(0, ge=0)
-    min_p: Probability = 0.0
+    # None: not given; the server's default applies (settings, the model's
+    # generation_config.json, else OpenAI's: see generation.SamplingDefaults).
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: StrictInt | None = Field(None, ge=0)
+    min_p: Probability | None = None
     stop: Union[str, list[str], None] = None
     seed: StrictInt | None = None
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)

@@ -34,7 +34,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
 from ..cluster import Follower, Leader, Rejected
-from ..generation import EngineUnavailable, ErrorEvent, GenerationRequest, TokenEvent
+from ..generation import EngineUnavailable, ErrorEvent, GenerationRequest, SamplingDefaults, TokenEvent
 from ..settings import Settings
 from ..state import ClusterState
 from . import fastpath
@@ -101,6 +101,8 @@ class Engine:
         self.on_fatal = on_fatal
         self.dispatch: Dispatch = _direct_dispatch
         self.loaded: LoadedModel | None = None
+        #: what a request that leaves a sampling field out gets (resolved at load)
+        self.sampling_defaults: SamplingDefaults | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Ticket]] = queue.SimpleQueue()
         self._tickets: dict[int, Ticket] = {}
         self._tickets_lock = threading.Lock()
@@ -214,6 +216,7 @@ class Engine:
         started = time.perf_counter()
         self.loaded = load_model(s.model, s.parallel, group, s.mlx_backend)
         log.info("rank %d loaded %s in %.1f s", s.rank, s.model, time.perf_counter() - started)
+        self.sampling_defaults = SamplingDefaults.resolve(s.sampling_overrides, self.loaded.generation_config or {})
         tokenizer = self.loaded.tokenizer
         fastpath.install()
         self._gen = BatchGenerator(
