@@ -83,19 +83,25 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One sequence to generate. ``top_logprobs`` is None when no logprobs were asked."""
+    """One sequence to generate. ``top_logprobs`` is None when no logprobs were asked.
+    ``grammar``: an llguidance grammar (structured.py) every token must follow, or None;
+    every rank builds its own matcher from this text."""
 
     prompt_tokens: list[int]
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     top_logprobs: int | None = None
+    grammar: str | None = None
 
     def to_wire(self) -> dict:
-        return {
+        data = {
             "prompt": self.prompt_tokens,
             "max_tokens": self.max_tokens,
             "sampling": self.sampling.to_wire(),
         }
+        if self.grammar is not None:
+            data["grammar"] = self.grammar
+        return data
 
     @classmethod
     def from_wire(cls, data: dict) -> "GenerationRequest":
@@ -103,6 +109,7 @@ class GenerationRequest:
             prompt_tokens=list(data["prompt"]),
             max_tokens=int(data["max_tokens"]),
             sampling=SamplingParams.from_wire(data["sampling"]),
+            grammar=data.get("grammar"),
         )
 
 

@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     default_repetition_penalty: float | None = Field(
         None, gt=0.0, le=10.0,
         description="repetition_penalty when a request gives none (default: the model's generation_config.json, else none).")
+    max_schema_bytes: int = Field(
+        65536, ge=64, description="Largest JSON schema (response_format, a strict tool's parameters), in bytes of JSON; larger is a 400.")
+    max_schema_depth: int = Field(
+        32, ge=2, description="Deepest nesting of a JSON schema's own JSON (objects and arrays); deeper is a 400.")
     keepalive_interval: float = Field(5.0, gt=0, description="Seconds between SSE keepalive comments while nothing is sent.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
