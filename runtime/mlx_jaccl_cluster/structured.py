@@ -22,8 +22,9 @@ from dataclasses import dataclass
 JSON_OPTIONS = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", ", "lenient": False}
 
 #: Tool-call families whose call is a JSON object ``{"name", "arguments"}`` between the
-#: start and end markers, with the text around the object that the family writes
-#: (mlx-lm's ``tool_parsers`` module name -> (before the object, after it, between calls)).
+#: start and end markers, with the text the family may write around the object (optional
+#: in the grammar) and between calls (mlx-lm's ``tool_parsers`` module name -> (before
+#: the object, after it, between calls)).
 JSON_CALL_FAMILIES = {
     "json_tools": ("\n", "\n", "\n"),  # Hermes, Qwen2.5, Qwen3: <tool_call>\n{...}\n</tool_call>
 }
@@ -90,16 +91,20 @@ class Grammars:
     # --- the grammars ------------------------------------------------------------
     def for_response_format(self, kind: str, schema: dict | None, param: str, reasoning_first: bool) -> str:
         """The grammar of ``response_format`` ``json_object`` (any object) or ``json_schema``."""
-        self._require_tokenizer(param)
-        body = {"type": "object"} if kind == "json_object" else self._check_schema(schema, f"{param}.json_schema.schema")
-        if not reasoning_first:
-            from llguidance import LLMatcher
+        from llguidance import LLMatcher
 
-            return self._validated(LLMatcher.grammar_from_json_schema(body, overrides=JSON_OPTIONS),
-                                   f"{param}.json_schema.schema" if kind == "json_schema" else param)
+        self._require_tokenizer(param)
+        field = f"{param}.json_schema.schema" if kind == "json_schema" else param
+        body = {"type": "object"} if kind == "json_object" else schema
+        if not reasoning_first:
+            if not isinstance(body, dict):
+                raise StructuredError(f"{field} must be a JSON Schema object", field)
+            self._check_size(body, field)
+            return self._validated(LLMatcher.grammar_from_json_schema(body, overrides=JSON_OPTIONS), field)
+        self._check_schema(body, field)
         prefix, think = self._reasoning(param)
         lines = [f"start: {prefix} answer", f"answer: %json {self._inline(body)}", think]
-        return self._lark(lines, f"{param}.json_schema.schema" if kind == "json_schema" else param)
+        return self._lark(lines, field)
 
     def for_tools(self, tools: list[dict], choice: str | dict, parallel: bool, answer: dict | None,
                   reasoning_first: bool, why: str = "tool_choice") -> str:
@@ -142,9 +147,8 @@ class Grammars:
         call_schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
         self._check_size(call_schema, "tools")
         lines = [
-            f"call: {start.lark} {json.dumps(before)} %json {self._inline(call_schema)} {json.dumps(after)} {end.lark}"
-            if before or after else f"call: {start.lark} %json {self._inline(call_schema)} {end.lark}",
-            f"calls: call ({json.dumps(between)} call)*" if parallel else "calls: call",
+            f"call: {start.lark} {_optional(before)} %json {self._inline(call_schema)} {_optional(after)} {end.lark}",
+            f"calls: call ({_optional(between)} call)*" if parallel else "calls: call",
         ]
         prefix = ""
         if reasoning_first:
@@ -197,9 +201,14 @@ class Grammars:
         return f"THINK {end.lark}", f"THINK: /(?s:.*)/ & ~/(?s:.*{_regex_literal(end_text)}.*)/"
 
     def _check_schema(self, schema, param: str) -> dict:
+        """``schema`` after checking its size and that llguidance can enforce it on its
+        own, so that an error names this field (inside a larger grammar it would not)."""
+        from llguidance import LLMatcher
+
         if not isinstance(schema, dict):
             raise StructuredError(f"{param} must be a JSON Schema object", param)
         self._check_size(schema, param)
+        self._validated(LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS), param)
         return schema
 
     def _check_size(self, schema, param: str) -> None:
@@ -229,6 +238,10 @@ class Grammars:
         if failed:
             raise StructuredError(f"{param} cannot be enforced: {_clean(messages[0])}", param)
         return grammar
+
+
+def _optional(text: str) -> str:
+    return f"{json.dumps(text)}?" if text else ""
 
 
 def _regex_literal(text: str) -> str:
