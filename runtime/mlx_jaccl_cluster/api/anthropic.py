@@ -143,8 +143,17 @@ class _Conversation(BaseModel):
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
     output_config: OutputConfig | None = None
+    output_format: dict[str, Any] | None = None  # the older spelling of output_config.format
     # Claude Code sends it on every request and cannot turn it off: accepted, no context edits are made here
     context_management: dict | None = None
+    # accepted, no effect on the output: caching is automatic here (prefix reuse), the rest is
+    # Anthropic's accounting, routing and diagnostics
+    cache_control: dict | None = None
+    speed: StrictStr | None = None
+    inference_geo: StrictStr | None = None
+    diagnostics: dict | None = None
+    user_profile_id: StrictStr | None = None
+    workspace_id: StrictStr | None = None
 
 
 class MessagesRequest(_Conversation):
@@ -269,16 +278,15 @@ def _switches(req: _Conversation, body: dict, max_tokens: int | None) -> None:
         elif req.thinking.type == "disabled":
             kwargs["enable_thinking"] = False
     config = req.output_config
-    if config is not None:
-        if config.effort is not None:
-            kwargs["reasoning_effort"] = config.effort
-        if config.format is not None:
-            adapters.need_structured("output_config.format")
-            fmt = config.format
-            if fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
-                raise APIError(400, "output_config.format: give {\"type\": \"json_schema\", \"schema\": {...}}",
-                               param="output_config.format")
-            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
+    if config is not None and config.effort is not None:
+        kwargs["reasoning_effort"] = config.effort
+    for name, fmt in (("output_config.format", config.format if config else None), ("output_format", req.output_format)):
+        if fmt is None:
+            continue
+        adapters.need_structured(name)
+        if fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+            raise APIError(400, f"{name}: give {{\"type\": \"json_schema\", \"schema\": {{...}}}}", param=name)
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
     if kwargs:
         body["chat_template_kwargs"] = kwargs
 
