@@ -16,6 +16,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .generation import SAMPLING_DEFAULTS
+
 Backend = Literal["jaccl", "jaccl-ring", "ring", "nccl"]
 Parallel = Literal["tensor", "pipeline"]
 
@@ -97,6 +99,23 @@ class Settings(BaseSettings):
     max_queue: int = Field(32, ge=0, description="Requests that may wait for a batch slot; beyond it, 429.")
     request_timeout: float = Field(300.0, gt=0, description="Seconds a request may run before it ends with an error.")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none.")
+    # Sampling defaults for requests that leave the field out. Unset: the model's
+    # generation_config.json, else OpenAI's default (generation.SAMPLING_DEFAULTS).
+    default_temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description="temperature when a request gives none (default: the model's generation_config.json, else 1.0).")
+    default_top_p: float | None = Field(
+        None, gt=0.0, le=1.0, description="top_p when a request gives none (default: the model's generation_config.json, else 1.0).")
+    default_top_k: int | None = Field(
+        None, ge=0, description="top_k when a request gives none, 0 = off (default: the model's generation_config.json, else 0).")
+    default_min_p: float | None = Field(
+        None, ge=0.0, le=1.0, description="min_p when a request gives none (default: the model's generation_config.json, else 0).")
+    default_repetition_penalty: float | None = Field(
+        None, gt=0.0, le=10.0,
+        description="repetition_penalty when a request gives none (default: the model's generation_config.json, else none).")
+    max_schema_bytes: int = Field(
+        65536, ge=64, description="Largest JSON schema (response_format, a strict tool's parameters), in bytes of JSON; larger is a 400.")
+    max_schema_depth: int = Field(
+        32, ge=2, description="Deepest nesting of a JSON schema's own JSON (objects and arrays); deeper is a 400.")
     keepalive_interval: float = Field(5.0, gt=0, description="Seconds between SSE keepalive comments while nothing is sent.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -142,6 +161,11 @@ class Settings(BaseSettings):
     @property
     def served_model_id(self) -> str:
         return self.model_id or self.model.name
+
+    @property
+    def sampling_overrides(self) -> dict:
+        """The ``default_<field>`` settings by sampling field name (None where unset)."""
+        return {name: getattr(self, f"default_{name}") for name in SAMPLING_DEFAULTS}
 
     @property
     def control_address(self) -> tuple[str, int]:

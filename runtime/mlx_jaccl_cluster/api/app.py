@@ -76,6 +76,8 @@ def create_app(settings: Settings, state: ClusterState, engine) -> FastAPI:
             "active": serving.inflight,
             "uptime_s": round(time.time() - state.started, 1),
         }
+        if engine.sampling_defaults is not None:
+            body["sampling_defaults"] = engine.sampling_defaults.describe()
         if not state.ready:
             body["detail"] = state.detail
         return JSONResponse(body, status_code=200 if state.ready else 503)

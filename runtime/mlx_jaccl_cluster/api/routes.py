@@ -156,6 +156,8 @@ async def completions(body: CompletionRequest, request: Request):
 @router.get("/v1/models")
 async def models(request: Request) -> dict:
     serving: Serving = request.app.state.serving
-    return {"object": "list", "data": [
-        {"id": serving.model_id, "object": "model", "created": int(serving.state.started), "owned_by": "mlx-jaccl-cluster"}
-    ]}
+    entry = {"id": serving.model_id, "object": "model", "created": int(serving.state.started), "owned_by": "mlx-jaccl-cluster"}
+    defaults = serving.engine.sampling_defaults
+    if defaults is not None:  # known once the model is loaded
+        entry["sampling_defaults"] = defaults.describe()
+    return {"object": "list", "data": [entry]}

@@ -1,12 +1,12 @@
 """OpenAI request models. Unknown fields are ignored, as OpenAI's own SDKs send many;
-fields we cannot honour (``n`` > 1, a forced ``tool_choice``) are rejected by name."""
+fields we cannot honour (``n`` > 1, ``echo``) are rejected by name."""
 
 from __future__ import annotations
 
 import json
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -93,6 +93,53 @@ class Tool(BaseModel):
     function: FunctionDefinition
 
 
+class JSONSchemaFormat(BaseModel):
+    """``response_format.json_schema``: OpenAI's shape. The schema is always enforced,
+    ``strict`` or not (a looser guarantee would be a silent one)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict = Field(..., alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object) or
+    ``json_schema`` (JSON valid against ``json_schema.schema``)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_needed(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs json_schema: {\"name\": ..., \"schema\": {...}}")
+        return self
+
+    @property
+    def constrained(self) -> bool:
+        return self.type != "text"
+
+    @property
+    def schema_body(self) -> dict | None:
+        return self.json_schema.schema_ if self.type == "json_schema" and self.json_schema else None
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(..., min_length=1)
+
+
+class ToolChoiceFunction(BaseModel):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``: call that function."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool = False
@@ -105,10 +152,12 @@ class SamplingFields(BaseModel):
 
     model: str
     max_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(0, ge=0)
-    min_p: Probability = 0.0
+    # None: not given; the server's default applies (settings, the model's
+    # generation_config.json, else OpenAI's: see generation.SamplingDefaults).
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: StrictInt | None = Field(None, ge=0)
+    min_p: Probability | None = None
     stop: Union[str, list[str], None] = None
     seed: StrictInt | None = None
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
@@ -117,6 +166,7 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     n: StrictInt = Field(1, ge=1, le=1, description="Only n=1 is supported.")
 
     @field_validator("stop")
@@ -146,17 +196,21 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=10)
     tools: list[Tool] | None = Field(None, max_length=128)
-    tool_choice: Union[Literal["none", "auto"], None] = None
+    tool_choice: Union[Literal["none", "auto", "required"], ToolChoiceFunction, None] = None
     parallel_tool_calls: StrictBool = True
     chat_template_kwargs: dict[str, Union[StrictBool, str, int, float]] | None = None
 
-    @field_validator("tool_choice", mode="before")
-    @classmethod
-    def _choice(cls, value):
-        if value == "required" or isinstance(value, dict):
-            raise ValueError("this server cannot force a tool call (no constrained decoding): "
-                             "use tool_choice 'auto' or 'none'")
-        return value
+    @model_validator(mode="after")
+    def _choice_needs_tools(self) -> "ChatCompletionRequest":
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice 'required' or a named function needs tools")
+        return self
+
+    def forced_choice(self) -> str | dict | None:
+        """"required", {"name": ...} for a named function, or None (not forced)."""
+        if isinstance(self.tool_choice, ToolChoiceFunction):
+            return {"name": self.tool_choice.function.name}
+        return "required" if self.tool_choice == "required" else None
 
     @field_validator("chat_template_kwargs")
     @classmethod

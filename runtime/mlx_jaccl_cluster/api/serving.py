@@ -19,7 +19,8 @@ from ..settings import Settings
 from ..state import ClusterState
 from .channels import Channels, initial_state
 from .errors import APIError
-from .schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from ..structured import StructuredError
+from .schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat, SamplingFields
 
 KEEPALIVE = object()  # yielded while nothing was generated for keepalive_interval
 
@@ -242,10 +243,42 @@ class Serving:
         elif req.top_logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = req.max_completion_tokens or req.max_tokens
-        prepared = self._prepared("chat", req, prompt, "messages", max_tokens, top)
+        initial = initial_state(tokenizer, prompt) if tools or tokenizer.has_thinking else "normal"
+        grammar = self._chat_grammar(req, tools, reasoning_first=initial == "reasoning")
+        prepared = self._prepared("chat", req, prompt, "messages", max_tokens, top, grammar)
         if tools or tokenizer.has_thinking:
-            prepared.channels = Channels(self.engine.text_machine, tokenizer, tools, initial_state(tokenizer, prompt))
+            prepared.channels = Channels(self.engine.text_machine, tokenizer, tools, initial)
         return prepared
+
+    def _chat_grammar(self, req: ChatCompletionRequest, tools: list[dict] | None, reasoning_first: bool) -> str | None:
+        """The grammar a chat reply must follow, or None when nothing constrains it.
+
+        With tools on offer, one grammar covers the call (forced by ``tool_choice``,
+        checked for ``strict`` tools, one only with ``parallel_tool_calls: false``) and,
+        under ``auto``, the answer that calls nothing (the response_format's JSON, else
+        free text). Without tools, the response_format's JSON."""
+        fmt = req.response_format if req.response_format and req.response_format.constrained else None
+        forced = req.forced_choice()
+        try:
+            if tools:
+                strict = any(t["function"].get("strict") for t in tools)
+                why = ("tool_choice" if forced else "response_format" if fmt else
+                       "tools" if strict else "parallel_tool_calls")
+                if forced or fmt or strict or not req.parallel_tool_calls:
+                    answer = self._format_schema(fmt) if fmt and not forced else None
+                    return self.engine.grammars.for_tools(tools, forced or "auto", req.parallel_tool_calls, answer,
+                                                          reasoning_first, why)
+                return None
+            if fmt:
+                return self.engine.grammars.for_response_format(fmt.type, fmt.schema_body, "response_format",
+                                                                reasoning_first)
+        except StructuredError as exc:
+            raise APIError(400, exc.message, param=exc.param, code="unsupported_schema") from None
+        return None
+
+    @staticmethod
+    def _format_schema(fmt: ResponseFormat) -> dict:
+        return fmt.schema_body if fmt.type == "json_schema" else {"type": "object"}
 
     def prepare_completion(self, req: CompletionRequest) -> Prepared:
         self._require_ready()
@@ -261,10 +294,17 @@ class Serving:
             prompt = list(req.prompt)
         if not prompt:
             raise APIError(400, "prompt encodes to no tokens", param="prompt")
-        return self._prepared("completion", req, prompt, "prompt", req.max_tokens, req.logprobs)
+        grammar = None
+        fmt = req.response_format
+        if fmt is not None and fmt.constrained:
+            try:
+                grammar = self.engine.grammars.for_response_format(fmt.type, fmt.schema_body, "response_format", False)
+            except StructuredError as exc:
+                raise APIError(400, exc.message, param=exc.param, code="unsupported_schema") from None
+        return self._prepared("completion", req, prompt, "prompt", req.max_tokens, req.logprobs, grammar)
 
     def _prepared(self, kind: str, req: SamplingFields, prompt: list[int], prompt_field: str,
-                  max_tokens: int | None, top_logprobs: int | None) -> Prepared:
+                  max_tokens: int | None, top_logprobs: int | None, grammar: str | None = None) -> Prepared:
         context = self.engine.context_length
         if context is not None:
             if len(prompt) >= context:
@@ -279,19 +319,20 @@ class Serving:
         bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
         if vocab is not None and any(k >= vocab for k in bias):
             raise APIError(400, f"logit_bias names token ids at or above the vocabulary size {vocab}", param="logit_bias")
+        defaults = self.engine.sampling_defaults
         sampling = SamplingParams(
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
+            temperature=defaults.pick("temperature", req.temperature),
+            top_p=defaults.pick("top_p", req.top_p),
+            top_k=defaults.pick("top_k", req.top_k),
+            min_p=defaults.pick("min_p", req.min_p),
             seed=req.seed if req.seed is not None else random.getrandbits(31),
-            repetition_penalty=req.repetition_penalty,
+            repetition_penalty=defaults.pick("repetition_penalty", req.repetition_penalty),
             presence_penalty=req.presence_penalty or None,
             frequency_penalty=req.frequency_penalty or None,
             logit_bias=bias,
         )
         gen = GenerationRequest(prompt_tokens=prompt, max_tokens=max_tokens or self.settings.default_max_tokens,
-                                sampling=sampling, top_logprobs=top_logprobs)
+                                sampling=sampling, top_logprobs=top_logprobs, grammar=grammar)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Prepared(kind=kind, request=gen, stops=req.stop, stream=req.stream, include_usage=include_usage)
 

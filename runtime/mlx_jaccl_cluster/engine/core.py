@@ -34,14 +34,15 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
 from ..cluster import Follower, Leader, Rejected
-from ..generation import EngineUnavailable, ErrorEvent, GenerationRequest, TokenEvent
+from ..generation import EngineUnavailable, ErrorEvent, GenerationRequest, SamplingDefaults, TokenEvent
 from ..settings import Settings
 from ..state import ClusterState
 from . import fastpath
 from .loader import LoadedModel, ModelError, load_model
 from .probe import LinkProbe, run_step
 from .prompt_cache import PromptCache
-from .sampling import make_processors, make_sampler
+from ..structured import Grammars
+from .sampling import GrammarMask, make_processors, make_sampler
 
 log = logging.getLogger("mjc.engine")
 
@@ -101,6 +102,10 @@ class Engine:
         self.on_fatal = on_fatal
         self.dispatch: Dispatch = _direct_dispatch
         self.loaded: LoadedModel | None = None
+        #: what a request that leaves a sampling field out gets (resolved at load)
+        self.sampling_defaults: SamplingDefaults | None = None
+        #: the model's llguidance tokenizer and grammar builder (structured output)
+        self.grammars: Grammars | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Ticket]] = queue.SimpleQueue()
         self._tickets: dict[int, Ticket] = {}
         self._tickets_lock = threading.Lock()
@@ -214,7 +219,11 @@ class Engine:
         started = time.perf_counter()
         self.loaded = load_model(s.model, s.parallel, group, s.mlx_backend)
         log.info("rank %d loaded %s in %.1f s", s.rank, s.model, time.perf_counter() - started)
+        self.sampling_defaults = SamplingDefaults.resolve(s.sampling_overrides, self.loaded.generation_config or {})
         tokenizer = self.loaded.tokenizer
+        self.grammars = Grammars(tokenizer, self.vocab_size, s.max_schema_bytes, s.max_schema_depth)
+        if self.grammars.unsupported:
+            log.warning("structured output is off: %s", self.grammars.unsupported)
         fastpath.install()
         self._gen = BatchGenerator(
             self.loaded.model,
@@ -268,7 +277,7 @@ class Engine:
                 all_tokens=[r.prompt_tokens[:k] for r, (_, k) in zip(inserts, reused)],
                 max_tokens=[r.max_tokens for r in inserts],
                 samplers=[make_sampler(r.sampling) for r in inserts],
-                logits_processors=[make_processors(r.sampling) for r in inserts],
+                logits_processors=[make_processors(r.sampling, self._grammar_mask(r)) for r in inserts],
             )
             expected = list(range(self._next_uid, self._next_uid + len(inserts)))
             if uids != expected:
@@ -279,6 +288,17 @@ class Engine:
             self._gen.remove(removes)
             self._active.difference_update(removes)
         return uids
+
+    def _grammar_mask(self, request: GenerationRequest) -> GrammarMask | None:
+        if request.grammar is None:
+            return None
+        if self.grammars is None or self.grammars.lltokenizer is None:
+            # rank 0 refuses such requests, so another rank got here only if its
+            # environment differs (llguidance missing): out of step, not a bad request
+            raise Desync(f"rank {self.settings.rank} cannot build a grammar matcher: "
+                         f"{self.grammars.unsupported if self.grammars else 'no model'}")
+        return GrammarMask(self.grammars.lltokenizer, request.grammar, self.grammars.vocab_size,
+                           sorted(self.tokenizer.eos_token_ids))
 
     def _step(self) -> list:
         """One generation step (decode plus at most one prefill chunk)."""

