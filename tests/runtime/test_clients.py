@@ -14,12 +14,12 @@ import time
 
 import anthropic
 import httpx
+import jsonschema
 import ollama
 import openai
 import pytest
 
 from conftest import running_cluster
-from mlx_jaccl_cluster.api import adapters
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +32,12 @@ OPENAI_TOOLS = [{"type": "function", "function": {"name": "get_weather", "descri
 ANTHROPIC_TOOLS = [{"name": "get_weather", "description": "Weather in a city", "input_schema": PARAMS}]
 RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather in a city", "parameters": PARAMS}]
 ASK = "What is the weather in Paris?"
+#: a bounded schema: a constrained reply always closes well before max_tokens
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                            "maximum": 99}},
+          "required": ["ok", "n"], "additionalProperties": False}
+TIME_PARAMS = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET", "JST"]}}, "required": ["zone"],
+               "additionalProperties": False}
 
 
 @pytest.fixture(scope="module")
@@ -175,22 +181,17 @@ def test_ollama_num_predict(scripted):
     assert endless.eval_count == 8 and endless.done_reason == "stop"
 
 
-def test_ollama_format(tiny):
-    client = _ollama(tiny)
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
-    if not adapters.structured_output_supported():
-        for fmt in ("json", schema):
-            with pytest.raises(ollama.ResponseError) as err:
-                client.chat(model=tiny.model_id, messages=CONVERSATION, format=fmt)
-            assert err.value.status_code == 400 and "format" in err.value.error
-        return
-    out = client.chat(model=tiny.model_id, messages=CONVERSATION, format=schema, options={"temperature": 0,
-                                                                                          "num_predict": 64})
+def test_ollama_format(scripted):
+    """format is structured output: the scripted model would write its script; the schema wins."""
+    client = _ollama(scripted)
+    out = client.chat(model=MODEL, messages=[{"role": "user", "content": ASK}], format=SCHEMA, options={"seed": 1})
     assert out.done_reason == "stop"
-    assert isinstance(json.loads(out.message.content)["n"], int)
-    out = client.chat(model=tiny.model_id, messages=CONVERSATION, format="json", options={"num_predict": 64})
-    assert out.done_reason == "stop"
-    json.loads(out.message.content)
+    jsonschema.validate(json.loads(out.message.content), SCHEMA)
+    gen = client.generate(model=MODEL, prompt=ASK, format=SCHEMA, stream=False)
+    jsonschema.validate(json.loads(gen.response), SCHEMA)
+    out = client.chat(model=MODEL, messages=[{"role": "user", "content": ASK}], format="json",
+                      options={"num_predict": 64})
+    assert out.message.content.lstrip().startswith("{")  # any JSON object (unbounded: may be cut by num_predict)
 
 
 def test_ollama_load_and_management_answers(tiny):
@@ -249,6 +250,24 @@ def test_anthropic_stream_event_sequence(scripted):
     assert names.count("content_block_start") == names.count("content_block_stop") == 3
     assert "ping" in names and "content_block_delta" in names
     assert "content_block_delta" in events or "text" in events
+
+
+def test_anthropic_forced_tool_choice_and_output_format(scripted):
+    client = _anthropic(scripted)
+    tools = ANTHROPIC_TOOLS + [{"name": "get_time", "description": "Time in a zone", "input_schema": TIME_PARAMS}]
+    ask = [{"role": "user", "content": ASK}]
+    out = client.messages.create(model=MODEL, max_tokens=200, messages=ask, tools=tools,
+                                 tool_choice={"type": "tool", "name": "get_time"})
+    (call,) = [b for b in out.content if b.type == "tool_use"]
+    assert call.name == "get_time" and out.stop_reason == "tool_use"
+    jsonschema.validate(call.input, TIME_PARAMS)
+    out = client.messages.create(model=MODEL, max_tokens=200, messages=ask, tools=tools,
+                                 tool_choice={"type": "any", "disable_parallel_tool_use": True})
+    assert len([b for b in out.content if b.type == "tool_use"]) == 1
+    out = client.messages.create(model=MODEL, max_tokens=200, messages=ask,
+                                 output_config={"format": {"type": "json_schema", "schema": SCHEMA}})
+    assert out.stop_reason == "end_turn"
+    jsonschema.validate(json.loads("".join(b.text for b in out.content if b.type == "text")), SCHEMA)
 
 
 def test_anthropic_text_equals_chat_completions(tiny):
@@ -340,6 +359,23 @@ def test_responses_function_call_round_trip(scripted):
     assert added == ["reasoning", "message", "function_call"]
 
 
+def test_responses_text_format_and_forced_calls(scripted):
+    client = _openai(scripted)
+    out = client.responses.create(model=MODEL, input=ASK, text={"format": {"type": "json_schema", "name": "answer",
+                                                                          "schema": SCHEMA, "strict": True}})
+    assert out.status == "completed"
+    jsonschema.validate(json.loads(out.output_text), SCHEMA)
+    tools = RESPONSES_TOOLS + [{"type": "function", "name": "get_time", "parameters": TIME_PARAMS}]
+    out = client.responses.create(model=MODEL, input=ASK, tools=tools, tool_choice="required",
+                                  parallel_tool_calls=False, max_output_tokens=200)
+    assert len([i for i in out.output if i.type == "function_call"]) == 1
+    out = client.responses.create(model=MODEL, input=ASK, tools=tools, max_output_tokens=200,
+                                  parallel_tool_calls=False, tool_choice={"type": "function", "name": "get_time"})
+    (call,) = [i for i in out.output if i.type == "function_call"]
+    assert call.name == "get_time"
+    jsonschema.validate(json.loads(call.arguments), TIME_PARAMS)
+
+
 # --- bad input: each API's own error shape, fast, the cluster still serving -----------
 def _ollama_error(r: httpx.Response) -> str:
     body = r.json()
@@ -386,6 +422,7 @@ BAD = {
         ("/api/generate", {"model": MODEL, "prompt": "hi", "suffix": "end"}, "suffix"),
         ("/api/generate", {"model": MODEL, "prompt": "hi", "options": {"num_predict": 0}}, "options.num_predict"),
         ("/api/show", {}, "model"),
+        ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "format": {"type": 5}}, "format"),
     ],
     "anthropic": [
         ("/v1/messages", b"[1, 2", "JSON"),
@@ -401,6 +438,8 @@ BAD = {
         ("/v1/messages", _msgs(MODEL, mcp_servers=[{"url": "x"}]), "mcp_servers"),
         ("/v1/messages", _msgs(MODEL, stop_sequences=[""]), "stop_sequences"),
         ("/v1/messages/count_tokens?beta=true", {"model": MODEL}, "messages"),
+        ("/v1/messages", _msgs(MODEL, output_config={"format": {"type": "json_schema", "schema": {"type": 5}}}),
+         "output_config.format.schema"),
         ("/v1/messages", _msgs(MODEL, messages=[{"role": "assistant", "content": [
             {"type": "tool_result", "tool_use_id": "t", "content": "x"}]}]), "messages.0.content.0"),
     ],
@@ -417,6 +456,8 @@ BAD = {
         ("/v1/responses", {"model": MODEL, "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
         ("/v1/responses", {"model": MODEL, "input": "hi", "text": {"format": {"type": "xml"}}}, "text.format"),
         ("/v1/responses", {"model": MODEL, "input": "hi", "truncation": "auto"}, "truncation"),
+        ("/v1/responses", {"model": MODEL, "input": "hi", "text": {"format": {"type": "json_schema", "name": "a b",
+                                                                               "schema": {}}}}, "text.format.name"),
         ("/v1/responses", {"model": MODEL, "input": "hi", "max_output_tokens": 10**6}, "max_output_tokens"),
     ],
 }

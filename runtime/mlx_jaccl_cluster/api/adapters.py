@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import AsyncIterator, TypeVar
 
 from fastapi import Request
@@ -45,17 +44,21 @@ async def read_body(request: Request, model: type[M]) -> M:
 
 
 def renamed(exc: APIError, names: dict[str, str]) -> APIError:
-    """``exc`` (raised about an OpenAI field) naming the surface's own field instead."""
+    """``exc`` (raised about an OpenAI field) naming the surface's own field instead.
+    ``names`` maps an OpenAI field path (``max_tokens``, ``response_format.json_schema``)
+    to the surface's; the longest matching prefix wins."""
     param = exc.param or ""
-    head, dot, rest = param.partition(".")
-    if head not in names:
+    for old in sorted(names, key=len, reverse=True):
+        if param == old or param.startswith(old + "."):
+            break
+    else:
         return exc
-    new = names[head] + dot + rest
+    new = names[old] + param[len(old):]
     message = exc.message
     if message.startswith(param):
         message = new + message[len(param):]
-    elif message.startswith(head):
-        message = names[head] + message[len(head):]
+    elif message.startswith(old):
+        message = names[old] + message[len(old):]
     return APIError(exc.status, message, param=new, code=exc.code, type=exc.type, headers=exc.headers)
 
 
@@ -97,37 +100,6 @@ def fill_context(serving: Serving, prepared: Prepared) -> Prepared:
         prepared.request = dataclasses.replace(prepared.request,
                                                max_tokens=context - len(prepared.request.prompt_tokens))
     return prepared
-
-
-# --- what the OpenAI request side can express (grows with the structured-output work) ---
-@lru_cache(maxsize=None)
-def structured_output_supported() -> bool:
-    """Whether ``ChatCompletionRequest`` takes OpenAI's ``response_format``."""
-    return "response_format" in ChatCompletionRequest.model_fields
-
-
-@lru_cache(maxsize=None)
-def forced_tool_choice_supported() -> bool:
-    """Whether ``ChatCompletionRequest`` takes ``tool_choice: "required"`` (a forced call)."""
-    probe = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required",
-             "tools": [{"type": "function", "function": {"name": "f"}}]}
-    try:
-        ChatCompletionRequest.model_validate(probe)
-    except ValidationError:
-        return False
-    return True
-
-
-def need_structured(field_name: str) -> None:
-    if not structured_output_supported():
-        raise APIError(400, f"{field_name}: structured output (constrained decoding) is not in this build of the "
-                            "server; send the request without it", param=field_name, code="unsupported")
-
-
-def need_forced_tool_choice(field_name: str, value: str) -> None:
-    if not forced_tool_choice_supported():
-        raise APIError(400, f"{field_name}: {value} forces a tool call, which needs constrained decoding, not in this "
-                            "build of the server; use auto", param=field_name, code="unsupported")
 
 
 # --- running ------------------------------------------------------------------------

@@ -33,7 +33,9 @@ ERROR_TYPES = {
     413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "api_error", 504: "timeout_error",
 }
 #: Error messages about an OpenAI field name the Anthropic field instead.
-NAMES = {"stop": "stop_sequences", "response_format": "output_config.format", "chat_template_kwargs": "thinking"}
+NAMES = {"stop": "stop_sequences", "response_format": "output_config.format",
+         "response_format.json_schema.schema": "output_config.format.schema", "chat_template_kwargs": "thinking",
+         "parallel_tool_calls": "tool_choice.disable_parallel_tool_use"}
 
 
 def error_body(exc: APIError) -> dict:
@@ -246,18 +248,15 @@ def _tools(req: _Conversation, body: dict) -> None:
     if choice is None:
         return
     if choice.disable_parallel_tool_use:
-        raise APIError(400, "tool_choice.disable_parallel_tool_use: not supported here (a reply may hold several "
-                            "tool calls); leave it out", param="tool_choice.disable_parallel_tool_use")
+        body["parallel_tool_calls"] = False
     if choice.type in ("any", "tool") and not names:
         raise APIError(400, f"tool_choice: {choice.type!r} needs tools", param="tool_choice")
     if choice.type == "tool":
         if choice.name not in names:
             raise APIError(400, f"tool_choice.name: {choice.name!r} is not one of the tools ({', '.join(names)})",
                            param="tool_choice.name")
-        adapters.need_forced_tool_choice("tool_choice", "'tool'")
         body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
     elif choice.type == "any":
-        adapters.need_forced_tool_choice("tool_choice", "'any'")
         body["tool_choice"] = "required"
     else:
         body["tool_choice"] = choice.type
@@ -283,7 +282,6 @@ def _switches(req: _Conversation, body: dict, max_tokens: int | None) -> None:
     for name, fmt in (("output_config.format", config.format if config else None), ("output_format", req.output_format)):
         if fmt is None:
             continue
-        adapters.need_structured(name)
         if fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
             raise APIError(400, f"{name}: give {{\"type\": \"json_schema\", \"schema\": {{...}}}}", param=name)
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}

@@ -54,7 +54,7 @@ SAMPLING_OPTIONS = {
 }
 #: Error messages about an OpenAI field name the Ollama field instead.
 NAMES = {openai: f"options.{ollama}" for ollama, openai in SAMPLING_OPTIONS.items()} | {
-    "response_format": "format", "messages": "messages", "prompt": "prompt", "tools": "tools",
+    "response_format": "format", "response_format.json_schema.schema": "format", "messages": "messages", "prompt": "prompt", "tools": "tools",
     "chat_template_kwargs": "think",
 }
 
@@ -188,7 +188,6 @@ def _options(options: dict | None, body: dict, context: int | None) -> bool:
 def _format(fmt: Format, body: dict) -> None:
     if fmt in (None, ""):
         return
-    adapters.need_structured("format")
     if fmt == "json":
         body["response_format"] = {"type": "json_object"}
     else:

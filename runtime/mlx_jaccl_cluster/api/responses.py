@@ -38,6 +38,7 @@ HOSTED_TOOLS = frozenset({
 })
 #: Error messages about an OpenAI chat field name the Responses field instead.
 NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format",
+         "response_format.json_schema": "text.format",
          "chat_template_kwargs": "reasoning.effort", "tool_choice": "tool_choice", "tools": "tools"}
 
 
@@ -191,14 +192,12 @@ def _tools(req: ResponsesRequest, body: dict) -> None:
             body["tool_choice"] = choice
         return
     if choice == "required":
-        adapters.need_forced_tool_choice("tool_choice", "'required'")
         body["tool_choice"] = "required"
         return
     if choice.get("type") == "function" and isinstance(choice.get("name"), str):
         if choice["name"] not in names:
             raise APIError(400, f"tool_choice.name: {choice['name']!r} is not one of the function tools",
                            param="tool_choice.name")
-        adapters.need_forced_tool_choice("tool_choice", "a named function")
         body["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
         return
     raise _refuse("tool_choice", f"{choice!r} is not supported; use auto, none, required or "
@@ -209,10 +208,12 @@ def _format(req: ResponsesRequest, body: dict) -> None:
     fmt = req.text.format if req.text else None
     if fmt is None or fmt.get("type") == "text":
         return
-    adapters.need_structured("text.format")
     if fmt.get("type") == "json_object":
         body["response_format"] = {"type": "json_object"}
     elif fmt.get("type") == "json_schema":
+        for name in ("name", "schema"):
+            if name not in fmt:
+                raise APIError(400, f"text.format.{name}: required with type json_schema", param=f"text.format.{name}")
         schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
         body["response_format"] = {"type": "json_schema", "json_schema": schema}
     else:
@@ -235,7 +236,8 @@ def _prepare(serving: Serving, req: ResponsesRequest) -> Prepared:
     _tools(req, body)
     _format(req, body)
     _reasoning(req, body)
-    for ours, theirs in (("max_tokens", "max_output_tokens"), ("temperature", "temperature"), ("top_p", "top_p")):
+    for ours, theirs in (("max_tokens", "max_output_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
+                         ("parallel_tool_calls", "parallel_tool_calls")):
         if getattr(req, theirs) is not None:
             body[ours] = getattr(req, theirs)
     prepared = adapters.prepare_chat(serving, adapters.chat_request(body, NAMES), NAMES)
