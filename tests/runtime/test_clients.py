@@ -376,6 +376,76 @@ def test_responses_text_format_and_forced_calls(scripted):
     jsonschema.validate(json.loads(call.arguments), TIME_PARAMS)
 
 
+def _sse_events(r: httpx.Response) -> list[tuple[str, dict]]:
+    events, name = [], None
+    for line in r.iter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line.removeprefix("data: "))))
+    return events
+
+
+def test_a_codex_shaped_request(scripted):
+    """The fields Codex sends on every turn (codex-rs ResponsesApiRequest), hosted tools included."""
+    body = {
+        "model": MODEL, "instructions": "You are a coding agent.", "stream": True, "store": False,
+        "tool_choice": "auto", "parallel_tool_calls": False, "include": ["reasoning.encrypted_content"],
+        "reasoning": {"effort": "medium", "summary": "auto"}, "prompt_cache_key": "thread-1",
+        "client_metadata": {"session": "s1"}, "service_tier": "auto",
+        "tools": [{"type": "function", "name": "shell", "description": "Run a command", "strict": False,
+                   "parameters": {"type": "object", "properties": {"command": {"type": "array",
+                                                                               "items": {"type": "string"}}},
+                                  "required": ["command"]}}] + RESPONSES_TOOLS + [{"type": "web_search"}],
+        "input": [{"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Sandbox: on"}]},
+                  {"type": "message", "role": "user", "content": [{"type": "input_text", "text": ASK}]}],
+    }
+    with httpx.stream("POST", scripted.url("/v1/responses"), json=body, headers=scripted.headers(), timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        events = _sse_events(r)
+    assert events[0][1]["type"] == "response.created" and events[0][1]["response"]["id"].startswith("resp_")
+    last = events[-1][1]
+    assert last["type"] == "response.completed" and last["response"]["id"] == events[0][1]["response"]["id"]
+    usage = last["response"]["usage"]
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    done = [e["item"] for _, e in events if e["type"] == "response.output_item.done"]
+    # parallel_tool_calls false constrains the reply to an answer or one call (structured output)
+    assert done and {i["type"] for i in done} <= {"reasoning", "message", "function_call"}
+    assert len([i for i in done if i["type"] == "function_call"]) <= 1
+    # the next turn, as Codex sends it: everything so far, a call and the tool's output
+    call = {"type": "function_call", "call_id": "call_9", "name": "shell", "arguments": '{"command": ["ls"]}'}
+    body["input"] += done + [call, {"type": "function_call_output", "call_id": "call_9", "output": "README.md"}]
+    with httpx.stream("POST", scripted.url("/v1/responses"), json=body, headers=scripted.headers(), timeout=60) as r:
+        assert _sse_events(r)[-1][1]["type"] == "response.completed"
+
+
+def test_a_claude_code_shaped_request(scripted):
+    """The fields Claude Code sends (beta query string and headers, cache_control, context_management,
+    output_config.effort, adaptive thinking, metadata)."""
+    body = {
+        "model": MODEL, "max_tokens": 512, "stream": True, "metadata": {"user_id": "user_abc"},
+        "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "<system-reminder>Today is Monday.</system-reminder>"},
+            {"type": "text", "text": ASK, "cache_control": {"type": "ephemeral"}}]}],
+        "tools": [dict(ANTHROPIC_TOOLS[0], cache_control={"type": "ephemeral"})],
+        "thinking": {"type": "adaptive"}, "output_config": {"effort": "high"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+    }
+    headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01", "anthropic-beta": "claude-code-20250219"}
+    with httpx.stream("POST", scripted.url("/v1/messages?beta=true"), json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        events = _sse_events(r)
+    assert [n for n, _ in events][0] == "message_start" and events[-1][0] == "message_stop"
+    delta = next(e for n, e in events if n == "message_delta")
+    assert delta["delta"]["stop_reason"] == "tool_use"
+    starts = [e["content_block"]["type"] for n, e in events if n == "content_block_start"]
+    assert starts == ["thinking", "text", "tool_use"]
+    count = httpx.post(scripted.url("/v1/messages/count_tokens?beta=true"), headers=headers, timeout=10,
+                       json={k: v for k, v in body.items() if k not in ("max_tokens", "stream", "metadata")})
+    assert count.status_code == 200 and count.json()["input_tokens"] > 0
+
+
 # --- bad input: each API's own error shape, fast, the cluster still serving -----------
 def _ollama_error(r: httpx.Response) -> str:
     body = r.json()

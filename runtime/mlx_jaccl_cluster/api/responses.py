@@ -74,6 +74,7 @@ class ResponsesRequest(BaseModel):
     # accepted, no effect on the output (docs/clients.md)
     store: StrictBool | None = None  # never stored here
     metadata: dict[str, Any] | None = None
+    client_metadata: dict[str, Any] | None = None  # Codex's session details
     include: list[Literal["reasoning.encrypted_content"]] | None = None  # reasoning comes back as plain text
     prompt_cache_key: StrictStr | None = None  # the prompt cache matches by prefix, on its own
     prompt_cache_retention: StrictStr | None = None
