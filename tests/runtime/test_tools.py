@@ -113,9 +113,35 @@ def test_a_cut_off_tool_call_is_returned_as_text(cluster):
     assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
 
 
+def test_a_forced_call_is_the_script_s_call(cluster):
+    """tool_choice required / named: the grammar starts the reply with the call marker
+    (no reasoning, no sentence), and the model's own call, which fits, comes through."""
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = _post(cluster, messages=ASK, tools=TOOLS, temperature=0, tool_choice=choice, parallel_tool_calls=False)
+        assert r.status_code == 200, r.text
+        out = r.json()["choices"][0]
+        assert out["finish_reason"] == "tool_calls"
+        assert not out["message"].get("content") and "reasoning" not in out["message"]
+        (call,) = out["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather"
+        assert json.loads(call["function"]["arguments"]) == {"city": "Paris", "unit": "celsius"}
+
+
+def test_a_forced_call_to_another_tool(cluster):
+    """Named get_time: the script's call does not fit, so the grammar writes get_time's."""
+    zone = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+        "additionalProperties": False}}}
+    r = _post(cluster, messages=ASK, tools=TOOLS + [zone], temperature=0, parallel_tool_calls=False,
+              tool_choice={"type": "function", "function": {"name": "get_time"}})
+    (call,) = r.json()["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_time"
+    assert json.loads(call["function"]["arguments"])["zone"] in ("UTC", "CET")
+
+
 @pytest.mark.parametrize("body, field", [
-    ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
     ({"tools": [{"type": "retrieval"}]}, "tools"),
     ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Decode speed with a JSON schema against without, through the API (CPU figures).
+
+Starts ``--ranks`` ranks of one model on this machine (``mlx_jaccl_cluster.launch``),
+then, for each number of concurrent streaming clients in ``--clients``, runs
+``--rounds`` rounds of the same chat request twice: unconstrained, and constrained by a
+JSON schema whose output never closes before ``--tokens`` (one string of at least 100000
+characters), so both runs decode the same number of tokens. Greedy decoding. Reports the
+median per-stream decode rate and the aggregate tokens/s, and their ratio
+(constrained / unconstrained; the issue's target is >= 0.95). Rounds alternate between
+the two modes so that drift on a shared machine hits both alike.
+
+    python benchmarks/structured_bench.py --tiny qwen2 --ranks 2 --clients 1 8 --rounds 5 \\
+        --out /tmp/structured-bench.json
+
+A measuring script, not a test: it asserts nothing. docs/BENCHMARKS.md has the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+from mlx_jaccl_cluster.launch import start_group  # noqa: E402
+from mlx_jaccl_cluster.ops.apibench import PROMPT, concurrent, median  # noqa: E402
+
+#: A schema whose JSON cannot close within the bench's max_tokens: the whole run is constrained.
+LONG_SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLength": 100000}},
+               "required": ["story"], "additionalProperties": False}
+
+
+def body(model_id: str, tokens: int, constrained: bool) -> dict:
+    b = {"model": model_id, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens,
+         "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    if constrained:
+        b["response_format"] = {"type": "json_schema", "json_schema": {"name": "story", "schema": LONG_SCHEMA}}
+    return b
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="an mlx-lm model folder")
+    src.add_argument("--tiny", choices=["llama", "qwen2", "qwen3"], help="build the tiny random model of this arch")
+    parser.add_argument("--ranks", type=int, default=1)
+    parser.add_argument("--parallel", choices=["tensor", "pipeline"], default="tensor")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--out", type=Path)
+    opts = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="structured-bench-"))
+    model = opts.model
+    if opts.tiny:
+        from mlx_jaccl_cluster.models.tiny import build_tiny_model
+
+        model = build_tiny_model(work / f"tiny-{opts.tiny}", arch=opts.tiny)
+    group = start_group(model, opts.ranks, work / "cluster", parallel=opts.parallel)
+    results = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+               "model": str(model), "ranks": opts.ranks, "parallel": opts.parallel, "tokens": opts.tokens,
+               "rounds": opts.rounds, "runs": []}
+    try:
+        group.wait_ready(300)
+        port = int(group.api.rsplit(":", 1)[1])
+        for constrained in (False, True):  # warm-up, and the schema is compiled once before timing
+            concurrent(port, body(group.model_id, opts.tokens, constrained), 1, 120, 600)
+        for n in opts.clients:
+            rows = {False: [], True: []}
+            for _ in range(opts.rounds):
+                for constrained in (False, True):
+                    batch = concurrent(port, body(group.model_id, opts.tokens, constrained), n, 120, 600)
+                    if batch["errors"]:
+                        raise RuntimeError(f"{n} clients, constrained={constrained}: {batch['errors'][:2]}")
+                    rows[constrained].append(batch)
+            run = {"clients": n}
+            for constrained, key in ((False, "plain"), (True, "schema")):
+                run[key] = {
+                    "decode_tps_median": median([b["decode_tps_median"] for b in rows[constrained]]),
+                    "aggregate_tps_median": median([b["aggregate_tps"] for b in rows[constrained]]),
+                    "completion_tokens": [t for b in rows[constrained] for t in b["completion_tokens"]],
+                }
+            for metric in ("decode_tps_median", "aggregate_tps_median"):
+                run[f"ratio_{metric}"] = run["schema"][metric] / run["plain"][metric]
+            results["runs"].append(run)
+    finally:
+        group.stop()
+    print(f"{'clients':>7} | {'plain tok/s (stream / all)':>26} | {'schema tok/s (stream / all)':>27} | ratio (stream / all)")
+    for run in results["runs"]:
+        p, s = run["plain"], run["schema"]
+        print(f"{run['clients']:>7} | {p['decode_tps_median']:>12.1f} / {p['aggregate_tps_median']:>11.1f} | "
+              f"{s['decode_tps_median']:>13.1f} / {s['aggregate_tps_median']:>11.1f} | "
+              f"{run['ratio_decode_tps_median']:.2f} / {run['ratio_aggregate_tps_median']:.2f}")
+    if opts.out:
+        opts.out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
