@@ -367,6 +367,7 @@ def _loaded(serving: Serving, req: ChatRequest | GenerateRequest, chat: bool):
     """Ollama's answer to a request with nothing to generate: it only loads (or unloads) the model."""
     serving._require_ready()
     serving._check_model(_served(serving, req.model))
+    _options(req.options, {}, serving.engine.context_length)  # a bad option is refused here too
     out = {"model": serving.model_id, "created_at": _now(), "done": True,
            "done_reason": "unload" if req.keep_alive in (0, "0", "0s") else "load"}
     if chat:
