@@ -492,6 +492,7 @@ BAD = {
         ("/api/generate", {"model": MODEL, "prompt": "hi", "suffix": "end"}, "suffix"),
         ("/api/generate", {"model": MODEL, "prompt": "hi", "options": {"num_predict": 0}}, "options.num_predict"),
         ("/api/show", {}, "model"),
+        ("/api/chat", {"model": MODEL, "messages": [], "options": {"mirostat": 2}}, "options.mirostat"),
         ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "format": {"type": 5}}, "format"),
     ],
     "anthropic": [
