@@ -140,3 +140,20 @@ def test_responses_stream_error_is_response_failed(parts):
     assert last["response"]["id"] == json.loads(chunks[0].split("data: ", 1)[1])["response"]["id"]
     assert [json.loads(c.split("data: ", 1)[1])["sequence_number"] for c in chunks] == list(range(len(chunks)))
     assert app.state.observer.errors[-1].route == "other"
+
+
+def test_openapi_documents_the_new_bodies(tmp_path):
+    import warnings
+
+    from mlx_jaccl_cluster.api.app import create_app
+
+    app = create_app(Settings(model=tmp_path / "m"), ClusterState(world_size=1, backend="ring", model_id="m"), engine=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. duplicate operation ids
+        spec = app.openapi()
+    for path in ("/api/chat", "/api/generate", "/api/show", "/v1/messages", "/v1/messages/count_tokens", "/v1/responses"):
+        schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert schema["type"] == "object" and "model" in schema["properties"], path
+    assert "$defs" not in json.dumps(spec)
+    messages = spec["paths"]["/v1/messages"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "max_tokens" in messages["required"]

@@ -43,6 +43,26 @@ async def read_body(request: Request, model: type[M]) -> M:
         raise validation_error(RequestValidationError(exc.errors())) from None
 
 
+def body_doc(model: type[BaseModel]) -> dict:
+    """``openapi_extra`` that documents ``model`` as the route's JSON body in ``/openapi.json``
+    (these routes read the body themselves, ``read_body``, so FastAPI cannot see it). The
+    model's ``$defs`` are inlined: they would not resolve inside the OpenAPI document."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")]) | {k: inline(v) for k, v in node.items() if k != "$ref"}
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
 def renamed(exc: APIError, names: dict[str, str]) -> APIError:
     """``exc`` (raised about an OpenAI field) naming the surface's own field instead.
     ``names`` maps an OpenAI field path (``max_tokens``, ``response_format.json_schema``)

@@ -401,7 +401,7 @@ def _block_event(ev: adapters.BlockEvent) -> str:
     return _event("content_block_stop", {"type": "content_block_stop", "index": index})
 
 
-@router.post("/v1/messages")
+@router.post("/v1/messages", openapi_extra=adapters.body_doc(MessagesRequest))
 async def messages(request: Request):
     req = await adapters.read_body(request, MessagesRequest)
     serving: Serving = request.app.state.serving
@@ -420,7 +420,7 @@ async def messages(request: Request):
     return JSONResponse(reply.message(content, stop_reason, stop_sequence, reply.usage()))
 
 
-@router.post("/v1/messages/count_tokens")
+@router.post("/v1/messages/count_tokens", openapi_extra=adapters.body_doc(CountTokensRequest))
 async def count_tokens(request: Request) -> dict:
     req = await adapters.read_body(request, CountTokensRequest)
     prepared = _prepare(request.app.state.serving, req, None)

@@ -377,7 +377,7 @@ def _loaded(serving: Serving, req: ChatRequest | GenerateRequest, chat: bool):
     return JSONResponse(out)
 
 
-@router.post("/api/chat")
+@router.post("/api/chat", openapi_extra=adapters.body_doc(ChatRequest))
 async def chat(request: Request):
     req = await adapters.read_body(request, ChatRequest)
     serving: Serving = request.app.state.serving
@@ -386,7 +386,7 @@ async def chat(request: Request):
     return await _answer(request, _prepare_chat(serving, req), chat=True)
 
 
-@router.post("/api/generate")
+@router.post("/api/generate", openapi_extra=adapters.body_doc(GenerateRequest))
 async def generate(request: Request):
     req = await adapters.read_body(request, GenerateRequest)
     serving: Serving = request.app.state.serving
@@ -477,12 +477,14 @@ def _facts(request: Request) -> ModelFacts:
     return facts
 
 
-@router.api_route("/", methods=["GET", "HEAD"])
+@router.get("/")
+@router.head("/", include_in_schema=False)
 async def root() -> PlainTextResponse:
     return PlainTextResponse(ROOT_TEXT)
 
 
-@router.api_route("/api/version", methods=["GET", "HEAD"])
+@router.get("/api/version")
+@router.head("/api/version", include_in_schema=False)
 async def version() -> dict:
     return {"version": OLLAMA_API_VERSION}
 
@@ -502,7 +504,7 @@ async def ps(request: Request) -> dict:
                                 "context_length": facts.context}]}
 
 
-@router.post("/api/show")
+@router.post("/api/show", openapi_extra=adapters.body_doc(ShowRequest))
 async def show(request: Request) -> dict:
     req = await adapters.read_body(request, ShowRequest)
     name = req.model or req.name

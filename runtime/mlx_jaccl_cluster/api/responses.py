@@ -382,7 +382,7 @@ async def _sse(request: Request, reply: Reply, items: AsyncIterator) -> AsyncIte
         yield reply.event("response.failed", response=reply.envelope("failed", final=True, error=error))
 
 
-@router.post("/v1/responses")
+@router.post("/v1/responses", openapi_extra=adapters.body_doc(ResponsesRequest))
 async def responses(request: Request):
     req = await adapters.read_body(request, ResponsesRequest)
     serving: Serving = request.app.state.serving
