@@ -289,7 +289,7 @@ def _switches(req: _Conversation, body: dict, max_tokens: int | None) -> None:
         body["chat_template_kwargs"] = kwargs
 
 
-def _prepare(serving: Serving, req: _Conversation, max_tokens: int | None) -> Prepared:
+async def _prepare(serving: Serving, req: _Conversation, max_tokens: int | None) -> Prepared:
     body: dict = {"model": req.model, "messages": _messages(req)}
     _tools(req, body)
     _switches(req, body, max_tokens)
@@ -300,7 +300,7 @@ def _prepare(serving: Serving, req: _Conversation, max_tokens: int | None) -> Pr
         for name in ("temperature", "top_p", "top_k"):
             if getattr(req, name) is not None:
                 body[name] = getattr(req, name)
-    return adapters.prepare_chat(serving, adapters.chat_request(body, NAMES), NAMES)
+    return await adapters.prepare_chat(serving, adapters.chat_request(body, NAMES), NAMES)
 
 
 # --- replies ------------------------------------------------------------------------
@@ -405,7 +405,7 @@ def _block_event(ev: adapters.BlockEvent) -> str:
 async def messages(request: Request):
     req = await adapters.read_body(request, MessagesRequest)
     serving: Serving = request.app.state.serving
-    prepared = _prepare(serving, req, req.max_tokens)
+    prepared = await _prepare(serving, req, req.max_tokens)
     reply = Reply(serving, prepared, prepared.stops)
     items = adapters.start(request, prepared)
     if prepared.stream:
@@ -423,5 +423,5 @@ async def messages(request: Request):
 @router.post("/v1/messages/count_tokens", openapi_extra=adapters.body_doc(CountTokensRequest))
 async def count_tokens(request: Request) -> dict:
     req = await adapters.read_body(request, CountTokensRequest)
-    prepared = _prepare(request.app.state.serving, req, None)
+    prepared = await _prepare(request.app.state.serving, req, None)
     return {"input_tokens": len(prepared.request.prompt_tokens)}

@@ -66,13 +66,16 @@ class ErrorShape:
     body: Callable[[APIError], dict]
 
 
-def respond(request: Request, exc: APIError) -> JSONResponse:
-    """``exc`` as a response in the shape of the API its path belongs to (OpenAI's by default)."""
-    path = request.url.path
-    for shape in getattr(request.app.state, "error_shapes", ()):
+def shaped_response(shapes, path: str, exc: APIError) -> JSONResponse:
+    """``exc`` as a response in the shape of the API ``path`` belongs to (OpenAI's by default)."""
+    for shape in shapes:
         if shape.matches(path):
             return JSONResponse(shape.body(exc), status_code=exc.status, headers=exc.headers)
     return exc.response()
+
+
+def respond(request: Request, exc: APIError) -> JSONResponse:
+    return shaped_response(getattr(request.app.state, "error_shapes", ()), request.url.path, exc)
 
 
 def _field_path(loc: tuple) -> str:

@@ -232,18 +232,18 @@ def _messages(messages: list[Message]) -> list[dict]:
     return out
 
 
-def _prepare_chat(serving: Serving, req: ChatRequest) -> Prepared:
+async def _prepare_chat(serving: Serving, req: ChatRequest) -> Prepared:
     body: dict = {"model": _served(serving, req.model), "messages": _messages(req.messages), "stream": req.stream}
     if req.tools:
         body["tools"] = req.tools
     fill = _options(req.options, body, serving.engine.context_length)
     _format(req.format, body)
     _think(serving, req.think, body)
-    prepared = adapters.prepare_chat(serving, adapters.chat_request(body, NAMES), NAMES)
+    prepared = await adapters.prepare_chat(serving, adapters.chat_request(body, NAMES), NAMES)
     return adapters.fill_context(serving, prepared) if fill else prepared
 
 
-def _prepare_generate(serving: Serving, req: GenerateRequest) -> Prepared:
+async def _prepare_generate(serving: Serving, req: GenerateRequest) -> Prepared:
     for name in ("suffix", "template", "context"):
         if getattr(req, name):
             what = {"suffix": "fill-in-the-middle (suffix) is not supported; send the prompt only",
@@ -261,7 +261,7 @@ def _prepare_generate(serving: Serving, req: GenerateRequest) -> Prepared:
             [{"role": "user", "content": req.prompt}]
         _format(req.format, body)
         _think(serving, req.think, body)
-        prepared = adapters.prepare_chat(serving, adapters.chat_request(body, NAMES), NAMES)
+        prepared = await adapters.prepare_chat(serving, adapters.chat_request(body, NAMES), NAMES)
     else:
         if req.system:
             raise APIError(400, "system: with raw: true (or a model without a chat template) there is no template to "
@@ -270,7 +270,7 @@ def _prepare_generate(serving: Serving, req: GenerateRequest) -> Prepared:
             name = "format" if req.format not in (None, "") else "think"
             raise APIError(400, f"{name}: needs the chat template; leave raw unset", param=name)
         body["prompt"] = req.prompt
-        prepared = adapters.prepare_completion(serving, adapters.completion_request(body, NAMES), NAMES)
+        prepared = await adapters.prepare_completion(serving, adapters.completion_request(body, NAMES), NAMES)
     return adapters.fill_context(serving, prepared) if fill else prepared
 
 
@@ -383,7 +383,7 @@ async def chat(request: Request):
     serving: Serving = request.app.state.serving
     if not req.messages:
         return _loaded(serving, req, chat=True)
-    return await _answer(request, _prepare_chat(serving, req), chat=True)
+    return await _answer(request, await _prepare_chat(serving, req), chat=True)
 
 
 @router.post("/api/generate", openapi_extra=adapters.body_doc(GenerateRequest))
@@ -392,7 +392,7 @@ async def generate(request: Request):
     serving: Serving = request.app.state.serving
     if not req.prompt:
         return _loaded(serving, req, chat=False)
-    return await _answer(request, _prepare_generate(serving, req), chat=False)
+    return await _answer(request, await _prepare_generate(serving, req), chat=False)
 
 
 # --- the model ----------------------------------------------------------------------

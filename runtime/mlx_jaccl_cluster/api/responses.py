@@ -231,7 +231,7 @@ def _reasoning(req: ResponsesRequest, body: dict) -> None:
         body["chat_template_kwargs"] = {"reasoning_effort": effort}
 
 
-def _prepare(serving: Serving, req: ResponsesRequest) -> Prepared:
+async def _prepare(serving: Serving, req: ResponsesRequest) -> Prepared:
     _check_state(req)
     body: dict = {"model": req.model, "messages": _messages(req), "stream": req.stream}
     _tools(req, body)
@@ -241,7 +241,7 @@ def _prepare(serving: Serving, req: ResponsesRequest) -> Prepared:
                          ("parallel_tool_calls", "parallel_tool_calls")):
         if getattr(req, theirs) is not None:
             body[ours] = getattr(req, theirs)
-    prepared = adapters.prepare_chat(serving, adapters.chat_request(body, NAMES), NAMES)
+    prepared = await adapters.prepare_chat(serving, adapters.chat_request(body, NAMES), NAMES)
     # OpenAI: without max_output_tokens a response may run to the end of the context
     return prepared if req.max_output_tokens is not None else adapters.fill_context(serving, prepared)
 
@@ -386,7 +386,7 @@ async def _sse(request: Request, reply: Reply, items: AsyncIterator) -> AsyncIte
 async def responses(request: Request):
     req = await adapters.read_body(request, ResponsesRequest)
     serving: Serving = request.app.state.serving
-    prepared = _prepare(serving, req)
+    prepared = await _prepare(serving, req)
     reply = Reply(serving, req, prepared)
     items = adapters.start(request, prepared)
     if prepared.stream:
