@@ -110,9 +110,9 @@ class Grammars:
                   reasoning_first: bool, why: str = "tool_choice") -> str:
         """The grammar of a reply that calls ``tools`` (OpenAI function tools, as dicts).
 
-        ``choice``: "required" (one call or more, nothing else), a function name (a
-        call to that function), or "auto" (text, then calls or not; only strict tools'
-        arguments are checked). ``parallel``: more than one call allowed. ``answer``:
+        ``choice``: "required" (one call or more, nothing else), ``{"name": ...}`` (a
+        call to that function), or "auto" (text that opens no call, then calls or none;
+        only strict tools' arguments are checked; nothing may follow the calls). ``parallel``: more than one call allowed. ``answer``:
         the response_format schema the reply must be when it calls no tool ("auto" only).
         ``why``: the request field that made a grammar necessary (named in errors).
         """
@@ -127,7 +127,7 @@ class Grammars:
                                       f"request's tools ({names})", "tool_choice")
         strict_all = choice != "auto"
         variants = []
-        for i, tool in enumerate(chosen):
+        for tool in chosen:
             fn = tool["function"]
             strict = strict_all or bool(fn.get("strict"))
             params = fn.get("parameters")
