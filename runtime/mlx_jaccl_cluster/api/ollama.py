@@ -54,8 +54,7 @@ SAMPLING_OPTIONS = {
 }
 #: Error messages about an OpenAI field name the Ollama field instead.
 NAMES = {openai: f"options.{ollama}" for ollama, openai in SAMPLING_OPTIONS.items()} | {
-    "response_format": "format", "response_format.json_schema.schema": "format", "messages": "messages", "prompt": "prompt", "tools": "tools",
-    "chat_template_kwargs": "think",
+    "response_format": "format", "response_format.json_schema.schema": "format", "chat_template_kwargs": "think",
 }
 
 

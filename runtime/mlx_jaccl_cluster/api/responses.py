@@ -39,7 +39,7 @@ HOSTED_TOOLS = frozenset({
 #: Error messages about an OpenAI chat field name the Responses field instead.
 NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format",
          "response_format.json_schema": "text.format",
-         "chat_template_kwargs": "reasoning.effort", "tool_choice": "tool_choice", "tools": "tools"}
+         "chat_template_kwargs": "reasoning.effort"}
 
 
 # --- requests -----------------------------------------------------------------------
