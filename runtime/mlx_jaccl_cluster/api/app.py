@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from .. import __version__
 from ..settings import Settings
 from ..state import ClusterState
-from . import dashboard, errors
+from . import anthropic, dashboard, errors, ollama, responses
 from .errors import APIError
 from .metrics import CountRequests, Observer
 from .routes import router
@@ -44,9 +44,11 @@ def create_app(settings: Settings, state: ClusterState, engine) -> FastAPI:
             return
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+        if scheme.lower() != "bearer":  # Anthropic's clients send the key as x-api-key
+            given = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     # No /docs: Swagger UI would load its assets from a CDN, and nodes may be offline.
     app = FastAPI(title="mlx-jaccl-cluster", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
@@ -54,7 +56,11 @@ def create_app(settings: Settings, state: ClusterState, engine) -> FastAPI:
     app.state.observer = observer = Observer()
     app.add_middleware(CountRequests, observer=observer)
     errors.install(app)
+    # Ollama's and Anthropic's routes answer errors in their own shapes (OpenAI's elsewhere).
+    app.state.error_shapes = [ollama.ERROR_SHAPE, anthropic.ERROR_SHAPE]
     app.include_router(router, dependencies=[Depends(require_key)])
+    for surface in (responses, anthropic, ollama):
+        app.include_router(surface.router, dependencies=[Depends(require_key)])
     app.include_router(dashboard.router, dependencies=[Depends(require_key)])
     dashboard.install(app, settings, state, serving, engine, observer)
 

@@ -1,9 +1,13 @@
 """Every error leaves the server in OpenAI's shape:
-``{"error": {"message", "type", "param", "code"}}``, with a status that says who must act."""
+``{"error": {"message", "type", "param", "code"}}``, with a status that says who must act,
+except on the routes of another API (Ollama's ``/api/*``, Anthropic's ``/v1/messages``):
+those register their own shape (``ErrorShape``), so their clients read the message."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,6 +58,26 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+@dataclass(frozen=True)
+class ErrorShape:
+    """How one API writes an error: for the paths ``matches`` accepts, ``body(exc)``."""
+
+    matches: Callable[[str], bool]
+    body: Callable[[APIError], dict]
+
+
+def shaped_response(shapes, path: str, exc: APIError) -> JSONResponse:
+    """``exc`` as a response in the shape of the API ``path`` belongs to (OpenAI's by default)."""
+    for shape in shapes:
+        if shape.matches(path):
+            return JSONResponse(shape.body(exc), status_code=exc.status, headers=exc.headers)
+    return exc.response()
+
+
+def respond(request: Request, exc: APIError) -> JSONResponse:
+    return shaped_response(getattr(request.app.state, "error_shapes", ()), request.url.path, exc)
+
+
 def _field_path(loc: tuple) -> str:
     parts = [str(p) for p in loc if p != "body"]
     # Drop pydantic's union-branch markers such as 'str' / 'list[TextPart]'.
@@ -86,20 +110,21 @@ def record(request: Request, exc: APIError) -> APIError:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return record(request, exc).response()
+        return respond(request, record(request, exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return record(request, validation_error(exc)).response()
+        return respond(request, record(request, validation_error(exc)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path}; see /v1/models, /v1/chat/completions, /v1/completions, /health"
-        return record(request, APIError(exc.status_code, message, headers=getattr(exc, "headers", None))).response()
+            message = (f"no route {request.method} {request.url.path}; see /v1/models, /v1/chat/completions, "
+                       "/v1/completions, /v1/responses, /v1/messages, /api/chat, /api/generate, /health")
+        return respond(request, record(request, APIError(exc.status_code, message, headers=getattr(exc, "headers", None))))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return record(request, APIError(500, f"internal error: {type(exc).__name__}")).response()
+        return respond(request, record(request, APIError(500, f"internal error: {type(exc).__name__}")))
