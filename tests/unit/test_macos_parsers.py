@@ -309,6 +309,18 @@ def test_empty_gid_table_is_not_ready():
     assert problem.startswith("rdma_en4 has an empty GID table")
 
 
+def test_before_the_thunderbolt_network_opt_in_only_what_it_cannot_fix_is_judged():
+    """network=False: bridge, IPv4 and GID are left to the check after mac_hygiene; a down port is not."""
+    members = macos.parse_ifconfig_bridge_members(capture("ifconfig_bridge0_members.txt"))
+    no_ipv4 = {"en4": []}
+    assert macos.check_node_rdma(["rdma_en4"], devinfo("ibv_devinfo_v_empty_gids.txt"), True, members, None, no_ipv4,
+                                 network=False) == []
+    [problem] = macos.check_node_rdma(["rdma_en3"], devinfo("ibv_devinfo_mixed.txt"), True, members, None, no_ipv4,
+                                      network=False)
+    assert problem.startswith("rdma_en3 is PORT_DOWN")
+    assert len(macos.check_node_rdma(["rdma_en4"], devinfo("ibv_devinfo_v_empty_gids.txt"), True, members)) == 1
+
+
 def test_plain_devinfo_prints_no_gid_table_and_is_not_judged_on_it():
     assert check(info="ibv_devinfo_one_active.txt") == []
 

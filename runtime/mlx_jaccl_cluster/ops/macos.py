@@ -394,8 +394,11 @@ def _speed_messages(names: list[str], tb_links: Sequence[Mapping[str, Any]]) -> 
 
 def check_node_rdma(devices_wanted: Sequence[Any], devinfo: Mapping[str, Mapping[str, Any]], rdma_enabled: bool,
                     bridge_members: Sequence[str], tb_links: Sequence[Mapping[str, Any]] | None = None,
-                    ipv4_by_iface: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+                    ipv4_by_iface: Mapping[str, Sequence[str]] | None = None, network: bool = True) -> list[str]:
     """Problems that keep this node from JACCL over the inventory's devices (``[]`` = ready).
+
+    ``network=False`` leaves out what the Thunderbolt-network opt-in (mac_hygiene) changes:
+    bridge membership, IPv4 addresses and the GID table. Readiness judges those after it ran.
 
     ``devices_wanted``: device names (an inventory ``cluster_rdma`` row works: ``None`` and
     per-cable lists are handled). ``devinfo``: ``parse_ibv_devinfo``. ``bridge_members``:
@@ -403,6 +406,7 @@ def check_node_rdma(devices_wanted: Sequence[Any], devinfo: Mapping[str, Mapping
     ``ipv4_by_iface``: ``{"en4": ["169.254.12.34"]}`` (optional; interfaces left out are not judged).
     """
     names = _wanted(devices_wanted)
+    bridge_members = bridge_members if network else []
     problems = [_bridge_message(n) for n in names if paired_interface(n) in set(bridge_members or [])]
     if not rdma_enabled:
         return ["RDMA over Thunderbolt is disabled on this Mac: boot into macOS Recovery, open Terminal, run "
@@ -416,7 +420,7 @@ def check_node_rdma(devices_wanted: Sequence[Any], devinfo: Mapping[str, Mapping
         elif _device_state(devinfo[name]) != "PORT_ACTIVE":
             wanted_active = [d for d in names if d in active]
             problems.append(_inactive_message(name, _device_state(devinfo[name]), spare_active, wanted_active))
-        elif paired_interface(name) not in set(bridge_members or []):
+        elif network and paired_interface(name) not in set(bridge_members or []):
             if _gid_table_empty(devinfo[name]):
                 problems.append(_empty_gid_message(name))
             else:
