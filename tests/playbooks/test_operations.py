@@ -6,12 +6,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from local_cluster import changed, converge, playbook
+from local_cluster import PLAYBOOK, ROOT, changed, converge, playbook
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +87,54 @@ def test_link_bench_writes_four_files_and_restores_the_service(cluster, tmp_path
     after = rank_pids(prefix)
     assert len(after) == 3 and not set(after.values()) & set(before.values())
     assert health(api)["ranks_up"] == 3
+
+
+def bench_pids(prefix) -> dict[int, int]:
+    """MLX rank -> PID of every mjc-bench process of this cluster."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if not any(arg.decode(errors="replace").endswith(f"{prefix}/venv/bin/mjc-bench") for arg in argv[:2]):
+                continue
+            env = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
+            found[int(env[b"MLX_RANK"])] = int(proc.name)
+        except (OSError, ValueError, KeyError):
+            continue
+    return found
+
+
+def test_link_bench_with_a_rank_that_dies_ends_fast_names_it_and_restores_the_service(cluster, tmp_path):
+    """Rank 1's mjc-bench is killed mid-sweep: the other ranks give up within a minute naming
+    rank 1 (not the 30-minute task timeout), the playbook fails, the group serves again."""
+    inv, prefix, api = cluster
+    long_sweep = json.dumps({"bench_sizes": ["16M"], "bench_rounds": 1000, "bench_budget": "1G",
+                             "bench_latency_iters": 50, "bench_gather_sizes": [], "bench_pairs_enabled": False,
+                             "bench_results_dir": str(tmp_path)})
+    run = subprocess.Popen([str(PLAYBOOK), "-i", str(inv), "playbooks/bench.yml", "-e", long_sweep], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(bench_pids(prefix)) < 3:
+            assert run.poll() is None and time.monotonic() < deadline, "mjc-bench did not start on every rank"
+            time.sleep(0.5)
+        time.sleep(8)  # into the sweep: the MLX group has formed
+        assert len(bench_pids(prefix)) == 3, "the sweep ended before the kill: make it longer"
+        os.kill(bench_pids(prefix)[1], signal.SIGKILL)
+        killed = time.monotonic()
+        while bench_pids(prefix):
+            assert time.monotonic() - killed < 60, f"ranks still sweeping a minute after rank 1 died: {bench_pids(prefix)}"
+            time.sleep(0.5)
+        gone_after = time.monotonic() - killed
+        out, _ = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 2, out[-5000:]
+    assert "lost rank 1" in out, out[-5000:]
+    print(f"\nevery mjc-bench gone {gone_after:.1f} s after rank 1 was killed")
+    assert health(api)["ranks_up"] == 3
+    assert len(rank_pids(prefix)) == 3
 
 
 def test_api_bench(cluster, tmp_path):
