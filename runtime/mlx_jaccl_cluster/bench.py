@@ -119,7 +119,21 @@ class Watchdog:
             return
         self._stopped.set()
         print(f"[mjc-bench] rank {self.rank}: {why}; giving up the sweep (exit {LOST_EXIT})", file=sys.stderr, flush=True)
+        if self.rank == 0:  # tell the followers who was lost, so they name it too (not just "rank 0")
+            for conn in self.conns:
+                try:
+                    conn.sendall(f"!{why}\n".encode())
+                except OSError:
+                    pass
         self._exit(LOST_EXIT)
+
+    def wait_for_loss(self, seconds: float) -> None:
+        """After MLX failed (its own error for a closed peer): let the watchdog name the lost
+        rank and exit first, if it is about to. Returns when it does not."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self._stopped.is_set():
+            time.sleep(0.05)
+        time.sleep(0.5 if self._stopped.is_set() else 0)  # the exit is under way
 
     def stop(self) -> None:
         """The sweep is over: closing connections is no longer a loss."""
@@ -184,15 +198,24 @@ class Watchdog:
                     break
 
         def listen() -> None:
+            notice = b""
             while not self._stopped.is_set():
                 try:
-                    data = conn.recv(64)
+                    data = conn.recv(4096)
                 except socket.timeout:
                     self.lost(f"{who} sent no heartbeat for {self.timeout:.0f} s (its host is down or unreachable)")
                     return
                 except OSError as exc:
-                    self.lost(f"lost {who}: {exc}")
-                    return
+                    data = b""
+                    if not notice:
+                        self.lost(f"lost {who}: {exc}")
+                        return
+                if b"!" in data or notice:  # rank 0 names the rank it lost
+                    notice += data[data.index(b"!") + 1:] if not notice else data
+                    if b"\n" in notice or not data:
+                        self.lost(f"{who} reports: " + notice.split(b"\n")[0].decode(errors="replace"))
+                        return
+                    continue
                 if not data:
                     self.lost(f"lost {who}: its connection closed (the process died or was killed)")
                     return
@@ -317,7 +340,20 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"[mjc-bench] {msg}", file=sys.stderr, flush=True)
 
-    result = link_sweep(group, opts, log)
+    try:
+        result = link_sweep(group, opts, log)
+    except Exception:
+        if not watchdog:
+            raise
+        # MLX may notice a closed peer first: give the watchdog a moment to name it. Then
+        # leave at once: a normal interpreter exit freezes the watchdog's threads and can
+        # wait on MLX's half-closed group.
+        watchdog.wait_for_loss(min(3.0, opts.peer_timeout))
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
     if watchdog:
         # Stop watching, then meet once more: when rank 0 leaves (closing every connection),
         # every rank has already stopped watching, so no one takes that for a loss.

@@ -64,3 +64,20 @@ def test_after_stop_a_closed_connection_is_no_loss():
     dogs[1].stop()
     time.sleep(2.5)
     assert exits == {0: [], 1: []}
+
+
+def test_followers_name_the_rank_that_rank_0_lost(capsys):
+    """Rank 2 watches only rank 0; when rank 0 loses rank 1 it tells rank 2 who it was."""
+    (port,) = free_ports(1)
+    exits: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    dogs = [Watchdog(r, 3, f"127.0.0.1:{port}", timeout=5, join_timeout=20, exit=exits[r].append) for r in range(3)]
+    leader = threading.Thread(target=dogs[0].start)
+    leader.start()
+    dogs[1].start()
+    dogs[2].start()
+    leader.join(20)
+    dogs[1].stop()
+    dogs[1].conns[0].close()
+    assert wait(lambda: exits[0] == [LOST_EXIT] and exits[2] == [LOST_EXIT]), exits
+    err = capsys.readouterr().err
+    assert "rank 2: rank 0 (127.0.0.1) reports: lost rank 1" in err, err
