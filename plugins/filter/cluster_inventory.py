@@ -2,6 +2,7 @@
 
 ``mjc_validate_cluster``: list of problem strings (empty when the inventory is good).
 ``mjc_cluster_plan``: the rendered plan every role reads (fails on a bad inventory).
+``mjc_group_overrides``: ``host: key`` of group variables a host sees differently.
 
 Both take a mapping inventory hostname -> host variables; in a play::
 
@@ -52,11 +53,24 @@ def mjc_validate_cluster(
     group: Mapping[str, Any] | None = None,
     model_config: Mapping[str, Any] | None = None,
     supports_pipeline: bool | None = None,
+    sources: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """Problems of the inventory as ``host: field: message — fix`` strings."""
+    """Problems of the inventory as ``host: field: message — fix`` strings.
+
+    ``sources``: ``ansible-inventory --list --export`` output, so that a value set by another
+    group is blamed on that group.
+    """
     plain = _plain_hosts(hosts)
-    problems = inventory.validate_cluster(plain, _group_vars(plain, group), model_config, supports_pipeline)
+    if supports_pipeline is None and model_config:
+        supports_pipeline = inventory.pipeline_support(model_config)  # from the controller's mlx-lm
+    problems = inventory.validate_cluster(plain, _group_vars(plain, group), model_config, supports_pipeline, sources)
     return [str(p) for p in problems]
+
+
+def mjc_group_overrides(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any] | None = None) -> list[str]:
+    """``host: key`` for each group variable some host sees differently from the others."""
+    plain = _plain_hosts(hosts)
+    return inventory.group_overrides(plain, _group_vars(plain, group))
 
 
 def mjc_cluster_plan(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -72,4 +86,5 @@ class FilterModule:
     """Registers the mjc_* inventory filters."""
 
     def filters(self) -> dict[str, Any]:
-        return {"mjc_validate_cluster": mjc_validate_cluster, "mjc_cluster_plan": mjc_cluster_plan}
+        return {"mjc_validate_cluster": mjc_validate_cluster, "mjc_cluster_plan": mjc_cluster_plan,
+                "mjc_group_overrides": mjc_group_overrides}

@@ -9,6 +9,12 @@ interleaved rounds of the same run, so the report can show that the bench adds n
 
 Rank 0 writes one JSON document (``--out``, or stdout); other ranks only take part.
 
+A collective whose peer died can wait forever, so a watchdog runs beside MLX (plain TCP on
+rank 0's control address, free while the service is stopped): every rank joins it before
+the MLX group forms and sends a heartbeat each second. When a rank's connection drops or it
+misses heartbeats for ``--peer-timeout`` seconds, every survivor exits (status 3) naming
+the lost rank, instead of hanging until the playbook's task timeout.
+
     MLX_RANK=0 MLX_HOSTFILE=hostfile.json MJC_BACKEND=ring mjc-bench --out /tmp/link.json
 """
 
@@ -24,6 +30,7 @@ import platform
 import socket
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +91,137 @@ def bare_all_sum_times(group, nbytes: int, iters: int, warmup: int = 2) -> list[
         if i >= warmup:
             samples.append(time.perf_counter() - start)
     return samples
+
+
+LOST_EXIT = 3  # the exit status of a rank that gave up on a lost peer
+
+
+class Watchdog:
+    """Heartbeats between rank 0 and every other rank, beside MLX; exits the process on a lost peer.
+
+    Rank 0 listens on ``address``; rank ``r`` connects and says ``r hostname``. Each side sends
+    one byte a second. A closed connection (the peer's process is gone) or ``timeout`` seconds
+    of silence (its host is gone) makes this rank print who was lost and ``os._exit``: rank 0
+    leaving closes every follower's connection, so the followers leave too.
+    """
+
+    def __init__(self, rank: int, world: int, address: str, timeout: float = 10.0, join_timeout: float = 120.0,
+                 exit=os._exit) -> None:
+        host, _, port = address.rpartition(":")
+        self.rank, self.world, self.addr = rank, world, (host, int(port))
+        self.timeout, self.join_timeout, self._exit = timeout, join_timeout, exit
+        self.peers: dict[int, str] = {}  # rank -> hostname, as they joined
+        self.conns: list[socket.socket] = []  # one per watched peer
+        self._stopped = threading.Event()
+
+    def lost(self, why: str) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        print(f"[mjc-bench] rank {self.rank}: {why}; giving up the sweep (exit {LOST_EXIT})", file=sys.stderr, flush=True)
+        if self.rank == 0:  # tell the followers who was lost, so they name it too (not just "rank 0")
+            for conn in self.conns:
+                try:
+                    conn.sendall(f"!{why}\n".encode())
+                except OSError:
+                    pass
+        self._exit(LOST_EXIT)
+
+    def wait_for_loss(self, seconds: float) -> None:
+        """After MLX failed (its own error for a closed peer): let the watchdog name the lost
+        rank and exit first, if it is about to. Returns when it does not."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self._stopped.is_set():
+            time.sleep(0.05)
+        time.sleep(0.5 if self._stopped.is_set() else 0)  # the exit is under way
+
+    def stop(self) -> None:
+        """The sweep is over: closing connections is no longer a loss."""
+        self._stopped.set()
+
+    def start(self) -> None:
+        """Return once every rank has joined (rank 0) or this rank has joined rank 0; then watch in threads."""
+        if self.world < 2:
+            return
+        if self.rank == 0:
+            self._lead()
+        else:
+            self._follow()
+
+    def _lead(self) -> None:
+        server = socket.create_server(self.addr, reuse_port=False)
+        server.settimeout(1.0)
+        deadline = time.monotonic() + self.join_timeout
+        conns: dict[int, socket.socket] = {}
+        while len(conns) < self.world - 1:
+            if time.monotonic() > deadline:
+                missing = ", ".join(str(r) for r in range(1, self.world) if r not in conns)
+                self.lost(f"rank(s) {missing} did not join within {self.join_timeout:.0f} s")
+                return
+            try:
+                conn, _ = server.accept()
+            except socket.timeout:
+                continue
+            conn.settimeout(self.timeout)
+            try:
+                rank, _, host = conn.makefile("r").readline().strip().partition(" ")
+                conns[int(rank)] = conn
+                self.peers[int(rank)] = host or "?"
+            except (OSError, ValueError):
+                conn.close()
+        server.close()
+        for rank, conn in conns.items():
+            self._watch(conn, f"rank {rank} ({self.peers[rank]})")
+
+    def _follow(self) -> None:
+        deadline = time.monotonic() + self.join_timeout
+        while True:
+            try:
+                conn = socket.create_connection(self.addr, timeout=self.timeout)
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    self.lost(f"rank 0 at {self.addr[0]}:{self.addr[1]} did not answer within "
+                              f"{self.join_timeout:.0f} s ({exc})")
+                    return
+                time.sleep(0.5)
+        conn.sendall(f"{self.rank} {socket.gethostname()}\n".encode())
+        self._watch(conn, f"rank 0 ({self.addr[0]})")
+
+    def _watch(self, conn: socket.socket, who: str) -> None:
+        self.conns.append(conn)
+        def beat() -> None:
+            while not self._stopped.wait(1.0):
+                try:
+                    conn.sendall(b".")
+                except OSError:
+                    break
+
+        def listen() -> None:
+            notice = b""
+            while not self._stopped.is_set():
+                try:
+                    data = conn.recv(4096)
+                except socket.timeout:
+                    self.lost(f"{who} sent no heartbeat for {self.timeout:.0f} s (its host is down or unreachable)")
+                    return
+                except OSError as exc:
+                    data = b""
+                    if not notice:
+                        self.lost(f"lost {who}: {exc}")
+                        return
+                if b"!" in data or notice:  # rank 0 names the rank it lost
+                    notice += data[data.index(b"!") + 1:] if not notice else data
+                    if b"\n" in notice or not data:
+                        self.lost(f"{who} reports: " + notice.split(b"\n")[0].decode(errors="replace"))
+                        return
+                    continue
+                if not data:
+                    self.lost(f"lost {who}: its connection closed (the process died or was killed)")
+                    return
+
+        for target in (beat, listen):
+            threading.Thread(target=target, daemon=True, name=f"watchdog {who}").start()
 
 
 def init_group():
@@ -182,11 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", action="store_true", help="send/recv between every pair of ranks")
     p.add_argument("--pair-size", type=parse_size, default=16 * MB)
     p.add_argument("--out", type=Path, help="where rank 0 writes the JSON (default: stdout)")
+    p.add_argument("--peer-timeout", type=float, default=10.0,
+                   help="seconds without a heartbeat before a rank counts as lost (the watchdog on MJC_CONTROL)")
+    p.add_argument("--join-timeout", type=float, default=120.0, help="seconds for every rank to join the watchdog")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
+    rank, world = int(os.environ.get("MLX_RANK", "0")), int(os.environ.get("MLX_WORLD_SIZE", "1"))
+    control = os.environ.get("MJC_CONTROL")
+    watchdog = Watchdog(rank, world, control, opts.peer_timeout, opts.join_timeout) if control and world > 1 else None
+    if watchdog:
+        watchdog.start()  # before the MLX group: a rank that never comes is named too
     group = init_group()
     rank = group.rank()
 
@@ -194,7 +340,27 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"[mjc-bench] {msg}", file=sys.stderr, flush=True)
 
-    result = link_sweep(group, opts, log)
+    try:
+        result = link_sweep(group, opts, log)
+    except Exception:
+        if not watchdog:
+            raise
+        # MLX may notice a closed peer first: give the watchdog a moment to name it. Then
+        # leave at once: a normal interpreter exit freezes the watchdog's threads and can
+        # wait on MLX's half-closed group.
+        watchdog.wait_for_loss(min(3.0, opts.peer_timeout))
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    if watchdog:
+        # Stop watching, then meet once more: when rank 0 leaves (closing every connection),
+        # every rank has already stopped watching, so no one takes that for a loss.
+        import mlx.core as mx
+
+        watchdog.stop()
+        mx.eval(mx.distributed.all_sum(mx.array([1.0]), group=group))
     if rank == 0:
         text = json.dumps(result, indent=1)
         if opts.out:

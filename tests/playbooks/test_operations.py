@@ -6,12 +6,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from local_cluster import changed, converge, playbook
+from local_cluster import PLAYBOOK, ROOT, changed, converge, playbook
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +87,63 @@ def test_link_bench_writes_four_files_and_restores_the_service(cluster, tmp_path
     after = rank_pids(prefix)
     assert len(after) == 3 and not set(after.values()) & set(before.values())
     assert health(api)["ranks_up"] == 3
+
+
+def bench_pids(prefix) -> dict[int, int]:
+    """MLX rank -> PID of every mjc-bench process of this cluster."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if not any(arg.decode(errors="replace").endswith(f"{prefix}/venv/bin/mjc-bench") for arg in argv[:2]):
+                continue
+            env = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
+            found[int(env[b"MLX_RANK"])] = int(proc.name)
+        except (OSError, ValueError, KeyError):
+            continue
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "silent"])
+def test_link_bench_with_a_lost_rank_ends_fast_names_it_and_restores_the_service(cluster, tmp_path, signum):
+    """Rank 1's mjc-bench dies (SIGKILL) or goes silent with its sockets open (SIGSTOP, as a
+    host that drops off the network): ranks 0 and 2 give up within a minute naming rank 1
+    (without the watchdog a silent rank keeps them in a collective until the 30-minute task
+    timeout), the playbook fails, the group serves again."""
+    inv, prefix, api = cluster
+    long_sweep = json.dumps({"bench_sizes": ["16M"], "bench_rounds": 1000, "bench_budget": "1G",
+                             "bench_latency_iters": 50, "bench_gather_sizes": [], "bench_pairs_enabled": False,
+                             "bench_results_dir": str(tmp_path)})
+    run = subprocess.Popen([str(PLAYBOOK), "-i", str(inv), "playbooks/bench.yml", "-e", long_sweep], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = None
+    try:
+        deadline = time.monotonic() + 300
+        while len(bench_pids(prefix)) < 3:
+            assert run.poll() is None and time.monotonic() < deadline, "mjc-bench did not start on every rank"
+            time.sleep(0.5)
+        time.sleep(8)  # into the sweep: the MLX group has formed
+        assert len(bench_pids(prefix)) == 3, "the sweep ended before the loss: make it longer"
+        victim = bench_pids(prefix)[1]
+        os.kill(victim, signum)
+        lost = time.monotonic()
+        while {0, 2} & set(bench_pids(prefix)):
+            assert time.monotonic() - lost < 60, f"ranks still sweeping a minute after rank 1 was lost: {bench_pids(prefix)}"
+            time.sleep(0.5)
+        gone_after = time.monotonic() - lost
+        if signum == signal.SIGSTOP:
+            os.kill(victim, signal.SIGKILL)  # its host never comes back; its own task may end now
+        out, _ = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        if victim and os.path.exists(f"/proc/{victim}"):
+            os.kill(victim, signal.SIGKILL)
+    assert run.returncode == 2, out[-5000:]
+    assert "lost rank 1" in out or "rank 1 (" in out and "no heartbeat" in out, out[-5000:]
+    print(f"\nranks 0 and 2 gone {gone_after:.1f} s after rank 1 was lost ({signal.Signals(signum).name})")
+    assert health(api)["ranks_up"] == 3
+    assert len(rank_pids(prefix)) == 3
 
 
 def test_api_bench(cluster, tmp_path):

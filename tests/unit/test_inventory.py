@@ -19,6 +19,7 @@ MODEL = {
     "cluster_model_name": "SmolLM2-135M-Instruct",
     "cluster_model_path": "/opt/mlx-jaccl-cluster/models/SmolLM2-135M-Instruct",
     "cluster_model_source": "smollm2",
+    "cluster_api_allow_open": True,  # these bind 0.0.0.0 without a key, on purpose
 }
 PREFIX = "/opt/mlx-jaccl-cluster"
 
@@ -100,7 +101,36 @@ def single_mac() -> Inventory:
     return hosts, {"cluster_backend": "jaccl", **MODEL}
 
 
-GOOD = [two_macs, four_mac_ring, four_mac_mesh, local_ring, nccl_pair, single_mac]
+def mac_mesh(n: int) -> Inventory:
+    """``n`` Macs fully cabled (jaccl mesh): rank i reaches rank j over rdma_en{2+j}."""
+    hosts = {
+        f"mac{r + 1}": {
+            "cluster_rank": r,
+            "ansible_host": f"mac{r + 1}.local",
+            "cluster_ips": [f"10.0.0.{r + 1}"],
+            "cluster_rdma": [None if j == r else f"rdma_en{2 + j}" for j in range(n)],
+        }
+        for r in range(n)
+    }
+    return hosts, {"cluster_backend": "jaccl", **MODEL}
+
+
+def keyed_macs() -> Inventory:
+    """two_macs serving the network with a key instead of the opt-in."""
+    hosts, group = two_macs()
+    group.pop("cluster_api_allow_open")
+    return hosts, group | {"cluster_api_key": "0123456789abcdef0123456789abcdef"}
+
+
+def ipv6_ssh() -> Inventory:
+    """The controller reaches the Macs over IPv6; the ranks still meet over IPv4."""
+    hosts, group = two_macs()
+    hosts["mac1"]["ansible_host"] = "fd00::14"
+    return hosts, group
+
+
+GOOD = [two_macs, four_mac_ring, four_mac_mesh, local_ring, nccl_pair, single_mac, keyed_macs, ipv6_ssh,
+        lambda: mac_mesh(7)]
 
 
 @pytest.mark.parametrize("inventory", GOOD, ids=lambda f: f.__name__)
@@ -225,6 +255,41 @@ BAD = [
          "cluster_runtime_settings.log_level", "fits"),
     case("runtime-settings-per-host", two_macs, host_set("mac2", cluster_runtime_settings={"max_batch": 4}), "mac2",
          "cluster_runtime_settings", "group_vars/mlx_cluster"),
+    # addresses: syntax, and uniqueness across machines
+    case("cluster-ip-hostname-on-rank0", two_macs, host_set("mac1", cluster_ips=["mac1.local"]), "mac1", "cluster_ips[0]",
+         "IPv4 address"),
+    case("cluster-ip-typo", two_macs, host_set("mac1", cluster_ips=["192.168.1.14", "192.168.l.15"]), "mac1", "cluster_ips[1]",
+         "IPv4 address"),
+    case("cluster-ip-ipv6", two_macs, host_set("mac2", cluster_ips=["fd00::15"]), "mac2", "cluster_ips[0]", "IPv4 address"),
+    case("cluster-ip-on-two-macs", two_macs, host_set("mac2", cluster_ips=["192.168.1.14"]), "mac2", "cluster_ips[0]",
+         "its own address"),
+    case("loopback-across-machines", two_macs, host_set("mac2", cluster_ips=["127.0.0.1"]), "mac2", "cluster_ips[0]",
+         "network the ranks share"),
+    case("ansible-host-typo", two_macs, host_set("mac1", ansible_host="mac1..local"), "mac1", "ansible_host", "mac1.local"),
+    case("ansible-host-with-port", two_macs, host_set("mac1", ansible_host="192.168.1.14:22"), "mac1", "ansible_host",
+         "over SSH"),
+    case("ansible-host-bad-ipv4", two_macs, host_set("mac2", ansible_host="192.168.1.300"), "mac2", "ansible_host", "over SSH"),
+    case("jaccl-two-ranks-one-mac", two_macs, host_set("mac2", ansible_host="mac1.local"), "mac2", "ansible_host",
+         "cluster_backend: ring"),
+    case("ring-port-clash-on-one-address", local_ring, host_set("rank1", ansible_host="localhost", cluster_ring_port=32500),
+         "rank1", "cluster_ring_port", "own cluster_ring_port"),
+    # stated limits: Thunderbolt ports, the API key, an open API
+    case("mesh-more-macs-than-ports", lambda: mac_mesh(8), no_change, "mac1", "cluster_backend", "jaccl-ring"),
+    case("mesh-more-than-stated-ports", four_mac_mesh, host_set("mac3", cluster_thunderbolt_ports=2), "mac3", "cluster_backend",
+         "at most 3 Macs"),
+    case("row-more-cables-than-ports", two_macs, lambda h, g: [h["mac1"].update(cluster_thunderbolt_ports=1),
+         rdma_cells(("mac1", 1, ["rdma_en4", "rdma_en5"]), ("mac2", 0, ["rdma_en4", "rdma_en5"]))(h, g)], "mac1",
+         "cluster_rdma", "one device per cable"),
+    case("thunderbolt-ports-bad", two_macs, host_set("mac1", cluster_thunderbolt_ports=0), "mac1", "cluster_thunderbolt_ports",
+         "1..6"),
+    case("api-key-short", keyed_macs, group_set(cluster_api_key="abc123"), GROUP, "cluster_api_key", "openssl rand -hex 24"),
+    case("open-api-without-key", two_macs, group_drop("cluster_api_allow_open"), GROUP, "cluster_api_host",
+         "cluster_api_allow_open: true"),
+    case("open-api-named-address", two_macs, group_set(cluster_api_allow_open=False, cluster_api_host="192.168.1.14"), GROUP,
+         "cluster_api_host", "openssl rand -hex 24"),
+    case("api-host-with-port", two_macs, group_set(cluster_api_host="0.0.0.0:8080"), GROUP, "cluster_api_host", "127.0.0.1"),
+    case("allow-open-quoted", two_macs, group_set(cluster_api_allow_open="yes"), GROUP, "cluster_api_allow_open",
+         "(no quotes)"),
     case("pipeline-more-ranks-than-layers", local_ring, group_set(cluster_parallel="pipeline"), GROUP, "cluster_parallel",
          "at most 2 hosts", model_config={"num_hidden_layers": 2}),
 ]
@@ -262,6 +327,71 @@ def test_every_problem_is_collected_not_just_the_first() -> None:
         ("mac1", "cluster_ips[0]"),
         ("mac2", "cluster_rank"),
     } <= fields
+
+
+def test_a_loopback_api_needs_no_key_and_a_keyed_api_no_opt_in() -> None:
+    hosts, group = keyed_macs()
+    assert validate_cluster(hosts, group) == []
+    group.update(cluster_api_key="", cluster_api_host="127.0.0.1")
+    assert validate_cluster(hosts, group) == []
+    group.update(cluster_api_host="::1")
+    assert validate_cluster(hosts, group) == []
+
+
+def test_the_api_key_is_never_in_a_message() -> None:
+    secret = "hunter2-secret"  # 14 characters: too short
+    hosts, group = keyed_macs()
+    group["cluster_api_key"] = secret
+    hosts["mac2"]["cluster_api_key"] = secret + "-but-longer"
+    problems = validate_cluster(hosts, group)
+    assert {(p.host, p.field) for p in problems} == {(GROUP, "cluster_api_key"), ("mac2", "cluster_api_key")}
+    assert not any(secret in str(p) for p in problems), problems
+    group["cluster_api_key"] = 12345678901234567
+    assert not any("12345678901234567" in str(p) for p in validate_cluster(hosts, group))
+
+
+def test_a_value_set_by_another_group_names_that_group() -> None:
+    """mac2 is also in group 'fast', whose vars set cluster_api_port: blame the group, not mac2."""
+    hosts, group = two_macs()
+    hosts["mac2"]["cluster_api_port"] = 9000
+    export = {
+        "_meta": {"hostvars": {"mac1": {"cluster_rank": 0}, "mac2": {"cluster_rank": 1}}},
+        "all": {"children": ["ungrouped", "mlx_cluster", "studios"]},
+        "mlx_cluster": {"hosts": ["mac1", "mac2"], "vars": {"cluster_api_port": 8080}},
+        "studios": {"children": ["fast"]},
+        "fast": {"hosts": ["mac2"], "vars": {"cluster_api_port": 9000}},
+    }
+    problems = validate_cluster(hosts, group, sources=export)
+    assert [str(p) for p in problems] == [
+        "mac2: cluster_api_port: is the number 9000 on this host (set by group fast) but the number 8080 for the group — "
+        "set cluster_api_port once in group_vars/mlx_cluster and remove it from group fast"
+    ]
+    export["_meta"]["hostvars"]["mac2"]["cluster_api_port"] = 9000  # the host sets it too
+    assert "remove it from host mac2 and group fast" in str(validate_cluster(hosts, group, sources=export)[0])
+
+
+@pytest.mark.parametrize(("model_type", "can"), [("llama", False), ("mistral", False), ("qwen3", False), ("qwen2", True),
+                                                 ("qwen3_moe", True), ("deepseek_v3", True), ("no-such-model", None)])
+def test_pipeline_support_follows_the_installed_mlx_lm(model_type, can) -> None:
+    from mlx_jaccl_cluster.ops.inventory import pipeline_support
+
+    assert pipeline_support({"model_type": model_type}) is can
+    assert pipeline_support({"text_config": {"model_type": model_type, "num_attention_heads": 8}}) is can
+    assert pipeline_support(None) is None
+
+
+def test_a_model_that_cannot_pipeline_is_not_told_to_pipeline() -> None:
+    """SmolLM2 (llama, 9/3 heads) over 2 ranks: the fix names host counts, never pipeline."""
+    hosts, group = two_macs()
+    config = {"model_type": "llama", "num_attention_heads": 9, "num_key_value_heads": 3}
+    [problem] = validate_cluster(hosts, group, model_config=config, supports_pipeline=False)
+    assert "SmolLM2-135M-Instruct (llama)" in problem.message and "(1, 3)" in problem.fix
+    assert "set cluster_parallel: pipeline" not in problem.fix and "no pipeline split" in problem.fix
+    [problem] = validate_cluster(hosts, group, model_config=config | {"model_type": "qwen2"}, supports_pipeline=True)
+    assert problem.fix.endswith("or set cluster_parallel: pipeline")
+    group["cluster_parallel"] = "pipeline"
+    [problem] = validate_cluster(hosts, group, model_config=config, supports_pipeline=False)
+    assert "SmolLM2-135M-Instruct (llama)'s class has no pipeline split" in problem.message
 
 
 def test_jaccl_ring_allows_null_between_non_neighbours() -> None:
@@ -373,9 +503,9 @@ def test_plan_single_rank_and_defaults() -> None:
 def test_plan_api_key_only_when_set_and_custom_prefix() -> None:
     hosts, group = local_ring()
     assert "MJC_API_KEY" not in cluster_plan(hosts, group)["hosts"]["rank0"]["env"]
-    group.update(cluster_api_key="s3cret", cluster_install_prefix="/srv/mjc/")
+    group.update(cluster_api_key="s3cret-0123456789abcdef", cluster_install_prefix="/srv/mjc/")
     entry = cluster_plan(hosts, group)["hosts"]["rank0"]
-    assert entry["env"]["MJC_API_KEY"] == "s3cret"
+    assert entry["env"]["MJC_API_KEY"] == "s3cret-0123456789abcdef"
     assert entry["env"]["MLX_HOSTFILE"] == "/srv/mjc/etc/mlx-jaccl-cluster-rank0/hostfile.json"
     assert entry["argv"] == ["/srv/mjc/venv/bin/mjc-rank"]
 
@@ -454,5 +584,5 @@ def test_filter_takes_hostvars_with_group_vars_merged_in(filters: dict[str, Call
     merged["mac2"]["cluster_api_port"] = 9000
     assert filters["mjc_validate_cluster"](merged) == [
         "mac2: cluster_api_port: is the number 9000 on this host but the number 8080 for the group — "
-        "set cluster_api_port once in group_vars/mlx_cluster and remove it from mac2"
+        "set cluster_api_port once in group_vars/mlx_cluster and remove it from host mac2"
     ]

@@ -290,6 +290,41 @@ def test_active_device_already_wanted_is_not_suggested():
     assert "did you mean" not in problem
 
 
+def test_two_cable_row_with_one_cable_down_says_the_other_is_active():
+    """rdma_en3 and rdma_en4 are both in the row; en4 is up, so 'no other device is active' would be false."""
+    [problem] = check(wanted=["rdma_en3", "rdma_en4"], info="ibv_devinfo_mixed.txt")
+    assert "no other RDMA device here is active" not in problem, problem
+    assert problem.startswith("rdma_en3 is PORT_DOWN while rdma_en4 (also in cluster_rdma) is PORT_ACTIVE")
+    assert "cable on the en3 port" in problem
+
+
+def test_empty_gid_table_is_not_ready():
+    """ibv_devinfo -v printed the port's details but no GID: the handshake would fail (RTR errno 96)."""
+    ipv4 = macos.parse_ifconfig_ipv4_by_iface(capture("ifconfig_all.txt"))
+    assert macos.parse_ibv_devinfo(capture("ibv_devinfo_v_empty_gids.txt"))["rdma_en4"]["ports"][1]["gids"] == []
+    [problem] = check(info="ibv_devinfo_v_empty_gids.txt", ipv4=ipv4)
+    assert problem.startswith("rdma_en4 has an empty GID table") and "errno 96" in problem
+    assert "Thunderbolt Bridge" in problem and "IPv4" in problem
+    [problem] = check(info="ibv_devinfo_v_empty_gids.txt")  # without ifconfig, the same verdict
+    assert problem.startswith("rdma_en4 has an empty GID table")
+
+
+def test_before_the_thunderbolt_network_opt_in_only_what_it_cannot_fix_is_judged():
+    """network=False: bridge, IPv4 and GID are left to the check after mac_hygiene; a down port is not."""
+    members = macos.parse_ifconfig_bridge_members(capture("ifconfig_bridge0_members.txt"))
+    no_ipv4 = {"en4": []}
+    assert macos.check_node_rdma(["rdma_en4"], devinfo("ibv_devinfo_v_empty_gids.txt"), True, members, None, no_ipv4,
+                                 network=False) == []
+    [problem] = macos.check_node_rdma(["rdma_en3"], devinfo("ibv_devinfo_mixed.txt"), True, members, None, no_ipv4,
+                                      network=False)
+    assert problem.startswith("rdma_en3 is PORT_DOWN")
+    assert len(macos.check_node_rdma(["rdma_en4"], devinfo("ibv_devinfo_v_empty_gids.txt"), True, members)) == 1
+
+
+def test_plain_devinfo_prints_no_gid_table_and_is_not_judged_on_it():
+    assert check(info="ibv_devinfo_one_active.txt") == []
+
+
 def test_no_ipv4_mapped_gid_says_to_give_the_interface_an_ipv4():
     [problem] = check(info="ibv_devinfo_v_no_ipv4.txt")
     assert problem.startswith("rdma_en4 has no IPv4-mapped GID") and "give en4 an IPv4 address" in problem

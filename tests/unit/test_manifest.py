@@ -70,3 +70,19 @@ def test_build_is_a_no_op_on_an_unchanged_folder_and_redone_on_a_new_file(tmp_pa
     (d / "extra.txt").write_text("new")
     assert m.main(["build", str(d)]) == 0
     assert "extra.txt" in json.loads((d / m.MANIFEST).read_text())["files"]
+
+
+def test_a_read_only_check_names_the_file_that_changed_since_it_was_verified(tmp_path):
+    """status hashes nothing (rehash=False), yet a same-size corruption is named by file."""
+    d = _model(tmp_path)
+    man = m.build(d)
+    assert m.problems(d, man) == []
+    data = bytearray((d / "model.safetensors").read_bytes())
+    data[7] ^= 0xFF
+    (d / "model.safetensors").write_bytes(bytes(data))
+    os.utime(d / "model.safetensors", ns=(1, 1))  # a different mtime, as any write leaves
+    [issue] = m.problems(d, man, rehash=False)
+    assert issue.startswith("model.safetensors: changed since it was last verified"), issue
+    assert m.problems(d, man) == ["model.safetensors: sha256 differs"]
+    (d / m.STAMP).unlink()
+    assert m.problems(d, man, rehash=False) == ["not verified yet (sizes match; make models-check hashes every file)"]

@@ -48,7 +48,7 @@ def render(tmp_path: Path, inventory: str, extra: dict | None = None) -> Path:
 
 @pytest.fixture(scope="module")
 def mac_files(tmp_path_factory) -> Path:
-    return render(tmp_path_factory.mktemp("mac"), "example-2mac", {"cluster_api_key": "s3cret%x"})
+    return render(tmp_path_factory.mktemp("mac"), "example-2mac", {"cluster_api_key": "s3cret%x-0123456789abcdef"})
 
 
 def test_launchd_plist_is_valid_and_keeps_the_rank_alive(mac_files):
@@ -68,7 +68,7 @@ def test_launchd_environment_is_the_jaccl_contract(mac_files):
     assert env["MLX_JACCL_COORDINATOR"] == "192.168.1.14:32323"
     assert env["MLX_IBV_DEVICES"].endswith("/etc/mlx-jaccl-cluster/ibv_devices.json")
     assert "MLX_HOSTFILE" not in env, "a stray hostfile would hijack a JACCL launch"
-    assert env["MJC_API_KEY"] == "s3cret%x"
+    assert env["MJC_API_KEY"] == "s3cret%x-0123456789abcdef"
     assert env["HF_HUB_OFFLINE"] == "1"
 
 
@@ -90,7 +90,7 @@ def test_systemd_unit_verifies_and_restarts_always(mac_files, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Restart=always" in text
     assert 'Environment="MLX_RANK=1"' in text
-    assert 'Environment="MJC_API_KEY=s3cret%%x"' in text  # % escaped for systemd
+    assert 'Environment="MJC_API_KEY=s3cret%%x-0123456789abcdef"' in text  # % escaped for systemd
     assert exec_line.startswith('ExecStart="/') and exec_line.endswith('/venv/bin/mjc-rank"')
 
 
@@ -105,5 +105,5 @@ def test_supervisor_program_parses_with_the_rank_environment(mac_files):
     # supervisord expands %(...)s in values, so a literal % must arrive doubled
     env = {k: v % {} for k, v in dict_of_key_value_pairs(section["environment"]).items()}
     assert env["MLX_RANK"] == "0"
-    assert env["MJC_API_KEY"] == "s3cret%x"
+    assert env["MJC_API_KEY"] == "s3cret%x-0123456789abcdef"
     assert env["MLX_JACCL_COORDINATOR"] == "192.168.1.14:32323"

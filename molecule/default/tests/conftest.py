@@ -68,10 +68,11 @@ class Lab:
     def host(self, name: str):
         return testinfra.get_host(f"ansible://{name}", ansible_inventory=self.inventory)
 
-    def ansible_playbook(self, *args: str, timeout: int = 300, playbook: str = "site.yml") -> subprocess.CompletedProcess:
+    def ansible_playbook(self, *args: str, timeout: int = 300, playbook: str = "site.yml",
+                         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """``playbook`` against this inventory (plus ``args``), with Molecule's ansible.cfg."""
         env = {"ANSIBLE_CONFIG": str(self.ephemeral / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
-               "ANSIBLE_FORCE_COLOR": "0", "MOLECULE_EPHEMERAL_DIRECTORY": str(self.ephemeral)}
+               "ANSIBLE_FORCE_COLOR": "0", "MOLECULE_EPHEMERAL_DIRECTORY": str(self.ephemeral), **(env or {})}
         argv = [str(Path(sys.executable).with_name("ansible-playbook")), "-i", self.inventory, *args, playbook]
         return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **env})

@@ -47,6 +47,7 @@ GROUP_DEFAULTS: dict[str, Any] = {
     "cluster_api_host": "0.0.0.0",
     "cluster_api_port": 8080,
     "cluster_api_key": "",
+    "cluster_api_allow_open": False,  # serve a non-loopback bind without a key, on purpose
     "cluster_control_port": 32400,
     "cluster_coordinator_port": 32323,
     "cluster_install_prefix": "/opt/mlx-jaccl-cluster",
@@ -63,6 +64,7 @@ HOST_DEFAULTS: dict[str, Any] = {
     "cluster_ring_port": 32500,
     "cluster_unit_name": "mlx-jaccl-cluster",
     "cluster_cuda_device": "0",
+    "cluster_thunderbolt_ports": None,  # Thunderbolt ports of this Mac; None: the most any Mac has
 }
 INVENTORY_KEYS = (*GROUP_DEFAULTS, *HOST_DEFAULTS)
 # Group variables a host may set for itself (paths and users differ between machines, e.g.
@@ -75,6 +77,12 @@ HOSTNAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
 )
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
+# Thunderbolt 5 ports per Mac (Apple's tech specs): Mac mini M4 Pro 3, MacBook Pro M4 Pro/Max 3,
+# Mac Studio M4 Max 4, Mac Studio M3 Ultra 6. One cable per port; a jaccl mesh needs a cable
+# from every Mac to every other, so N Macs need N-1 ports on each.
+MAX_THUNDERBOLT_PORTS = 6
+API_KEY_MIN_LENGTH = 16
+MAKE_API_KEY = "openssl rand -hex 24"
 
 
 @dataclass(frozen=True)
@@ -221,6 +229,93 @@ def _address_error(value: Any) -> str | None:
     return None if HOSTNAME.match(value) else f"is {value!r}, neither an IPv4 address nor a hostname"
 
 
+def _ip_error(value: Any) -> str | None:
+    """Why ``value`` is not a literal IPv4 address (what the ranks dial: ``ip:port``), or None."""
+    if not isinstance(value, str):
+        return f"is {_describe(value)}, not an IPv4 address"
+    if _is_ipv4(value):
+        return None
+    if ":" in value:
+        try:
+            ipaddress.IPv6Address(value)
+        except ValueError:
+            return f"is {value!r}; give a bare IPv4 address (no port)"
+        return f"is the IPv6 address {value!r}; the ranks meet at IPv4 ip:port addresses (MLX hostfile, coordinator)"
+    if re.fullmatch(r"[0-9.]+", value):
+        return f"is {value!r}, not a valid IPv4 address"
+    return f"is {value!r}, a name, not an IPv4 address: a typo here would become a control address"
+
+
+def _host_or_ip_error(value: Any) -> str | None:
+    """Why ``value`` is neither an IPv4/IPv6 address nor a hostname (``ansible_host``, a bind address)."""
+    if isinstance(value, str):
+        try:
+            ipaddress.ip_address(value)
+            return None
+        except ValueError:
+            pass
+        if ":" in value:
+            return f"is {value!r}, not a valid IPv6 address (and a hostname has no ':'; no port here)"
+    return _address_error(value)
+
+
+def _is_loopback(value: Any) -> bool:
+    """127.0.0.0/8, ::1 or localhost: reachable only from the machine itself."""
+    if value == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(value).is_loopback
+    except ValueError:
+        return False
+
+
+def _bool_problem(host: str, variables: Mapping[str, Any], key: str) -> Problem | None:
+    value = setting(variables, key)
+    if isinstance(value, bool):
+        return None
+    return Problem(host, key, f"is {_describe(value)}; it must be true or false", f"write {key}: true or {key}: false (no quotes)")
+
+
+def _bind_problem(host: str, variables: Mapping[str, Any]) -> Problem | None:
+    """cluster_api_host is an address or hostname rank 0 can bind (0.0.0.0 / :: for every interface)."""
+    value = setting(variables, "cluster_api_host")
+    error = _host_or_ip_error(value)
+    if error is None:
+        return None
+    return Problem(host, "cluster_api_host", error,
+                   "bind 127.0.0.1 (this machine only), rank 0's address on your network, or 0.0.0.0 (every interface)")
+
+
+def _api_key_problem(host: str, variables: Mapping[str, Any]) -> Problem | None:
+    """A string of at least API_KEY_MIN_LENGTH characters, or empty. Never echoes the value: it is a secret."""
+    value = setting(variables, "cluster_api_key")
+    make = f"make one with `{MAKE_API_KEY}` and keep it in a vault (ansible-vault encrypt_string KEY --name cluster_api_key)"
+    if not isinstance(value, str):
+        return Problem(host, "cluster_api_key", f"is a {type(value).__name__}, not a string (value not shown)",
+                       f'quote it, or "" for no key; {make}')
+    if value and len(value) < API_KEY_MIN_LENGTH:
+        return Problem(host, "cluster_api_key",
+                       f"has {len(value)} characters; a key needs at least {API_KEY_MIN_LENGTH} (value not shown)", make)
+    return None
+
+
+def _open_api_problems(group: Mapping[str, Any]) -> list[Problem]:
+    """A bind other than loopback serves anyone on the network: it needs a key, or an explicit opt-in."""
+    host, key, allow = (setting(group, k) for k in ("cluster_api_host", "cluster_api_key", "cluster_api_allow_open"))
+    if not isinstance(host, str) or _is_loopback(host) or key != "" or allow is True:
+        return []
+    reach = "every interface" if host in WILDCARD_BINDS else host
+    return [
+        Problem(
+            GROUP,
+            "cluster_api_host",
+            f"binds the API to {reach} (reachable from your network) with no cluster_api_key",
+            f"set cluster_api_key (make one with `{MAKE_API_KEY}`), or cluster_api_host: 127.0.0.1 to serve this "
+            "machine only, or cluster_api_allow_open: true to serve without a key on purpose",
+        )
+    ]
+
+
 # --- group variables and the model ---------------------------------------------------------
 
 
@@ -235,8 +330,9 @@ GROUP_CHECKS: dict[str, Callable[[str, Mapping[str, Any], str], Problem | None]]
     "cluster_model_path": partial(_abs_path, example=MODEL_PATH_EXAMPLE),
     "cluster_install_prefix": partial(_abs_path, example=GROUP_DEFAULTS["cluster_install_prefix"]),
     "cluster_python": partial(_abs_path, example=GROUP_DEFAULTS["cluster_python"]),
-    "cluster_api_host": partial(_text, example=GROUP_DEFAULTS["cluster_api_host"]),
-    "cluster_api_key": partial(_optional_text, example="a-long-random-secret"),
+    "cluster_api_host": lambda host, variables, key: _text(host, variables, key, "127.0.0.1") or _bind_problem(host, variables),
+    "cluster_api_key": lambda host, variables, key: _api_key_problem(host, variables),
+    "cluster_api_allow_open": lambda host, variables, key: _bool_problem(host, variables, key),
     "cluster_service_user": partial(_optional_text, example="admin"),
     "cluster_api_port": _port,
     "cluster_control_port": _port,
@@ -292,7 +388,7 @@ def _runtime_settings_problems(group: Mapping[str, Any]) -> list[Problem]:
 def _group_problems(group: Mapping[str, Any]) -> list[Problem]:
     """Types, choices and required keys of the group variables."""
     found = [check(GROUP, group, key) for key, check in GROUP_CHECKS.items()]
-    found += _runtime_settings_problems(group)
+    found += _runtime_settings_problems(group) + _open_api_problems(group)
     source = setting(group, "cluster_model_source")
     if source == "hf":
         found.append(
@@ -310,19 +406,66 @@ def _differs(variables: Mapping[str, Any], group: Mapping[str, Any], key: str) -
     return variables.get(key) is not None and setting(variables, key) != setting(group, key)
 
 
-def _override_problems(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any]) -> list[Problem]:
-    """Group variables (other than NODE_KEYS) set differently on one host: every rank must agree on them."""
-    return [
-        Problem(
-            name,
-            key,
-            f"is {_describe(setting(variables, key))} on this host but {_describe(setting(group, key))} for the group",
-            f"set {key} once in group_vars/{GROUP} and remove it from {name}",
-        )
-        for name, variables in hosts.items()
-        for key in GROUP_DEFAULTS
-        if key not in NODE_KEYS and _differs(variables, group, key)
-    ]
+def _groups_of(export: Mapping[str, Any], host: str) -> list[str]:
+    """Groups ``host`` belongs to in ``ansible-inventory --list --export`` output, directly or through a child group."""
+    groups = {name: g for name, g in export.items() if name != "_meta" and isinstance(g, Mapping)}
+    member: dict[str, bool] = {}
+
+    def has(name: str, seen: frozenset[str] = frozenset()) -> bool:
+        if name not in member:
+            g = groups.get(name, {})
+            member[name] = host in (g.get("hosts") or []) or name == "all" or any(
+                has(child, seen | {name}) for child in (g.get("children") or []) if child not in seen)
+        return member[name]
+
+    return [name for name in groups if has(name)]
+
+
+def value_sources(export: Mapping[str, Any] | None, host: str, key: str, value: Any) -> list[str]:
+    """Where the inventory sets ``key`` to ``value`` for ``host``: ``host NAME`` and/or ``group NAME``.
+
+    ``export`` is ``ansible-inventory --list --export`` output (group variables stay with their
+    groups there); empty when it is unknown or nothing there sets it.
+    """
+    if not isinstance(export, Mapping):
+        return []
+    own = (export.get("_meta") or {}).get("hostvars", {}).get(host) or {}
+    found = [f"host {host}"] if own.get(key, object()) == value else []
+    for name in _groups_of(export, host):
+        if (export[name].get("vars") or {}).get(key, object()) == value:
+            found.append(f"group {name}")
+    return found
+
+
+def _override_problems(
+    hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any], sources: Mapping[str, Any] | None = None
+) -> list[Problem]:
+    """Group variables (other than NODE_KEYS) set differently on one host: every rank must agree on them.
+
+    The message names what sets the odd value (the host itself or another group it belongs
+    to) when ``sources`` (``ansible-inventory --list --export``) tells; else the host.
+    """
+    found = []
+    for name, variables in hosts.items():
+        for key in GROUP_DEFAULTS:
+            if key in NODE_KEYS or not _differs(variables, group, key):
+                continue
+            value = setting(variables, key)
+            secret = key == "cluster_api_key"
+            mine = "a different value (not shown)" if secret else _describe(value)
+            theirs = "" if secret else f" but {_describe(setting(group, key))} for the group"
+            where = value_sources(sources, name, key, value) or [f"host {name}"]
+            blamed = " and ".join(where)
+            by = "" if where == [f"host {name}"] else f" (set by {blamed})"
+            found.append(Problem(name, key, f"is {mine} on this host{by}{theirs}",
+                                 f"set {key} once in group_vars/{GROUP} and remove it from {blamed}"))
+    return found
+
+
+def group_overrides(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any]) -> list[str]:
+    """``host: key`` for each group variable a host sees differently (cheap; preflight then asks
+    ``ansible-inventory`` which group sets it, only when there is one)."""
+    return [f"{p.host}: {p.field}" for p in _override_problems(hosts, group)]
 
 
 def _node_key_problems(name: str, variables: Mapping[str, Any], group: Mapping[str, Any]) -> list[Problem]:
@@ -339,12 +482,48 @@ def _text_config(model_config: Mapping[str, Any]) -> Mapping[str, Any]:
     return model_config
 
 
+def pipeline_support(model_config: Mapping[str, Any] | None) -> bool | None:
+    """Whether mlx-lm can split this model into pipeline stages (None: unknown).
+
+    Today's rule: only model classes with a ``pipeline()`` (mlx-lm's PipelineMixin) can.
+    Read from mlx-lm's source files, not imported: importing mlx-lm imports MLX, which the
+    controller need not have. ``model_type`` is remapped the way mlx-lm does (mistral -> llama).
+    """
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    model_type = _text_config(model_config or {}).get("model_type") or (model_config or {}).get("model_type")
+    spec = importlib.util.find_spec("mlx_lm") if isinstance(model_type, str) else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    package = Path(next(iter(spec.submodule_search_locations)))
+    try:
+        tree = ast.parse((package / "utils.py").read_text())
+        remap = next(ast.literal_eval(node.value) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                     and any(getattr(t, "id", None) == "MODEL_REMAPPING" for t in node.targets))
+    except (OSError, SyntaxError, ValueError, StopIteration):
+        remap = {}
+    source = package / "models" / f"{remap.get(model_type, model_type).replace('-', '_')}.py"
+    if not source.is_file():
+        return None
+    text = source.read_text()
+    return "PipelineMixin" in text or "def pipeline(" in text
+
+
 def _model_problems(
     group: Mapping[str, Any], world_size: int, model_config: Mapping[str, Any] | None, supports_pipeline: bool | None
 ) -> list[Problem]:
-    """Whether the model can be split over ``world_size`` ranks the way cluster_parallel says."""
+    """Whether the model can be split over ``world_size`` ranks the way cluster_parallel says.
+
+    The one place for model-vs-layout rules (the controller knows the model's config.json
+    once it is fetched, before any node changes): extend it rather than adding another.
+    """
     parallel = setting(group, "cluster_parallel")
     config = _text_config(model_config or {})
+    model_type = config.get("model_type") or (model_config or {}).get("model_type")
+    model = f"{setting(group, 'cluster_model_name') or 'the model'}" + (f" ({model_type})" if model_type else "")
+    no_pipeline = f"{model}'s class has no pipeline split in mlx-lm"
     found: list[Problem] = []
     if parallel == "pipeline":
         if world_size < 2:
@@ -361,8 +540,8 @@ def _model_problems(
                 Problem(
                     GROUP,
                     "cluster_parallel",
-                    "is pipeline but this model's class has no pipeline support in mlx-lm",
-                    "set cluster_parallel: tensor or choose a model whose class supports pipeline",
+                    f"is pipeline over {world_size} ranks, but {no_pipeline}",
+                    "set cluster_parallel: tensor or choose a model whose class supports pipeline (qwen2, qwen3_moe, deepseek_v3...)",
                 )
             )
         layers = config.get("num_hidden_layers")
@@ -371,7 +550,7 @@ def _model_problems(
                 Problem(
                     GROUP,
                     "cluster_parallel",
-                    f"is pipeline over {world_size} ranks but the model has only {layers} layers",
+                    f"is pipeline over {world_size} ranks but {model} has only {layers} layers",
                     f"use at most {layers} hosts or set cluster_parallel: tensor",
                 )
             )
@@ -381,13 +560,18 @@ def _model_problems(
         if _is_int(heads) and _is_int(kv_heads) and (heads % world_size or kv_heads % world_size):
             common = math.gcd(heads, kv_heads)
             sizes = ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
+            other = (
+                " or set cluster_parallel: pipeline" if supports_pipeline
+                else f" ({no_pipeline}, so pipeline is no way out)" if supports_pipeline is False
+                else " or set cluster_parallel: pipeline if its class has a pipeline split in mlx-lm"
+            )
             found.append(
                 Problem(
                     GROUP,
                     "cluster_parallel",
-                    f"is tensor over {world_size} ranks, but the tensor-parallel size must divide both the model's "
+                    f"is tensor over {world_size} ranks, but the tensor-parallel size must divide both {model}'s "
                     f"num_attention_heads ({heads}) and num_key_value_heads ({kv_heads})",
-                    f"use a host count that divides both ({sizes}) or set cluster_parallel: pipeline",
+                    f"use a host count that divides both ({sizes}){other}",
                 )
             )
     return found
@@ -453,7 +637,7 @@ def _ips_problems(name: str, variables: Mapping[str, Any]) -> list[Problem]:
     return [
         Problem(name, f"cluster_ips[{i}]", error, "use this host's IPv4 address on the cluster network, e.g. 192.168.1.14")
         for i, ip in enumerate(ips)
-        if (error := _address_error(ip))
+        if (error := _ip_error(ip))
     ]
 
 
@@ -500,12 +684,31 @@ def _address_needed_problems(ordered: list[tuple[str, Mapping[str, Any]]], backe
 def _host_problems(name: str, variables: Mapping[str, Any], backend: str | None) -> list[Problem]:
     """Checks of one host's own variables that need no other host."""
     found = [
-        _text(name, variables, "ansible_host", "192.168.1.14") if "ansible_host" in variables else None,
+        _ansible_host_problem(name, variables) if "ansible_host" in variables else None,
+        _thunderbolt_ports_problem(name, variables),
         _unit_name_problem(name, variables),
         _port(name, variables, "cluster_ring_port") if backend == "ring" else None,
         _cuda_device_problem(name, variables) if backend == "nccl" else None,
     ]
     return [p for p in found if p] + _ips_problems(name, variables)
+
+
+def _ansible_host_problem(name: str, variables: Mapping[str, Any]) -> Problem | None:
+    problem = _text(name, variables, "ansible_host", "192.168.1.14")
+    error = None if problem else _host_or_ip_error(setting(variables, "ansible_host"))
+    if error:
+        return Problem(name, "ansible_host", error, "give the address or hostname the controller reaches this host at over SSH, "
+                       "e.g. ansible_host: 192.168.1.14 or ansible_host: mac1.local")
+    return problem
+
+
+def _thunderbolt_ports_problem(name: str, variables: Mapping[str, Any]) -> Problem | None:
+    value = variables.get("cluster_thunderbolt_ports")
+    if value is None or (_is_int(value) and 1 <= value <= MAX_THUNDERBOLT_PORTS):
+        return None
+    return Problem(name, "cluster_thunderbolt_ports", f"is {_describe(value)}; it is how many Thunderbolt ports this Mac has",
+                   f"give a whole number 1..{MAX_THUNDERBOLT_PORTS} (Mac mini M4 Pro: 3, Mac Studio M4 Max: 4, "
+                   "M3 Ultra: 6), or remove it")
 
 
 def _unit_name_problem(name: str, variables: Mapping[str, Any]) -> Problem | None:
@@ -617,6 +820,57 @@ def _shared_machine_problems(hosts: Mapping[str, Mapping[str, Any]], backend: st
                     f"give every rank on {later.machine} its own {key}, e.g. {suggestion}",
                 )
             )
+    return found
+
+
+# --- addresses across hosts ---------------------------------------------------------------------
+
+
+def _address_clash_problems(ordered: list[tuple[str, Mapping[str, Any]]], backend: str | None) -> list[Problem]:
+    """Each cluster IP belongs to one machine; loopback only where every rank shares one machine;
+    one rank per Mac for jaccl (a Mac has no cable to itself)."""
+    machines = {ssh_target(name, v) for name, v in ordered}
+    owner: dict[str, tuple[str, str]] = {}
+    found: list[Problem] = []
+    for name, variables in ordered:
+        machine = ssh_target(name, variables)
+        ips = setting(variables, "cluster_ips")
+        for i, ip in enumerate(ips if isinstance(ips, list) else []):
+            if not isinstance(ip, str) or _ip_error(ip):
+                continue
+            if _is_loopback(ip) and len(machines) > 1:
+                found.append(Problem(name, f"cluster_ips[{i}]", f"is {ip}, which reaches only the machine itself, "
+                                     f"but the ranks run on {len(machines)} machines ({_choices(sorted(machines))})",
+                                     "use this host's address on the network the ranks share, e.g. 192.168.1.14"))
+                continue
+            earlier = owner.setdefault(ip, (name, machine))
+            if earlier[1] != machine:
+                found.append(Problem(name, f"cluster_ips[{i}]", f"is {ip}, which {earlier[0]} (on {earlier[1]}) also lists; "
+                                     f"two machines cannot have one address (this host is reached at {machine})",
+                                     f"give {name} its own address; if both ranks run on one machine, give them the same "
+                                     f"ansible_host"))
+    if backend in JACCL_BACKENDS:
+        first: dict[str, str] = {}
+        for name, variables in ordered:
+            machine = ssh_target(name, variables)
+            if first.setdefault(machine, name) != name:
+                found.append(Problem(name, "ansible_host", f"is {machine}, the same Mac as {first[machine]}; backend {backend} "
+                                     "runs one rank per Mac (ranks talk over the Thunderbolt cables between Macs)",
+                                     "give each rank its own Mac (ansible_host), or use cluster_backend: ring for several "
+                                     "ranks on one machine"))
+    if backend == "ring":
+        claims = [_Claim(str(setting(v, "cluster_ips")[0]), setting(v, "cluster_ring_port"), name, "cluster_ring_port",
+                         f"rank {rank}'s ring listener")
+                  for rank, (name, v) in enumerate(ordered)
+                  if isinstance(setting(v, "cluster_ips"), list) and setting(v, "cluster_ips")
+                  and _is_int(setting(v, "cluster_ring_port"))]
+        machine_of = {name: ssh_target(name, v) for name, v in ordered}
+        for later, earlier in _clashes(claims):
+            if machine_of[later.host] == machine_of[earlier.host]:
+                continue  # the same machine: _port_clash_problems reports it
+            found.append(Problem(later.host, "cluster_ring_port", f"{later.value} on {later.machine} is also "
+                                 f"{earlier.label} ({earlier.host})", "give every rank on one address its own "
+                                 f"cluster_ring_port, e.g. cluster_ring_port: {later.value + 1}"))
     return found
 
 
@@ -753,6 +1007,29 @@ def _pair_problem(
     return None
 
 
+def _thunderbolt_problems(
+    ordered: list[tuple[str, Mapping[str, Any]]], rows: list[list[tuple[str, ...] | None] | None], backend: str
+) -> list[Problem]:
+    """A Mac has so many Thunderbolt ports: one cable each. A mesh needs N-1 per Mac."""
+    n = len(ordered)
+    found: list[Problem] = []
+    mesh_reported = False
+    for (name, variables), row in zip(ordered, rows):
+        stated = variables.get("cluster_thunderbolt_ports")
+        ports = stated if _is_int(stated) and 1 <= stated <= MAX_THUNDERBOLT_PORTS else MAX_THUNDERBOLT_PORTS
+        which = f"{name} has {ports}" if stated == ports else f"a Mac has at most {ports} (Mac Studio M3 Ultra)"
+        if backend == "jaccl" and n - 1 > ports and not mesh_reported:
+            mesh_reported = True
+            found.append(Problem(name, "cluster_backend", f"is jaccl, a mesh: {n} Macs need a cable from each Mac to each of "
+                                 f"the other {n - 1}, but {which} Thunderbolt ports",
+                                 f"set cluster_backend: jaccl-ring (2 cables per Mac), or use at most {ports + 1} Macs"))
+        cables = sum(len(cell) for cell in row or [] if cell)
+        if row is not None and cables > ports:
+            found.append(Problem(name, "cluster_rdma", f"names {cables} cables, but {which} Thunderbolt ports",
+                                 "list one device per cable actually plugged in (ibv_devinfo shows which are PORT_ACTIVE)"))
+    return found
+
+
 def _rdma_problems(ordered: list[tuple[str, Mapping[str, Any]]], backend: str) -> list[Problem]:
     """The device matrix is square, null on the diagonal, complete enough and agreed at both ends."""
     n = len(ordered)
@@ -762,6 +1039,7 @@ def _rdma_problems(ordered: list[tuple[str, Mapping[str, Any]]], backend: str) -
         problems, cells = _rdma_row(name, rank, variables.get("cluster_rdma"), n, backend)
         found += problems
         rows.append(cells)
+    found += _thunderbolt_problems(ordered, rows, backend)
     for i, row in enumerate(rows):
         for j in range(n):
             other = rows[j]
@@ -781,17 +1059,19 @@ def validate_cluster(
     group: Mapping[str, Any],
     model_config: Mapping[str, Any] | None = None,
     supports_pipeline: bool | None = None,
+    sources: Mapping[str, Any] | None = None,
 ) -> list[Problem]:
     """Every problem of the inventory (empty when it is good).
 
     ``hosts``: inventory hostname -> its variables; ``group``: the group variables;
     ``model_config``: the model's config.json when known; ``supports_pipeline``: whether the
-    model class can be pipelined (None: unknown). Checks that need the rank order (addresses
+    model class can be pipelined (None: unknown); ``sources``: ``ansible-inventory --list
+    --export`` output, to name the group that sets a value a host must not differ in. Checks that need the rank order (addresses
     per rank, the RDMA matrix, port clashes) run once every rank is valid.
     """
     backend = setting(group, "cluster_backend")
     backend = backend if backend in BACKENDS else None
-    found = _group_problems(group) + _override_problems(hosts, group) + _rank_problems(hosts)
+    found = _group_problems(group) + _override_problems(hosts, group, sources) + _rank_problems(hosts)
     rank_order_known = not any(p.field in ("cluster_rank", "hosts") for p in found)
     for name, variables in hosts.items():
         found += _host_problems(name, variables, backend) + _node_key_problems(name, variables, group)
@@ -799,7 +1079,7 @@ def validate_cluster(
     found += _model_problems(group, len(hosts), model_config, supports_pipeline)
     if rank_order_known:
         ordered = ordered_hosts(hosts)
-        found += _address_needed_problems(ordered, backend)
+        found += _address_needed_problems(ordered, backend) + _address_clash_problems(ordered, backend)
         if backend:
             found += _port_clash_problems(ordered, group, backend)
         if backend in JACCL_BACKENDS:

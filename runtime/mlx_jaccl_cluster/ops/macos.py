@@ -76,6 +76,8 @@ def _read_port_line(port: dict[str, Any], key: str, value: str) -> None:
         port["active_mtu"] = int(text) if text.isdigit() else text
     elif key in ("link_layer", "active_speed", "active_width"):
         port[key] = text
+    elif key == "gid_tbl_len":  # only -v prints it, and then the GID lines follow: an empty table is known
+        port["gid_tbl_len"] = int(text) if text.isdigit() else text
 
 
 def parse_ibv_devinfo(text: str) -> dict[str, dict[str, Any]]:
@@ -137,6 +139,15 @@ def _device_state(device: Mapping[str, Any]) -> str:
     if "PORT_ACTIVE" in states:
         return "PORT_ACTIVE"
     return states[0] if states else "no port"
+
+
+def _gid_table_empty(device: Mapping[str, Any]) -> bool:
+    """``ibv_devinfo -v`` printed the GID table of an active port and it holds no GID.
+
+    Plain ``ibv_devinfo`` prints no table at all: then nothing is known and nothing is judged.
+    """
+    ports = [p for p in device.get("ports", {}).values() if p.get("state") == "PORT_ACTIVE"]
+    return bool(ports) and all("gid_tbl_len" in p and not p.get("gids") for p in ports)
 
 
 def _device_gids(device: Mapping[str, Any]) -> list[str]:
@@ -310,14 +321,20 @@ def _missing_message(name: str, present: list[str]) -> str:
             f"fix cluster_rdma in the inventory")
 
 
-def _inactive_message(name: str, state: str, spare_active: list[str]) -> str:
-    """A wanted device that is not ``PORT_ACTIVE``; names the active devices nobody asked for."""
+def _inactive_message(name: str, state: str, spare_active: list[str], wanted_active: Sequence[str] = ()) -> str:
+    """A wanted device that is not ``PORT_ACTIVE``; names the active devices nobody asked for,
+    else the other devices of the row that are active (RDMA works here: this cable does not)."""
     if len(spare_active) == 1:
         other = spare_active[0]
         return f"{name} is {state}; {other} is PORT_ACTIVE — did you mean {other}? fix cluster_rdma in the inventory"
     if spare_active:
         return (f"{name} is {state}; {', '.join(spare_active)} are PORT_ACTIVE — did you mean one of them? "
                 f"fix cluster_rdma in the inventory")
+    if wanted_active:
+        verb = "is" if len(wanted_active) == 1 else "are"
+        return (f"{name} is {state} while {', '.join(wanted_active)} (also in cluster_rdma) {verb} PORT_ACTIVE, so RDMA "
+                f"works on this Mac: check the Thunderbolt cable on the {paired_interface(name)} port and that the "
+                f"Mac at its other end is on and has RDMA enabled (`rdma_ctl status` there)")
     return (f"{name} is {state} and no other RDMA device here is active: check the Thunderbolt cable on the "
             f"{paired_interface(name)} port and that the Mac at the other end is on and has RDMA enabled "
             f"(`rdma_ctl status` there)")
@@ -334,6 +351,15 @@ def _ipv4_message(name: str, device: Mapping[str, Any],
         return None
     return (f"{name} has no IPv4-mapped GID ({iface} has no IPv4 address), so MLX fails with "
             f"'No IPv4-mapped GID': give {iface} an IPv4 address (link-local 169.254.x.y is fine)")
+
+
+def _empty_gid_message(name: str) -> str:
+    """``-v`` shows the active port with no GID at all: the symptom the bridge message warns about."""
+    iface = paired_interface(name)
+    return (f"{name} has an empty GID table, so the RDMA handshake fails (RTR errno 96) — take {iface} out of the "
+            f"Thunderbolt Bridge and give it an IPv4 address (link-local 169.254.x.y is fine), or turn on "
+            f"mac_hygiene_thunderbolt_network_enabled, which does both; then check `ibv_devinfo -v -d {name}` lists "
+            f"a GID like ::ffff:169.254.x.y")
 
 
 def _bridge_message(name: str) -> str:
@@ -368,8 +394,11 @@ def _speed_messages(names: list[str], tb_links: Sequence[Mapping[str, Any]]) -> 
 
 def check_node_rdma(devices_wanted: Sequence[Any], devinfo: Mapping[str, Mapping[str, Any]], rdma_enabled: bool,
                     bridge_members: Sequence[str], tb_links: Sequence[Mapping[str, Any]] | None = None,
-                    ipv4_by_iface: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+                    ipv4_by_iface: Mapping[str, Sequence[str]] | None = None, network: bool = True) -> list[str]:
     """Problems that keep this node from JACCL over the inventory's devices (``[]`` = ready).
+
+    ``network=False`` leaves out what the Thunderbolt-network opt-in (mac_hygiene) changes:
+    bridge membership, IPv4 addresses and the GID table. Readiness judges those after it ran.
 
     ``devices_wanted``: device names (an inventory ``cluster_rdma`` row works: ``None`` and
     per-cable lists are handled). ``devinfo``: ``parse_ibv_devinfo``. ``bridge_members``:
@@ -377,19 +406,25 @@ def check_node_rdma(devices_wanted: Sequence[Any], devinfo: Mapping[str, Mapping
     ``ipv4_by_iface``: ``{"en4": ["169.254.12.34"]}`` (optional; interfaces left out are not judged).
     """
     names = _wanted(devices_wanted)
+    bridge_members = bridge_members if network else []
     problems = [_bridge_message(n) for n in names if paired_interface(n) in set(bridge_members or [])]
     if not rdma_enabled:
         return ["RDMA over Thunderbolt is disabled on this Mac: boot into macOS Recovery, open Terminal, run "
                 "`rdma_ctl enable`, then reboot (it cannot be enabled remotely)"] + problems
     present = sorted(devinfo)
-    spare_active = [d for d in active_rdma_devices(devinfo) if d not in names]
+    active = active_rdma_devices(devinfo)
+    spare_active = [d for d in active if d not in names]
     for name in names:
         if name not in devinfo:
             problems.append(_missing_message(name, present))
         elif _device_state(devinfo[name]) != "PORT_ACTIVE":
-            problems.append(_inactive_message(name, _device_state(devinfo[name]), spare_active))
-        elif paired_interface(name) not in set(bridge_members or []):
-            problems += [m for m in [_ipv4_message(name, devinfo[name], ipv4_by_iface)] if m]
+            wanted_active = [d for d in names if d in active]
+            problems.append(_inactive_message(name, _device_state(devinfo[name]), spare_active, wanted_active))
+        elif network and paired_interface(name) not in set(bridge_members or []):
+            if _gid_table_empty(devinfo[name]):
+                problems.append(_empty_gid_message(name))
+            else:
+                problems += [m for m in [_ipv4_message(name, devinfo[name], ipv4_by_iface)] if m]
     return problems + _speed_messages(names, tb_links or [])
 
 

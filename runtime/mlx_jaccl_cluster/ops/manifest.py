@@ -71,14 +71,19 @@ def problems(folder: Path, manifest: dict, rehash: bool = True) -> list[str]:
     if issues:
         return issues
     stamp_path = folder / STAMP
+    current = _quick_state(folder, manifest)
     try:
         stamp = json.loads(stamp_path.read_text())
-        if stamp.get("digest") == digest(manifest) and stamp.get("files") == _quick_state(folder, manifest):
-            return []
     except (OSError, ValueError):
-        pass
+        stamp = None
+    if isinstance(stamp, dict) and stamp.get("digest") == digest(manifest) and stamp.get("files") == current:
+        return []
     if not rehash:
-        return ["changed since it was last verified (sizes match; make models-check hashes it)"]
+        seen = stamp.get("files") if isinstance(stamp, dict) and stamp.get("digest") == digest(manifest) else None
+        if not isinstance(seen, dict):
+            return ["not verified yet (sizes match; make models-check hashes every file)"]
+        return [f"{rel}: changed since it was last verified (same size; make models-check hashes it)"
+                for rel in expected if seen.get(rel) != current[rel]]
     for rel, meta in expected.items():
         if sha256(folder / rel) != meta["sha256"]:
             issues.append(f"{rel}: sha256 differs")
