@@ -7,7 +7,7 @@ import json
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .errors import APIError, record
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -117,8 +117,8 @@ async def _run(request: Request, prepared: Prepared):
             if isinstance(item, Piece):
                 pieces.append(item)
                 shape.completion_tokens += len(item.events)
-        if not pieces:  # the client went away; nobody reads this
-            raise APIError(499, "client disconnected")
+        if not pieces or pieces[-1].finish_reason is None:  # the client left: a cancellation (watch counts it), not an error
+            return Response(status_code=499)
         return JSONResponse(shape.complete(pieces))
     return StreamingResponse(_sse(request, shape, prepared, items), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -145,12 +145,14 @@ async def _sse(request: Request, shape: OpenAIShape, prepared: Prepared, items: 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    return await _run(request, request.app.state.serving.prepare_chat(body))
+    serving: Serving = request.app.state.serving
+    return await _run(request, await serving.prepare(serving.prepare_chat, body))
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
-    return await _run(request, request.app.state.serving.prepare_completion(body))
+    serving: Serving = request.app.state.serving
+    return await _run(request, await serving.prepare(serving.prepare_completion, body))
 
 
 @router.get("/v1/models")

@@ -59,6 +59,7 @@ class Ticket:
     uid: int | None = None
     cancelled: bool = False
     cached_tokens: int = 0  # prompt tokens whose KV cache was reused (set before the first token)
+    inserted: float | None = None  # perf_counter when it entered the batch (its service time starts)
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -319,8 +320,10 @@ class Engine:
                 self.channel.broadcast_step(json.dumps(payload, separators=(",", ":")).encode())
             uids = self._apply([t.request for t in inserts], removes, reused)
             with self._tickets_lock:
+                now = time.perf_counter()
                 for uid, ticket in zip(uids, inserts):
                     ticket.uid = uid
+                    ticket.inserted = now
                     self._tickets[uid] = ticket
                 for uid in removes:
                     self._tickets.pop(uid, None)
