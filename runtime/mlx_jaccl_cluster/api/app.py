@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from .. import __version__
 from ..settings import Settings
 from ..state import ClusterState
-from . import dashboard, errors
+from . import dashboard, errors, openapi
 from .errors import APIError
 from .guard import Guard
 from .metrics import CountRequests, Observer
@@ -75,4 +75,5 @@ def create_app(settings: Settings, state: ClusterState, engine) -> FastAPI:
         return JSONResponse(body, status_code=200 if state.ready else 503)
 
     paths.update(p for p in (getattr(r, "path", None) for r in app.routes) if p)
+    openapi.install(app, settings.served_model_id, keyed=settings.api_key is not None)
     return app

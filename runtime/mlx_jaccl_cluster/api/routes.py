@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -18,6 +19,11 @@ router = APIRouter()
 
 def _dumps(obj: dict) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _logprob(value: float) -> float:
+    """JSON has no -inf (a token a penalty or bias ruled out): OpenAI's convention, -9999.0."""
+    return value if math.isfinite(value) else -9999.0
 
 
 class OpenAIShape:
@@ -48,7 +54,7 @@ class OpenAIShape:
         if self.chat:
             def entry(token: int, lp: float) -> dict:
                 t = text(token)
-                return {"token": t, "logprob": lp, "bytes": list(t.encode())}
+                return {"token": t, "logprob": _logprob(lp), "bytes": list(t.encode())}
 
             return {"content": [
                 {**entry(ev.token, ev.logprob), "top_logprobs": [entry(t, lp) for t, lp in ev.top_logprobs or []]}
@@ -60,8 +66,8 @@ class OpenAIShape:
             pos += len(text(ev.token))
         return {
             "tokens": [text(ev.token) for ev in events],
-            "token_logprobs": [ev.logprob for ev in events],
-            "top_logprobs": [{text(t): lp for t, lp in ev.top_logprobs or []} for ev in events],
+            "token_logprobs": [_logprob(ev.logprob) for ev in events],
+            "top_logprobs": [{text(t): _logprob(lp) for t, lp in ev.top_logprobs or []} for ev in events],
             "text_offset": offsets,
         }
 
