@@ -85,7 +85,10 @@ class LocalGroup:
             with urllib.request.urlopen(self.url("/health"), timeout=2) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"{}")
+            try:  # a 503 while loading: its body may be slow to come on a busy machine
+                return exc.code, json.loads(exc.read() or b"{}")
+            except (OSError, ValueError):
+                return exc.code, {}
         except OSError as exc:
             return 0, repr(exc)
 

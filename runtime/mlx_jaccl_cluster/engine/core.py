@@ -40,7 +40,7 @@ from ..state import ClusterState
 from . import fastpath
 from .loader import LoadedModel, ModelError, load_model
 from .probe import LinkProbe, run_step
-from .prompt_cache import PromptCache
+from .prompt_cache import PromptCache, kv_bytes_per_token
 from .sampling import make_processors, make_sampler
 
 log = logging.getLogger("mjc.engine")
@@ -111,7 +111,7 @@ class Engine:
         self._dead: str | None = None
         self._gen: BatchGenerator | None = None
         self._group: mx.distributed.Group | None = None
-        self._prompts = PromptCache(settings.prompt_cache_size)
+        self._prompts = PromptCache(settings.prompt_cache_size, settings.prompt_cache_bytes)
         self._thread = threading.Thread(target=self._run, name="mjc-engine", daemon=True)
 
     # --- the HTTP side's view (thread-safe) ----------------------------------------
@@ -211,11 +211,15 @@ class Engine:
                 assert isinstance(self.channel, Follower)
                 self.channel.join()
             group = self._group = self._init_group()
+        # Without a limit MLX keeps every freed buffer for reuse, up to its memory limit: a
+        # burst of long prompts would leave the process that much larger for good.
+        mx.set_cache_limit(s.mlx_cache_limit)
         self.state.set("loading", f"loading {s.model}")
         started = time.perf_counter()
         self.loaded = load_model(s.model, s.parallel, group, s.mlx_backend)
         log.info("rank %d loaded %s in %.1f s", s.rank, s.model, time.perf_counter() - started)
         tokenizer = self.loaded.tokenizer
+        self._prompts.token_bytes = kv_bytes_per_token(self.loaded.config)
         fastpath.install()
         self._gen = BatchGenerator(
             self.loaded.model,
