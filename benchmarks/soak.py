@@ -39,6 +39,7 @@ class Tally:
     latencies: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in KINDS})
     errors: list[str] = field(default_factory=list)
     rss: dict[int, list[tuple[float, int]]] = field(default_factory=dict)
+    mlx: dict[int, tuple[int, int]] = field(default_factory=dict)  # last (active, cache) bytes per rank
     requests: int = 0
 
 
@@ -149,6 +150,7 @@ async def sample_memory(http: httpx.AsyncClient, tally: Tally, start: float, eve
             for r in state["ranks"]:
                 if "rss" in r.get("memory", {}):
                     tally.rss.setdefault(r["rank"], []).append((time.monotonic() - start, r["memory"]["rss"]))
+                    tally.mlx[r["rank"]] = (r["memory"].get("active", 0), r["memory"].get("cache", 0))
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             tally.errors.append(f"memory sample: {exc}")
         try:
@@ -193,7 +195,9 @@ def report(tally: Tally, info: dict, warmup: float) -> dict:
         base, end = after[0], after[-1]
         memory[rank] = {"rss_start_mb": round(series[0][1] / 2**20, 1), "rss_after_warmup_mb": round(base / 2**20, 1),
                         "rss_end_mb": round(end / 2**20, 1), "rss_max_mb": round(max(r for _, r in series) / 2**20, 1),
-                        "growth_after_warmup_pct": round(100 * (end - base) / base, 2)}
+                        "growth_after_warmup_pct": round(100 * (end - base) / base, 2),
+                        "mlx_active_end_mb": round(tally.mlx.get(rank, (0, 0))[0] / 2**20, 1),
+                        "mlx_cache_end_mb": round(tally.mlx.get(rank, (0, 0))[1] / 2**20, 1)}
     return {**info, "requests": tally.requests, "errors": len(tally.errors), "error_samples": tally.errors[:10],
             "latency_s": lat, "memory": memory}
 
