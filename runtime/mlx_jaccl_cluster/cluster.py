@@ -3,10 +3,20 @@
 One TCP connection from every follower rank to rank 0 (the leader), bound to the cluster
 address and open only to the configured peers. It carries, in order:
 
+0. **Authentication.** Before anything else both ends prove they hold the cluster
+   secret, without sending it: rank 0 sends a random challenge, the follower answers with
+   its own challenge and an HMAC-SHA256 of both under the secret, and rank 0 answers the
+   follower's challenge the same way (each proof is tagged with its role, so neither can
+   be reflected). A peer that fails is closed with no word of why; it never sees the
+   configuration. Until then frames are at most ``AUTH_FRAME_MAX`` bytes and a connection
+   has ``HANDSHAKE_TIMEOUT`` s; at most ``pending_limit`` connections may be mid-handshake
+   (the oldest is dropped for a new one), so a flood of connections neither grows threads
+   without bound nor keeps a real rank out for long.
 1. **Rendezvous.** Followers connect (retrying, in any order, minutes apart) and say
    HELLO with their rank and configuration. Rank 0 rejects a mismatch with a message
-   that names the field. When every rank is present rank 0 sends GO and all ranks call
-   ``mx.distributed.init`` at once, so MLX's own connect back-off never stalls start-up.
+   that names the field (an authenticated peer is one of ours: it may know). When every
+   rank is present rank 0 sends GO and all ranks call ``mx.distributed.init`` at once,
+   so MLX's own connect back-off never stalls start-up.
 2. **Readiness.** Each follower sends READY after loading its shard (or FAIL with the
    reason, which rank 0 reports).
 3. **Heartbeats** both ways every ``heartbeat_interval`` seconds, carrying each rank's
@@ -18,13 +28,19 @@ address and open only to the configured peers. It carries, in order:
    every rank runs the same sequence of steps. While idle, a STEP frame may instead name
    one step of the link probe, which every rank then runs at the same point.
 
-Frames are ``>BI`` (kind, length) followed by the payload. No MLX here.
+Frames are ``>BI`` (kind, length) followed by the payload; each read states the largest
+frame it accepts (``AUTH_FRAME_MAX`` before authentication, ``HELLO_FRAME_MAX`` for HELLO,
+``MAX_FRAME`` after). Frames after the handshake are not signed or encrypted: the control
+link is the cluster's private network (docs/runtime.md, "Security"). No MLX here.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import os
 import queue
 import socket
 import struct
@@ -35,10 +51,13 @@ from typing import Callable
 
 log = logging.getLogger("mjc.cluster")
 
-HELLO, REJECT, GO, READY, FAIL, BEAT, STEP = range(1, 8)
+HELLO, REJECT, GO, READY, FAIL, BEAT, STEP, CHALLENGE, PROOF = range(1, 10)
 _HEADER = struct.Struct(">BI")
-_MAX_FRAME = 256 * 1024 * 1024
-HELLO_TIMEOUT = 10.0
+MAX_FRAME = 64 << 20  # a STEP frame with a full batch of long prompts is a few MB
+HELLO_FRAME_MAX = 64 << 10
+AUTH_FRAME_MAX = 256
+HANDSHAKE_TIMEOUT = 5.0  # seconds a new connection has to authenticate and say HELLO
+NONCE_BYTES = 32
 
 
 class ChannelClosed(Exception):
@@ -49,8 +68,43 @@ class Rejected(Exception):
     """Rank 0 refused this rank; the message says why."""
 
 
+class AuthFailed(Exception):
+    """The other end does not hold the cluster secret (or said something else)."""
+
+
 def send_frame(sock: socket.socket, kind: int, payload: bytes = b"") -> None:
     sock.sendall(_HEADER.pack(kind, len(payload)) + payload)
+
+
+def _proof(secret: bytes, role: bytes, leader_nonce: bytes, follower_nonce: bytes) -> bytes:
+    return hmac.new(secret, b"mjc-control-v1|" + role + b"|" + leader_nonce + follower_nonce, hashlib.sha256).digest()
+
+
+def _expect(sock: socket.socket, kind: int, size: int) -> bytes:
+    got, payload = recv_frame(sock, AUTH_FRAME_MAX)
+    if got != kind or len(payload) != size:
+        raise AuthFailed(f"expected frame {kind} of {size} bytes, got frame {got} of {len(payload)}")
+    return payload
+
+
+def prove_to_follower(sock: socket.socket, secret: bytes) -> None:
+    """Rank 0's half of the handshake; AuthFailed if the peer cannot prove the secret."""
+    mine = os.urandom(NONCE_BYTES)
+    send_frame(sock, CHALLENGE, mine)
+    answer = _expect(sock, PROOF, NONCE_BYTES + 32)
+    theirs, proof = answer[:NONCE_BYTES], answer[NONCE_BYTES:]
+    if not hmac.compare_digest(proof, _proof(secret, b"follower", mine, theirs)):
+        raise AuthFailed("wrong proof of the cluster secret")
+    send_frame(sock, PROOF, _proof(secret, b"leader", mine, theirs))
+
+
+def prove_to_leader(sock: socket.socket, secret: bytes) -> None:
+    """A follower's half of the handshake; AuthFailed if rank 0 cannot prove the secret."""
+    theirs = _expect(sock, CHALLENGE, NONCE_BYTES)
+    mine = os.urandom(NONCE_BYTES)
+    send_frame(sock, PROOF, mine + _proof(secret, b"follower", theirs, mine))
+    if not hmac.compare_digest(_expect(sock, PROOF, 32), _proof(secret, b"leader", theirs, mine)):
+        raise AuthFailed("wrong proof of the cluster secret")
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -67,11 +121,20 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def recv_frame(sock: socket.socket) -> tuple[int, bytes]:
+def recv_frame(sock: socket.socket, limit: int = MAX_FRAME) -> tuple[int, bytes]:
     kind, length = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-    if length > _MAX_FRAME:
-        raise ChannelClosed(f"frame of {length} bytes is too large")
+    if length > limit:
+        raise ChannelClosed(f"frame of {length} bytes is larger than the {limit} allowed here")
     return kind, _recv_exact(sock, length) if length else b""
+
+
+def _drop(sock: socket.socket) -> None:
+    """Close ``sock`` now, waking any thread blocked reading it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 def _tune(sock: socket.socket) -> None:
@@ -155,13 +218,19 @@ class Leader:
         allowed_ips: list[str],
         config: dict,
         *,
+        secret: bytes,
         heartbeat_interval: float = 1.0,
         heartbeat_misses: int = 3,
         stats: Callable[[], dict] = dict,
         on_lost: Callable[[str], None],
         log_every: float = 10.0,
+        pending_limit: int | None = None,
     ):
         self.bind = bind
+        self.secret = secret
+        # connections mid-handshake at once: every follower twice over, and a few more
+        self.pending_limit = pending_limit or 2 * world_size + 4
+        self._pending: dict[socket.socket, float] = {}  # socket -> when it was accepted
         self.world_size = world_size
         self.allowed_ips = set(allowed_ips)
         self.config = config
@@ -186,26 +255,57 @@ class Leader:
         assert self._server is not None
         while True:
             try:
-                sock, (ip, _port) = self._server.accept()
+                sock, addr = self._server.accept()
             except OSError:
                 return
+            ip = addr[0]
+            if ip not in self.allowed_ips:
+                log.warning("refused control connection from %s: not a configured peer %s", ip, sorted(self.allowed_ips))
+                sock.close()
+                continue
+            self._hold(sock)
             threading.Thread(target=self._admit, args=(sock, ip), name="mjc-admit", daemon=True).start()
 
+    def _hold(self, sock: socket.socket) -> None:
+        """Count ``sock`` as mid-handshake, first dropping expired ones and, when full, the oldest."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [s for s, t in self._pending.items() if now - t > HANDSHAKE_TIMEOUT]
+            while len(self._pending) - len(expired) >= self.pending_limit:
+                oldest = min((s for s in self._pending if s not in expired), key=self._pending.__getitem__)
+                expired.append(oldest)
+            for s in expired:
+                self._pending.pop(s, None)
+            self._pending[sock] = now
+        if expired:
+            log.warning("dropped %d control connection(s) still mid-handshake (limit %d, %.0f s each)",
+                        len(expired), self.pending_limit, HANDSHAKE_TIMEOUT)
+        for s in expired:
+            _drop(s)
+
+    def _release(self, sock: socket.socket) -> bool:
+        """Leave the handshake; False if the connection was dropped meanwhile."""
+        with self._lock:
+            return self._pending.pop(sock, None) is not None
+
     def _admit(self, sock: socket.socket, ip: str) -> None:
-        if ip not in self.allowed_ips:
-            log.warning("refused control connection from %s: not a configured peer %s", ip, sorted(self.allowed_ips))
-            sock.close()
-            return
         _tune(sock)
-        sock.settimeout(HELLO_TIMEOUT)
+        sock.settimeout(HANDSHAKE_TIMEOUT)
         try:
-            kind, payload = recv_frame(sock)
+            prove_to_follower(sock, self.secret)
+        except (AuthFailed, ChannelClosed, OSError) as exc:
+            log.warning("dropped control connection from %s: it did not prove the cluster secret (%s)", ip, exc)
+            self._release(sock)
+            _drop(sock)
+            return
+        try:
+            kind, payload = recv_frame(sock, HELLO_FRAME_MAX)
             hello = json.loads(payload) if kind == HELLO else None
         except (ChannelClosed, OSError, ValueError):
             hello = None
-        if not isinstance(hello, dict) or not isinstance(hello.get("rank"), int):
-            log.warning("dropped control connection from %s: no valid HELLO", ip)
-            sock.close()
+        if not self._release(sock) or not isinstance(hello, dict) or not isinstance(hello.get("rank"), int):
+            log.warning("dropped control connection from %s: no valid HELLO in time", ip)
+            _drop(sock)
             return
         sock.settimeout(None)
         rank = hello["rank"]
@@ -348,6 +448,7 @@ class Follower:
         control: tuple[str, int],
         config: dict,
         *,
+        secret: bytes,
         heartbeat_interval: float = 1.0,
         heartbeat_misses: int = 3,
         stats: Callable[[], dict] = dict,
@@ -356,6 +457,7 @@ class Follower:
     ):
         self.rank = rank
         self.control = control
+        self.secret = secret
         self.config = config
         self.stats = stats
         self.log_every = log_every
@@ -379,6 +481,18 @@ class Follower:
                 time.sleep(0.25)
                 continue
             _tune(sock)
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            try:
+                prove_to_leader(sock, self.secret)
+            except (AuthFailed, ChannelClosed, OSError) as exc:
+                now = time.monotonic()
+                if now - last_log >= self.log_every or isinstance(exc, AuthFailed):
+                    log.warning("the process at %s:%d did not prove the cluster secret (%s): not rank 0 of this "
+                                "cluster, or a different MJC_CLUSTER_SECRET_FILE; retrying", *self.control, exc)
+                    last_log = now
+                _drop(sock)
+                time.sleep(1.0)
+                continue
             sock.settimeout(None)
             try:
                 send_frame(sock, HELLO, _dumps({"rank": self.rank, "config": self.config, "host": socket.gethostname()}))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -21,6 +22,15 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def write_secret(path: Path) -> Path:
+    """A fresh cluster secret in ``path``, readable by this account only (MJC_CLUSTER_SECRET_FILE)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(24) + "\n")
+    return path
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -75,7 +85,10 @@ class LocalGroup:
             with urllib.request.urlopen(self.url("/health"), timeout=2) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"{}")
+            try:  # a 503 while loading: its body may be slow to come on a busy machine
+                return exc.code, json.loads(exc.read() or b"{}")
+            except (OSError, ValueError):
+                return exc.code, {}
         except OSError as exc:
             return 0, repr(exc)
 
@@ -132,6 +145,7 @@ def start_group(
         "MJC_PARALLEL": parallel,
         "MJC_MODEL": str(model),
         "MJC_CONTROL": f"127.0.0.1:{control_port}",
+        "MJC_CLUSTER_SECRET_FILE": str(write_secret(workdir / "cluster-secret")),
         "MJC_API_PORT": str(api_port),
         "HF_HUB_OFFLINE": "1",
     }

@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                 stats=memory_stats, on_lost=lost, log_every=settings.rendezvous_log_every)
     if settings.world_size > 1:
         if settings.rank == 0:
-            channel = Leader(settings.control_address, settings.world_size, settings.peer_ips, config, **beat)
+            channel = Leader(settings.control_address, settings.world_size, settings.peer_ips, config,
+                             secret=settings.secret(), **beat)
             try:
                 channel.start()
             except OSError as exc:
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             state.ranks_up = channel.ranks_up
             state.ranks = channel.ranks_view
         else:
-            channel = Follower(settings.rank, settings.control_address, config, **beat)
+            channel = Follower(settings.rank, settings.control_address, config, secret=settings.secret(), **beat)
 
     engine = Engine(settings, state, channel, on_fatal=fatal)
 

@@ -79,6 +79,15 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(1.0, gt=0, description="Seconds between heartbeats.")
     heartbeat_misses: int = Field(3, ge=1, description="A rank is lost after this many missed beats.")
     rendezvous_log_every: float = Field(10.0, gt=0, description="Seconds between 'still waiting' logs.")
+    cluster_secret: SecretStr | None = Field(
+        None,
+        description="Shared secret every rank proves on the control channel (HMAC challenge-response) before "
+        "anything else is said; at least 16 characters. Prefer cluster_secret_file. Needed when world size > 1.",
+    )
+    cluster_secret_file: Path | None = Field(
+        None,
+        description="File holding the cluster secret (readable by its owner only; the playbooks render it).",
+    )
 
     # --- the model ---------------------------------------------------------------
     model: Path = Field(..., description="Folder of an mlx-lm model (config.json, *.safetensors, tokenizer).")
@@ -91,12 +100,32 @@ class Settings(BaseSettings):
         "(a chat's next turn) skips that part of the prefill; 0 turns it off. Each entry costs this rank "
         "its shard of that sequence's KV cache.",
     )
+    prompt_cache_bytes: int = Field(
+        2 << 30, ge=0,
+        description="KV memory the prompt cache may hold, in bytes of the whole model's KV cache (all ranks "
+        "together; each rank holds its share). Counted as tokens x the per-token KV size from the model's "
+        "config, so every rank evicts the same entries. 0: no byte bound (prompt_cache_size still applies).",
+    )
+    mlx_cache_limit: int = Field(
+        256 << 20, ge=0,
+        description="Bytes of freed buffers MLX keeps for reuse on each rank (mx.set_cache_limit); beyond it "
+        "they go back to the system, so memory returns after a burst of long prompts.",
+    )
 
     # --- the API (rank 0) --------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Address the API binds on rank 0.")
     api_port: int = Field(8080, gt=0, lt=65536, description="API port on rank 0.")
     api_key: SecretStr | None = Field(None, description="When set, every route but /health needs 'Authorization: Bearer <key>'.")
     max_queue: int = Field(32, ge=0, description="Requests that may wait for a batch slot; beyond it, 429.")
+    max_body_bytes: int = Field(
+        4 << 20, ge=1024,
+        description="Largest request body; larger ones get 413 before they are read (checked after the API key).",
+    )
+    api_key_failures: int = Field(
+        5, ge=1,
+        description="Wrong API keys one client address may send before each further one blocks it "
+        "(1 s, doubling, at most 60 s; 429 while blocked).",
+    )
     request_timeout: float = Field(300.0, gt=0, description="Seconds a request may run before it ends with an error.")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none.")
     # Sampling defaults for requests that leave the field out. Unset: the model's
@@ -137,7 +166,7 @@ class Settings(BaseSettings):
             return [p.strip() for p in value.split(",") if p.strip()]
         return value
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "cluster_secret", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: object) -> object:
         return None if value == "" else value
@@ -154,6 +183,7 @@ class Settings(BaseSettings):
             host, _ = split_hostport(self.control, "control (MJC_CONTROL)")
             if not self.peer_ips:
                 self.peer_ips = [host]
+            self.secret()  # fail at start-up, naming the fix, not at the first connection
         if self.parallel == "pipeline" and self.world_size < 2:
             raise ValueError("parallel=pipeline needs at least 2 ranks")
         return self
@@ -171,6 +201,28 @@ class Settings(BaseSettings):
     def control_address(self) -> tuple[str, int]:
         assert self.control is not None
         return split_hostport(self.control, "control (MJC_CONTROL)")
+
+    def secret(self) -> bytes:
+        """The cluster secret (from cluster_secret, else cluster_secret_file); ValueError says how to set one."""
+        how = ("set MJC_CLUSTER_SECRET_FILE to a file only this account can read holding the same secret on every "
+               "rank (the playbooks render one; by hand: `openssl rand -hex 24 > FILE && chmod 600 FILE`)")
+        if self.cluster_secret is not None:
+            value = self.cluster_secret.get_secret_value()
+        elif self.cluster_secret_file is not None:
+            path = self.cluster_secret_file
+            try:
+                mode = path.stat().st_mode
+                value = path.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"cluster_secret_file {path} cannot be read ({exc.strerror}); {how}") from None
+            if mode & 0o077:
+                raise ValueError(f"cluster_secret_file {path} is readable by others (mode {mode & 0o777:o}); "
+                                 f"run `chmod 600 {path}`")
+        else:
+            raise ValueError(f"a group of {self.world_size} ranks needs a cluster secret: {how}")
+        if len(value) < 16:
+            raise ValueError(f"the cluster secret is {len(value)} characters; use at least 16 ({how})")
+        return value.encode()
 
     @property
     def mlx_backend(self) -> str:

@@ -1,4 +1,5 @@
-"""The control channel on its own: rendezvous, rejection, peer filtering, loss detection."""
+"""The control channel on its own: authentication, rendezvous, rejection, peer filtering,
+loss detection, and an impostor that knows everything but the secret."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import time
 import pytest
 
 from mlx_jaccl_cluster.cluster import (
-    HELLO, REJECT, ChannelClosed, Follower, Leader, Rejected, config_mismatch, recv_frame, send_frame, _dumps,
+    AUTH_FRAME_MAX, CHALLENGE, HELLO, PROOF, REJECT, AuthFailed, ChannelClosed, Follower, Leader, Rejected,
+    config_mismatch, prove_to_follower, prove_to_leader, recv_frame, send_frame, _dumps,
 )
 
 
@@ -22,6 +24,7 @@ def _port() -> int:
 
 
 CONFIG = {"world_size": 2, "model_id": "m"}
+SECRET = b"the-cluster-secret-0123456789"
 
 
 class Lost:
@@ -37,9 +40,9 @@ class Lost:
 def _pair(interval=0.1, misses=3, config=CONFIG):
     port = _port()
     leader_lost, follower_lost = Lost(), Lost()
-    leader = Leader(("127.0.0.1", port), 2, ["127.0.0.1"], CONFIG, heartbeat_interval=interval,
+    leader = Leader(("127.0.0.1", port), 2, ["127.0.0.1"], CONFIG, secret=SECRET, heartbeat_interval=interval,
                     heartbeat_misses=misses, on_lost=leader_lost, stats=lambda: {"rank": 0})
-    follower = Follower(1, ("127.0.0.1", port), config, heartbeat_interval=interval, heartbeat_misses=misses,
+    follower = Follower(1, ("127.0.0.1", port), config, secret=SECRET, heartbeat_interval=interval, heartbeat_misses=misses,
                         on_lost=follower_lost, stats=lambda: {"rss": 123})
     return leader, follower, leader_lost, follower_lost
 
@@ -100,7 +103,7 @@ def test_mismatched_config_is_rejected_naming_the_field():
 
 def test_connections_from_unconfigured_peers_are_dropped():
     port = _port()
-    leader = Leader(("127.0.0.1", port), 2, ["10.9.9.9"], CONFIG, on_lost=Lost())
+    leader = Leader(("127.0.0.1", port), 2, ["10.9.9.9"], CONFIG, secret=SECRET, on_lost=Lost())
     leader.start()
     sock = socket.create_connection(("127.0.0.1", port))
     sock.settimeout(2)
@@ -112,12 +115,13 @@ def test_connections_from_unconfigured_peers_are_dropped():
 
 def test_duplicate_and_out_of_range_ranks_are_rejected():
     port = _port()
-    leader = Leader(("127.0.0.1", port), 3, ["127.0.0.1"], CONFIG, on_lost=Lost())
+    leader = Leader(("127.0.0.1", port), 3, ["127.0.0.1"], CONFIG, secret=SECRET, on_lost=Lost())
     leader.start()
 
     def hello(rank):
         s = socket.create_connection(("127.0.0.1", port))
         s.settimeout(2)
+        prove_to_leader(s, SECRET)
         send_frame(s, HELLO, _dumps({"rank": rank, "config": CONFIG}))
         return s
 
@@ -132,7 +136,7 @@ def test_duplicate_and_out_of_range_ranks_are_rejected():
 
 def test_the_control_channel_binds_only_the_given_address():
     port = _port()
-    leader = Leader(("127.0.0.1", port), 2, ["127.0.0.1"], CONFIG, on_lost=Lost())
+    leader = Leader(("127.0.0.1", port), 2, ["127.0.0.1"], CONFIG, secret=SECRET, on_lost=Lost())
     leader.start()
     assert leader._server.getsockname()[0] == "127.0.0.1"
 
@@ -140,3 +144,147 @@ def test_the_control_channel_binds_only_the_given_address():
 def test_config_mismatch_names_nothing_when_equal():
     assert config_mismatch({"a": 1}, {"a": 1}) is None
     assert "b is 2 on this rank but None on rank 0" == config_mismatch({"a": 1}, {"a": 1, "b": 2})
+
+
+def _impostor(port: int, config=CONFIG) -> bytes:
+    """Everything a follower would send, with the wrong secret; returns all it was told."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(3)
+    heard = b""
+    try:
+        kind, nonce = recv_frame(s, AUTH_FRAME_MAX)
+        heard += nonce
+        send_frame(s, PROOF, b"\0" * 32 + b"\1" * 32)
+        send_frame(s, HELLO, _dumps({"rank": 1, "config": config}))
+        while True:
+            kind, payload = recv_frame(s)
+            heard += payload
+    except (ChannelClosed, OSError):
+        pass
+    finally:
+        s.close()
+    return heard
+
+
+def test_a_peer_without_the_secret_learns_nothing_and_cannot_join():
+    port = _port()
+    leader = Leader(("127.0.0.1", port), 2, ["127.0.0.1"], CONFIG | {"max_batch": 8}, secret=SECRET, on_lost=Lost())
+    leader.start()
+    # it knows the configuration but for one field: a rank with the secret would be told which
+    heard = _impostor(port, CONFIG)
+    assert len(heard) == 32  # only the random challenge
+    assert b"max_batch" not in heard and b"rank 0" not in heard
+    assert leader.missing_ranks() == [1] and not leader.peers
+    # the real follower with the same mismatch learns the field: it proved the secret
+    follower = Follower(1, ("127.0.0.1", port), CONFIG, secret=SECRET, on_lost=Lost())
+    with pytest.raises(Rejected, match="max_batch"):
+        follower.join()
+
+
+def test_frames_before_authentication_are_small():
+    port = _port()
+    leader = Leader(("127.0.0.1", port), 2, ["127.0.0.1"], CONFIG, secret=SECRET, on_lost=Lost())
+    leader.start()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(3)
+    recv_frame(s, AUTH_FRAME_MAX)
+    s.sendall(bytes([PROOF]) + (256 << 20).to_bytes(4, "big"))  # announces 256 MiB
+    with pytest.raises(ChannelClosed):
+        recv_frame(s)
+    assert not leader._pending
+
+
+def test_a_follower_refuses_a_rank_0_without_the_secret():
+    """A process that took rank 0's port (say while the group restarts) sees no HELLO."""
+    port = _port()
+    server = socket.create_server(("127.0.0.1", port))
+    heard: list[bytes] = []
+
+    def fake_leader():
+        conn, _ = server.accept()
+        conn.settimeout(3)
+        send_frame(conn, CHALLENGE, b"\2" * 32)
+        kind, payload = recv_frame(conn)
+        send_frame(conn, PROOF, b"\3" * 32)  # cannot compute the real proof
+        try:
+            while True:
+                heard.append(recv_frame(conn)[1])
+        except (ChannelClosed, OSError):
+            pass
+
+    t = threading.Thread(target=fake_leader, daemon=True)
+    t.start()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(3)
+    with pytest.raises(AuthFailed):
+        prove_to_leader(s, SECRET)
+    s.close()
+    t.join(5)
+    assert heard == []  # no HELLO, no configuration
+    server.close()
+
+
+def test_proofs_are_not_reflectable():
+    """A follower's proof cannot be replayed as rank 0's (each is tagged with its role)."""
+    a, b = socket.socketpair()
+    a.settimeout(3)
+    b.settimeout(3)
+    errors: list[Exception] = []
+
+    def leader_side():
+        try:
+            prove_to_follower(a, SECRET)
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+            errors.append(exc)
+
+    t = threading.Thread(target=leader_side)
+    t.start()
+    prove_to_leader(b, SECRET)  # the honest pair agrees
+    t.join(5)
+    assert not errors
+
+
+def test_a_flood_of_impostor_connections_does_not_stall_the_group():
+    """Idle connections and wrong-secret ones keep coming while the real follower joins:
+    the group forms, steps flow, and the number of connections held stays bounded."""
+    port = _port()
+    leader = Leader(("127.0.0.1", port), 2, ["127.0.0.1"], CONFIG, secret=SECRET, on_lost=Lost(),
+                    heartbeat_interval=0.2)
+    leader.start()
+    stop = threading.Event()
+    held: list[socket.socket] = []
+    peak = 0
+
+    def flood():
+        nonlocal peak
+        while not stop.is_set():
+            try:
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=2))  # never speaks
+                _impostor(port)
+            except OSError:
+                pass
+            peak = max(peak, len(leader._pending))
+
+    floods = [threading.Thread(target=flood, daemon=True) for _ in range(3)]
+    for f in floods:
+        f.start()
+    time.sleep(0.5)
+    follower = Follower(1, ("127.0.0.1", port), CONFIG, secret=SECRET, on_lost=Lost(), heartbeat_interval=0.2)
+    joined = threading.Thread(target=follower.join, daemon=True)
+    joined.start()
+    leader.wait_for_peers()
+    leader.go()
+    joined.join(10)
+    assert not joined.is_alive()
+    for i in range(20):
+        leader.broadcast_step(str(i).encode())
+    assert [follower.next_step() for _ in range(20)] == [str(i).encode() for i in range(20)]
+    time.sleep(0.5)
+    stop.set()
+    for f in floods:
+        f.join(5)
+    assert peak <= leader.pending_limit
+    assert not leader.live.lost and not follower.live.lost
+    assert len(held) > leader.pending_limit  # the flood did outnumber the limit
+    for s in held:
+        s.close()

@@ -7,7 +7,7 @@ import pytest
 from mlx_lm import load
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_jaccl_cluster.engine.prompt_cache import PromptCache
+from mlx_jaccl_cluster.engine.prompt_cache import PromptCache, kv_bytes_per_token
 from mlx_jaccl_cluster.models.tiny import build_tiny_model
 
 
@@ -53,3 +53,29 @@ def test_nothing_in_common_reuses_nothing_and_old_entries_are_evicted_by_count(m
     assert prompts.fetch([10, 1, 2, 3]) == (None, 0)  # evicted
     assert prompts.fetch([30, 1, 2, 3])[1] == 3
     assert prompts.fetch([40, 1]) == (None, 0)
+
+
+def test_entries_are_bounded_by_a_rank_independent_byte_figure(model):
+    """tokens x per-token KV bytes of the whole model: pipeline stages and tensor shards
+    hold different real bytes, but all count the same and so evict the same entries."""
+    per_token = kv_bytes_per_token({"num_hidden_layers": 6, "num_attention_heads": 6, "num_key_value_heads": 6,
+                                    "hidden_size": 192, "torch_dtype": "float32"})
+    assert per_token == 2 * 6 * 6 * 32 * 4
+    prompts = PromptCache(8, max_bytes=10 * per_token, token_bytes=per_token)  # room for 10 tokens
+    prompts.store([10, 1, 2, 3], _filled(model, [10, 1, 2, 3]))
+    prompts.store([20, 1, 2, 3], _filled(model, [20, 1, 2, 3]))
+    assert len(prompts) == 2 and prompts.counted_bytes == 8 * per_token
+    prompts.store([30, 1, 2, 3], _filled(model, [30, 1, 2, 3]))  # 12 tokens: the oldest goes
+    assert len(prompts) == 2 and prompts.tokens == 8
+    assert prompts.fetch([10, 1, 2, 3, 4]) == (None, 0)
+    assert prompts.fetch([30, 1, 2, 3, 4])[1] == 4
+    prompts.store(list(range(100, 112)), _filled(model, list(range(100, 112))))  # alone over the bound
+    assert prompts.counted_bytes <= 10 * per_token
+
+
+def test_the_per_token_figure_comes_from_the_config_or_is_unknown():
+    assert kv_bytes_per_token({"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                               "hidden_size": 576, "torch_dtype": "bfloat16"}) == 2 * 30 * 3 * 64 * 2
+    assert kv_bytes_per_token({"text_config": {"num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8}}) \
+        == 2 * 2 * 4 * 8 * 2
+    assert kv_bytes_per_token({"model_type": "mystery"}) is None

@@ -99,16 +99,16 @@ def completion_request(body: dict, names: dict[str, str]) -> CompletionRequest:
 
 async def prepare_chat(serving: Serving, req: ChatCompletionRequest, names: dict[str, str]) -> Prepared:
     """``Serving.prepare_chat`` (the chat template, lengths, channels) as the OpenAI route runs
-    it; async so that every surface prepares the way the OpenAI routes do, in one place."""
+    it: on the tokenizing thread, never on the event loop."""
     try:
-        return serving.prepare_chat(req)
+        return await serving.prepare(serving.prepare_chat, req)
     except APIError as exc:
         raise renamed(exc, names) from None
 
 
 async def prepare_completion(serving: Serving, req: CompletionRequest, names: dict[str, str]) -> Prepared:
     try:
-        return serving.prepare_completion(req)
+        return await serving.prepare(serving.prepare_completion, req)
     except APIError as exc:
         raise renamed(exc, names) from None
 

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from .. import __version__
 from ..settings import Settings
 from ..state import ClusterState
-from . import anthropic, dashboard, errors, ollama, responses
+from . import anthropic, dashboard, errors, ollama, openapi, responses
 from .errors import APIError
+from .guard import Guard
 from .metrics import CountRequests, Observer
 from .routes import router
 from .serving import Serving
@@ -37,31 +37,30 @@ def create_app(settings: Settings, state: ClusterState, engine) -> FastAPI:
     async def lifespan(app: FastAPI):
         engine.dispatch = _loop_dispatch(asyncio.get_running_loop())
         yield
-
-    async def require_key(request: Request) -> None:
-        key = settings.api_key.get_secret_value() if settings.api_key else None
-        if key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer":  # Anthropic's clients send the key as x-api-key
-            given = request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(given.strip().encode(), key.encode()):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        serving.close()
 
     # No /docs: Swagger UI would load its assets from a CDN, and nodes may be offline.
     app = FastAPI(title="mlx-jaccl-cluster", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.serving = serving
     app.state.observer = observer = Observer()
+    paths: set[str] = set()
+
+    def refused(scope: dict, error: APIError) -> None:  # a request the guard answered itself
+        path = scope["path"]
+        observer.error(path if path in paths else "other", error.status, error.type, error.message)
+
+    # Ollama's and Anthropic's routes answer errors in their own shapes (OpenAI's elsewhere).
+    app.state.error_shapes = shapes = [ollama.ERROR_SHAPE, anthropic.ERROR_SHAPE]
+    # The guard runs inside CountRequests (so its refusals are counted) and before routing.
+    app.add_middleware(Guard, api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+                       max_body_bytes=settings.max_body_bytes, key_failures=settings.api_key_failures, record=refused,
+                       shapes=shapes)
     app.add_middleware(CountRequests, observer=observer)
     errors.install(app)
-    # Ollama's and Anthropic's routes answer errors in their own shapes (OpenAI's elsewhere).
-    app.state.error_shapes = [ollama.ERROR_SHAPE, anthropic.ERROR_SHAPE]
-    app.include_router(router, dependencies=[Depends(require_key)])
+    app.include_router(router)
     for surface in (responses, anthropic, ollama):
-        app.include_router(surface.router, dependencies=[Depends(require_key)])
-    app.include_router(dashboard.router, dependencies=[Depends(require_key)])
+        app.include_router(surface.router)
+    app.include_router(dashboard.router)
     dashboard.install(app, settings, state, serving, engine, observer)
 
     @app.get("/health")
@@ -82,4 +81,6 @@ def create_app(settings: Settings, state: ClusterState, engine) -> FastAPI:
             body["detail"] = state.detail
         return JSONResponse(body, status_code=200 if state.ready else 503)
 
+    paths.update(p for p in (getattr(r, "path", None) for r in app.routes) if p)
+    openapi.install(app, settings.served_model_id, keyed=settings.api_key is not None)
     return app

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 REQUEST_HISTORY = 200
 ERROR_HISTORY = 50
+ERROR_MESSAGE_CHARS = 1000
 RATE_SECONDS = 60  # the tokens/s series: one bucket per second
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -114,6 +115,8 @@ class Observer:
             self.generations.labels(route, status).inc()
 
     def error(self, route: str, status: int, type: str, message: str) -> None:
+        if len(message) > ERROR_MESSAGE_CHARS:  # a message may quote its input: keep the history small
+            message = message[:ERROR_MESSAGE_CHARS] + "..."
         self.errors.append(ErrorRecord(route=route, status=status, type=type, message=message))
         self.errors_total.labels(route, type).inc()
 

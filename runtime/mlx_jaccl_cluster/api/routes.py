@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .errors import APIError, record
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -18,6 +19,11 @@ router = APIRouter()
 
 def _dumps(obj: dict) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _logprob(value: float) -> float:
+    """JSON has no -inf (a token a penalty or bias ruled out): OpenAI's convention, -9999.0."""
+    return value if math.isfinite(value) else -9999.0
 
 
 class OpenAIShape:
@@ -48,7 +54,7 @@ class OpenAIShape:
         if self.chat:
             def entry(token: int, lp: float) -> dict:
                 t = text(token)
-                return {"token": t, "logprob": lp, "bytes": list(t.encode())}
+                return {"token": t, "logprob": _logprob(lp), "bytes": list(t.encode())}
 
             return {"content": [
                 {**entry(ev.token, ev.logprob), "top_logprobs": [entry(t, lp) for t, lp in ev.top_logprobs or []]}
@@ -60,8 +66,8 @@ class OpenAIShape:
             pos += len(text(ev.token))
         return {
             "tokens": [text(ev.token) for ev in events],
-            "token_logprobs": [ev.logprob for ev in events],
-            "top_logprobs": [{text(t): lp for t, lp in ev.top_logprobs or []} for ev in events],
+            "token_logprobs": [_logprob(ev.logprob) for ev in events],
+            "top_logprobs": [{text(t): _logprob(lp) for t, lp in ev.top_logprobs or []} for ev in events],
             "text_offset": offsets,
         }
 
@@ -117,8 +123,8 @@ async def _run(request: Request, prepared: Prepared):
             if isinstance(item, Piece):
                 pieces.append(item)
                 shape.completion_tokens += len(item.events)
-        if not pieces:  # the client went away; nobody reads this
-            raise APIError(499, "client disconnected")
+        if not pieces or pieces[-1].finish_reason is None:  # the client left: a cancellation (watch counts it), not an error
+            return Response(status_code=499)
         return JSONResponse(shape.complete(pieces))
     return StreamingResponse(_sse(request, shape, prepared, items), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -145,12 +151,14 @@ async def _sse(request: Request, shape: OpenAIShape, prepared: Prepared, items: 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    return await _run(request, request.app.state.serving.prepare_chat(body))
+    serving: Serving = request.app.state.serving
+    return await _run(request, await serving.prepare(serving.prepare_chat, body))
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
-    return await _run(request, request.app.state.serving.prepare_completion(body))
+    serving: Serving = request.app.state.serving
+    return await _run(request, await serving.prepare(serving.prepare_completion, body))
 
 
 @router.get("/v1/models")

@@ -1,14 +1,30 @@
 """OpenAI request models. Unknown fields are ignored, as OpenAI's own SDKs send many;
-fields we cannot honour (``n`` > 1, ``echo``) are rejected by name."""
+fields we cannot honour (``n`` > 1, ``echo``) are rejected by name.
+
+Validation is strict (no "1" for 1, no 1 for true) and every refusal a validator makes is
+also a constraint of the JSON schema, so /openapi.json says exactly what is accepted:
+generated clients and fuzzers can trust it. The one loosening: an integer field takes a
+JSON number with no fraction (``1.0``), which JSON Schema counts as an integer too.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from annotated_types import Ge
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, field_validator, model_validator
 
+
+def _whole_number(value: object) -> object:
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
+#: An integer as JSON Schema means it: 3 or 3.0, never "3", true or 3.5.
+JSONInt = Annotated[int, Strict(), BeforeValidator(_whole_number)]
+TokenId = Annotated[int, Strict(), Ge(0), BeforeValidator(_whole_number)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+_MODEL = ConfigDict(extra="ignore", strict=True)
 
 #: Arguments of ``apply_chat_template`` itself (transformers), not switches of the template:
 #: ``chat_template_kwargs`` may not set them (return_tensors, say, would change what comes back).
@@ -20,13 +36,13 @@ TEMPLATE_CALL_ARGUMENTS = frozenset({
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _MODEL
     type: Literal["text"]
     text: str
 
 
 class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _MODEL
     name: str = Field(..., min_length=1)
     arguments: str = Field("{}", description="JSON text, as OpenAI sends it")
 
@@ -43,14 +59,14 @@ class FunctionCall(BaseModel):
 
 
 class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _MODEL
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _MODEL
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
@@ -80,7 +96,7 @@ class ChatMessage(BaseModel):
 
 
 class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _MODEL
     name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str | None = None
     parameters: dict | None = None
@@ -88,7 +104,7 @@ class FunctionDefinition(BaseModel):
 
 
 class Tool(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _MODEL
     type: Literal["function"]
     function: FunctionDefinition
 
@@ -97,7 +113,7 @@ class JSONSchemaFormat(BaseModel):
     """``response_format.json_schema``: OpenAI's shape. The schema is always enforced,
     ``strict`` or not (a looser guarantee would be a silent one)."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
     name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = None
     schema_: dict = Field(..., alias="schema")
@@ -108,7 +124,7 @@ class ResponseFormat(BaseModel):
     """``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object) or
     ``json_schema`` (JSON valid against ``json_schema.schema``)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _MODEL
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
@@ -128,46 +144,48 @@ class ResponseFormat(BaseModel):
 
 
 class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _MODEL
     name: str = Field(..., min_length=1)
 
 
 class ToolChoiceFunction(BaseModel):
     """``tool_choice: {"type": "function", "function": {"name": ...}}``: call that function."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _MODEL
     type: Literal["function"]
     function: NamedFunction
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _MODEL
     include_usage: StrictBool = False
 
 
 class SamplingFields(BaseModel):
     """Fields shared by both endpoints."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _MODEL
 
     model: str
-    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_tokens: JSONInt | None = Field(None, ge=1)
     # None: not given; the server's default applies (settings, the model's
     # generation_config.json, else OpenAI's: see generation.SamplingDefaults).
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: StrictInt | None = Field(None, ge=0)
+    top_k: JSONInt | None = Field(None, ge=0)
     min_p: Probability | None = None
-    stop: Union[str, list[str], None] = None
-    seed: StrictInt | None = None
+    stop: Union[Annotated[str, Field(min_length=1)], Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)],
+                None] = None
+    seed: JSONInt | None = None
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"}})
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-    n: StrictInt = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    n: JSONInt = Field(1, ge=1, le=1, description="Only n=1 is supported.")
 
     @field_validator("stop")
     @classmethod
@@ -185,20 +203,21 @@ class SamplingFields(BaseModel):
     @classmethod
     def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
-            if not key.lstrip("-").isdigit() or int(key) < 0:
+            if not key.isascii() or not key.isdigit():
                 raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
         return value
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: JSONInt | None = Field(None, ge=1)
     logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=10)
+    top_logprobs: JSONInt | None = Field(None, ge=0, le=10)
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Union[Literal["none", "auto", "required"], ToolChoiceFunction, None] = None
     parallel_tool_calls: StrictBool = True
-    chat_template_kwargs: dict[str, Union[StrictBool, str, int, float]] | None = None
+    chat_template_kwargs: dict[str, Union[StrictBool, str, int, float]] | None = Field(
+        None, json_schema_extra={"propertyNames": {"not": {"enum": sorted(TEMPLATE_CALL_ARGUMENTS)}}})
 
     @model_validator(mode="after")
     def _choice_needs_tools(self) -> "ChatCompletionRequest":
@@ -230,9 +249,9 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[StrictInt]]
-    logprobs: StrictInt | None = Field(None, ge=0, le=10)
-    echo: StrictBool = False
+    prompt: Union[Annotated[str, Field(min_length=1)], Annotated[list[TokenId], Field(min_length=1)]]
+    logprobs: JSONInt | None = Field(None, ge=0, le=10)
+    echo: StrictBool = Field(False, json_schema_extra={"enum": [False]}, description="Only false is supported.")
 
     @field_validator("prompt")
     @classmethod

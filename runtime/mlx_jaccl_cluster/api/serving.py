@@ -7,10 +7,12 @@ and the tokenizer it loaded. No MLX here.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
@@ -137,6 +139,7 @@ class _Inbox:
         self._deadline = 0.0
         self._seen = False  # an event arrived since the last tick
         self._idle = False  # a whole interval passed with no event
+        self._ticked = False  # an interval passed, events or not
 
     def put(self, event: object) -> None:
         self.items.append(event)
@@ -160,6 +163,7 @@ class _Inbox:
     def _tick(self) -> None:
         if not self._seen:
             self._idle = True
+        self._ticked = True
         self._seen = False
         self._wake()
         if self._loop.time() < self._deadline:
@@ -169,6 +173,11 @@ class _Inbox:
         """True once per interval that passed with no event."""
         idle, self._idle = self._idle, False
         return idle
+
+    def tick(self) -> bool:
+        """True once per interval, whether or not events came (time to look at the client)."""
+        ticked, self._ticked = self._ticked, False
+        return ticked
 
     async def wait(self) -> None:
         self._waiter = self._loop.create_future()
@@ -192,6 +201,14 @@ class Serving:
         self.engine = engine
         self.inflight = 0
         self._token_text: dict[int, str] = {}
+        # Chat templates and encoding run here, one at a time, never on the event loop:
+        # a multi-megabyte prompt then delays other prompts, not /health or streaming.
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mjc-tokenize")
+        self._max_token_chars: int | None = None
+        self.service_s: float | None = None  # recent time a request spends in the batch (moving average)
+
+    def close(self) -> None:
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
     @property
     def model_id(self) -> str:
@@ -206,6 +223,33 @@ class Serving:
         return max(0, self.inflight - self.settings.max_batch)
 
     # --- preparing ---------------------------------------------------------------
+    async def prepare(self, prepare: Callable, body) -> Prepared:
+        """Run ``prepare`` (prepare_chat, prepare_completion...) on the tokenizing thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, prepare, body)
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token of this vocabulary stands for (its longest token
+        string; byte-level and SentencePiece vocabularies spell a byte or a character with
+        one symbol, byte-fallback tokens with more, so this over-counts, never under-)."""
+        if self._max_token_chars is None:
+            vocab = self.engine.tokenizer.get_vocab()
+            self._max_token_chars = max((len(t) for t in vocab), default=1) or 1
+        return self._max_token_chars
+
+    def check_prompt_chars(self, chars: int, field: str) -> None:
+        """Refuse a prompt that cannot fit the context before tokenizing it whole: text of
+        more than context x ``max_token_chars`` characters needs more tokens than the
+        context holds, whatever the tokenizer makes of it."""
+        context = self.engine.context_length
+        if context is None:
+            return
+        bound = context * self.max_token_chars
+        if chars > bound:
+            raise APIError(400, f"{field} holds {chars} characters; the model's context is {context} tokens and one "
+                                f"token covers at most {self.max_token_chars} characters, so at most {bound} characters "
+                                "can fit; send a shorter prompt", param=field, code="context_length_exceeded")
+
     def _require_ready(self) -> None:
         if not self.state.ready:
             raise APIError(503, f"cluster is {self.state.phase.replace('_', ' ')}: {self.state.detail}".rstrip(": "),
@@ -229,6 +273,7 @@ class Serving:
         template_args = dict(req.chat_template_kwargs or {})
         if tools:
             template_args["tools"] = tools
+        self.check_prompt_chars(sum(len(m.text()) for m in req.messages), "messages")
         messages = [m.for_template() for m in req.messages]
         try:
             prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_args))
@@ -284,6 +329,7 @@ class Serving:
         self._require_ready()
         self._check_model(req.model)
         if isinstance(req.prompt, str):
+            self.check_prompt_chars(len(req.prompt), "prompt")
             prompt = list(self.engine.tokenizer.encode(req.prompt))
         else:
             vocab = self.engine.vocab_size
@@ -341,10 +387,21 @@ class Serving:
         """Take a slot or refuse with 429 (call before a response starts)."""
         self._require_ready()
         if self.inflight >= self.capacity:
+            wait = self.retry_after()
             raise APIError(429, f"the server is at capacity ({self.settings.max_batch} generating, "
-                                f"{self.settings.max_queue} waiting); retry shortly",
-                           code="queue_full", headers={"Retry-After": "1"})
+                                f"{self.settings.max_queue} waiting); retry in about {wait} s",
+                           code="queue_full", headers={"Retry-After": str(wait)})
         return Slot(self)
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has drained, from its depth and the recent time a request
+        spends in the batch (``max_batch`` of them run at once); 1 .. request_timeout."""
+        per_request = self.service_s if self.service_s is not None else 1.0
+        waves = (self.queue_depth + 1) / self.settings.max_batch
+        return max(1, min(math.ceil(waves * per_request), math.ceil(self.settings.request_timeout)))
+
+    def _served(self, seconds: float) -> None:
+        self.service_s = seconds if self.service_s is None else 0.8 * self.service_s + 0.2 * seconds
 
     async def generate(self, prepared: Prepared, slot: "Slot",
                        disconnected: Callable[[], "asyncio.Future[bool]"] | None = None
@@ -371,13 +428,13 @@ class Serving:
             inbox.arm(min(wait, self.settings.request_timeout), deadline)
             try:
                 while not finished:
+                    if disconnected is not None and inbox.tick() and await disconnected():
+                        return  # the client left: a cancellation, even while tokens flow
                     if not events:
                         if loop.time() >= deadline:
                             raise APIError(504, f"request timed out after {self.settings.request_timeout:g} s",
                                            code="timeout")
                         if inbox.idle_tick():
-                            if disconnected is not None and await disconnected():
-                                return
                             if disconnected is None:
                                 yield KEEPALIVE
                             continue
@@ -410,6 +467,8 @@ class Serving:
                 inbox.close()
                 if not engine_done:
                     self.engine.cancel(ticket)
+                elif ticket.inserted is not None:
+                    self._served(time.perf_counter() - ticket.inserted)
         finally:
             slot.release()
 

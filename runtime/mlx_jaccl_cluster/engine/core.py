@@ -37,11 +37,11 @@ from ..cluster import Follower, Leader, Rejected
 from ..generation import EngineUnavailable, ErrorEvent, GenerationRequest, SamplingDefaults, TokenEvent
 from ..settings import Settings
 from ..state import ClusterState
+from ..structured import Grammars
 from . import fastpath
 from .loader import LoadedModel, ModelError, load_model
 from .probe import LinkProbe, run_step
-from .prompt_cache import PromptCache
-from ..structured import Grammars
+from .prompt_cache import PromptCache, kv_bytes_per_token
 from .sampling import GrammarMask, make_processors, make_sampler
 
 log = logging.getLogger("mjc.engine")
@@ -60,6 +60,7 @@ class Ticket:
     uid: int | None = None
     cancelled: bool = False
     cached_tokens: int = 0  # prompt tokens whose KV cache was reused (set before the first token)
+    inserted: float | None = None  # perf_counter when it entered the batch (its service time starts)
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -115,7 +116,7 @@ class Engine:
         self._dead: str | None = None
         self._gen: BatchGenerator | None = None
         self._group: mx.distributed.Group | None = None
-        self._prompts = PromptCache(settings.prompt_cache_size)
+        self._prompts = PromptCache(settings.prompt_cache_size, settings.prompt_cache_bytes)
         self._thread = threading.Thread(target=self._run, name="mjc-engine", daemon=True)
 
     # --- the HTTP side's view (thread-safe) ----------------------------------------
@@ -215,6 +216,9 @@ class Engine:
                 assert isinstance(self.channel, Follower)
                 self.channel.join()
             group = self._group = self._init_group()
+        # Without a limit MLX keeps every freed buffer for reuse, up to its memory limit: a
+        # burst of long prompts would leave the process that much larger for good.
+        mx.set_cache_limit(s.mlx_cache_limit)
         self.state.set("loading", f"loading {s.model}")
         started = time.perf_counter()
         self.loaded = load_model(s.model, s.parallel, group, s.mlx_backend)
@@ -224,6 +228,7 @@ class Engine:
         self.grammars = Grammars(tokenizer, self.vocab_size, s.max_schema_bytes, s.max_schema_depth)
         if self.grammars.unsupported:
             log.warning("structured output is off: %s", self.grammars.unsupported)
+        self._prompts.token_bytes = kv_bytes_per_token(self.loaded.config)
         fastpath.install()
         self._gen = BatchGenerator(
             self.loaded.model,
@@ -339,8 +344,10 @@ class Engine:
                 self.channel.broadcast_step(json.dumps(payload, separators=(",", ":")).encode())
             uids = self._apply([t.request for t in inserts], removes, reused)
             with self._tickets_lock:
+                now = time.perf_counter()
                 for uid, ticket in zip(uids, inserts):
                     ticket.uid = uid
+                    ticket.inserted = now
                     self._tickets[uid] = ticket
                 for uid in removes:
                     self._tickets.pop(uid, None)

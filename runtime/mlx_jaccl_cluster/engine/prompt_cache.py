@@ -7,8 +7,11 @@ cache, and applies the same fetches and stores in the same order, so the caches 
 across ranks. They must: a rank that reused fewer tokens would run a different number of
 forward passes and the group's collectives would no longer pair up. So rank 0 sends the
 number of reused tokens with each insert and the other ranks check theirs against it
-(engine/core.py). Eviction is by entry count, never by bytes (pipeline stages hold
-different numbers of layers, so their byte counts differ).
+(engine/core.py). Eviction must be decided identically too, so it never looks at a rank's
+own bytes (pipeline stages hold different numbers of layers, tensor shards may round
+differently): entries are bounded by count (mlx-lm's own LRU) and by a byte figure every
+rank computes alike, tokens held x ``kv_bytes_per_token`` of the whole model (from its
+config). Each rank's real share is about that figure / world size.
 """
 
 from __future__ import annotations
@@ -18,13 +21,33 @@ from typing import Any
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 _KEY = "model"  # one model per process
+_DTYPE_BYTES = {"float32": 4, "float64": 8}  # anything else (bfloat16, float16) is 2
+
+
+def kv_bytes_per_token(config: dict) -> int | None:
+    """Bytes one token takes in the whole model's KV cache (keys and values of every layer),
+    from ``config.json``; None when the config does not say (then only the count bounds)."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    layers, heads = text.get("num_hidden_layers"), text.get("num_attention_heads")
+    kv_heads = text.get("num_key_value_heads") or heads
+    head_dim = text.get("head_dim")
+    if not head_dim and heads and text.get("hidden_size"):
+        head_dim = text["hidden_size"] // heads
+    if not all(isinstance(v, int) and v > 0 for v in (layers, kv_heads, head_dim)):
+        return None
+    dtype = str(text.get("torch_dtype") or config.get("torch_dtype") or "bfloat16")
+    return 2 * layers * kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 2)
 
 
 class PromptCache:
-    """``entries`` earlier sequences at most; 0 turns prefix caching off."""
+    """``entries`` earlier sequences at most, holding at most ``max_bytes`` of the whole
+    model's KV cache (counted as tokens x ``token_bytes``; 0: no byte bound); entries=0
+    turns prefix caching off."""
 
-    def __init__(self, entries: int):
+    def __init__(self, entries: int, max_bytes: int = 0, token_bytes: int | None = None):
         self._lru = LRUPromptCache(max_size=entries) if entries > 0 else None
+        self.max_bytes = max_bytes
+        self.token_bytes = token_bytes
 
     def fetch(self, prompt: list[int]) -> tuple[list[Any] | None, int]:
         """A private copy of the best cache for ``prompt`` and how many of its first tokens
@@ -49,6 +72,26 @@ class PromptCache:
         """Keep the cache of a finished sequence (``tokens``: exactly what it holds)."""
         if self._lru is not None and cache and tokens:
             self._lru.insert_cache(_KEY, list(tokens), cache)
+            self._bound()
+
+    def _bound(self) -> None:
+        """Evict least recently used entries until the byte figure fits (same on every rank)."""
+        if not self.max_bytes or not self.token_bytes or self._lru is None:
+            return
+        while len(self._lru) and self.tokens * self.token_bytes > self.max_bytes:
+            self._lru.trim_to(n_sequences=len(self._lru) - 1)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens held by all entries (mlx-lm's LRU lists every entry's tokens, per kind)."""
+        if self._lru is None:
+            return 0
+        return sum(len(tokens) for lru in self._lru._lru._lrus.values() for _, tokens in lru)
+
+    @property
+    def counted_bytes(self) -> int:
+        """The rank-independent byte figure the bound applies to."""
+        return self.tokens * (self.token_bytes or 0)
 
     def __len__(self) -> int:
         return len(self._lru) if self._lru is not None else 0

@@ -340,10 +340,12 @@ GROUP_CHECKS: dict[str, Callable[[str, Mapping[str, Any], str], Problem | None]]
 }
 
 
+CLUSTER_SECRET_FILE = "cluster-secret"  # in each rank's etc_dir
+
 # Runtime settings the inventory decides through its own variables (cluster_backend, the
 # rank order, cluster_api_port...): cluster_runtime_settings may not set them.
 RUNTIME_OWNED = ("rank", "world_size", "backend", "parallel", "control", "peer_ips", "model", "model_id",
-                 "api_host", "api_port", "api_key")
+                 "api_host", "api_port", "api_key", "cluster_secret", "cluster_secret_file")
 
 
 def runtime_settings(group: Mapping[str, Any]) -> dict[str, Any]:
@@ -1170,6 +1172,8 @@ def _rank_entry(
         "MLX_RANK": str(rank),
         **_common_env(group, ordered),
         "MJC_MODEL": str(node_setting(group, variables, "cluster_model_path")),
+        # the secret itself never enters the environment or a unit file (backend_config writes it, mode 0600)
+        "MJC_CLUSTER_SECRET_FILE": f"{etc_dir}/{CLUSTER_SECRET_FILE}",
         **_backend_env(backend, group, _first_ips(ordered)[0], variables),
     }
     files: dict[str, Any] = {}
