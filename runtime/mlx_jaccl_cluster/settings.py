@@ -17,7 +17,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Backend = Literal["jaccl", "jaccl-ring", "ring", "nccl"]
-Parallel = Literal["tensor", "pipeline"]
+Parallel = Literal["auto", "tensor", "pipeline"]
 
 
 def _env_int(name: str) -> int | None:
@@ -64,7 +64,17 @@ class Settings(BaseSettings):
         "ring",
         description="MLX backend: jaccl (RDMA mesh), jaccl-ring (jaccl with MLX_JACCL_RING=1), ring (TCP), nccl (CUDA).",
     )
-    parallel: Parallel = Field("tensor", description="How the model is split over the ranks.")
+    parallel: Parallel = Field(
+        "auto",
+        description="How the model is split over the ranks: tensor (mlx-lm's shard()), pipeline (contiguous runs "
+        "of layers), or auto: tensor when the model shards and its heads divide by the world size, pipeline "
+        "otherwise (engine/layout.py; /health says which and why).",
+    )
+    pipeline_split: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="Pipeline layers per rank, comma-separated in rank order (rank 0 first), e.g. 10,20; "
+        "empty: an even split. The plan renders it from each node's memory or its cluster_layers.",
+    )
     control: str | None = Field(
         None,
         description="HOST:PORT of rank 0's control channel (rendezvous, heartbeats, steps). "
@@ -118,6 +128,16 @@ class Settings(BaseSettings):
             return [p.strip() for p in value.split(",") if p.strip()]
         return value
 
+    @field_validator("pipeline_split", mode="before")
+    @classmethod
+    def _split_layers(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",") if p.strip()]
+            if not all(p.isdigit() for p in parts):
+                raise ValueError(f"pipeline_split (MJC_PIPELINE_SPLIT) must be comma-separated layer counts, e.g. 10,20 (got {value!r})")
+            return [int(p) for p in parts]
+        return value
+
     @field_validator("api_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: object) -> object:
@@ -137,6 +157,11 @@ class Settings(BaseSettings):
                 self.peer_ips = [host]
         if self.parallel == "pipeline" and self.world_size < 2:
             raise ValueError("parallel=pipeline needs at least 2 ranks")
+        if self.pipeline_split and len(self.pipeline_split) != self.world_size:
+            raise ValueError(f"pipeline_split {self.pipeline_split} has {len(self.pipeline_split)} entries for "
+                             f"{self.world_size} ranks; give one layer count per rank")
+        if self.pipeline_split and self.parallel == "tensor":
+            raise ValueError("pipeline_split is set but parallel=tensor; drop the split or use parallel=pipeline/auto")
         return self
 
     @property

@@ -212,8 +212,11 @@ class Engine:
             group = self._group = self._init_group()
         self.state.set("loading", f"loading {s.model}")
         started = time.perf_counter()
-        self.loaded = load_model(s.model, s.parallel, group, s.mlx_backend)
-        log.info("rank %d loaded %s in %.1f s", s.rank, s.model, time.perf_counter() - started)
+        self.loaded = load_model(s.model, s.parallel, group, s.mlx_backend, s.pipeline_split)
+        layout = self.loaded.layout
+        log.info("rank %d loaded %s in %.1f s: %s (%s)%s", s.rank, s.model, time.perf_counter() - started,
+                 layout.parallel, layout.reason, f"; {self.loaded.layout_detail}" if self.loaded.layout_detail else "")
+        self.state.parallel, self.state.parallel_reason = layout.parallel, layout.reason
         tokenizer = self.loaded.tokenizer
         fastpath.install()
         self._gen = BatchGenerator(
@@ -228,7 +231,7 @@ class Engine:
         elif isinstance(self.channel, Follower):
             self.channel.ready()
         self.state.set("ready")
-        log.info("rank %d ready (world size %d, %s, %s)", s.rank, s.world_size, s.backend, s.parallel)
+        log.info("rank %d ready (world size %d, %s, %s)", s.rank, s.world_size, s.backend, layout.parallel)
 
     def _init_group(self) -> "mx.distributed.Group":
         s = self.settings
