@@ -114,7 +114,7 @@ def choose(config: dict, world: int, requested: str = "auto") -> Layout:
             raise LayoutError(f"model_type {model_type!r} has no tensor-parallel split in mlx-lm (no shard()); "
                               "use parallel=pipeline or auto")
         if blockers:
-            raise LayoutError(f"tensor parallel over {world} ranks needs {'; '.join(blockers)}; this model splits "
+            raise LayoutError(f"tensor parallel over {world} ranks cannot split this model: {'; '.join(blockers)}; it splits "
                               f"over {tensor_world_sizes(config)} ranks, or use parallel=pipeline or auto")
         return Layout("tensor", "requested")
     if requested == "pipeline":
