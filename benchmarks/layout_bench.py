@@ -75,7 +75,8 @@ def bench_inprocess(model: Path, repeats: int, max_tokens: int) -> dict:
 
 def bench_cluster(model: Path, parallel: str, world: int, split, repeats: int, max_tokens: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="mjc-layout-"))
-    group = start_group(model, world, work, parallel=parallel, split=split)
+    # a generous heartbeat: on a loaded 2-core machine a rank can stall for seconds while loading
+    group = start_group(model, world, work, parallel=parallel, split=split, args=("--heartbeat-misses", "30"))
     try:
         t0 = time.perf_counter()
         health = group.wait_ready(300)

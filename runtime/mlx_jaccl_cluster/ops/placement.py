@@ -148,18 +148,20 @@ def weighted_split(n_layers: int, weights: list[float], fixed: list[int | None])
     if left < len(free) or (not free and left):
         raise ValueError(f"the cluster_layers given ({[f for f in fixed if f is not None]}) leave {left} of the "
                          f"model's {n_layers} layers for {len(free)} other rank(s)")
-    split = [f if f is not None else 1 for f in fixed]
-    left -= len(free)
-    if free and left:
+    split = list(fixed)
+    if free:
         w = [max(weights[r], 0.0) for r in free]
-        total = sum(w) or float(len(free))
-        shares = [(x / total if sum(w) else 1 / len(free)) * left for x in w]
-        floors = [int(s) for s in shares]
-        order = sorted(range(len(free)), key=lambda i: (-(shares[i] - floors[i]), i))
-        for i in order[: left - sum(floors)]:
-            floors[i] += 1
+        total = sum(w)
+        target = [(x / total if total else 1 / len(free)) * left for x in w]
+        alloc = [max(1, int(t)) for t in target]
+        while sum(alloc) < left:  # largest remainder first
+            i = max(range(len(free)), key=lambda i: (target[i] - alloc[i], -i))
+            alloc[i] += 1
+        while sum(alloc) > left:  # the minimum of one layer overshot: take from the most over
+            i = max((i for i in range(len(free)) if alloc[i] > 1), key=lambda i: (alloc[i] - target[i], i))
+            alloc[i] -= 1
         for i, r in enumerate(free):
-            split[r] += floors[i]
+            split[r] = alloc[i]
     return split
 
 
