@@ -100,6 +100,20 @@ class Settings(BaseSettings):
         "its shard of that sequence's KV cache.",
     )
 
+    max_context: int | None = Field(
+        None, ge=16,
+        description="Most tokens (prompt + completion) one sequence may hold; longer requests get a 400. "
+        "Default: the model's max_position_embeddings. The fit check sizes each rank's KV cache for "
+        "max_batch sequences of this length.",
+    )
+    kv_bits: int | None = Field(
+        None,
+        description="Quantized KV cache bits. mlx-lm 0.32.2's BatchGenerator cannot batch quantized KV caches "
+        "(QuantizedKVCache has no batch form), so any value is refused; leave it unset and lower max_context "
+        "or max_batch to save memory.",
+    )
+    kv_group_size: int = Field(64, ge=1, description="Group size of a quantized KV cache (see kv_bits).")
+
     # --- the API (rank 0) --------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Address the API binds on rank 0.")
     api_port: int = Field(8080, gt=0, lt=65536, description="API port on rank 0.")
@@ -136,6 +150,17 @@ class Settings(BaseSettings):
             if not all(p.isdigit() for p in parts):
                 raise ValueError(f"pipeline_split (MJC_PIPELINE_SPLIT) must be comma-separated layer counts, e.g. 10,20 (got {value!r})")
             return [int(p) for p in parts]
+        return value
+
+    @field_validator("kv_bits")
+    @classmethod
+    def _no_batched_quantized_kv(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise ValueError(
+                f"kv_bits={value}: mlx-lm 0.32.2's BatchGenerator cannot batch a quantized KV cache (QuantizedKVCache "
+                "has no merge / batch form), and every request here runs in a batch; leave kv_bits unset and lower "
+                "max_context or max_batch to save memory"
+            )
         return value
 
     @field_validator("api_key", mode="before")

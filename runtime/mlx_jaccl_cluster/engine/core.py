@@ -126,7 +126,9 @@ class Engine:
 
     @property
     def context_length(self) -> int | None:
-        return self.loaded.context_length if self.loaded else None
+        """The model's context, capped by the max_context setting."""
+        limits = [n for n in (self.loaded.context_length if self.loaded else None, self.settings.max_context) if n]
+        return min(limits) if limits else None
 
     @property
     def vocab_size(self) -> int | None:

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Callable, Iterable, Mapping
 
 GROUP = "mlx_cluster"
 BACKENDS = ("jaccl", "jaccl-ring", "ring", "nccl")
-PARALLEL_MODES = ("tensor", "pipeline")
+PARALLEL_MODES = ("auto", "tensor", "pipeline")  # layout.PARALLEL_CHOICES
 MODEL_SOURCES = ("smollm2", "hf", "local")
 SERVICE_MANAGERS = ("auto", "launchd", "systemd", "supervisord")
 JACCL_BACKENDS = ("jaccl", "jaccl-ring")
@@ -38,7 +38,7 @@ BACKEND_FILES = {
 
 GROUP_DEFAULTS: dict[str, Any] = {
     "cluster_backend": None,
-    "cluster_parallel": "tensor",
+    "cluster_parallel": "auto",
     "cluster_model_name": None,
     "cluster_model_path": None,
     "cluster_model_source": None,
@@ -63,6 +63,7 @@ HOST_DEFAULTS: dict[str, Any] = {
     "cluster_ring_port": 32500,
     "cluster_unit_name": "mlx-jaccl-cluster",
     "cluster_cuda_device": "0",
+    "cluster_layers": None,  # pipeline layers of this rank (ops/placement.py); None: by memory
 }
 INVENTORY_KEYS = (*GROUP_DEFAULTS, *HOST_DEFAULTS)
 # Group variables a host may set for itself (paths and users differ between machines, e.g.
@@ -247,7 +248,7 @@ GROUP_CHECKS: dict[str, Callable[[str, Mapping[str, Any], str], Problem | None]]
 # Runtime settings the inventory decides through its own variables (cluster_backend, the
 # rank order, cluster_api_port...): cluster_runtime_settings may not set them.
 RUNTIME_OWNED = ("rank", "world_size", "backend", "parallel", "control", "peer_ips", "model", "model_id",
-                 "api_host", "api_port", "api_key")
+                 "api_host", "api_port", "api_key", "pipeline_split")
 
 
 def runtime_settings(group: Mapping[str, Any]) -> dict[str, Any]:
@@ -331,66 +332,31 @@ def _node_key_problems(name: str, variables: Mapping[str, Any], group: Mapping[s
     return [p for p in found if p]
 
 
-def _text_config(model_config: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The language-model part of a config.json (multimodal configs nest it in text_config)."""
-    nested = model_config.get("text_config")
-    if "num_attention_heads" not in model_config and isinstance(nested, Mapping):
-        return nested
-    return model_config
-
-
 def _model_problems(
     group: Mapping[str, Any], world_size: int, model_config: Mapping[str, Any] | None, supports_pipeline: bool | None
 ) -> list[Problem]:
-    """Whether the model can be split over ``world_size`` ranks the way cluster_parallel says."""
+    """Whether the model can be split over ``world_size`` ranks the way cluster_parallel says
+    (``layout.choose``, the function every rank runs). ``supports_pipeline`` is unused: every
+    model with a layer stack pipelines (mlx-lm's own split or the generic one)."""
     parallel = setting(group, "cluster_parallel")
-    config = _text_config(model_config or {})
-    found: list[Problem] = []
-    if parallel == "pipeline":
-        if world_size < 2:
-            found.append(
-                Problem(
-                    GROUP,
-                    "cluster_parallel",
-                    f"is pipeline but the group has only {world_size} host",
-                    "add a second host or set cluster_parallel: tensor",
-                )
-            )
-        if supports_pipeline is False:
-            found.append(
-                Problem(
-                    GROUP,
-                    "cluster_parallel",
-                    "is pipeline but this model's class has no pipeline support in mlx-lm",
-                    "set cluster_parallel: tensor or choose a model whose class supports pipeline",
-                )
-            )
-        layers = config.get("num_hidden_layers")
-        if _is_int(layers) and layers < world_size:
-            found.append(
-                Problem(
-                    GROUP,
-                    "cluster_parallel",
-                    f"is pipeline over {world_size} ranks but the model has only {layers} layers",
-                    f"use at most {layers} hosts or set cluster_parallel: tensor",
-                )
-            )
-    elif parallel == "tensor" and world_size > 1:
-        heads = config.get("num_attention_heads")
-        kv_heads = config.get("num_key_value_heads", heads)
-        if _is_int(heads) and _is_int(kv_heads) and (heads % world_size or kv_heads % world_size):
-            common = math.gcd(heads, kv_heads)
-            sizes = ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
-            found.append(
-                Problem(
-                    GROUP,
-                    "cluster_parallel",
-                    f"is tensor over {world_size} ranks, but the tensor-parallel size must divide both the model's "
-                    f"num_attention_heads ({heads}) and num_key_value_heads ({kv_heads})",
-                    f"use a host count that divides both ({sizes}) or set cluster_parallel: pipeline",
-                )
-            )
-    return found
+    if parallel not in PARALLEL_MODES:
+        return []  # reported by the choice check
+    if parallel == "pipeline" and world_size < 2:
+        return [Problem(GROUP, "cluster_parallel", f"is pipeline but the group has only {world_size} host",
+                        "add a second host or set cluster_parallel: auto")]
+    if not model_config:
+        return []
+    from ..layout import LayoutError, choose, num_layers
+
+    try:
+        layout = choose(dict(model_config), world_size, parallel)
+    except LayoutError as exc:
+        return [Problem(GROUP, "cluster_parallel", f"is {parallel}: {exc}", "set cluster_parallel: auto")]
+    layers = num_layers(dict(model_config))
+    if layout.parallel == "pipeline" and layers is not None and layers < world_size:
+        return [Problem(GROUP, "cluster_parallel", f"is pipeline over {world_size} ranks but the model has only {layers} layers",
+                        f"use at most {layers} hosts")]
+    return []
 
 
 # --- ranks ----------------------------------------------------------------------------------
@@ -504,8 +470,17 @@ def _host_problems(name: str, variables: Mapping[str, Any], backend: str | None)
         _unit_name_problem(name, variables),
         _port(name, variables, "cluster_ring_port") if backend == "ring" else None,
         _cuda_device_problem(name, variables) if backend == "nccl" else None,
+        _layers_problem(name, variables),
     ]
     return [p for p in found if p] + _ips_problems(name, variables)
+
+
+def _layers_problem(name: str, variables: Mapping[str, Any]) -> Problem | None:
+    value = variables.get("cluster_layers")
+    if value is None or (_is_int(value) and value > 0):
+        return None
+    return Problem(name, "cluster_layers", f"is {_describe(value)}; it must be a positive integer",
+                   "give this rank's number of pipeline layers, e.g. cluster_layers: 10, or remove it (split by memory)")
 
 
 def _unit_name_problem(name: str, variables: Mapping[str, Any]) -> Problem | None:
