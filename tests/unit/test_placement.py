@@ -108,3 +108,33 @@ def test_tensor_layout_holds_a_share_of_every_layer(tmp_path):
     assert p.ranks[0].weights == fp.shared_bytes + sum(fp.layer_bytes) // 2
     bad = place(["a", "b"], config, sizes, {h: node(8) for h in "ab"}, layers={"a": 3})
     assert "cluster_layers" in bad.problems[0] and "tensor" in bad.problems[0]
+
+
+def test_wired_limit_parser():
+    from mlx_jaccl_cluster.ops.placement import parse_wired_limit
+
+    assert parse_wired_limit("57344\n") == 57344
+    assert parse_wired_limit("0") is None  # unset: macOS's default limit applies
+    assert parse_wired_limit("") is None
+    assert parse_wired_limit("sysctl: unknown oid 'iogpu.wired_limit_mb'") is None
+
+
+def test_place_plan_renders_the_split_into_every_rank(tmp_path):
+    from mlx_jaccl_cluster.models.tiny import build_tiny_model
+    from mlx_jaccl_cluster.ops.placement import place_plan
+
+    folder = build_tiny_model(tmp_path / "granite", arch="granite")
+    plan = {"ranks": ["m1", "m2"], "parallel": "auto",
+            "hosts": {h: {"ssh": h, "env": {"MJC_PARALLEL": "auto"}} for h in ("m1", "m2")}}
+    nodes = {"m1": {"system": "Darwin", "memory_bytes": 64 * GiB, "wired_limit_mb_raw": "0"},
+             "m2": {"system": "Darwin", "memory_bytes": 64 * GiB, "wired_limit_mb_raw": str(22 * 1024)}}
+    out = place_plan(plan, str(folder), nodes, "auto", {"max_batch": 1})
+    assert not out["problems"]
+    placed = out["plan"]
+    assert placed["parallel"] == "pipeline" and placed["parallel_reason"] == "auto: granite has no shard() in mlx-lm"
+    assert placed["split"] == [4, 2]  # 44.8 GiB (70% of 64) against a 22 GiB wired limit
+    assert {placed["hosts"][h]["env"]["MJC_PIPELINE_SPLIT"] for h in ("m1", "m2")} == {"4,2"}
+    assert plan["hosts"]["m1"]["env"] == {"MJC_PARALLEL": "auto"}  # the input is not changed
+    assert place_plan(plan, str(folder), nodes, "auto", {}, {"m2": 5})["plan"]["split"] == [1, 5]
+    missing = place_plan(plan, str(tmp_path / "nowhere"), nodes, "auto")
+    assert "cannot read" in missing["problems"][0]

@@ -240,3 +240,53 @@ def summary(placement: Placement) -> list[str]:
     """One line per rank, for the plan's log."""
     return [f"rank {n.rank} {n.host}: " + (f"layers {n.layers[0]}..{n.layers[1] - 1}, " if n.layers else "")
             + f"{n.need / GiB:.2f} of {n.available / GiB:.2f} GiB" for n in placement.ranks]
+
+
+def parse_wired_limit(text: str) -> int | None:
+    """``sysctl -n iogpu.wired_limit_mb`` -> MiB, None when unset (0) or not a number
+    (the sysctl is absent on Linux and older macOS)."""
+    text = (text or "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def place_plan(plan: Mapping[str, Any], model_dir: str, nodes: Mapping[str, Mapping[str, Any]],
+               parallel: str, runtime: Mapping[str, Any] | None = None,
+               layers: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The plan with its layout resolved for the model in ``model_dir``: ``parallel``,
+    ``parallel_reason``, ``split`` and each rank's ``MJC_PARALLEL`` / ``MJC_PIPELINE_SPLIT``;
+    plus ``problems`` (ranks that do not fit, a bad cluster_layers) and ``summary`` lines.
+
+    ``nodes``: hostname -> readiness facts; ``runtime``: cluster_runtime_settings (max_batch,
+    max_context; Settings' defaults otherwise); ``layers``: hostname -> cluster_layers.
+    """
+    from ..settings import Settings
+
+    runtime = dict(runtime or {})
+    folder = Path(model_dir)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        sizes = tensor_sizes(folder)
+    except (OSError, json.JSONDecodeError, PlacementError) as exc:
+        return {"plan": dict(plan), "problems": [f"{plan['ranks'][0]}: model: cannot read {folder} for placement: {exc}"],
+                "summary": []}
+    max_batch = int(runtime.get("max_batch", Settings.model_fields["max_batch"].default))
+    max_context = runtime.get("max_context", Settings.model_fields["max_context"].default)
+    ranks = list(plan["ranks"])
+    machines = {h: plan["hosts"][h]["ssh"] for h in ranks}
+    facts = {h: dict(nodes.get(h) or {}) for h in ranks}
+    for f in facts.values():
+        f["wired_limit_mb"] = parse_wired_limit(str(f.get("wired_limit_mb_raw", "")))
+    placement = place(ranks, config, sizes, facts, parallel, max_batch, max_context,
+                      {h: v for h, v in (layers or {}).items() if v is not None}, machines)
+    out = json.loads(json.dumps(plan))  # a deep copy of plain data
+    resolved = placement.parallel if placement.parallel in ("tensor", "pipeline") else "tensor"
+    out.update(parallel=resolved, parallel_reason=placement.reason, split=placement.split)
+    for h in ranks:
+        env = out["hosts"][h]["env"]
+        env["MJC_PARALLEL"] = resolved
+        if placement.split:
+            env["MJC_PIPELINE_SPLIT"] = ",".join(str(n) for n in placement.split)
+        else:
+            env.pop("MJC_PIPELINE_SPLIT", None)
+    return {"plan": out, "problems": placement.problems,
+            "summary": [f"{resolved}: {placement.reason}"] + summary(placement)}
