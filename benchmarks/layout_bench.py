@@ -76,7 +76,10 @@ def bench_inprocess(model: Path, repeats: int, max_tokens: int) -> dict:
 def bench_cluster(model: Path, parallel: str, world: int, split, repeats: int, max_tokens: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="mjc-layout-"))
     # a generous heartbeat: on a loaded 2-core machine a rank can stall for seconds while loading
-    group = start_group(model, world, work, parallel=parallel, split=split, args=("--heartbeat-misses", "30"))
+    args = ("--heartbeat-misses", "30")
+    if parallel == "generic":
+        parallel, args = "pipeline", args + ("--generic-pipeline",)
+    group = start_group(model, world, work, parallel=parallel, split=split, args=args)
     try:
         t0 = time.perf_counter()
         health = group.wait_ready(300)
@@ -114,7 +117,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--layout", action="append", required=True,
-                   help="inprocess | tensor:N | pipeline:N | pipeline:N:a,b (repeatable)")
+                   help="inprocess | tensor:N | pipeline:N | pipeline:N:a,b | generic:N (the generic split even "
+                        "where mlx-lm has pipeline()) (repeatable)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--out", type=Path)

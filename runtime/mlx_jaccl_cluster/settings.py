@@ -135,6 +135,11 @@ class Settings(BaseSettings):
     probe_steps: int = Field(4, ge=1, description="Steps one probe is split into (a request waits at most one step).")
     probe_step_iters: int = Field(2, ge=1, description="Collectives timed in each probe step.")
 
+    generic_pipeline: bool = Field(
+        False, description="Use the generic pipeline split even where mlx-lm's class has its own pipeline() "
+        "(to compare the two; benchmarks/layout_bench.py).",
+    )
+
     @field_validator("peer_ips", mode="before")
     @classmethod
     def _split_peers(cls, value: object) -> object:

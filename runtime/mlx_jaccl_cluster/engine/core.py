@@ -214,7 +214,7 @@ class Engine:
             group = self._group = self._init_group()
         self.state.set("loading", f"loading {s.model}")
         started = time.perf_counter()
-        self.loaded = load_model(s.model, s.parallel, group, s.mlx_backend, s.pipeline_split)
+        self.loaded = load_model(s.model, s.parallel, group, s.mlx_backend, s.pipeline_split, s.generic_pipeline)
         layout = self.loaded.layout
         log.info("rank %d loaded %s in %.1f s: %s (%s)%s", s.rank, s.model, time.perf_counter() - started,
                  layout.parallel, layout.reason, f"; {self.loaded.layout_detail}" if self.loaded.layout_detail else "")

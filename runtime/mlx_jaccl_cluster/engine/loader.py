@@ -113,7 +113,8 @@ def _barrier(group, backend: str | None) -> None:
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=stream))
 
 
-def _pipeline_load(folder: Path, group, layout: Layout, split: list[int], backend: str | None):
+def _pipeline_load(folder: Path, group, layout: Layout, split: list[int], backend: str | None,
+                   generic: bool = False):
     """This rank's pipeline stage: mlx-lm's own ``pipeline()`` where the class has one
     (and takes a split), the generic split (engine/pipeline.py) otherwise. Weights load
     lazily, so only this rank's layers (plus embeddings, norm, head) are ever read."""
@@ -121,7 +122,7 @@ def _pipeline_load(folder: Path, group, layout: Layout, split: list[int], backen
     layers = pipeline.layer_list(model)
     split = pipeline.check_split(split or pipeline.even_split(len(layers), group.size()), len(layers), group.size())
     native = getattr(getattr(model, "model", None), "pipeline", None)
-    if layout.native_pipeline and native is not None and "split" in inspect.signature(native).parameters:
+    if not generic and layout.native_pipeline and native is not None and "split" in inspect.signature(native).parameters:
         native(group, split=split)
         start = model.model.start_idx
         span = (start, model.model.end_idx)
@@ -135,10 +136,11 @@ def _pipeline_load(folder: Path, group, layout: Layout, split: list[int], backen
 
 
 def load_model(folder: Path, parallel: str, group: "mx.distributed.Group | None",
-               backend: str | None = None, split: list[int] | None = None) -> LoadedModel:
+               backend: str | None = None, split: list[int] | None = None, generic: bool = False) -> LoadedModel:
     """Load (and shard, when ``group`` has several ranks) the model in ``folder``.
     ``backend`` is the MLX backend of ``group`` (settings' ``mlx_backend``); ``split`` the
-    pipeline layers per rank (empty: even)."""
+    pipeline layers per rank (empty: even); ``generic``: the generic split even where the
+    class has its own ``pipeline()``."""
     config = read_config(folder)
     world = group.size() if group is not None else 1
     layout = check_split(config, parallel, world)
@@ -150,7 +152,7 @@ def load_model(folder: Path, parallel: str, group: "mx.distributed.Group | None"
             with _collectives_on_gpu(backend):
                 model, tokenizer = sharded_load(str(folder), tensor_group=group)
         else:
-            model, tokenizer, detail = _pipeline_load(folder, group, layout, list(split or []), backend)
+            model, tokenizer, detail = _pipeline_load(folder, group, layout, list(split or []), backend, generic)
     except pipeline.SplitError as exc:
         raise ModelError(str(exc)) from None
     except ValueError as exc:
