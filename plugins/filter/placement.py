@@ -1,7 +1,7 @@
 """``mjc_place``: resolve the plan's layout for the fetched model, weight the pipeline split
 by each node's memory and check that every rank's share fits (ops/placement.py).
 
-    mjc_plan | mjc_place(model_dir, nodes, parallel, runtime_settings, layers)
+    mjc_plan | mjc_place(model_dir, nodes, parallel, runtime_settings)
 
 returns ``{plan, problems, summary}``; readiness fails on any problem before a node changes.
 """
@@ -18,8 +18,8 @@ except ImportError:  # not installed on the controller: use the repository's cop
     from mlx_jaccl_cluster.ops import placement
 
 
-def mjc_place(plan, model_dir, nodes, parallel="auto", runtime=None, layers=None):
-    return placement.place_plan(plan, str(model_dir), nodes or {}, str(parallel), runtime or {}, layers or {})
+def mjc_place(plan, model_dir, nodes, parallel="auto", runtime=None):
+    return placement.place_plan(plan, str(model_dir), nodes or {}, str(parallel), runtime or {})
 
 
 class FilterModule:

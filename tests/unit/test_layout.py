@@ -70,3 +70,42 @@ def test_even_split_and_ranges():
 def test_bad_splits_are_named(split, words):
     with pytest.raises(SplitError, match=words):
         check_split(split, 6, 2)
+
+
+def test_settings_parse_the_split_and_refuse_what_cannot_run(tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    from mlx_jaccl_cluster.settings import Settings
+
+    for var in ("MLX_RANK", "MLX_WORLD_SIZE", "MLX_HOSTFILE"):
+        monkeypatch.delenv(var, raising=False)
+    base = {"model": tmp_path, "world_size": 2, "control": "127.0.0.1:1"}
+    s = Settings(**base, pipeline_split="4, 2")
+    assert s.pipeline_split == [4, 2] and s.parallel == "auto"
+    with pytest.raises(ValidationError, match="comma-separated layer counts"):
+        Settings(**base, pipeline_split="4,x")
+    with pytest.raises(ValidationError, match="3 entries for 2 ranks"):
+        Settings(**base, pipeline_split="2,2,2")
+    with pytest.raises(ValidationError, match="parallel=tensor"):
+        Settings(**base, pipeline_split="4,2", parallel="tensor")
+    with pytest.raises(ValidationError, match="cannot batch a quantized KV cache"):
+        Settings(**base, kv_bits=4)
+    assert Settings(**base, max_context=4096).max_context == 4096
+
+
+def test_max_context_caps_the_models_context(tmp_path, monkeypatch):
+    from mlx_jaccl_cluster.engine.core import Engine
+    from mlx_jaccl_cluster.engine.loader import LoadedModel
+    from mlx_jaccl_cluster.settings import Settings
+    from mlx_jaccl_cluster.state import ClusterState
+
+    monkeypatch.delenv("MLX_HOSTFILE", raising=False)
+
+    def engine(**kw):
+        e = Engine(Settings(model=tmp_path, world_size=1, rank=0, **kw), ClusterState(1, "ring", "m"), None, lambda *a: None)
+        e.loaded = LoadedModel(model=None, tokenizer=None, config={"max_position_embeddings": 2048})
+        return e
+
+    assert engine().context_length == 2048
+    assert engine(max_context=512).context_length == 512
+    assert engine(max_context=9000).context_length == 2048

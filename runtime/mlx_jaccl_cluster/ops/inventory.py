@@ -885,6 +885,7 @@ def _rank_entry(
         "env": env,
         "files": files,
         "argv": [f"{prefix}/venv/bin/mjc-rank"],
+        "layers": variables.get("cluster_layers"),  # pipeline layers pinned here (ops/placement.py)
     }
 
 

@@ -257,7 +257,8 @@ def place_plan(plan: Mapping[str, Any], model_dir: str, nodes: Mapping[str, Mapp
     plus ``problems`` (ranks that do not fit, a bad cluster_layers) and ``summary`` lines.
 
     ``nodes``: hostname -> readiness facts; ``runtime``: cluster_runtime_settings (max_batch,
-    max_context; Settings' defaults otherwise); ``layers``: hostname -> cluster_layers.
+    max_context; Settings' defaults otherwise); ``layers``: hostname -> cluster_layers
+    (default: each plan entry's ``layers``).
     """
     from ..settings import Settings
 
@@ -276,8 +277,10 @@ def place_plan(plan: Mapping[str, Any], model_dir: str, nodes: Mapping[str, Mapp
     facts = {h: dict(nodes.get(h) or {}) for h in ranks}
     for f in facts.values():
         f["wired_limit_mb"] = parse_wired_limit(str(f.get("wired_limit_mb_raw", "")))
+    if layers is None:  # the plan's own cluster_layers (ops/inventory.py)
+        layers = {h: plan["hosts"][h].get("layers") for h in ranks}
     placement = place(ranks, config, sizes, facts, parallel, max_batch, max_context,
-                      {h: v for h, v in (layers or {}).items() if v is not None}, machines)
+                      {h: v for h, v in layers.items() if v is not None}, machines)
     out = json.loads(json.dumps(plan))  # a deep copy of plain data
     resolved = placement.parallel if placement.parallel in ("tensor", "pipeline") else "tensor"
     out.update(parallel=resolved, parallel_reason=placement.reason, split=placement.split)
