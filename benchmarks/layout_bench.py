@@ -10,7 +10,11 @@ for an explicit split) it measures, after one warm-up request:
 - one streaming request of ``--max-tokens`` tokens on a longer prompt: TTFT and the
   decode rate, (tokens - 1) / (last token - first token).
 
-Figures are medians over ``--repeats`` rounds. In-process uses mlx-lm's ``stream_generate``
+Figures are medians over ``--repeats`` rounds. Because this machine is shared (other jobs
+can take most of both cores), it also reports **CPU seconds per generated token** over the
+streaming rounds (every rank's user + system time from ``/proc/PID/stat``; in-process: the
+process's own), which the other jobs do not inflate: with ranks that compute one after the
+other (a pipeline, or one rank), an idle machine decodes at about 1 / that figure. In-process uses mlx-lm's ``stream_generate``
 on the same chat-templated prompt (its prompt_tps / generation_tps and the wall time).
 Ranks are started directly (``mlx_jaccl_cluster.launch.start_group``, ring on loopback).
 
@@ -40,6 +44,12 @@ QUESTION = "What is the capital of France?"
 LONG = "Write a long story about a dragon who learns to bake bread in a small village."
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _median(xs):
     xs = [x for x in xs if x is not None]
     return round(statistics.median(xs), 3) if xs else None
@@ -67,8 +77,11 @@ def bench_inprocess(model: Path, repeats: int, max_tokens: int) -> dict:
 
     run(QUESTION, 8)
     q = [run(QUESTION, 24) for _ in range(repeats)]
+    cpu0 = time.process_time()
     s = [run(LONG, max_tokens) for _ in range(repeats)]
+    cpu = time.process_time() - cpu0
     return {"question_s": _median([r["wall_s"] for r in q]), "answer": q[-1]["text"],
+            "cpu_s_per_token": round(cpu / sum(r["tokens"] for r in s), 4),
             "ttft_s": _median([r["ttft_s"] for r in s]), "decode_tps": _median([r["decode_tps"] for r in s]),
             "prompt_tokens": s[-1]["prompt_tokens"], "tokens": s[-1]["tokens"]}
 
@@ -98,6 +111,8 @@ def bench_cluster(model: Path, parallel: str, world: int, split, repeats: int, m
         long_body = {"model": group.model_id, "messages": [{"role": "user", "content": LONG}], "max_tokens": max_tokens,
                      "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
         s = []
+        pids = [p.pid for p in group.procs if p is not None]
+        cpu0 = sum(_cpu_s(pid) for pid in pids)
         for i in range(repeats):
             # a different prompt each round, so the prompt cache cannot skip the prefill
             b = long_body | {"messages": [{"role": "user", "content": f"{i}. {LONG}"}]}
@@ -105,7 +120,9 @@ def bench_cluster(model: Path, parallel: str, world: int, split, repeats: int, m
             if not res["ok"]:
                 raise RuntimeError(res["error"])
             s.append(res)
-        return {"question_s": _median(q), "answer": answer, "ttft_s": _median([r.get("ttft_s") for r in s]),
+        cpu = sum(_cpu_s(pid) for pid in pids) - cpu0
+        return {"question_s": _median(q), "answer": answer,
+                "cpu_s_per_token": round(cpu / sum(r.get("completion_tokens") or 0 for r in s), 4), "ttft_s": _median([r.get("ttft_s") for r in s]),
                 "decode_tps": _median([r.get("decode_tps") for r in s]), "prompt_tokens": s[-1].get("prompt_tokens"),
                 "tokens": s[-1].get("completion_tokens"), "ready_s": round(ready_s, 1),
                 "parallel": health.get("parallel"), "reason": health.get("parallel_reason")}
@@ -136,11 +153,14 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r for r in rows if r["layout"] == "inprocess"), None)
-    print(f"\n| model | layout | README question (s) | TTFT (s) | decode (tok/s) | vs in-process |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| model | layout | README question (s) | TTFT (s) | decode (tok/s) | vs in-process | CPU s/token | "
+          "in-process CPU / this |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         rel = f"{r['decode_tps'] / base['decode_tps']:.2f}" if base and r["decode_tps"] and base["decode_tps"] else ""
-        print(f"| {r['model']} | {r['layout']} | {r['question_s']} | {r['ttft_s']} | {r['decode_tps']} | {rel} |")
+        eff = f"{base['cpu_s_per_token'] / r['cpu_s_per_token']:.2f}" if base and r.get("cpu_s_per_token") else ""
+        print(f"| {r['model']} | {r['layout']} | {r['question_s']} | {r['ttft_s']} | {r['decode_tps']} | {rel} | "
+              f"{r.get('cpu_s_per_token')} | {eff} |")
     if a.out:
         a.out.write_text(json.dumps(rows, indent=1))
     return 0
