@@ -134,6 +134,7 @@ def test_place_plan_renders_the_split_into_every_rank(tmp_path):
     assert placed["parallel"] == "pipeline" and placed["parallel_reason"] == "auto: granite has no shard() in mlx-lm"
     assert placed["split"] == [4, 2]  # 44.8 GiB (70% of 64) against a 22 GiB wired limit
     assert {placed["hosts"][h]["env"]["MJC_PIPELINE_SPLIT"] for h in ("m1", "m2")} == {"4,2"}
+    assert placed["hosts"]["m1"]["env"]["MJC_PARALLEL"] == "auto"  # each rank resolves it the same way
     assert plan["hosts"]["m1"]["env"] == {"MJC_PARALLEL": "auto"}  # the input is not changed
     assert place_plan(plan, str(folder), nodes, "auto", {}, {"m2": 5})["plan"]["split"] == [1, 5]
     missing = place_plan(plan, str(tmp_path / "nowhere"), nodes, "auto")

@@ -253,8 +253,10 @@ def place_plan(plan: Mapping[str, Any], model_dir: str, nodes: Mapping[str, Mapp
                parallel: str, runtime: Mapping[str, Any] | None = None,
                layers: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The plan with its layout resolved for the model in ``model_dir``: ``parallel``,
-    ``parallel_reason``, ``split`` and each rank's ``MJC_PARALLEL`` / ``MJC_PIPELINE_SPLIT``;
-    plus ``problems`` (ranks that do not fit, a bad cluster_layers) and ``summary`` lines.
+    ``parallel_reason``, ``split`` and each rank's ``MJC_PIPELINE_SPLIT``; plus ``problems``
+    (ranks that do not fit, a bad cluster_layers) and ``summary`` lines. ``MJC_PARALLEL``
+    stays the setting (auto): each rank resolves it with the same ``layout.choose`` and
+    so reports the same reason on /health.
 
     ``nodes``: hostname -> readiness facts; ``runtime``: cluster_runtime_settings (max_batch,
     max_context; Settings' defaults otherwise); ``layers``: hostname -> cluster_layers
@@ -286,7 +288,6 @@ def place_plan(plan: Mapping[str, Any], model_dir: str, nodes: Mapping[str, Mapp
     out.update(parallel=resolved, parallel_reason=placement.reason, split=placement.split)
     for h in ranks:
         env = out["hosts"][h]["env"]
-        env["MJC_PARALLEL"] = resolved
         if placement.split:
             env["MJC_PIPELINE_SPLIT"] = ",".join(str(n) for n in placement.split)
         else:
