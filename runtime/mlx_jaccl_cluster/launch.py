@@ -75,7 +75,10 @@ class LocalGroup:
             with urllib.request.urlopen(self.url("/health"), timeout=2) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"{}")
+            try:  # a busy rank 0 may time out while sending the body
+                return exc.code, json.loads(exc.read() or b"{}")
+            except (OSError, ValueError):
+                return exc.code, {}
         except OSError as exc:
             return 0, repr(exc)
 
