@@ -4,7 +4,7 @@ mlx-lm splits a model into pipeline stages only where its class has ``pipeline()
 (qwen2, deepseek...). This module splits the others without re-implementing any of them:
 the model's ``layers`` list keeps its length, and each entry is swapped in place for
 
-- a **stage layer** (the ranks's own layers, ``start <= i < end``): the real layer, which
+- a **stage layer** (the rank's own layers, ``start <= i < end``): the real layer, which
   first receives the hidden state from the previous rank (at ``start``, ranks > 0) and
   after the last one sends its output to the next rank (at ``end - 1``, all but the last);
 - a **skip layer** (every other index): returns its input unchanged, holds no weights, and
@@ -90,13 +90,10 @@ def _advance(cache, x: mx.array) -> None:
         cache.update_and_fetch(empty, empty)
 
 
-class _Plain:
-    """Scalar attributes of the layer a skip layer stands in for (``use_sliding``, ...),
-    so model code that reads them from the layers list still finds them."""
-
-
 class SkipLayer(nn.Module):
-    """Stands in for a layer another rank runs: passes the hidden state through."""
+    """Stands in for a layer another rank runs: passes the hidden state through. It keeps
+    the scalar attributes of that layer (``use_sliding``, ``layer_type``...), so model code
+    that reads them from the layers list still finds them, but none of its weights."""
 
     def __init__(self, layer: nn.Module, index: int, gather: "tuple[Any, int] | None"):
         super().__init__()
