@@ -52,7 +52,6 @@ def mjc_validate_cluster(
     hosts: Mapping[str, Mapping[str, Any]],
     group: Mapping[str, Any] | None = None,
     model_config: Mapping[str, Any] | None = None,
-    supports_pipeline: bool | None = None,
     sources: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Problems of the inventory as ``host: field: message — fix`` strings.
@@ -61,9 +60,7 @@ def mjc_validate_cluster(
     group is blamed on that group.
     """
     plain = _plain_hosts(hosts)
-    if supports_pipeline is None and model_config:
-        supports_pipeline = inventory.pipeline_support(model_config)  # from the controller's mlx-lm
-    problems = inventory.validate_cluster(plain, _group_vars(plain, group), model_config, supports_pipeline, sources)
+    problems = inventory.validate_cluster(plain, _group_vars(plain, group), model_config, sources)
     return [str(p) for p in problems]
 
 

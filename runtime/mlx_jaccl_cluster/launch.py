@@ -124,7 +124,8 @@ def start_group(
     world: int,
     workdir: Path,
     *,
-    parallel: str = "tensor",
+    parallel: str = "auto",
+    split: list[int] | None = None,
     args: tuple[str, ...] = (),
     env: dict | None = None,
     order: list[int] | None = None,
@@ -151,6 +152,8 @@ def start_group(
     }
     if api_key:
         base["MJC_API_KEY"] = api_key
+    if split:
+        base["MJC_PIPELINE_SPLIT"] = ",".join(str(n) for n in split)
     base |= env or {}
     group = group_class(
         procs=[None] * world,
@@ -172,12 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlx_jaccl_cluster.launch", description="Start N ranks on this machine over MLX ring on loopback.")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--world", type=int, default=2)
-    parser.add_argument("--parallel", choices=["tensor", "pipeline"], default="tensor")
+    parser.add_argument("--parallel", choices=["auto", "tensor", "pipeline"], default="auto")
+    parser.add_argument("--split", type=lambda v: [int(n) for n in v.split(",")], default=None,
+                        help="pipeline layers per rank, e.g. 10,20 (default: even)")
     parser.add_argument("--api-port", type=int, default=8080)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mjc-launch"))
     parser.add_argument("rank_args", nargs="*", help="extra mjc-rank flags (after --)")
     opts = parser.parse_args(argv)
-    group = start_group(opts.model, opts.world, opts.workdir, parallel=opts.parallel, args=tuple(opts.rank_args),
+    group = start_group(opts.model, opts.world, opts.workdir, parallel=opts.parallel, split=opts.split, args=tuple(opts.rank_args),
                         api_port=opts.api_port)
     try:
         print(json.dumps(group.wait_ready()), flush=True)

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         "world_size": settings.world_size,
         "backend": settings.backend,
         "parallel": settings.parallel,
+        "pipeline_split": settings.pipeline_split,
         "model_id": settings.served_model_id,
         "max_batch": settings.max_batch,
         "prefill_step_size": settings.prefill_step_size,

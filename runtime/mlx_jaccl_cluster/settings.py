@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from .generation import SAMPLING_DEFAULTS
 
 Backend = Literal["jaccl", "jaccl-ring", "ring", "nccl"]
-Parallel = Literal["tensor", "pipeline"]
+Parallel = Literal["auto", "tensor", "pipeline"]
 
 
 def _env_int(name: str) -> int | None:
@@ -66,7 +66,17 @@ class Settings(BaseSettings):
         "ring",
         description="MLX backend: jaccl (RDMA mesh), jaccl-ring (jaccl with MLX_JACCL_RING=1), ring (TCP), nccl (CUDA).",
     )
-    parallel: Parallel = Field("tensor", description="How the model is split over the ranks.")
+    parallel: Parallel = Field(
+        "auto",
+        description="How the model is split over the ranks: tensor (mlx-lm's shard()), pipeline (contiguous runs "
+        "of layers), or auto: tensor when the model shards and its heads divide by the world size, pipeline "
+        "otherwise (engine/layout.py; /health says which and why).",
+    )
+    pipeline_split: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="Pipeline layers per rank, comma-separated in rank order (rank 0 first), e.g. 10,20; "
+        "empty: an even split. The plan renders it from each node's memory or its cluster_layers.",
+    )
     control: str | None = Field(
         None,
         description="HOST:PORT of rank 0's control channel (rendezvous, heartbeats, steps). "
@@ -111,6 +121,16 @@ class Settings(BaseSettings):
         description="Bytes of freed buffers MLX keeps for reuse on each rank (mx.set_cache_limit); beyond it "
         "they go back to the system, so memory returns after a burst of long prompts.",
     )
+
+    max_context: int | None = Field(
+        None, ge=16,
+        description="Most tokens (prompt + completion) one sequence may hold; longer requests get a 400. "
+        "Default: the model's max_position_embeddings. The fit check sizes each rank's KV cache for "
+        "max_batch sequences of this length.",
+    )
+    # No kv_bits: mlx-lm 0.32.2's BatchGenerator cannot batch a quantized KV cache
+    # (QuantizedKVCache has no batch form), and every request here runs in a batch; lower
+    # max_context or max_batch to save memory (docs/runtime.md, Settings).
 
     # --- the API (rank 0) --------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Address the API binds on rank 0.")
@@ -159,11 +179,26 @@ class Settings(BaseSettings):
     probe_steps: int = Field(4, ge=1, description="Steps one probe is split into (a request waits at most one step).")
     probe_step_iters: int = Field(2, ge=1, description="Collectives timed in each probe step.")
 
+    generic_pipeline: bool = Field(
+        False, description="Use the generic pipeline split even where mlx-lm's class has its own pipeline() "
+        "(to compare the two; benchmarks/layout_bench.py).",
+    )
+
     @field_validator("peer_ips", mode="before")
     @classmethod
     def _split_peers(cls, value: object) -> object:
         if isinstance(value, str):
             return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("pipeline_split", mode="before")
+    @classmethod
+    def _split_layers(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",") if p.strip()]
+            if not all(p.isdigit() for p in parts):
+                raise ValueError(f"pipeline_split (MJC_PIPELINE_SPLIT) must be comma-separated layer counts, e.g. 10,20 (got {value!r})")
+            return [int(p) for p in parts]
         return value
 
     @field_validator("api_key", "cluster_secret", mode="before")
@@ -186,6 +221,11 @@ class Settings(BaseSettings):
             self.secret()  # fail at start-up, naming the fix, not at the first connection
         if self.parallel == "pipeline" and self.world_size < 2:
             raise ValueError("parallel=pipeline needs at least 2 ranks")
+        if self.pipeline_split and len(self.pipeline_split) != self.world_size:
+            raise ValueError(f"pipeline_split {self.pipeline_split} has {len(self.pipeline_split)} entries for "
+                             f"{self.world_size} ranks; give one layer count per rank")
+        if self.pipeline_split and self.parallel == "tensor":
+            raise ValueError("pipeline_split is set but parallel=tensor; drop the split or use parallel=pipeline/auto")
         return self
 
     @property

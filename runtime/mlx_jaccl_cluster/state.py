@@ -38,6 +38,9 @@ class ClusterState:
     ranks: Callable[[], dict[int, dict]] = dict
     links: list[list[str]] = field(default_factory=list)  # per rank: ring addresses or RDMA devices
     link: LinkStats = field(default_factory=LinkStats)
+    # how the model is split (tensor / pipeline / none) and why, set once rank 0 has loaded it
+    parallel: str = ""
+    parallel_reason: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def set(self, phase: str, detail: str = "") -> None:

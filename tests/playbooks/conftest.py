@@ -14,11 +14,12 @@ from mlx_jaccl_cluster.launch import free_ports
 
 
 @pytest.fixture(scope="module")
-def local_inventory(tmp_path_factory):
-    """inventory/local with its own prefix and ports, so it runs beside a `make up` cluster."""
+def local_inventory(tmp_path_factory, request):
+    """inventory/local (or the module's ``INVENTORY``, e.g. "local-tensor") with its own
+    prefix and ports, so it runs beside a `make up` cluster."""
     tmp = tmp_path_factory.mktemp("local")
     inv = tmp / "inventory"
-    shutil.copytree(ROOT / "inventory" / "local", inv)
+    shutil.copytree(ROOT / "inventory" / getattr(request.module, "INVENTORY", "local"), inv)
     hosts = yaml.safe_load((inv / "hosts.yml").read_text())
     api, control, *ring = free_ports(5)
     for i, host in enumerate(hosts["all"]["children"]["mlx_cluster"]["hosts"].values()):

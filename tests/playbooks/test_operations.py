@@ -1,4 +1,5 @@
-"""Day-2 playbooks on a private copy of inventory/local (3 ring ranks under supervisord):
+"""Day-2 playbooks on a private copy of inventory/local-tensor (3 tensor-parallel ring ranks
+under supervisord, so tensor parallel also runs through the playbooks):
 status, bench (link and api), stop, restart and uninstall each leave the state they promise."""
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import pytest
 from local_cluster import PLAYBOOK, ROOT, changed, converge, playbook
 
 pytestmark = pytest.mark.slow
+
+INVENTORY = "local-tensor"  # read by the local_inventory fixture
 
 LINK_ARGS = json.dumps({"bench_sizes": ["4K", "64K", "1M"], "bench_rounds": 2, "bench_budget": "4M",
                         "bench_latency_iters": 50, "bench_gather_sizes": ["64K"]})

@@ -234,13 +234,14 @@ BAD = [
          "cable mac3 to mac1"),
     case("ring-neighbour-uncabled", four_mac_ring, rdma_cells(("mac2", 2, None), ("mac3", 1, None)), "mac2", "cluster_rdma[2]",
          "cable mac2 to mac3"),
-    case("tensor-heads-indivisible", local_ring, no_change, GROUP, "cluster_parallel", "(1, 2, 4, 8)",
-         model_config={"num_attention_heads": 32, "num_key_value_heads": 8}),
-    case("tensor-heads-in-text-config", two_macs, no_change, GROUP, "cluster_parallel", "(1, 3)",
-         model_config={"text_config": {"num_attention_heads": 9, "num_key_value_heads": 3}}),
+    case("tensor-heads-indivisible", local_ring, group_set(cluster_parallel="tensor"), GROUP, "cluster_parallel",
+         "cluster_parallel: auto", model_config={"model_type": "llama", "num_attention_heads": 32, "num_key_value_heads": 8}),
+    case("tensor-heads-in-text-config", two_macs, group_set(cluster_parallel="tensor"), GROUP, "cluster_parallel",
+         "cluster_parallel: auto",
+         model_config={"model_type": "llava", "text_config": {"num_attention_heads": 9, "num_key_value_heads": 3}}),
     case("pipeline-one-rank", single_mac, group_set(cluster_parallel="pipeline"), GROUP, "cluster_parallel", "add a second host"),
-    case("pipeline-unsupported", two_macs, group_set(cluster_parallel="pipeline"), GROUP, "cluster_parallel",
-         "set cluster_parallel: tensor", supports_pipeline=False),
+    case("tensor-without-shard", two_macs, group_set(cluster_parallel="tensor"), GROUP, "cluster_parallel",
+         "set cluster_parallel: auto", model_config={"model_type": "phi3", "num_attention_heads": 4}),
     case("runtime-settings-not-a-mapping", two_macs, group_set(cluster_runtime_settings=["max_batch=16"]), GROUP,
          "cluster_runtime_settings", "{max_batch: 16}"),
     case("runtime-setting-unknown", two_macs, group_set(cluster_runtime_settings={"max_batches": 16}), GROUP,
@@ -370,28 +371,16 @@ def test_a_value_set_by_another_group_names_that_group() -> None:
     assert "remove it from host mac2 and group fast" in str(validate_cluster(hosts, group, sources=export)[0])
 
 
-@pytest.mark.parametrize(("model_type", "can"), [("llama", False), ("mistral", False), ("qwen3", False), ("qwen2", True),
-                                                 ("qwen3_moe", True), ("deepseek_v3", True), ("no-such-model", None)])
-def test_pipeline_support_follows_the_installed_mlx_lm(model_type, can) -> None:
-    from mlx_jaccl_cluster.ops.inventory import pipeline_support
-
-    assert pipeline_support({"model_type": model_type}) is can
-    assert pipeline_support({"text_config": {"model_type": model_type, "num_attention_heads": 8}}) is can
-    assert pipeline_support(None) is None
-
-
-def test_a_model_that_cannot_pipeline_is_not_told_to_pipeline() -> None:
-    """SmolLM2 (llama, 9/3 heads) over 2 ranks: the fix names host counts, never pipeline."""
+def test_a_model_tensor_cannot_split_names_the_rank_counts_and_auto() -> None:
+    """SmolLM2 (llama, 9/3 heads) over 2 ranks as tensor: the fix names what splits and auto
+    (which pipelines it: every model with a layer stack pipelines, layout.choose)."""
     hosts, group = two_macs()
-    config = {"model_type": "llama", "num_attention_heads": 9, "num_key_value_heads": 3}
-    [problem] = validate_cluster(hosts, group, model_config=config, supports_pipeline=False)
-    assert "SmolLM2-135M-Instruct (llama)" in problem.message and "(1, 3)" in problem.fix
-    assert "set cluster_parallel: pipeline" not in problem.fix and "no pipeline split" in problem.fix
-    [problem] = validate_cluster(hosts, group, model_config=config | {"model_type": "qwen2"}, supports_pipeline=True)
-    assert problem.fix.endswith("or set cluster_parallel: pipeline")
-    group["cluster_parallel"] = "pipeline"
-    [problem] = validate_cluster(hosts, group, model_config=config, supports_pipeline=False)
-    assert "SmolLM2-135M-Instruct (llama)'s class has no pipeline split" in problem.message
+    group["cluster_parallel"] = "tensor"
+    config = {"model_type": "llama", "num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30}
+    [problem] = validate_cluster(hosts, group, model_config=config)
+    assert problem.field == "cluster_parallel" and "[1, 3]" in problem.message and "auto" in problem.fix
+    group["cluster_parallel"] = "auto"
+    assert validate_cluster(hosts, group, model_config=config) == []
 
 
 def test_jaccl_ring_allows_null_between_non_neighbours() -> None:
@@ -431,7 +420,7 @@ def test_plan_two_macs_jaccl() -> None:
         "MLX_RANK": "1",
         "MLX_WORLD_SIZE": "2",
         "MJC_BACKEND": "jaccl",
-        "MJC_PARALLEL": "tensor",
+        "MJC_PARALLEL": "auto",  # resolved from the model by placement (readiness)
         "MJC_MODEL": MODEL["cluster_model_path"],
         "MJC_MODEL_ID": "SmolLM2-135M-Instruct",
         "MJC_CONTROL": "192.168.1.14:32400",

@@ -45,13 +45,15 @@ def test_good_folder_reads_its_config(tmp_path):
 
 def test_tensor_split_must_divide_both_head_counts(tmp_path):
     config = read_config(folder(tmp_path))
-    with pytest.raises(ModelError, match=r"num_attention_heads \(9\) divisible by 2.*splits over \[1, 3\] ranks"):
-        check_split(config, "tensor", 2, tmp_path)
-    check_split(config, "tensor", 3, tmp_path)
-    check_split(config, "tensor", 1, tmp_path)
+    with pytest.raises(ModelError, match=r"num_attention_heads \(9\) is not divisible by 2.*splits over \[1, 3\] ranks"):
+        check_split(config, "tensor", 2)
+    assert check_split(config, "tensor", 3).parallel == "tensor"
+    assert check_split(config, "tensor", 1).parallel == "none"
 
 
-def test_pipeline_needs_a_weight_index(tmp_path):
-    d = folder(tmp_path)
-    with pytest.raises(ModelError, match="model.safetensors.index.json"):
-        check_split(read_config(d), "pipeline", 2, d)
+def test_auto_picks_pipeline_where_tensor_cannot_split(tmp_path):
+    config = read_config(folder(tmp_path))
+    two = check_split(config, "auto", 2)
+    assert (two.parallel, two.native_pipeline) == ("pipeline", False)
+    assert "num_attention_heads (9) is not divisible by 2" in two.reason
+    assert check_split(config, "auto", 3).parallel == "tensor"

@@ -70,6 +70,8 @@ def create_app(settings: Settings, state: ClusterState, engine) -> FastAPI:
             "world_size": state.world_size,
             "ranks_up": state.ranks_up(),
             "backend": state.backend,
+            "parallel": state.parallel,
+            "parallel_reason": state.parallel_reason,
             "model": state.model_id,
             "queue_depth": serving.queue_depth,
             "active": serving.inflight,

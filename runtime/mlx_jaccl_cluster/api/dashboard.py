@@ -43,7 +43,7 @@ def snapshot(settings: Settings, state: ClusterState, serving, engine, observer:
         "detail": state.detail,
         "model": state.model_id,
         "backend": state.backend,
-        "parallel": settings.parallel,
+        "parallel": state.parallel or settings.parallel,
         "world_size": state.world_size,
         "ranks_up": state.ranks_up(),
         "uptime_s": round(time.time() - state.started, 1),

@@ -132,7 +132,9 @@ class Engine:
 
     @property
     def context_length(self) -> int | None:
-        return self.loaded.context_length if self.loaded else None
+        """The model's context, capped by the max_context setting."""
+        limits = [n for n in (self.loaded.context_length if self.loaded else None, self.settings.max_context) if n]
+        return min(limits) if limits else None
 
     @property
     def vocab_size(self) -> int | None:
@@ -221,8 +223,11 @@ class Engine:
         mx.set_cache_limit(s.mlx_cache_limit)
         self.state.set("loading", f"loading {s.model}")
         started = time.perf_counter()
-        self.loaded = load_model(s.model, s.parallel, group, s.mlx_backend)
-        log.info("rank %d loaded %s in %.1f s", s.rank, s.model, time.perf_counter() - started)
+        self.loaded = load_model(s.model, s.parallel, group, s.mlx_backend, s.pipeline_split, s.generic_pipeline)
+        layout = self.loaded.layout
+        log.info("rank %d loaded %s in %.1f s: %s (%s)%s", s.rank, s.model, time.perf_counter() - started,
+                 layout.parallel, layout.reason, f"; {self.loaded.layout_detail}" if self.loaded.layout_detail else "")
+        self.state.parallel, self.state.parallel_reason = layout.parallel, layout.reason
         self.sampling_defaults = SamplingDefaults.resolve(s.sampling_overrides, self.loaded.generation_config or {})
         tokenizer = self.loaded.tokenizer
         self.grammars = Grammars(tokenizer, self.vocab_size, s.max_schema_bytes, s.max_schema_depth)
@@ -242,7 +247,7 @@ class Engine:
         elif isinstance(self.channel, Follower):
             self.channel.ready()
         self.state.set("ready")
-        log.info("rank %d ready (world size %d, %s, %s)", s.rank, s.world_size, s.backend, s.parallel)
+        log.info("rank %d ready (world size %d, %s, %s)", s.rank, s.world_size, s.backend, layout.parallel)
 
     def _init_group(self) -> "mx.distributed.Group":
         s = self.settings

@@ -6,6 +6,7 @@ a bad model is one clear line at start-up, not a traceback from deep inside MLX.
 
 from __future__ import annotations
 
+import inspect
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from mlx_lm.generate import make_text_state_machine
 from mlx_lm.utils import load, sharded_load
 
 from ..generation import SAMPLING_DEFAULTS
+from ..layout import Layout, LayoutError, choose
+from . import pipeline
 
 
 class ModelError(Exception):
@@ -32,6 +35,9 @@ class LoadedModel:
     text_machine: Any = None
     #: the sampling fields the model's generation_config.json sets (see read_generation_config)
     generation_config: dict | None = None
+    #: how the model is split over the ranks, and why (shown by /health)
+    layout: Layout | None = None
+    layout_detail: str = ""
 
     @property
     def context_length(self) -> int | None:
@@ -111,24 +117,14 @@ def read_generation_config(folder: Path) -> dict:
     return found
 
 
-def check_split(config: dict, parallel: str, world_size: int, folder: Path) -> None:
-    """Reject splits the model cannot take, naming the numbers involved."""
-    if world_size == 1:
-        return
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    if parallel == "tensor":
-        heads = text.get("num_attention_heads")
-        kv_heads = text.get("num_key_value_heads", heads)
-        counts = {"num_attention_heads": heads, "num_key_value_heads": kv_heads}
-        for name, value in counts.items():
-            if isinstance(value, int) and value % world_size:
-                fits = [n for n in range(1, value + 1) if all(not isinstance(c, int) or c % n == 0 for c in counts.values())]
-                raise ModelError(
-                    f"tensor parallel over {world_size} ranks needs {name} ({value}) divisible by {world_size}; "
-                    f"this model splits over {fits} ranks, or use parallel=pipeline if its class supports it"
-                )
-    elif not (folder / "model.safetensors.index.json").is_file():
-        raise ModelError(f"pipeline parallel needs {folder}/model.safetensors.index.json; convert the model with mlx_lm.convert")
+
+def check_split(config: dict, parallel: str, world_size: int) -> Layout:
+    """The layout (``layout.choose``) for this model, group size and setting; a split the
+    model cannot take is a :class:`ModelError` naming the numbers involved."""
+    try:
+        return choose(config, world_size, parallel)
+    except LayoutError as exc:
+        raise ModelError(str(exc)) from None
 
 
 @contextmanager
@@ -151,30 +147,59 @@ def _collectives_on_gpu(backend: str | None):
         mx.distributed.all_sum = original
 
 
+def _barrier(group, backend: str | None) -> None:
+    """Every rank has its weights before any serves (a slow loader would time others out).
+    nccl runs collectives on the GPU stream only."""
+    stream = None if backend == "nccl" else mx.cpu
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=stream))
+
+
+def _pipeline_load(folder: Path, group, layout: Layout, split: list[int], backend: str | None,
+                   generic: bool = False):
+    """This rank's pipeline stage: mlx-lm's own ``pipeline()`` where the class has one
+    (and takes a split), the generic split (engine/pipeline.py) otherwise. Weights load
+    lazily, so only this rank's layers (plus embeddings, norm, head) are ever read."""
+    model, tokenizer = load(str(folder), lazy=True)
+    layers = pipeline.layer_list(model)
+    split = pipeline.check_split(split or pipeline.even_split(len(layers), group.size()), len(layers), group.size())
+    native = getattr(getattr(model, "model", None), "pipeline", None)
+    if not generic and layout.native_pipeline and native is not None and "split" in inspect.signature(native).parameters:
+        native(group, split=split)
+        start = model.model.start_idx
+        span = (start, model.model.end_idx)
+        how = "mlx-lm pipeline()"
+    else:
+        span = pipeline.install(model, group, split)
+        how = "generic split"
+    mx.eval(model.parameters())
+    _barrier(group, backend)
+    return model, tokenizer, f"{how}, layers {span[0]}..{span[1] - 1} of {len(layers)} (split {split})"
+
+
 def load_model(folder: Path, parallel: str, group: "mx.distributed.Group | None",
-               backend: str | None = None) -> LoadedModel:
+               backend: str | None = None, split: list[int] | None = None, generic: bool = False) -> LoadedModel:
     """Load (and shard, when ``group`` has several ranks) the model in ``folder``.
-    ``backend`` is the MLX backend of ``group`` (settings' ``mlx_backend``)."""
+    ``backend`` is the MLX backend of ``group`` (settings' ``mlx_backend``); ``split`` the
+    pipeline layers per rank (empty: even); ``generic``: the generic split even where the
+    class has its own ``pipeline()``."""
     config = read_config(folder)
     generation_config = read_generation_config(folder)
     world = group.size() if group is not None else 1
-    check_split(config, parallel, world, folder)
+    layout = check_split(config, parallel, world)
+    detail = ""
     try:
         if world == 1:
             model, tokenizer = load(str(folder))
-        elif parallel == "tensor":
+        elif layout.parallel == "tensor":
             with _collectives_on_gpu(backend):
                 model, tokenizer = sharded_load(str(folder), tensor_group=group)
         else:
-            with _collectives_on_gpu(backend):
-                model, tokenizer = sharded_load(str(folder), pipeline_group=group)
+            model, tokenizer, detail = _pipeline_load(folder, group, layout, list(split or []), backend, generic)
+    except pipeline.SplitError as exc:
+        raise ModelError(str(exc)) from None
     except ValueError as exc:
-        if "pipelin" in str(exc):
-            raise ModelError(
-                f"model_type {config.get('model_type')!r} has no pipeline split in mlx-lm; use parallel=tensor"
-            ) from None
         raise ModelError(f"could not load {folder}: {exc}") from None
     except (FileNotFoundError, OSError, RuntimeError, KeyError) as exc:
         raise ModelError(f"could not load {folder}: {type(exc).__name__}: {exc}; re-sync the model") from None
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, text_machine=make_text_state_machine(tokenizer),
-                       generation_config=generation_config)
+                       generation_config=generation_config, layout=layout, layout_detail=detail)

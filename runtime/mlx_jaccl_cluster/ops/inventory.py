@@ -22,7 +22,7 @@ from typing import Annotated, Any, Callable, Iterable, Mapping
 
 GROUP = "mlx_cluster"
 BACKENDS = ("jaccl", "jaccl-ring", "ring", "nccl")
-PARALLEL_MODES = ("tensor", "pipeline")
+PARALLEL_MODES = ("auto", "tensor", "pipeline")  # layout.PARALLEL_CHOICES
 MODEL_SOURCES = ("smollm2", "hf", "local")
 SERVICE_MANAGERS = ("auto", "launchd", "systemd", "supervisord")
 JACCL_BACKENDS = ("jaccl", "jaccl-ring")
@@ -38,7 +38,7 @@ BACKEND_FILES = {
 
 GROUP_DEFAULTS: dict[str, Any] = {
     "cluster_backend": None,
-    "cluster_parallel": "tensor",
+    "cluster_parallel": "auto",
     "cluster_model_name": None,
     "cluster_model_path": None,
     "cluster_model_source": None,
@@ -65,6 +65,7 @@ HOST_DEFAULTS: dict[str, Any] = {
     "cluster_unit_name": "mlx-jaccl-cluster",
     "cluster_cuda_device": "0",
     "cluster_thunderbolt_ports": None,  # Thunderbolt ports of this Mac; None: the most any Mac has
+    "cluster_layers": None,  # pipeline layers of this rank (ops/placement.py); None: by memory
 }
 INVENTORY_KEYS = (*GROUP_DEFAULTS, *HOST_DEFAULTS)
 # Group variables a host may set for itself (paths and users differ between machines, e.g.
@@ -345,7 +346,7 @@ CLUSTER_SECRET_FILE = "cluster-secret"  # in each rank's etc_dir
 # Runtime settings the inventory decides through its own variables (cluster_backend, the
 # rank order, cluster_api_port...): cluster_runtime_settings may not set them.
 RUNTIME_OWNED = ("rank", "world_size", "backend", "parallel", "control", "peer_ips", "model", "model_id",
-                 "api_host", "api_port", "api_key", "cluster_secret", "cluster_secret_file")
+                 "api_host", "api_port", "api_key", "cluster_secret", "cluster_secret_file", "pipeline_split")
 
 
 def runtime_settings(group: Mapping[str, Any]) -> dict[str, Any]:
@@ -476,107 +477,32 @@ def _node_key_problems(name: str, variables: Mapping[str, Any], group: Mapping[s
     return [p for p in found if p]
 
 
-def _text_config(model_config: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The language-model part of a config.json (multimodal configs nest it in text_config)."""
-    nested = model_config.get("text_config")
-    if "num_attention_heads" not in model_config and isinstance(nested, Mapping):
-        return nested
-    return model_config
-
-
-def pipeline_support(model_config: Mapping[str, Any] | None) -> bool | None:
-    """Whether mlx-lm can split this model into pipeline stages (None: unknown).
-
-    Today's rule: only model classes with a ``pipeline()`` (mlx-lm's PipelineMixin) can.
-    Read from mlx-lm's source files, not imported: importing mlx-lm imports MLX, which the
-    controller need not have. ``model_type`` is remapped the way mlx-lm does (mistral -> llama).
-    """
-    import ast
-    import importlib.util
-    from pathlib import Path
-
-    model_type = _text_config(model_config or {}).get("model_type") or (model_config or {}).get("model_type")
-    spec = importlib.util.find_spec("mlx_lm") if isinstance(model_type, str) else None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    package = Path(next(iter(spec.submodule_search_locations)))
-    try:
-        tree = ast.parse((package / "utils.py").read_text())
-        remap = next(ast.literal_eval(node.value) for node in ast.walk(tree) if isinstance(node, ast.Assign)
-                     and any(getattr(t, "id", None) == "MODEL_REMAPPING" for t in node.targets))
-    except (OSError, SyntaxError, ValueError, StopIteration):
-        remap = {}
-    source = package / "models" / f"{remap.get(model_type, model_type).replace('-', '_')}.py"
-    if not source.is_file():
-        return None
-    text = source.read_text()
-    return "PipelineMixin" in text or "def pipeline(" in text
-
-
 def _model_problems(
-    group: Mapping[str, Any], world_size: int, model_config: Mapping[str, Any] | None, supports_pipeline: bool | None
+    group: Mapping[str, Any], world_size: int, model_config: Mapping[str, Any] | None
 ) -> list[Problem]:
-    """Whether the model can be split over ``world_size`` ranks the way cluster_parallel says.
-
-    The one place for model-vs-layout rules (the controller knows the model's config.json
-    once it is fetched, before any node changes): extend it rather than adding another.
-    """
+    """Whether the model can be split over ``world_size`` ranks the way cluster_parallel says
+    (``layout.choose``, the function every rank runs): every model with a layer stack
+    pipelines (mlx-lm's own split or the generic one), tensor needs shard() and heads that
+    divide. The one place for model-vs-layout rules on the controller: extend it."""
     parallel = setting(group, "cluster_parallel")
-    config = _text_config(model_config or {})
-    model_type = config.get("model_type") or (model_config or {}).get("model_type")
-    model = f"{setting(group, 'cluster_model_name') or 'the model'}" + (f" ({model_type})" if model_type else "")
-    no_pipeline = f"{model}'s class has no pipeline split in mlx-lm"
-    found: list[Problem] = []
-    if parallel == "pipeline":
-        if world_size < 2:
-            found.append(
-                Problem(
-                    GROUP,
-                    "cluster_parallel",
-                    f"is pipeline but the group has only {world_size} host",
-                    "add a second host or set cluster_parallel: tensor",
-                )
-            )
-        if supports_pipeline is False:
-            found.append(
-                Problem(
-                    GROUP,
-                    "cluster_parallel",
-                    f"is pipeline over {world_size} ranks, but {no_pipeline}",
-                    "set cluster_parallel: tensor or choose a model whose class supports pipeline (qwen2, qwen3_moe, deepseek_v3...)",
-                )
-            )
-        layers = config.get("num_hidden_layers")
-        if _is_int(layers) and layers < world_size:
-            found.append(
-                Problem(
-                    GROUP,
-                    "cluster_parallel",
-                    f"is pipeline over {world_size} ranks but {model} has only {layers} layers",
-                    f"use at most {layers} hosts or set cluster_parallel: tensor",
-                )
-            )
-    elif parallel == "tensor" and world_size > 1:
-        heads = config.get("num_attention_heads")
-        kv_heads = config.get("num_key_value_heads", heads)
-        if _is_int(heads) and _is_int(kv_heads) and (heads % world_size or kv_heads % world_size):
-            common = math.gcd(heads, kv_heads)
-            sizes = ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
-            other = (
-                " or set cluster_parallel: pipeline" if supports_pipeline
-                else f" ({no_pipeline}, so pipeline is no way out)" if supports_pipeline is False
-                else " or set cluster_parallel: pipeline if its class has a pipeline split in mlx-lm"
-            )
-            found.append(
-                Problem(
-                    GROUP,
-                    "cluster_parallel",
-                    f"is tensor over {world_size} ranks, but the tensor-parallel size must divide both {model}'s "
-                    f"num_attention_heads ({heads}) and num_key_value_heads ({kv_heads})",
-                    f"use a host count that divides both ({sizes}){other}",
-                )
-            )
-    return found
+    if parallel not in PARALLEL_MODES:
+        return []  # reported by the choice check
+    if parallel == "pipeline" and world_size < 2:
+        return [Problem(GROUP, "cluster_parallel", f"is pipeline but the group has only {world_size} host",
+                        "add a second host or set cluster_parallel: auto")]
+    if not model_config:
+        return []
+    from ..layout import LayoutError, choose, num_layers
+
+    try:
+        layout = choose(dict(model_config), world_size, parallel)
+    except LayoutError as exc:
+        return [Problem(GROUP, "cluster_parallel", f"is {parallel}: {exc}", "set cluster_parallel: auto")]
+    layers = num_layers(dict(model_config))
+    if layout.parallel == "pipeline" and layers is not None and layers < world_size:
+        return [Problem(GROUP, "cluster_parallel", f"is pipeline over {world_size} ranks but the model has only {layers} layers",
+                        f"use at most {layers} hosts")]
+    return []
 
 
 # --- ranks ----------------------------------------------------------------------------------
@@ -691,6 +617,7 @@ def _host_problems(name: str, variables: Mapping[str, Any], backend: str | None)
         _unit_name_problem(name, variables),
         _port(name, variables, "cluster_ring_port") if backend == "ring" else None,
         _cuda_device_problem(name, variables) if backend == "nccl" else None,
+        _layers_problem(name, variables),
     ]
     return [p for p in found if p] + _ips_problems(name, variables)
 
@@ -711,6 +638,14 @@ def _thunderbolt_ports_problem(name: str, variables: Mapping[str, Any]) -> Probl
     return Problem(name, "cluster_thunderbolt_ports", f"is {_describe(value)}; it is how many Thunderbolt ports this Mac has",
                    f"give a whole number 1..{MAX_THUNDERBOLT_PORTS} (Mac mini M4 Pro: 3, Mac Studio M4 Max: 4, "
                    "M3 Ultra: 6), or remove it")
+
+
+def _layers_problem(name: str, variables: Mapping[str, Any]) -> Problem | None:
+    value = variables.get("cluster_layers")
+    if value is None or (_is_int(value) and value > 0):
+        return None
+    return Problem(name, "cluster_layers", f"is {_describe(value)}; it must be a positive integer",
+                   "give this rank's number of pipeline layers, e.g. cluster_layers: 10, or remove it (split by memory)")
 
 
 def _unit_name_problem(name: str, variables: Mapping[str, Any]) -> Problem | None:
@@ -1060,14 +995,12 @@ def validate_cluster(
     hosts: Mapping[str, Mapping[str, Any]],
     group: Mapping[str, Any],
     model_config: Mapping[str, Any] | None = None,
-    supports_pipeline: bool | None = None,
     sources: Mapping[str, Any] | None = None,
 ) -> list[Problem]:
     """Every problem of the inventory (empty when it is good).
 
     ``hosts``: inventory hostname -> its variables; ``group``: the group variables;
-    ``model_config``: the model's config.json when known; ``supports_pipeline``: whether the
-    model class can be pipelined (None: unknown); ``sources``: ``ansible-inventory --list
+    ``model_config``: the model's config.json when known; ``sources``: ``ansible-inventory --list
     --export`` output, to name the group that sets a value a host must not differ in. Checks that need the rank order (addresses
     per rank, the RDMA matrix, port clashes) run once every rank is valid.
     """
@@ -1078,7 +1011,7 @@ def validate_cluster(
     for name, variables in hosts.items():
         found += _host_problems(name, variables, backend) + _node_key_problems(name, variables, group)
     found += _shared_machine_problems(hosts, backend)
-    found += _model_problems(group, len(hosts), model_config, supports_pipeline)
+    found += _model_problems(group, len(hosts), model_config)
     if rank_order_known:
         ordered = ordered_hosts(hosts)
         found += _address_needed_problems(ordered, backend) + _address_clash_problems(ordered, backend)
@@ -1194,6 +1127,7 @@ def _rank_entry(
         "env": env,
         "files": files,
         "argv": [f"{prefix}/venv/bin/mjc-rank"],
+        "layers": variables.get("cluster_layers"),  # pipeline layers pinned here (ops/placement.py)
     }
 
 

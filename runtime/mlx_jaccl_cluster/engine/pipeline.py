@@ -1,0 +1,204 @@
+"""A pipeline split for any mlx-lm decoder with a layer stack, reusing the model's own forward.
+
+mlx-lm splits a model into pipeline stages only where its class has ``pipeline()``
+(qwen2, deepseek...). This module splits the others without re-implementing any of them:
+the model's ``layers`` list keeps its length, and each entry is swapped in place for
+
+- a **stage layer** (the rank's own layers, ``start <= i < end``): the real layer, which
+  first receives the hidden state from the previous rank (at ``start``, ranks > 0) and
+  after the last one sends its output to the next rank (at ``end - 1``, all but the last);
+- a **skip layer** (every other index): returns its input unchanged, holds no weights, and
+  advances its KV cache by the same number of positions with zero-size keys.
+
+The model's ``__call__`` therefore runs exactly as written: the embedding (and any scale),
+the masks it builds per layer index (sliding windows, layer-type lists), the final norm and
+head. Skip layers keep every cache's offset right, so a mask built from any layer's cache
+(``cache[0]``, ``cache[pattern - 1]``) is the same on every rank; they cost no memory. After
+the last layer of the stack every rank takes the last rank's hidden state (one
+``all_gather``), so every rank computes the same logits and samples the same token.
+
+Communication is tied to the KV caches, as in mlx-lm's own ``pipeline()``: a stage's send
+is made a dependency of its last layer's cache, so evaluating the caches (chunked prefill
+evaluates only those) runs every send and receive; the final gather runs only when logits
+are evaluated, which every rank does at the same steps.
+
+Limits (checked at load, each a clear error): the model needs a ``layers`` list whose
+entries are called with the hidden state first and return it (a single array); every cache
+must be a plain or rotating KV cache (no SSM / hybrid / chunked caches); layers that share
+KV caches with other layers (gemma3n) are not supported.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+
+
+class SplitError(ValueError):
+    """The model or the split cannot be pipelined as asked; the message says why."""
+
+
+def even_split(n_layers: int, world: int) -> list[int]:
+    """Layers per rank, as even as possible; the lower ranks take the extra ones."""
+    base, extra = divmod(n_layers, world)
+    return [base + (1 if r < extra else 0) for r in range(world)]
+
+
+def check_split(split: Sequence[int], n_layers: int, world: int) -> list[int]:
+    """``split`` (layers per rank) validated against the model and the group."""
+    split = list(split)
+    if len(split) != world:
+        raise SplitError(f"pipeline split {split} has {len(split)} entries for {world} ranks; give one layer count per rank")
+    if any(n <= 0 for n in split) or sum(split) != n_layers:
+        raise SplitError(f"pipeline split {split} must give every rank at least one layer and sum to the model's "
+                         f"{n_layers} layers (it sums to {sum(split)})")
+    return split
+
+
+def layer_range(split: Sequence[int], rank: int) -> tuple[int, int]:
+    """``(start, end)`` of ``rank``'s layers: rank 0 runs the first ``split[0]`` layers."""
+    start = sum(split[:rank])
+    return start, start + split[rank]
+
+
+def _cache_param(layer: nn.Module) -> inspect.Signature:
+    try:
+        sig = inspect.signature(layer.__call__)
+    except (TypeError, ValueError):
+        raise SplitError(f"cannot read the call signature of {type(layer).__name__}") from None
+    if "cache" not in sig.parameters:
+        raise SplitError(f"{type(layer).__name__}.__call__ takes no 'cache' argument; the generic pipeline split "
+                         "needs layers called as layer(hidden, mask, cache)")
+    return sig
+
+
+def _cache_of(sig: inspect.Signature, args: tuple, kwargs: dict):
+    try:
+        return sig.bind_partial(*args, **kwargs).arguments.get("cache")
+    except TypeError:
+        return None
+
+
+def _advance(cache, x: mx.array) -> None:
+    """Move ``cache`` on by ``x``'s sequence length with zero-size keys and values."""
+    if cache is not None:
+        empty = mx.zeros((x.shape[0], 0, x.shape[1], 0), dtype=x.dtype)
+        cache.update_and_fetch(empty, empty)
+
+
+class SkipLayer(nn.Module):
+    """Stands in for a layer another rank runs: passes the hidden state through. It keeps
+    the scalar attributes of that layer (``use_sliding``, ``layer_type``...), so model code
+    that reads them from the layers list still finds them, but none of its weights."""
+
+    def __init__(self, layer: nn.Module, index: int, gather: "tuple[Any, int] | None"):
+        super().__init__()
+        self._sig = _cache_param(layer)
+        self._index = index
+        self._gather_group, self._gather_last = gather if gather else (None, None)
+        for key, value in vars(layer).items():
+            if not key.startswith("_") and isinstance(value, (bool, int, float, str, type(None))):
+                object.__setattr__(self, key, value)
+
+    def __call__(self, *args, **kwargs):
+        x = args[0]
+        _advance(_cache_of(self._sig, args, kwargs), x)
+        if self._gather_group is not None:
+            x = _take_last(x, self._gather_group, self._gather_last)
+        return x
+
+
+class StageLayer(nn.Module):
+    """One of this rank's own layers, with the stage's receive / send around it."""
+
+    def __init__(self, layer: nn.Module, index: int, recv_from: int | None, send_to: int | None,
+                 gather: "tuple[Any, int] | None", group):
+        super().__init__()
+        self.layer = layer
+        self._sig = _cache_param(layer)
+        self._index = index
+        self._recv_from = recv_from
+        self._send_to = send_to
+        self._gather_group, self._gather_last = gather if gather else (None, None)
+        self._group = group
+
+    def __getattr__(self, name):
+        # Model code may read a layer's attributes (use_sliding, layer_type...).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.get("layer")
+            if inner is None or name.startswith("_"):
+                raise
+            return getattr(inner, name)
+
+    def __call__(self, *args, **kwargs):
+        x = args[0]
+        if self._recv_from is not None:
+            x = mx.distributed.recv_like(x, self._recv_from, group=self._group)
+        out = self.layer(x, *args[1:], **kwargs)
+        if not isinstance(out, mx.array):
+            raise SplitError(f"{type(self.layer).__name__} returns {type(out).__name__}, not the hidden state; "
+                             "the generic pipeline split needs layers that return one array")
+        if self._send_to is not None:
+            out = mx.distributed.send(out.astype(x.dtype), self._send_to, group=self._group)
+            cache = _cache_of(self._sig, args, kwargs)
+            if cache is not None and getattr(cache, "keys", None) is not None:
+                cache.keys = mx.depends(cache.keys, out)
+        if self._gather_group is not None:
+            out = _take_last(out, self._gather_group, self._gather_last)
+        return out
+
+
+def _take_last(x: mx.array, group, last: int) -> mx.array:
+    """Every rank gets the last rank's ``x`` (all ranks call this at the same point)."""
+    n = x.shape[0]
+    return mx.distributed.all_gather(x, group=group)[last * n:(last + 1) * n]
+
+
+def layer_list(model: nn.Module) -> list:
+    """The model's layer stack (the list object itself, so changes reach the model)."""
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, list) or not layers:
+        raise SplitError(f"{type(model).__module__} has no 'layers' list; the generic pipeline split needs a layer stack")
+    return layers
+
+
+def check_caches(model: nn.Module) -> None:
+    """Refuse cache kinds the skip layers cannot advance (SSM state, chunked attention)."""
+    caches = make_prompt_cache(model)
+    bad = sorted({type(c).__name__ for c in caches if type(c) not in (KVCache, RotatingKVCache)})
+    if bad:
+        raise SplitError(f"{type(model).__module__} uses {', '.join(bad)} caches; the generic pipeline split supports "
+                         "plain and rotating KV caches only (use parallel=tensor if the model shards)")
+
+
+def install(model: nn.Module, group, split: Sequence[int]) -> tuple[int, int]:
+    """Make this rank one pipeline stage of ``model``; returns its ``(start, end)``.
+
+    Call it on the lazily loaded model, before its weights are evaluated: the layers
+    replaced by skip layers drop their weights, so only this rank's share is ever read.
+    """
+    layers = layer_list(model)
+    world, rank = group.size(), group.rank()
+    split = check_split(split, len(layers), world)
+    check_caches(model)
+    start, end = layer_range(split, rank)
+    last = len(layers) - 1
+    gather = (group, world - 1)
+    for i, layer in enumerate(layers):
+        g = gather if i == last else None
+        if start <= i < end:
+            layers[i] = StageLayer(
+                layer, i,
+                recv_from=rank - 1 if i == start and rank > 0 else None,
+                send_to=rank + 1 if i == end - 1 and rank < world - 1 else None,
+                gather=g, group=group,
+            )
+        else:
+            layers[i] = SkipLayer(layer, i, g)
+    return start, end

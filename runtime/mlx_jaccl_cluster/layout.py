@@ -1,0 +1,125 @@
+"""How a model is split over the ranks: one decision, made the same way on the controller
+(the plan, ``ops/inventory.py``) and on every rank (``engine/loader.py``).
+
+No MLX here: what a model class can do is read from the installed mlx-lm's source (a
+``shard`` method: tensor parallel; ``pipeline``: mlx-lm's own pipeline split), so the
+controller can decide without importing MLX, and both sides read the same mlx-lm.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+PARALLEL_CHOICES = ("auto", "tensor", "pipeline")
+
+
+class LayoutError(ValueError):
+    """The model cannot be split as asked; the message names the numbers and the fix."""
+
+
+def text_config(config: dict) -> dict:
+    """The language model's part of ``config`` (multimodal configs nest it)."""
+    text = config.get("text_config")
+    return text if isinstance(text, dict) else config
+
+
+def num_layers(config: dict) -> int | None:
+    text = text_config(config)
+    for key in ("num_hidden_layers", "num_layers", "n_layer", "n_layers"):
+        value = text.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _mlx_lm_dir() -> Path | None:
+    spec = importlib.util.find_spec("mlx_lm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _remapping() -> dict:
+    root = _mlx_lm_dir()
+    if root is None:
+        return {}
+    tree = ast.parse((root / "utils.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MODEL_REMAPPING" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return {}
+
+
+@functools.lru_cache(maxsize=None)
+def capabilities(model_type: str) -> tuple[bool, bool]:
+    """``(shards, pipelines)``: whether mlx-lm's class for ``model_type`` has ``shard()``
+    (tensor parallel) and its own ``pipeline()``. ``(False, False)`` when mlx-lm has no
+    such module (the loader then names the type)."""
+    root = _mlx_lm_dir()
+    if root is None:
+        return False, False
+    name = _remapping().get(model_type, model_type)
+    path = root / "models" / f"{name}.py"
+    if not path.is_file():
+        return False, False
+    tree = ast.parse(path.read_text())
+    shards = pipelines = False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef):
+            shards |= node.name == "shard"
+            pipelines |= node.name == "pipeline"
+        elif isinstance(node, ast.ClassDef):
+            pipelines |= any(getattr(b, "id", None) == "PipelineMixin" for b in node.bases)
+    return shards, pipelines
+
+
+def tensor_blockers(config: dict, world: int) -> list[str]:
+    """Why tensor parallel over ``world`` ranks cannot take this model ([] when it can)."""
+    text = text_config(config)
+    heads = text.get("num_attention_heads")
+    counts = {"num_attention_heads": heads, "num_key_value_heads": text.get("num_key_value_heads", heads)}
+    return [f"{name} ({value}) is not divisible by {world}" for name, value in counts.items()
+            if isinstance(value, int) and value % world]
+
+
+def tensor_world_sizes(config: dict, limit: int = 16) -> list[int]:
+    """Rank counts up to ``limit`` that tensor parallel can split this model over."""
+    return [n for n in range(1, limit + 1) if not tensor_blockers(config, n)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    parallel: str  # "tensor" or "pipeline" ("none" on one rank)
+    reason: str
+    native_pipeline: bool = False  # mlx-lm's own pipeline() (else the generic split)
+
+
+def choose(config: dict, world: int, requested: str = "auto") -> Layout:
+    """The split for ``config`` over ``world`` ranks; ``requested`` is the setting
+    (auto / tensor / pipeline). Raises :class:`LayoutError` for one that cannot work."""
+    if requested not in PARALLEL_CHOICES:
+        raise LayoutError(f"parallel must be one of {', '.join(PARALLEL_CHOICES)} (got {requested!r})")
+    model_type = str(config.get("model_type"))
+    shards, pipelines = capabilities(model_type)
+    if world == 1:
+        return Layout("none", "one rank: the whole model in one process")
+    blockers = tensor_blockers(config, world)
+    if requested == "tensor":
+        if not shards:
+            raise LayoutError(f"model_type {model_type!r} has no tensor-parallel split in mlx-lm (no shard()); "
+                              "use parallel=pipeline or auto")
+        if blockers:
+            raise LayoutError(f"tensor parallel over {world} ranks cannot split this model: {'; '.join(blockers)}; it splits "
+                              f"over {tensor_world_sizes(config)} ranks, or use parallel=pipeline or auto")
+        return Layout("tensor", "requested")
+    if requested == "pipeline":
+        return Layout("pipeline", "requested", native_pipeline=pipelines)
+    if shards and not blockers:
+        return Layout("tensor", f"auto: {model_type} shards in mlx-lm and its heads divide by {world}")
+    why = "has no shard() in mlx-lm" if not shards else "; ".join(blockers)
+    return Layout("pipeline", f"auto: {model_type} {why}", native_pipeline=pipelines)
