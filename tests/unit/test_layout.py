@@ -79,7 +79,7 @@ def test_settings_parse_the_split_and_refuse_what_cannot_run(tmp_path, monkeypat
 
     for var in ("MLX_RANK", "MLX_WORLD_SIZE", "MLX_HOSTFILE"):
         monkeypatch.delenv(var, raising=False)
-    base = {"model": tmp_path, "world_size": 2, "control": "127.0.0.1:1"}
+    base = {"model": tmp_path, "world_size": 2, "control": "127.0.0.1:1", "cluster_secret": "s" * 24}
     s = Settings(**base, pipeline_split="4, 2")
     assert s.pipeline_split == [4, 2] and s.parallel == "auto"
     with pytest.raises(ValidationError, match="comma-separated layer counts"):
