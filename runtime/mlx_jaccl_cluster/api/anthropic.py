@@ -18,12 +18,12 @@ from __future__ import annotations
 from typing import Annotated, Any, AsyncIterator, Literal, Union
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag
 
 from . import adapters
 from .errors import APIError, ErrorShape, record
-from .serving import KEEPALIVE, Piece, Prepared, Serving
+from .serving import KEEPALIVE, Piece, Prepared, Serving, event_stream
 
 router = APIRouter()
 
@@ -409,8 +409,7 @@ async def messages(request: Request):
     reply = Reply(serving, prepared, prepared.stops)
     items = adapters.start(request, prepared)
     if prepared.stream:
-        return StreamingResponse(_sse(request, reply, items), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return event_stream(_sse(request, reply, items))
     reply.pieces = await adapters.collect(items)
     for piece in reply.pieces:
         reply.blocks.feed(piece)

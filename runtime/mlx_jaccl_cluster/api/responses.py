@@ -20,12 +20,12 @@ import uuid
 from typing import Any, AsyncIterator, Literal, Union
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from . import adapters
 from .errors import APIError, record
-from .serving import KEEPALIVE, Piece, Prepared, Serving
+from .serving import KEEPALIVE, Piece, Prepared, Serving, event_stream
 
 router = APIRouter()
 
@@ -390,8 +390,7 @@ async def responses(request: Request):
     reply = Reply(serving, req, prepared)
     items = adapters.start(request, prepared)
     if prepared.stream:
-        return StreamingResponse(_sse(request, reply, items), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return event_stream(_sse(request, reply, items))
     reply.pieces = await adapters.collect(items)
     for piece in reply.pieces:
         reply.blocks.feed(piece)

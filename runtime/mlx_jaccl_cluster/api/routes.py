@@ -8,11 +8,11 @@ import math
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from .errors import APIError, record
 from .schemas import ChatCompletionRequest, CompletionRequest
-from .serving import KEEPALIVE, Piece, Prepared, Serving
+from .serving import KEEPALIVE, Piece, Prepared, Serving, event_stream
 
 router = APIRouter()
 
@@ -126,8 +126,7 @@ async def _run(request: Request, prepared: Prepared):
         if not pieces or pieces[-1].finish_reason is None:  # the client left: a cancellation (watch counts it), not an error
             return Response(status_code=499)
         return JSONResponse(shape.complete(pieces))
-    return StreamingResponse(_sse(request, shape, prepared, items), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return event_stream(_sse(request, shape, prepared, items))
 
 
 async def _sse(request: Request, shape: OpenAIShape, prepared: Prepared, items: AsyncIterator) -> AsyncIterator[str]:

@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
+from fastapi.responses import StreamingResponse
+
 from ..generation import EngineUnavailable, ErrorEvent, GenerationRequest, SamplingParams, TokenEvent
 from ..settings import Settings
 from ..state import ClusterState
@@ -25,6 +27,13 @@ from ..structured import StructuredError
 from .schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat, SamplingFields
 
 KEEPALIVE = object()  # yielded while nothing was generated for keepalive_interval
+
+
+def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events as every surface streams them (OpenAI, Anthropic, Responses): not
+    cached, not buffered by a proxy in between."""
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @dataclass
