@@ -8,7 +8,6 @@ import pytest
 
 from mlx_jaccl_cluster.ops.placement import (
     GiB,
-    RANK_OVERHEAD_BYTES,
     footprint,
     place,
     tensor_sizes,

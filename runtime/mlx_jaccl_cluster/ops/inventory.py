@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import math
 import re
 from dataclasses import dataclass
 from functools import partial
