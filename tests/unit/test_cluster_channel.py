@@ -27,6 +27,14 @@ CONFIG = {"world_size": 2, "model_id": "m"}
 SECRET = b"the-cluster-secret-0123456789"
 
 
+def wait_for(condition, timeout: float = 5.0) -> None:
+    """Return as soon as ``condition()`` holds (a test waits for what it needs, not a fixed time)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not met within {timeout} s"
+        time.sleep(0.01)
+
+
 class Lost:
     def __init__(self):
         self.reasons: list[str] = []
@@ -50,7 +58,7 @@ def _pair(interval=0.1, misses=3, config=CONFIG):
 def _form(leader, follower):
     joined = threading.Thread(target=follower.join)
     joined.start()  # the follower starts first and retries until rank 0 listens
-    time.sleep(0.3)
+    time.sleep(0.3)  # deliberately: rank 0 starts after the follower's first attempts
     leader.start()
     leader.wait_for_peers()
     leader.go()
@@ -66,7 +74,7 @@ def test_follower_started_first_joins_and_steps_arrive_in_order():
     assert [follower.next_step() for _ in range(50)] == [str(i).encode() for i in range(50)]
     follower.ready()
     leader.wait_ready()
-    time.sleep(0.35)  # a few beats both ways
+    wait_for(lambda: leader.ranks_view()[1]["memory"].get("rss") == 123)  # the follower's first beat
     view = leader.ranks_view()
     assert view[1]["memory"]["rss"] == 123 and view[0]["memory"] == {"rank": 0}
     assert view[1]["host"] == socket.gethostname() and view[1]["up"] and view[0]["up"]
@@ -126,7 +134,7 @@ def test_duplicate_and_out_of_range_ranks_are_rejected():
         return s
 
     first = hello(1)
-    time.sleep(0.2)
+    wait_for(lambda: leader.missing_ranks() == [2])
     kind, payload = recv_frame(hello(1))
     assert kind == REJECT and b"already connected" in payload
     kind, payload = recv_frame(hello(7))
