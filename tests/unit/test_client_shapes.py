@@ -157,3 +157,13 @@ def test_openapi_documents_the_new_bodies(tmp_path):
     assert "$defs" not in json.dumps(spec)
     messages = spec["paths"]["/v1/messages"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "max_tokens" in messages["required"]
+
+
+@pytest.mark.parametrize("kind", [{}, [], 3, None])
+def test_an_anthropic_block_whose_type_is_not_a_string_is_a_validation_error(kind):
+    """Found by the schemathesis fuzz: {"type": {}} raised TypeError (a 500) while choosing the block class."""
+    from pydantic import ValidationError
+
+    body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": [{"type": kind}]}]}
+    with pytest.raises(ValidationError, match="type"):
+        anthropic.MessagesRequest.model_validate(body)

@@ -91,6 +91,8 @@ _KNOWN = {"text", "tool_use", "tool_result", "thinking", "redacted_thinking"}
 
 def _block_tag(value: Any) -> str:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    if not isinstance(kind, str):  # a missing or non-string type: OtherBlock's validation names it
+        return "other"
     if kind in ("thinking", "redacted_thinking"):
         return "thinking"
     return kind if kind in _KNOWN else "other"
