@@ -23,7 +23,9 @@ KEY = "fuzz-test-key-0123456789"
 @pytest.fixture(scope="module")
 def cluster(tiny_llama, tmp_path_factory):
     with running_cluster(tiny_llama, 1, tmp_path_factory.mktemp("fuzz"), api_key=KEY,
-                         args=("--default-max-tokens", "8", "--request-timeout", "60")) as c:
+                         # max_context bounds the surfaces that generate to the end of the context
+                         # when no limit is given (Responses without max_output_tokens, Ollama's -1/-2)
+                         args=("--default-max-tokens", "8", "--max-context", "256", "--request-timeout", "60")) as c:
         yield c
 
 

@@ -52,7 +52,7 @@ ERROR_SHAPE = ErrorShape(is_messages_path, error_body)
 
 # --- requests -----------------------------------------------------------------------
 class _Block(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # cache_control, citations: no effect here
+    model_config = ConfigDict(strict=True, extra="ignore")  # cache_control, citations: no effect here
     cache_control: dict | None = None
 
 
@@ -82,7 +82,7 @@ class ThinkingBlock(_Block):
 class OtherBlock(_Block):
     """A block this server cannot take (image, document...): refused by name when translated."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow")
     type: StrictStr
 
 
@@ -104,14 +104,14 @@ Block = Annotated[Union[Annotated[TextBlock, Tag("text")], Annotated[ToolUseBloc
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore")
     # "system" in the list: Claude Code appends system reminders mid-conversation
     role: Literal["user", "assistant", "system"]
     content: Union[StrictStr, list[Block]]
 
 
 class ToolDef(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # cache_control and client hints: no effect
+    model_config = ConfigDict(strict=True, extra="ignore")  # cache_control and client hints: no effect
     type: StrictStr | None = None
     name: StrictStr = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: StrictStr | None = None
@@ -119,27 +119,27 @@ class ToolDef(BaseModel):
 
 
 class ToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
     type: Literal["auto", "any", "tool", "none"]
     name: StrictStr | None = None
     disable_parallel_tool_use: StrictBool = False
 
 
 class Thinking(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: StrictInt | None = Field(None, ge=1)
     display: StrictStr | None = None
 
 
 class OutputConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
     effort: Literal["low", "medium", "high", "max"] | None = None
     format: dict[str, Any] | None = None
 
 
 class _Conversation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
     model: StrictStr = Field(..., min_length=1)
     messages: list[Message] = Field(..., min_length=1)
     system: Union[StrictStr, list[TextBlock], None] = None

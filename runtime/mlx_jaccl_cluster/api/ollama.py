@@ -71,19 +71,19 @@ ERROR_SHAPE = ErrorShape(is_ollama_path, error_body)
 
 # --- requests -----------------------------------------------------------------------
 class ToolFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore")
     name: StrictStr = Field(..., min_length=1)
     arguments: dict[str, Any] = Field(default_factory=dict)
 
 
 class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore")
     id: str | None = None
     function: ToolFunction
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "user", "assistant", "tool"]
     content: StrictStr = ""
     thinking: str | None = None  # an earlier turn's reasoning: not sent back to the model (templates drop it)
@@ -99,7 +99,7 @@ Format = Union[Literal["", "json"], dict, None]
 
 class _Common(BaseModel):
     # Unknown fields are refused by name: a field we do not know may change the output.
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
     model: StrictStr = Field(..., min_length=1)
     stream: StrictBool = True
     format: Format = None
@@ -126,7 +126,7 @@ class GenerateRequest(_Common):
 
 
 class ShowRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore")
     model: str | None = None
     name: str | None = None  # the older spelling
     verbose: StrictBool = False

@@ -242,7 +242,15 @@ def build(app: FastAPI, model_id: str, keyed: bool) -> dict[str, Any]:
                 error = error_of(path)
                 body = ok.get("content", error) if path == "/health" else error  # /health's 503 is its own body
                 responses[str(status)] = {"description": _WHY[status], "content": body}
-    for name in ("ChatCompletionRequest", "CompletionRequest"):
-        if name in schemas:  # the only model served; any other name is a documented 404
-            schemas[name]["properties"]["model"] = {"type": "string", "enum": [model_id], "title": "Model"}
+    # The only model served; any other name is a documented 404. The OpenAI bodies are
+    # components; the other surfaces document theirs inline (adapters.body_doc).
+    bodies = [schemas[name] for name in ("ChatCompletionRequest", "CompletionRequest") if name in schemas]
+    for methods in schema.get("paths", {}).values():
+        for operation in methods.values():
+            body = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            if "$ref" not in body:
+                bodies.append(body)
+    for body in bodies:
+        if "model" in body.get("properties", {}):
+            body["properties"]["model"] = {"type": "string", "enum": [model_id], "title": "Model"}
     return schema

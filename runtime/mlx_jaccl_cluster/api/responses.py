@@ -44,13 +44,13 @@ NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "response_forma
 
 # --- requests -----------------------------------------------------------------------
 class TextConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
     format: dict[str, Any] | None = None
     verbosity: Literal["medium"] | None = None  # the default; other levels cannot be honoured
 
 
 class ReasoningConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
     effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     summary: Literal["auto", "concise", "detailed"] | None = None  # the reasoning comes back whole, not summarised
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
@@ -58,7 +58,7 @@ class ReasoningConfig(BaseModel):
 
 class ResponsesRequest(BaseModel):
     # Unknown fields are refused by name: a field we do not know may change the output.
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
     model: StrictStr = Field(..., min_length=1)
     input: Union[StrictStr, list[dict[str, Any]]]
     instructions: StrictStr | None = None
