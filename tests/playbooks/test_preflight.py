@@ -44,27 +44,20 @@ def test_bad_inventory_stops_in_preflight_with_nothing_changed(tmp_path, name, e
 
 
 def test_a_split_the_model_cannot_take_is_refused_by_name(tmp_path):
-    """SmolLM2's 9 attention / 3 key-value heads do not split over 2 ranks."""
+    """SmolLM2's 9 attention / 3 key-value heads do not split over 2 tensor ranks: the fix names
+    the rank counts that work and auto (which pipelines it), before any node is contacted."""
     model = tmp_path / "smol"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 9,
                                                    "num_key_value_heads": 3, "num_hidden_layers": 30}))
-    inventory = tmp_path / "hosts.yml"
-    inventory.write_text(json.dumps({"all": {"children": {"mlx_cluster": {
-        "hosts": {f"r{i}": {"cluster_rank": i, "cluster_ring_port": 32600 + i, "cluster_unit_name": f"u{i}"}
-                  for i in range(2)},
-        "vars": {"ansible_connection": "local", "ansible_host": "127.0.0.1", "cluster_ips": ["127.0.0.1"],
-                 "cluster_backend": "ring", "cluster_model_source": "local", "cluster_model_local_path": str(model),
-                 "cluster_model_name": "smol", "cluster_install_prefix": str(tmp_path / "prefix"),
-                 "cluster_model_path": str(tmp_path / "prefix" / "models" / "smol")}}}}}))
+    inventory = two_rank_inventory(tmp_path, model, {"cluster_parallel": "tensor"})
     proc = subprocess.run([str(PLAYBOOK), "-i", str(inventory), "site.yml"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "num_attention_heads" in out and "2" in out, out[-3000:]
-    assert "smol (llama)" in out and "no pipeline split" in out, out[-3000:]
-    assert "set cluster_parallel: pipeline" not in out, out[-3000:]
-    assert not (tmp_path / "prefix").exists()
+    assert "num_attention_heads (9) is not divisible by 2" in out and "[1, 3]" in out, out[-3000:]
+    assert "set cluster_parallel: auto" in out, out[-3000:]
+    assert "PLAY [Readiness" not in out and not (tmp_path / "prefix").exists()
 
 
 def two_rank_inventory(tmp_path: Path, model: Path, group_vars: dict, extra_groups: dict | None = None) -> Path:
@@ -81,19 +74,19 @@ def two_rank_inventory(tmp_path: Path, model: Path, group_vars: dict, extra_grou
     return inventory
 
 
-def test_pipeline_for_a_model_that_cannot_pipeline_stops_on_the_controller(tmp_path):
-    """llama has no pipeline split in mlx-lm: the Controller play says so, before any node is contacted."""
+def test_a_pipeline_longer_than_the_model_stops_on_the_controller(tmp_path):
+    """Every model with a layer stack pipelines (mlx-lm's split or the generic one), but not over
+    more ranks than it has layers: the Controller play says so, before any node is contacted."""
     model = tmp_path / "smol"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 8,
-                                                   "num_key_value_heads": 2, "num_hidden_layers": 4}))
+                                                   "num_key_value_heads": 2, "num_hidden_layers": 1}))
     inventory = two_rank_inventory(tmp_path, model, {"cluster_parallel": "pipeline"})
     proc = subprocess.run([str(PLAYBOOK), "-i", str(inventory), "site.yml"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "mlx_cluster: cluster_parallel: is pipeline over 2 ranks, but smol (llama)'s class has no pipeline split" in out, \
-        out[-3000:]
+    assert "cluster_parallel: is pipeline over 2 ranks but the model has only 1 layers" in out, out[-3000:]
     assert "PLAY [Readiness" not in out and not (tmp_path / "prefix").exists()
 
 
