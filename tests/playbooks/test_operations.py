@@ -72,7 +72,7 @@ def test_link_bench_writes_four_files_and_restores_the_service(cluster, tmp_path
     before = rank_pids(prefix)
     out = playbook(inv, "playbooks/bench.yml", "-e", LINK_ARGS, "-e", f"bench_results_dir={tmp_path}").stdout
     (run,) = tmp_path.iterdir()
-    assert run.name.endswith("-local")
+    assert run.name.endswith(f"-{INVENTORY}")  # results/<date>-<inventory name>
     assert {p.name for p in run.iterdir()} == {"link-raw.json", "link.json", "link.csv", "link.md", "link.png"}
     result = json.loads((run / "link.json").read_text())
     assert result["world_size"] == 3 and result["backend"] == "ring" and result["link_gbps"] is None
