@@ -42,7 +42,10 @@ TIME_PARAMS = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET", 
 
 @pytest.fixture(scope="module")
 def scripted(scripted_qwen2, tmp_path_factory):
-    with running_cluster(scripted_qwen2, 2, tmp_path_factory.mktemp("clients-scripted"), api_key=KEY) as c:
+    # Many wrong keys on purpose (every route, three ways): the wrong-key throttle (tested in
+    # test_guard.py) would answer 429 after the fifth, so it is set out of reach here.
+    with running_cluster(scripted_qwen2, 2, tmp_path_factory.mktemp("clients-scripted"), api_key=KEY,
+                         args=("--api-key-failures", "1000")) as c:
         yield c
 
 
