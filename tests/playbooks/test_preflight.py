@@ -43,18 +43,23 @@ def test_bad_inventory_stops_in_preflight_with_nothing_changed(tmp_path, name, e
     assert not (tmp_path / "cache").exists()
 
 
+def site_with_model(tmp_path: Path, config: dict, group_vars: dict) -> tuple[int, str]:
+    """site.yml on two local ranks serving a model folder that holds only ``config``."""
+    model = tmp_path / "smol"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config))
+    inventory = two_rank_inventory(tmp_path, model, group_vars)
+    proc = subprocess.run([str(PLAYBOOK), "-i", str(inventory), "site.yml"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 def test_a_split_the_model_cannot_take_is_refused_by_name(tmp_path):
     """SmolLM2's 9 attention / 3 key-value heads do not split over 2 tensor ranks: the fix names
     the rank counts that work and auto (which pipelines it), before any node is contacted."""
-    model = tmp_path / "smol"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 9,
-                                                   "num_key_value_heads": 3, "num_hidden_layers": 30}))
-    inventory = two_rank_inventory(tmp_path, model, {"cluster_parallel": "tensor"})
-    proc = subprocess.run([str(PLAYBOOK), "-i", str(inventory), "site.yml"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    rc, out = site_with_model(tmp_path, {"model_type": "llama", "num_attention_heads": 9, "num_key_value_heads": 3,
+                                         "num_hidden_layers": 30}, {"cluster_parallel": "tensor"})
+    assert rc != 0
     assert "num_attention_heads (9) is not divisible by 2" in out and "[1, 3]" in out, out[-3000:]
     assert "set cluster_parallel: auto" in out, out[-3000:]
     assert "PLAY [Readiness" not in out and not (tmp_path / "prefix").exists()
@@ -77,15 +82,9 @@ def two_rank_inventory(tmp_path: Path, model: Path, group_vars: dict, extra_grou
 def test_a_pipeline_longer_than_the_model_stops_on_the_controller(tmp_path):
     """Every model with a layer stack pipelines (mlx-lm's split or the generic one), but not over
     more ranks than it has layers: the Controller play says so, before any node is contacted."""
-    model = tmp_path / "smol"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 8,
-                                                   "num_key_value_heads": 2, "num_hidden_layers": 1}))
-    inventory = two_rank_inventory(tmp_path, model, {"cluster_parallel": "pipeline"})
-    proc = subprocess.run([str(PLAYBOOK), "-i", str(inventory), "site.yml"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    rc, out = site_with_model(tmp_path, {"model_type": "llama", "num_attention_heads": 8, "num_key_value_heads": 2,
+                                         "num_hidden_layers": 1}, {"cluster_parallel": "pipeline"})
+    assert rc != 0
     assert "cluster_parallel: is pipeline over 2 ranks but the model has only 1 layers" in out, out[-3000:]
     assert "PLAY [Readiness" not in out and not (tmp_path / "prefix").exists()
 
