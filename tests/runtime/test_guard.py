@@ -103,7 +103,13 @@ def test_the_key_is_checked_before_the_body_is_read(cluster):
     assert r.status_code == 400, r.text  # with the key, the body is read and refused as not JSON
 
 
-def test_a_client_that_leaves_is_a_cancellation_not_an_error(cluster):
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/api/chat"])
+def test_a_client_that_leaves_is_a_cancellation_not_an_error(cluster, route):
+    """On every surface (the OpenAI routes and the adapters' non-streamed replies alike)."""
+    body = _chat(cluster, "go", max_tokens=1900)
+    if route == "/api/chat":  # Ollama's shape
+        body = {"model": body["model"], "messages": body["messages"], "stream": False, "options": {"num_predict": 1900}}
+
     def error_count() -> float:
         metrics = httpx.get(cluster.url("/metrics"), headers=_auth()).text
         return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("mjc_errors_total"))
@@ -111,8 +117,7 @@ def test_a_client_that_leaves_is_a_cancellation_not_an_error(cluster):
     errors_before = httpx.get(cluster.url("/errors"), headers=_auth()).json()["data"]
     count_before = error_count()
     with pytest.raises(httpx.ReadTimeout):  # a non-streaming request the client gives up on
-        httpx.post(cluster.url("/v1/chat/completions"), json=_chat(cluster, "go", max_tokens=1900),
-                   headers=_auth(), timeout=1.0)
+        httpx.post(cluster.url(route), json=body, headers=_auth(), timeout=1.0)
     deadline = time.monotonic() + 30
     while httpx.get(cluster.url("/health")).json()["active"] and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -120,7 +125,7 @@ def test_a_client_that_leaves_is_a_cancellation_not_an_error(cluster):
     errors_after = httpx.get(cluster.url("/errors"), headers=_auth()).json()["data"]
     assert errors_after == errors_before, errors_after[:3]
     metrics = httpx.get(cluster.url("/metrics"), headers=_auth()).text
-    assert 'mjc_generations_total{route="/v1/chat/completions",status="cancelled"}' in metrics
+    assert f'mjc_generations_total{{route="{route}",status="cancelled"}}' in metrics
     assert error_count() == count_before
     requests = httpx.get(cluster.url("/requests"), headers=_auth()).json()["data"]
     assert requests[0]["status"] == "cancelled" and requests[0]["error"] is None

@@ -135,11 +135,17 @@ def start(request: Request, prepared: Prepared) -> AsyncIterator:
                                             serving.generate(prepared, slot, disconnected=disconnected))
 
 
+class ClientLeft(Exception):
+    """The client of a non-streamed reply went away before its end: a cancellation, which
+    ``watch`` counts as such; nobody reads the answer (errors.install sends a bare 499)."""
+
+
 async def collect(items: AsyncIterator) -> list[Piece]:
-    """Every piece of a non-streamed reply (499 when the client left before the end)."""
+    """Every piece of a non-streamed reply; ClientLeft when the client left before the end
+    (as the OpenAI routes, so that no surface counts a cancellation as an error)."""
     pieces = [item async for item in items if item is not KEEPALIVE]
-    if not pieces:
-        raise APIError(499, "client disconnected")
+    if not pieces or pieces[-1].finish_reason is None:
+        raise ClientLeft()
     return pieces
 
 

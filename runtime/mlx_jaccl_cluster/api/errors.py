@@ -11,7 +11,7 @@ from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .metrics import route_label
@@ -108,6 +108,12 @@ def record(request: Request, exc: APIError) -> APIError:
 
 
 def install(app: FastAPI) -> None:
+    from .adapters import ClientLeft  # adapters imports this module
+
+    @app.exception_handler(ClientLeft)
+    async def _left(request: Request, exc: ClientLeft) -> Response:
+        return Response(status_code=499)  # not an error: the request's watch counted a cancellation
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return respond(request, record(request, exc))
