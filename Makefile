@@ -86,7 +86,9 @@ version: venv ## versions on the controller (the nodes': make status)
 	  [print("%-20s %s" % (p, m.version(p))) for p in ("mlx-jaccl-cluster", "mlx", "mlx-lm", "ansible-core")]; \
 	  print("%-20s %s" % ("python", platform.python_version()))'
 
-lint: venv ## yamllint and ansible-lint (production profile)
+lint: venv ## ruff (lint and format), yamllint and ansible-lint (production profile)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/yamllint --strict .
 	$(VENV)/bin/ansible-lint --profile production --nocolor site.yml playbooks roles
 

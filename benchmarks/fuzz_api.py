@@ -23,17 +23,47 @@ import sys
 import urllib.request
 from pathlib import Path
 
-CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance",
-          "response_schema_conformance", "negative_data_rejection")
+CHECKS = (
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_schema_conformance",
+    "negative_data_rejection",
+)
 HERE = Path(__file__).resolve().parent
 
 
-def command(url: str, *, key: str | None, examples: int, max_time: float | None, seed: int, report: Path | None,
-            workers: int = 1) -> list[str]:
+def command(
+    url: str,
+    *,
+    key: str | None,
+    examples: int,
+    max_time: float | None,
+    seed: int,
+    report: Path | None,
+    workers: int = 1,
+) -> list[str]:
     st = Path(sys.executable).with_name("st")
-    argv = [str(st) if st.exists() else "st", "run", f"{url}/openapi.json", "--checks", ",".join(CHECKS),
-            "--mode", "all", "--phases", "examples,coverage,fuzzing", "--max-examples", str(examples),
-            "--seed", str(seed), "--workers", str(workers), "--request-timeout", "120", "--no-color"]
+    argv = [
+        str(st) if st.exists() else "st",
+        "run",
+        f"{url}/openapi.json",
+        "--checks",
+        ",".join(CHECKS),
+        "--mode",
+        "all",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--max-examples",
+        str(examples),
+        "--seed",
+        str(seed),
+        "--workers",
+        str(workers),
+        "--request-timeout",
+        "120",
+        "--no-color",
+    ]
     if max_time:
         argv += ["--max-time", str(int(max_time))]
     if key:
@@ -43,13 +73,28 @@ def command(url: str, *, key: str | None, examples: int, max_time: float | None,
     return argv
 
 
-def run(url: str, *, key: str | None = None, examples: int = 100, max_time: float | None = None, seed: int = 1,
-        report: Path | None = None, max_tokens: int = 8) -> tuple[int, str]:
+def run(
+    url: str,
+    *,
+    key: str | None = None,
+    examples: int = 100,
+    max_time: float | None = None,
+    seed: int = 1,
+    report: Path | None = None,
+    max_tokens: int = 8,
+) -> tuple[int, str]:
     """Run the fuzz; returns (exit status, its output)."""
-    env = os.environ | {"SCHEMATHESIS_HOOKS": "fuzz_hooks", "FUZZ_MAX_TOKENS": str(max_tokens),
-                        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(command(url, key=key, examples=examples, max_time=max_time, seed=seed, report=report),
-                          env=env, capture_output=True, text=True)
+    env = os.environ | {
+        "SCHEMATHESIS_HOOKS": "fuzz_hooks",
+        "FUZZ_MAX_TOKENS": str(max_tokens),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.run(
+        command(url, key=key, examples=examples, max_time=max_time, seed=seed, report=report),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     output = proc.stdout + proc.stderr
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=30) as r:
@@ -71,8 +116,15 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=8, help="cap on generated max_tokens")
     parser.add_argument("--report", type=Path, help="folder for a JUnit report")
     opts = parser.parse_args()
-    code, output = run(opts.url.rstrip("/"), key=opts.key, examples=opts.examples, max_time=opts.max_time,
-                       seed=opts.seed, report=opts.report, max_tokens=opts.max_tokens)
+    code, output = run(
+        opts.url.rstrip("/"),
+        key=opts.key,
+        examples=opts.examples,
+        max_time=opts.max_time,
+        seed=opts.seed,
+        report=opts.report,
+        max_tokens=opts.max_tokens,
+    )
     print(output)
     return code
 

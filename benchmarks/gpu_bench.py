@@ -59,14 +59,38 @@ TARGETS = {  # issue 15, distinct prompts
 
 CONTEXT = 16384  # max_position_embeddings of the built models: room for the 8k prompt of `interleave`
 SHAPES = {  # --shape presets; each flag below overrides one field
-    "772m": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=5120, num_attention_heads=16,
-                 num_key_value_heads=16, max_position_embeddings=CONTEXT),
-    "3b": dict(hidden_size=3072, num_hidden_layers=28, intermediate_size=8192, num_attention_heads=24,
-               num_key_value_heads=8, max_position_embeddings=CONTEXT),
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
-               num_key_value_heads=8, max_position_embeddings=CONTEXT),  # Llama-3-8B's shape (tiny vocabulary)
-    "cpu": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=512, num_attention_heads=8,
-                num_key_value_heads=8, max_position_embeddings=CONTEXT),
+    "772m": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        intermediate_size=5120,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=CONTEXT,
+    ),
+    "3b": dict(
+        hidden_size=3072,
+        num_hidden_layers=28,
+        intermediate_size=8192,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        max_position_embeddings=CONTEXT,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=CONTEXT,
+    ),  # Llama-3-8B's shape (tiny vocabulary)
+    "cpu": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        intermediate_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=CONTEXT,
+    ),
 }
 
 
@@ -77,9 +101,13 @@ def build_model(opts, workdir: Path) -> tuple[Path, dict]:
     if opts.model:
         return opts.model.resolve(), {"source": str(opts.model)}
     shape = dict(SHAPES[opts.shape])
-    for key, flag in (("hidden_size", "hidden_size"), ("num_hidden_layers", "layers"),
-                      ("intermediate_size", "intermediate_size"), ("num_attention_heads", "heads"),
-                      ("num_key_value_heads", "kv_heads")):
+    for key, flag in (
+        ("hidden_size", "hidden_size"),
+        ("num_hidden_layers", "layers"),
+        ("intermediate_size", "intermediate_size"),
+        ("num_attention_heads", "heads"),
+        ("num_key_value_heads", "kv_heads"),
+    ):
         if getattr(opts, flag) is not None:
             shape[key] = getattr(opts, flag)
     tag = f"{opts.shape}-{opts.dtype}-" + "-".join(f"{v}" for _, v in sorted(shape.items()))
@@ -87,15 +115,22 @@ def build_model(opts, workdir: Path) -> tuple[Path, dict]:
     t0 = time.monotonic()
     if not (out / "config.json").is_file():
         # in a child process, so that this one holds no GPU memory afterwards
-        code = ("import sys, json; from mlx_jaccl_cluster.models import build_tiny_model; "
-                "build_tiny_model(sys.argv[1], arch='llama', dtype=sys.argv[2], **json.loads(sys.argv[3]))")
+        code = (
+            "import sys, json; from mlx_jaccl_cluster.models import build_tiny_model; "
+            "build_tiny_model(sys.argv[1], arch='llama', dtype=sys.argv[2], **json.loads(sys.argv[3]))"
+        )
         subprocess.run([sys.executable, "-c", code, str(out), opts.dtype, json.dumps(shape)], check=True)
     config = json.loads((out / "config.json").read_text())
     params = param_count(out)
-    rb.log(f"model {out.name}: {params / 1e6:.0f}M parameters, {rb.model_bytes(out) / 2**30:.2f} GiB "
-           f"({time.monotonic() - t0:.0f} s)")
-    return out, {"source": f"build_tiny_model(arch='llama', dtype={opts.dtype!r}, {shape})", "parameters": params,
-                 "config": config}
+    rb.log(
+        f"model {out.name}: {params / 1e6:.0f}M parameters, {rb.model_bytes(out) / 2**30:.2f} GiB "
+        f"({time.monotonic() - t0:.0f} s)"
+    )
+    return out, {
+        "source": f"build_tiny_model(arch='llama', dtype={opts.dtype!r}, {shape})",
+        "parameters": params,
+        "config": config,
+    }
 
 
 def param_count(model: Path) -> int:
@@ -118,8 +153,16 @@ def param_count(model: Path) -> int:
 class Ours:
     """The runtime (``mjc-rank`` processes via ``launch.start_group``) on one backend."""
 
-    def __init__(self, name: str, model: Path, workdir: Path, ranks: int, backend: str, pythonpath: str | None = None,
-                 env: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        model: Path,
+        workdir: Path,
+        ranks: int,
+        backend: str,
+        pythonpath: str | None = None,
+        env: dict | None = None,
+    ):
         from mlx_jaccl_cluster.launch import free_ports, start_group
 
         self.name = name
@@ -128,8 +171,12 @@ class Ours:
             env["PYTHONPATH"] = pythonpath + os.pathsep + os.environ.get("PYTHONPATH", "")
         if backend == "nccl":
             (port,) = free_ports(1)
-            env |= {"MJC_BACKEND": "nccl", "NCCL_HOST_IP": "127.0.0.1", "NCCL_PORT": str(port),
-                    "MLX_WORLD_SIZE": str(ranks)}
+            env |= {
+                "MJC_BACKEND": "nccl",
+                "NCCL_HOST_IP": "127.0.0.1",
+                "NCCL_PORT": str(port),
+                "MLX_WORLD_SIZE": str(ranks),
+            }
         self.group = start_group(model, ranks, workdir / name, args=("--log-level", "warning"), env=env)
         self.port = int(self.group.api.rsplit(":", 1)[1])
         self.model_id = self.group.model_id
@@ -159,7 +206,14 @@ class System:
     cache serves it: the cache-on row), at one client only."""
 
     def __init__(self, name: str, kind: str, obj, model_id: str = "", prompts=None, same: bool = False):
-        self.name, self.kind, self.obj, self.model_id, self.prompts, self.same = name, kind, obj, model_id, prompts, same
+        self.name, self.kind, self.obj, self.model_id, self.prompts, self.same = (
+            name,
+            kind,
+            obj,
+            model_id,
+            prompts,
+            same,
+        )
         self.tokens = 0
         self.one: list[dict] = []
         self.many: list[dict] = []
@@ -190,8 +244,9 @@ class System:
         if self.kind == "peer":
             self.obj.resume()
         try:
-            return rb.strip(rb.stream_chat(self.obj.port, self._bodies(start, 1)[0], opts.io_timeout,
-                                           opts.request_deadline))
+            return rb.strip(
+                rb.stream_chat(self.obj.port, self._bodies(start, 1)[0], opts.io_timeout, opts.request_deadline)
+            )
         finally:
             if self.kind == "peer":
                 self.obj.pause()
@@ -203,8 +258,9 @@ class System:
         if self.kind == "peer":
             self.obj.resume()
         try:
-            return rb.concurrent(self.obj.port, self._bodies(start, opts.clients), opts.clients, opts.io_timeout,
-                                 opts.request_deadline)
+            return rb.concurrent(
+                self.obj.port, self._bodies(start, opts.clients), opts.clients, opts.io_timeout, opts.request_deadline
+            )
         finally:
             if self.kind == "peer":
                 self.obj.pause()
@@ -217,9 +273,14 @@ class System:
         for k in runs:
             o = [r for r in ok if r.get("run", 0) == k]
             m = [r for r in many if r.get("run", 0) == k]
-            per_run.append({"run": k, "decode_tps": rb.median([r.get("decode_tps") for r in o]),
-                            "ttft_ms": ms(rb.median([r.get("ttft_s") for r in o])),
-                            "aggregate_tps": rb.median([r.get("aggregate_tps") for r in m])})
+            per_run.append(
+                {
+                    "run": k,
+                    "decode_tps": rb.median([r.get("decode_tps") for r in o]),
+                    "ttft_ms": ms(rb.median([r.get("ttft_s") for r in o])),
+                    "aggregate_tps": rb.median([r.get("aggregate_tps") for r in m]),
+                }
+            )
         out = {
             "error": self.error,
             "decode_tps": rb.median([r.get("decode_tps") for r in ok]),
@@ -230,17 +291,20 @@ class System:
             "aggregate_tps_runs": [round(r["aggregate_tps"], 1) if r.get("aggregate_tps") else None for r in self.many],
             "clients_ttft_ms": ms(rb.median([r.get("ttft_s_median") for r in many])),
             "completion_tokens": sorted({r.get("completion_tokens") for r in self.one} - {None}),
-            "prompt_tokens": sorted({r.get("prompt_tokens") for r in self.one}
-                                    | {t for r in self.many for t in (r.get("prompt_tokens") or [])} - {None}),
-            "cached_tokens_median": rb.median([r.get("cached_tokens") for r in ok]
-                                              + [t for r in self.many for t in (r.get("cached_tokens") or [])]),
+            "prompt_tokens": sorted(
+                {r.get("prompt_tokens") for r in self.one}
+                | {t for r in self.many for t in (r.get("prompt_tokens") or [])} - {None}
+            ),
+            "cached_tokens_median": rb.median(
+                [r.get("cached_tokens") for r in ok] + [t for r in self.many for t in (r.get("cached_tokens") or [])]
+            ),
             "per_run": per_run,
             "text0": ok[0].get("text", "") if ok else "",
         }
         return out
 
 
-def sys_logs(s: "System") -> dict:
+def sys_logs(s: System) -> dict:
     if s.kind == "ours":
         return s.obj.logs()
     return {r: rb.tail(f) for r, f in enumerate(getattr(s.obj, "logs", []))}
@@ -284,8 +348,10 @@ def rounds(systems: list[System], opts, prompt0: int = 0) -> int:
         if not opts.clients:
             continue
         many = [s for s in live if s.takes_clients]
-        rb.log(f"run {run + 1}/{opts.runs}: {opts.clients} clients x {opts.concurrent_repeats}: "
-               + ", ".join(s.name for s in many))
+        rb.log(
+            f"run {run + 1}/{opts.runs}: {opts.clients} clients x {opts.concurrent_repeats}: "
+            + ", ".join(s.name for s in many)
+        )
         for i in range(opts.concurrent_repeats):
             k = i % len(many)
             for s in many[k:] + many[:k]:
@@ -309,10 +375,31 @@ def profile(opts, target: System, ranks: list[int], out_dir: Path, tag: str, pro
     pids = [target.obj.group.procs[r].pid for r in ranks]
     files = [out_dir / f"pyspy-{tag}-rank{r}.txt" for r in ranks]
     idle = ["--idle"] if opts.profile_idle else []
-    procs = [subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(opts.profile)), "--rate", "500",
-                               "--nonblocking", "--threads", *idle, "--format", "raw", "--output", str(f)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for pid, f in zip(pids, files)]
+    procs = [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(int(opts.profile)),
+                "--rate",
+                "500",
+                "--nonblocking",
+                "--threads",
+                *idle,
+                "--format",
+                "raw",
+                "--output",
+                str(f),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pid, f in zip(pids, files)
+    ]
     time.sleep(1.0)  # py-spy attaches
     n, tokens = 0, 0
     c0 = rb.procs_cpu_s(target.pids)
@@ -331,9 +418,14 @@ def profile(opts, target: System, ranks: list[int], out_dir: Path, tag: str, pro
             _, err = p.communicate()
         if p.returncode:
             errs.append(err[-500:])
-    return {"requests": n, "tokens": tokens, "cpu_ms_per_token": 1000 * cpu / tokens if tokens else None,
-            "files": [f.name for f in files if f.is_file()], "errors": errs or None,
-            "top": {f.name: top_frames(f) for f in files if f.is_file()}}
+    return {
+        "requests": n,
+        "tokens": tokens,
+        "cpu_ms_per_token": 1000 * cpu / tokens if tokens else None,
+        "files": [f.name for f in files if f.is_file()],
+        "errors": errs or None,
+        "top": {f.name: top_frames(f) for f in files if f.is_file()},
+    }
 
 
 def top_frames(path: Path, n: int = 15) -> dict:
@@ -349,8 +441,10 @@ def top_frames(path: Path, n: int = 15) -> dict:
         t["samples"] += int(count)
         leaf = frames[-1]
         t["self"][leaf] = t["self"].get(leaf, 0) + int(count)
-    return {k: {"samples": v["samples"], "self": sorted(v["self"].items(), key=lambda kv: -kv[1])[:n]}
-            for k, v in threads.items()}
+    return {
+        k: {"samples": v["samples"], "self": sorted(v["self"].items(), key=lambda kv: -kv[1])[:n]}
+        for k, v in threads.items()
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -432,9 +526,16 @@ def nccl_smoke(ranks: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
     env |= {"NCCL_HOST_IP": "127.0.0.1", "NCCL_PORT": str(port), "MLX_WORLD_SIZE": str(ranks)}
     # one GPU a process, as mjc-rank does for nccl (see main._pin_cuda_device)
-    procs = [subprocess.Popen([sys.executable, "-c", NCCL_SMOKE], text=True,
-                              env=env | {"MLX_RANK": str(r), "CUDA_VISIBLE_DEVICES": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(ranks)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", NCCL_SMOKE],
+            text=True,
+            env=env | {"MLX_RANK": str(r), "CUDA_VISIBLE_DEVICES": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(ranks)
+    ]
     out = []
     for r, p in enumerate(procs):
         try:
@@ -456,8 +557,10 @@ def run_tp(opts, model: Path, workdir: Path, res: dict) -> list[System]:
         closers.append(many.close)
         prompts = rb.model_prompts(model)
         res["prompts"] = {"kind": "distinct", "tokens": prompts.length, "first": prompts.take(0, 2)}
-        systems = [System("1 rank", "ours", one, one.model_id, prompts),
-                   System(f"{opts.ranks} ranks {opts.backend}", "ours", many, many.model_id, prompts)]
+        systems = [
+            System("1 rank", "ours", one, one.model_id, prompts),
+            System(f"{opts.ranks} ranks {opts.backend}", "ours", many, many.model_id, prompts),
+        ]
         if not opts.skip_inproc:
             # mlx-lm in-process on the same splits (stream_generate / BatchGenerator): what MLX
             # itself gets from the split, and the same numerics as the runtime's ranks
@@ -470,12 +573,18 @@ def run_tp(opts, model: Path, workdir: Path, res: dict) -> list[System]:
             if opts.backend == "nccl":
                 from mlx_jaccl_cluster.launch import free_ports
 
-                env |= {"NCCL_HOST_IP": "127.0.0.1", "NCCL_PORT": str(free_ports(1)[0]), "MLX_WORLD_SIZE": str(opts.ranks)}
+                env |= {
+                    "NCCL_HOST_IP": "127.0.0.1",
+                    "NCCL_PORT": str(free_ports(1)[0]),
+                    "MLX_WORLD_SIZE": str(opts.ranks),
+                }
             (workdir / "inproc-n").mkdir(exist_ok=True)
             basen = rb.Baseline(opts, model, workdir / "inproc-n", env=env)
             closers.append(basen.close)
-            systems += [System("in-process 1 rank", "inproc", base1),
-                        System(f"in-process {opts.ranks} ranks {opts.backend}", "inproc", basen)]
+            systems += [
+                System("in-process 1 rank", "inproc", base1),
+                System(f"in-process {opts.ranks} ranks {opts.backend}", "inproc", basen),
+            ]
         for s in systems:
             t0 = time.monotonic()
             try:
@@ -503,8 +612,10 @@ def run_tp(opts, model: Path, workdir: Path, res: dict) -> list[System]:
 def long_text(n_tokens: int, length_of, tag: int) -> str:
     """A user message of about ``n_tokens`` tokens (chat template included), its own for
     each ``tag`` from the first word on, so that no prompt cache holds any of it."""
-    line = lambda j: (f"{tag} line {j}: the ranks share the work of every request and pass the partial "
-                      "results to each other over the network. ")
+    line = lambda j: (
+        f"{tag} line {j}: the ranks share the work of every request and pass the partial "
+        "results to each other over the network. "
+    )
     lines = 16
     while length_of("".join(line(j) for j in range(lines))) < n_tokens:
         lines *= 2
@@ -564,18 +675,40 @@ def round_times(rd: dict) -> dict:
     long = rd.get("long") or {}
     worst = max(((t, g) for r in decs for t, g in gaps_of(r)), key=lambda tg: tg[1], default=(None, None))
     rel = lambda t: None if t is None else round(t - t0, 4)
-    return {"long_sent": rel(long.get("start")), "long_first": rel((long.get("times") or [None])[0]),
-            "long_last": rel((long.get("times") or [None])[-1]), "max_gap_end": rel(worst[0]),
-            "max_gap_s": worst[1]}
+    return {
+        "long_sent": rel(long.get("start")),
+        "long_first": rel((long.get("times") or [None])[0]),
+        "long_last": rel((long.get("times") or [None])[-1]),
+        "max_gap_end": rel(worst[0]),
+        "max_gap_s": worst[1],
+    }
 
 
 def start_spy(pid: int, path: Path, seconds: int):
     spy = shutil.which("py-spy")
     if not spy:
         return None
-    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "500",
-                             "--nonblocking", "--threads", "--format", "raw", "--output", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(int(seconds)),
+            "--rate",
+            "500",
+            "--nonblocking",
+            "--threads",
+            "--format",
+            "raw",
+            "--output",
+            str(path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def stop_spy(proc, seconds: int):
@@ -592,8 +725,12 @@ def itl_stats(gaps: list[float]) -> dict:
 
     if not gaps:
         return {"n": 0}
-    return {"n": len(gaps), "p50_ms": 1000 * percentile(gaps, 50), "p99_ms": 1000 * percentile(gaps, 99),
-            "max_ms": 1000 * max(gaps)}
+    return {
+        "n": len(gaps),
+        "p50_ms": 1000 * percentile(gaps, 50),
+        "p99_ms": 1000 * percentile(gaps, 99),
+        "max_ms": 1000 * max(gaps),
+    }
 
 
 def http_round_figures(rd: dict, tokens: int) -> dict:
@@ -604,8 +741,11 @@ def http_round_figures(rd: dict, tokens: int) -> dict:
     start = min(r["start"] for r in decs)
     end = max(r["end"] for r in decs)
     dec_tokens = sum(r.get("completion_tokens") or 0 for r in decs)
-    out = {"all": [g for _, g in gaps], "decode_tps": dec_tokens / (end - start) if end > start else None,
-           "first_token_s": max((r.get("ttft_s") or 0) for r in decs)}
+    out = {
+        "all": [g for _, g in gaps],
+        "decode_tps": dec_tokens / (end - start) if end > start else None,
+        "first_token_s": max((r.get("ttft_s") or 0) for r in decs),
+    }
     long = rd.get("long")
     if long and long.get("times"):
         w0, w1 = long["start"], long["times"][-1]
@@ -659,8 +799,14 @@ def run_interleave(opts, model: Path, workdir: Path, res: dict) -> list[System]:
             closers.append(base.close)
             systems.append(System("in-process", "inproc", base))
         for size in opts.runtime_step_sizes:
-            o = Ours(f"runtime-step{size}", model, workdir, opts.ranks, opts.backend,
-                     env={"MJC_PREFILL_STEP_SIZE": str(size)} | (nccl_env(opts.ranks) if opts.backend == "nccl" else {}))
+            o = Ours(
+                f"runtime-step{size}",
+                model,
+                workdir,
+                opts.ranks,
+                opts.backend,
+                env={"MJC_PREFILL_STEP_SIZE": str(size)} | (nccl_env(opts.ranks) if opts.backend == "nccl" else {}),
+            )
             closers.append(o.close)
             systems.append(System(f"runtime prefill_step_size {size}", "ours", o, o.model_id, prompts))
         for spec in opts.runtime_env:  # NAME:VAR=VALUE[,VAR=VALUE...]: the runtime with other settings
@@ -691,23 +837,34 @@ def run_interleave(opts, model: Path, workdir: Path, res: dict) -> list[System]:
         for s in systems:
             if s.error:
                 continue
-            rb.log(f"{s.name}: {d} decoders alone, then with a {opts.long_tokens}-token prompt, "
-                   f"x {opts.interleave_rounds}")
+            rb.log(
+                f"{s.name}: {d} decoders alone, then with a {opts.long_tokens}-token prompt, x {opts.interleave_rounds}"
+            )
             f = figures[s.name] = {"rounds": []}
             try:
                 if s.kind == "inproc":
                     for size in opts.step_sizes:
                         for rnd in range(opts.interleave_rounds + 1):  # round 0: warm-up
-                            spec = {"prompts": list(range(fresh(d), nxt[0])), "tokens": opts.tokens, "after": opts.after,
-                                    "long_max_tokens": opts.long_max_tokens, "prefill_step_size": size,
-                                    "long_text": long_for()}
+                            spec = {
+                                "prompts": list(range(fresh(d), nxt[0])),
+                                "tokens": opts.tokens,
+                                "after": opts.after,
+                                "long_max_tokens": opts.long_max_tokens,
+                                "prefill_step_size": size,
+                                "long_text": long_for(),
+                            }
                             quiet = s.obj.interleave(spec | {"long": False}, opts.request_deadline * 2)
                             spec["prompts"] = list(range(fresh(d), nxt[0]))
                             loaded = s.obj.interleave(spec | {"long": True}, opts.request_deadline * 2)
                             if rnd:
-                                f["rounds"].append({"step_size": size, "quiet": inproc_figures(quiet, d),
-                                                    "loaded": inproc_figures(loaded, d),
-                                                    "long_prompt_tokens": loaded["long_prompt_tokens"]})
+                                f["rounds"].append(
+                                    {
+                                        "step_size": size,
+                                        "quiet": inproc_figures(quiet, d),
+                                        "loaded": inproc_figures(loaded, d),
+                                        "long_prompt_tokens": loaded["long_prompt_tokens"],
+                                    }
+                                )
                     continue
                 if s.kind == "peer":
                     s.obj.resume()
@@ -715,8 +872,9 @@ def run_interleave(opts, model: Path, workdir: Path, res: dict) -> list[System]:
                 long_body = lambda: rb.chat_body(s.model_id, opts.long_max_tokens, long_for())
                 spy = None
                 if opts.profile and s.kind == "ours" and not any("pyspy" in v for v in figures.values()):
-                    spy = start_spy(s.obj.group.procs[0].pid, opts.out.parent / "pyspy-interleave-rank0.txt",
-                                    opts.profile)
+                    spy = start_spy(
+                        s.obj.group.procs[0].pid, opts.out.parent / "pyspy-interleave-rank0.txt", opts.profile
+                    )
                     f["pyspy"] = "pyspy-interleave-rank0.txt"
                 # warm-up: the shapes of a long prefill among decoders compile once
                 warm = decoders_round(s.obj.port, s._bodies(fresh(d), d), long_body(), 0.05, opts)
@@ -732,8 +890,14 @@ def run_interleave(opts, model: Path, workdir: Path, res: dict) -> list[System]:
                     errs = quiet["errors"] + loaded["errors"]
                     if errs:
                         raise RuntimeError(errs[0])
-                    f["rounds"].append({"quiet": q, "loaded": http_round_figures(loaded, opts.tokens), "delay_s": delay,
-                                        "times": round_times(loaded)})
+                    f["rounds"].append(
+                        {
+                            "quiet": q,
+                            "loaded": http_round_figures(loaded, opts.tokens),
+                            "delay_s": delay,
+                            "times": round_times(loaded),
+                        }
+                    )
                 if spy is not None:
                     f["pyspy_errors"] = stop_spy(spy, opts.profile)
             except Exception as exc:
@@ -745,7 +909,7 @@ def run_interleave(opts, model: Path, workdir: Path, res: dict) -> list[System]:
                     s.obj.pause()
     finally:
         close_all(closers)
-    for name, f in figures.items():
+    for f in figures.values():
         f["summary"] = interleave_summary(f["rounds"])
     return []
 
@@ -756,22 +920,31 @@ def interleave_summary(rounds_: list[dict]) -> list[dict]:
     for size in sorted({r.get("step_size") for r in rounds_}, key=lambda x: x or 0):
         rs = [r for r in rounds_ if r.get("step_size") == size]
         pool = lambda part, key: [g for r in rs for g in r[part].get(key) or []]
-        quiet, window, pre = itl_stats(pool("quiet", "all")), itl_stats(pool("loaded", "window")), \
-            itl_stats(pool("loaded", "prefill_window"))
+        quiet, window, pre = (
+            itl_stats(pool("quiet", "all")),
+            itl_stats(pool("loaded", "window")),
+            itl_stats(pool("loaded", "prefill_window")),
+        )
         loaded_all = itl_stats(pool("loaded", "all"))
-        out.append({
-            "step_size": size, "quiet": quiet, "loaded_all": loaded_all, "loaded_window": window,
-            "loaded_prefill_window": pre,
-            "p99_ratio_prefill": ratio(pre.get("p99_ms"), quiet.get("p99_ms")),
-            "p99_ratio_window": ratio(window.get("p99_ms"), quiet.get("p99_ms")),
-            "p99_ratio_all": ratio(loaded_all.get("p99_ms"), quiet.get("p99_ms")),
-            "long_ttft_ms": ms(rb.median([r["loaded"].get("long_ttft_s") for r in rs])),
-            "quiet_decode_tps": rb.median([r["quiet"].get("decode_tps") for r in rs]),
-            "loaded_decode_tps": rb.median([r["loaded"].get("decode_tps") for r in rs]),
-            "loaded_aggregate_tps": rb.median([r["loaded"].get("aggregate_tps") for r in rs]),
-            "long_prompt_tokens": sorted({r.get("long_prompt_tokens") or r["loaded"].get("long_prompt_tokens")
-                                          for r in rs} - {None}),
-        })
+        out.append(
+            {
+                "step_size": size,
+                "quiet": quiet,
+                "loaded_all": loaded_all,
+                "loaded_window": window,
+                "loaded_prefill_window": pre,
+                "p99_ratio_prefill": ratio(pre.get("p99_ms"), quiet.get("p99_ms")),
+                "p99_ratio_window": ratio(window.get("p99_ms"), quiet.get("p99_ms")),
+                "p99_ratio_all": ratio(loaded_all.get("p99_ms"), quiet.get("p99_ms")),
+                "long_ttft_ms": ms(rb.median([r["loaded"].get("long_ttft_s") for r in rs])),
+                "quiet_decode_tps": rb.median([r["quiet"].get("decode_tps") for r in rs]),
+                "loaded_decode_tps": rb.median([r["loaded"].get("decode_tps") for r in rs]),
+                "loaded_aggregate_tps": rb.median([r["loaded"].get("aggregate_tps") for r in rs]),
+                "long_prompt_tokens": sorted(
+                    {r.get("long_prompt_tokens") or r["loaded"].get("long_prompt_tokens") for r in rs} - {None}
+                ),
+            }
+        )
     return out
 
 
@@ -805,8 +978,11 @@ def paired_text(x: dict, y: dict, runs: str, key: str, scale: float = 1.0, op=No
     against y. Within a round the systems ran one after the other, so a pair shares the
     machine's state; on a noisy machine this is the steadier estimate of a ratio."""
     op = op or ratio
-    pairs = [op(a.get(key) * scale, b.get(key) * scale) for a, b in zip(x.get(runs) or [], y.get(runs) or [])
-             if a.get(key) is not None and b.get(key) is not None and not a.get("error") and not b.get("error")]
+    pairs = [
+        op(a.get(key) * scale, b.get(key) * scale)
+        for a, b in zip(x.get(runs) or [], y.get(runs) or [])
+        if a.get(key) is not None and b.get(key) is not None and not a.get("error") and not b.get("error")
+    ]
     pairs = [v for v in pairs if v is not None]
     if len(pairs) < 4:
         return ""
@@ -844,57 +1020,164 @@ def summarize(opts, res: dict) -> list[dict]:
             runs = run_ratios(x, y, key)
             spread = spread_text(runs)
             ok = None if r is None else r >= goal
-            rows.append([label, x.get(key), y.get(key), r, f"{op} {goal}",
-                         ("-" if ok is None else "met" if ok else "MISSED") + spread
-                         + paired_text(x, y, "many_runs" if key == "aggregate_tps" else "one_runs", key)])
+            rows.append(
+                [
+                    label,
+                    x.get(key),
+                    y.get(key),
+                    r,
+                    f"{op} {goal}",
+                    ("-" if ok is None else "met" if ok else "MISSED")
+                    + spread
+                    + paired_text(x, y, "many_runs" if key == "aggregate_tps" else "one_runs", key),
+                ]
+            )
 
-        target_row("runtime / in-process stream_generate, 1 client tok/s", ours, inp, "decode_tps", ">=",
-                   TARGETS["one_client_vs_inproc"])
-        target_row(f"runtime / in-process BatchGenerator, {c} clients aggregate tok/s", ours, inp, "aggregate_tps", ">=",
-                   TARGETS["concurrent_vs_inproc_batch"])
-        target_row("runtime / mlx_lm.server, 1 client tok/s", ours, peer, "decode_tps", ">=",
-                   TARGETS["one_client_vs_peer"])
-        target_row(f"runtime / mlx_lm.server, {c} clients aggregate tok/s", ours, peer, "aggregate_tps", ">=",
-                   TARGETS["concurrent_vs_peer"])
+        target_row(
+            "runtime / in-process stream_generate, 1 client tok/s",
+            ours,
+            inp,
+            "decode_tps",
+            ">=",
+            TARGETS["one_client_vs_inproc"],
+        )
+        target_row(
+            f"runtime / in-process BatchGenerator, {c} clients aggregate tok/s",
+            ours,
+            inp,
+            "aggregate_tps",
+            ">=",
+            TARGETS["concurrent_vs_inproc_batch"],
+        )
+        target_row(
+            "runtime / mlx_lm.server, 1 client tok/s", ours, peer, "decode_tps", ">=", TARGETS["one_client_vs_peer"]
+        )
+        target_row(
+            f"runtime / mlx_lm.server, {c} clients aggregate tok/s",
+            ours,
+            peer,
+            "aggregate_tps",
+            ">=",
+            TARGETS["concurrent_vs_peer"],
+        )
         d = diff(ours.get("ttft_ms"), inp.get("ttft_ms"))
-        runs = [diff(a.get("ttft_ms"), b.get("ttft_ms"))
-                for a, b in zip(ours.get("per_run") or [], inp.get("per_run") or [])]
-        rows.append(["TTFT ms, 1 client: runtime - in-process", ours.get("ttft_ms"), inp.get("ttft_ms"), d,
-                     f"<= {TARGETS['ttft_delta_ms']} ms", ("-" if d is None else "met" if d <= TARGETS["ttft_delta_ms"]
-                                                          else "MISSED") + spread_text(runs)
-                     + paired_text(ours, inp, "one_runs", "ttft_s", scale=1000, op=diff)])
+        runs = [
+            diff(a.get("ttft_ms"), b.get("ttft_ms"))
+            for a, b in zip(ours.get("per_run") or [], inp.get("per_run") or [])
+        ]
+        rows.append(
+            [
+                "TTFT ms, 1 client: runtime - in-process",
+                ours.get("ttft_ms"),
+                inp.get("ttft_ms"),
+                d,
+                f"<= {TARGETS['ttft_delta_ms']} ms",
+                ("-" if d is None else "met" if d <= TARGETS["ttft_delta_ms"] else "MISSED")
+                + spread_text(runs)
+                + paired_text(ours, inp, "one_runs", "ttft_s", scale=1000, op=diff),
+            ]
+        )
         b1 = s.get("in-process batch-1", {})
-        rows.append(["runtime / in-process BatchGenerator 1 seq (incl. prefill), 1 client tok/s", ours.get("decode_tps"),
-                     b1.get("decode_tps"), ratio(ours.get("decode_tps"), b1.get("decode_tps")), "(info)",
-                     "info" + spread_text(run_ratios(ours, b1, "decode_tps"))])
-        rows.append(["TTFT ms, 1 client: in-process BatchGenerator 1 seq - stream_generate (the engine's share)",
-                     b1.get("ttft_ms"), inp.get("ttft_ms"), diff(b1.get("ttft_ms"), inp.get("ttft_ms")), "(info)", "info"])
-        rows.append(["TTFT ms, 1 client: runtime / mlx_lm.server", ours.get("ttft_ms"), peer.get("ttft_ms"),
-                     ratio(ours.get("ttft_ms"), peer.get("ttft_ms")), "(info)", "info"])
+        rows.append(
+            [
+                "runtime / in-process BatchGenerator 1 seq (incl. prefill), 1 client tok/s",
+                ours.get("decode_tps"),
+                b1.get("decode_tps"),
+                ratio(ours.get("decode_tps"), b1.get("decode_tps")),
+                "(info)",
+                "info" + spread_text(run_ratios(ours, b1, "decode_tps")),
+            ]
+        )
+        rows.append(
+            [
+                "TTFT ms, 1 client: in-process BatchGenerator 1 seq - stream_generate (the engine's share)",
+                b1.get("ttft_ms"),
+                inp.get("ttft_ms"),
+                diff(b1.get("ttft_ms"), inp.get("ttft_ms")),
+                "(info)",
+                "info",
+            ]
+        )
+        rows.append(
+            [
+                "TTFT ms, 1 client: runtime / mlx_lm.server",
+                ours.get("ttft_ms"),
+                peer.get("ttft_ms"),
+                ratio(ours.get("ttft_ms"), peer.get("ttft_ms")),
+                "(info)",
+                "info",
+            ]
+        )
         for name, ref in (("runtime, repeated prompt", ours), ("mlx_lm.server, repeated prompt", peer)):
             x = s.get(name)
             if not x:
                 continue
-            rows.append([f"cache on: {name} / distinct prompts, 1 client tok/s", x.get("decode_tps"), ref.get("decode_tps"),
-                         ratio(x.get("decode_tps"), ref.get("decode_tps")), "(info)",
-                         f"cached tokens {fmt(x.get('cached_tokens_median'))} vs {fmt(ref.get('cached_tokens_median'))}"])
-            rows.append([f"cache on: {name}, TTFT ms - in-process (distinct)", x.get("ttft_ms"), inp.get("ttft_ms"),
-                         diff(x.get("ttft_ms"), inp.get("ttft_ms")), "(info)", "info"])
-        rows.append(["prompt tokens per request (all systems, distinct prompts)",
-                     ", ".join(f"{n}: {v.get('prompt_tokens')}" for n, v in s.items() if "repeated" not in n), None, None,
-                     "one length", "info"])
+            rows.append(
+                [
+                    f"cache on: {name} / distinct prompts, 1 client tok/s",
+                    x.get("decode_tps"),
+                    ref.get("decode_tps"),
+                    ratio(x.get("decode_tps"), ref.get("decode_tps")),
+                    "(info)",
+                    f"cached tokens {fmt(x.get('cached_tokens_median'))} vs {fmt(ref.get('cached_tokens_median'))}",
+                ]
+            )
+            rows.append(
+                [
+                    f"cache on: {name}, TTFT ms - in-process (distinct)",
+                    x.get("ttft_ms"),
+                    inp.get("ttft_ms"),
+                    diff(x.get("ttft_ms"), inp.get("ttft_ms")),
+                    "(info)",
+                    "info",
+                ]
+            )
+        rows.append(
+            [
+                "prompt tokens per request (all systems, distinct prompts)",
+                ", ".join(f"{n}: {v.get('prompt_tokens')}" for n, v in s.items() if "repeated" not in n),
+                None,
+                None,
+                "one length",
+                "info",
+            ]
+        )
         for spec in opts.variant:
             name = spec.partition("=")[0]
             b = s.get(name, {})
-            rows.append([f"runtime / {name}, 1 client tok/s", ours.get("decode_tps"), b.get("decode_tps"),
-                         ratio(ours.get("decode_tps"), b.get("decode_tps")), "(change)", "info"])
-            rows.append([f"runtime / {name}, {c} clients tok/s", ours.get("aggregate_tps"),
-                         b.get("aggregate_tps"), ratio(ours.get("aggregate_tps"), b.get("aggregate_tps")), "(change)", "info"])
+            rows.append(
+                [
+                    f"runtime / {name}, 1 client tok/s",
+                    ours.get("decode_tps"),
+                    b.get("decode_tps"),
+                    ratio(ours.get("decode_tps"), b.get("decode_tps")),
+                    "(change)",
+                    "info",
+                ]
+            )
+            rows.append(
+                [
+                    f"runtime / {name}, {c} clients tok/s",
+                    ours.get("aggregate_tps"),
+                    b.get("aggregate_tps"),
+                    ratio(ours.get("aggregate_tps"), b.get("aggregate_tps")),
+                    "(change)",
+                    "info",
+                ]
+            )
         texts = {n: v.get("text0") for n, v in s.items() if v.get("text0") and "repeated" not in n}
         ref = texts.get("in-process", "")
         differ = [n for n, t in texts.items() if t != ref]
-        rows.append(["greedy 1-client text identical to in-process stream_generate", len(texts) - len(differ), len(texts),
-                     None, "all", "met" if ref and not differ else "differ: " + ", ".join(differ)])
+        rows.append(
+            [
+                "greedy 1-client text identical to in-process stream_generate",
+                len(texts) - len(differ),
+                len(texts),
+                None,
+                "all",
+                "met" if ref and not differ else "differ: " + ", ".join(differ),
+            ]
+        )
     elif opts.mode == "interleave":
         goal = TARGETS["interleave_p99_vs_quiet"]
         for name, f in (res.get("interleave") or {}).items():
@@ -904,44 +1187,98 @@ def summarize(opts, res: dict) -> list[dict]:
                 label = name + (f" (prefill_step_size {x['step_size']})" if x.get("step_size") else "")
                 q, w, j = x["quiet"], x["loaded_prefill_window"], x["loaded_window"]
                 r = x["p99_ratio_prefill"]
-                rows.append([f"{label}: ITL p99 ms, {opts.decoders} decoders during the long prefill / alone",
-                             w.get("p99_ms"), q.get("p99_ms"), r, f"<= {goal}",
-                             "-" if r is None else ("met" if r <= goal else "MISSED")])
-                rows.append([f"{label}: ITL p50 ms during the prefill / alone; max ms during; gaps counted",
-                             w.get("p50_ms"), q.get("p50_ms"), ratio(w.get("p50_ms"), q.get("p50_ms")), "(info)",
-                             f"max {fmt(w.get('max_ms'))} ms; {w.get('n')} gaps during, {q.get('n')} alone"])
+                rows.append(
+                    [
+                        f"{label}: ITL p99 ms, {opts.decoders} decoders during the long prefill / alone",
+                        w.get("p99_ms"),
+                        q.get("p99_ms"),
+                        r,
+                        f"<= {goal}",
+                        "-" if r is None else ("met" if r <= goal else "MISSED"),
+                    ]
+                )
+                rows.append(
+                    [
+                        f"{label}: ITL p50 ms during the prefill / alone; max ms during; gaps counted",
+                        w.get("p50_ms"),
+                        q.get("p50_ms"),
+                        ratio(w.get("p50_ms"), q.get("p50_ms")),
+                        "(info)",
+                        f"max {fmt(w.get('max_ms'))} ms; {w.get('n')} gaps during, {q.get('n')} alone",
+                    ]
+                )
                 if j.get("n"):
-                    rows.append([f"{label}: ITL p99 ms from the long request's sending to its last token / alone",
-                                 j.get("p99_ms"), q.get("p99_ms"), x["p99_ratio_window"], "(info)",
-                                 f"max {fmt(j.get('max_ms'))} ms (its prefill, joining the batch, decoding, leaving)"])
-                rows.append([f"{label}: long prompt TTFT ms ({'/'.join(map(str, x['long_prompt_tokens']))} tokens); "
-                             "decode tok/s of the decoders, loaded / alone",
-                             x.get("long_ttft_ms"), x.get("loaded_decode_tps"), x.get("quiet_decode_tps"), "(info)",
-                             "decode ratio " + fmt(ratio(x.get("loaded_decode_tps"), x.get("quiet_decode_tps")), 2)
-                             + "; aggregate incl. the 8th " + fmt(x.get("loaded_aggregate_tps"))])
+                    rows.append(
+                        [
+                            f"{label}: ITL p99 ms from the long request's sending to its last token / alone",
+                            j.get("p99_ms"),
+                            q.get("p99_ms"),
+                            x["p99_ratio_window"],
+                            "(info)",
+                            f"max {fmt(j.get('max_ms'))} ms (its prefill, joining the batch, decoding, leaving)",
+                        ]
+                    )
+                rows.append(
+                    [
+                        f"{label}: long prompt TTFT ms ({'/'.join(map(str, x['long_prompt_tokens']))} tokens); "
+                        "decode tok/s of the decoders, loaded / alone",
+                        x.get("long_ttft_ms"),
+                        x.get("loaded_decode_tps"),
+                        x.get("quiet_decode_tps"),
+                        "(info)",
+                        "decode ratio "
+                        + fmt(ratio(x.get("loaded_decode_tps"), x.get("quiet_decode_tps")), 2)
+                        + "; aggregate incl. the 8th "
+                        + fmt(x.get("loaded_aggregate_tps")),
+                    ]
+                )
         return rows
     else:
         one, many = s.get("1 rank", {}), s.get(f"{opts.ranks} ranks {opts.backend}", {})
         i1, iN = s.get("in-process 1 rank", {}), s.get(f"in-process {opts.ranks} ranks {opts.backend}", {})
         n, c = opts.ranks, opts.clients
         for label, x, y, key, note in (
-                (f"{n} ranks / 1 rank, 1 client tok/s", many, one, "decode_tps", "(scaling)"),
-                (f"{n} ranks / 1 rank, {c} clients aggregate tok/s", many, one, "aggregate_tps", "(scaling)"),
-                (f"TTFT ms, 1 client: {n} ranks / 1 rank", many, one, "ttft_ms", "(info)"),
-                (f"in-process {n} ranks / 1 rank, 1 client tok/s", iN, i1, "decode_tps", "(MLX's own scaling)"),
-                (f"in-process {n} ranks / 1 rank, {c} seqs aggregate tok/s", iN, i1, "aggregate_tps", "(MLX's own scaling)"),
-                (f"runtime / in-process, {n} ranks, 1 client tok/s", many, iN, "decode_tps", "(info)")):
+            (f"{n} ranks / 1 rank, 1 client tok/s", many, one, "decode_tps", "(scaling)"),
+            (f"{n} ranks / 1 rank, {c} clients aggregate tok/s", many, one, "aggregate_tps", "(scaling)"),
+            (f"TTFT ms, 1 client: {n} ranks / 1 rank", many, one, "ttft_ms", "(info)"),
+            (f"in-process {n} ranks / 1 rank, 1 client tok/s", iN, i1, "decode_tps", "(MLX's own scaling)"),
+            (
+                f"in-process {n} ranks / 1 rank, {c} seqs aggregate tok/s",
+                iN,
+                i1,
+                "aggregate_tps",
+                "(MLX's own scaling)",
+            ),
+            (f"runtime / in-process, {n} ranks, 1 client tok/s", many, iN, "decode_tps", "(info)"),
+        ):
             rows.append([label, x.get(key), y.get(key), ratio(x.get(key), y.get(key)), note, "info"])
-        for label, x, y in (("runtime: greedy text, N ranks vs 1 rank", many, one),
-                            ("runtime vs in-process, N ranks (same split)", many, iN),
-                            ("runtime vs in-process, 1 rank", one, i1)):
+        for label, x, y in (
+            ("runtime: greedy text, N ranks vs 1 rank", many, one),
+            ("runtime vs in-process, N ranks (same split)", many, iN),
+            ("runtime vs in-process, 1 rank", one, i1),
+        ):
             a, b = y.get("text0") or "", x.get("text0") or ""
-            rows.append([label + " (chars in common / total)", common_prefix(a, b), len(a), None, "identical",
-                         "-" if not a or not b else ("identical" if a == b else "differ")])
+            rows.append(
+                [
+                    label + " (chars in common / total)",
+                    common_prefix(a, b),
+                    len(a),
+                    None,
+                    "identical",
+                    "-" if not a or not b else ("identical" if a == b else "differ"),
+                ]
+            )
     for name, v in s.items():
-        rows.append([f"  {name}: 1 client tok/s | {opts.clients} clients tok/s | TTFT ms | CPU ms/token",
-                     v.get("decode_tps"), v.get("aggregate_tps"), v.get("ttft_ms"), v.get("cpu_ms_per_token"),
-                     v.get("error") or ""])
+        rows.append(
+            [
+                f"  {name}: 1 client tok/s | {opts.clients} clients tok/s | TTFT ms | CPU ms/token",
+                v.get("decode_tps"),
+                v.get("aggregate_tps"),
+                v.get("ttft_ms"),
+                v.get("cpu_ms_per_token"),
+                v.get("error") or "",
+            ]
+        )
     return rows
 
 
@@ -952,10 +1289,12 @@ def print_table(res: dict) -> None:
     line = lambda c: "| " + " | ".join(x.ljust(w) for x, w in zip(c, widths)) + " |"
     m = res["machine"]
     print()
-    print(f"{res['mode']}: model {res['model']['name']} ({res['model']['parameters'] / 1e6:.0f}M params, "
-          f"{res['model']['bytes'] / 2**30:.2f} GiB), {res['args']['tokens']} tokens, repeats {res['args']['repeats']}"
-          f"/{res['args']['concurrent_repeats']}, {res['args']['clients']} clients; {m.get('gpu')}; mlx {m['mlx']} "
-          f"({m.get('device')}), mlx-lm {m['mlx_lm']}; {res['date']}")
+    print(
+        f"{res['mode']}: model {res['model']['name']} ({res['model']['parameters'] / 1e6:.0f}M params, "
+        f"{res['model']['bytes'] / 2**30:.2f} GiB), {res['args']['tokens']} tokens, repeats {res['args']['repeats']}"
+        f"/{res['args']['concurrent_repeats']}, {res['args']['clients']} clients; {m.get('gpu')}; mlx {m['mlx']} "
+        f"({m.get('device')}), mlx-lm {m['mlx_lm']}; {res['date']}"
+    )
     print(line(head))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for c in cells:
@@ -968,12 +1307,25 @@ def machine_info() -> dict:
     import mlx.core as mx
     import mlx_lm
 
-    info = {"python": platform.python_version(), "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
-            "device": str(mx.default_device()), "cores": os.cpu_count(), "cpu": rb._lscpu_model()}
+    info = {
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "device": str(mx.default_device()),
+        "cores": os.cpu_count(),
+        "cpu": rb._lscpu_model(),
+    }
     try:
-        info["gpu"] = "; ".join(subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                                                "--format=csv,noheader"], capture_output=True, text=True,
-                                               timeout=20).stdout.strip().splitlines())
+        info["gpu"] = "; ".join(
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
     except (OSError, subprocess.SubprocessError):
         info["gpu"] = None
     return info
@@ -993,8 +1345,10 @@ def report(path: Path) -> int:
 def main() -> int:
     if sys.argv[1:2] == ["--report"]:
         return report(Path(sys.argv[2]))
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog="gpu_bench.py --report RESULT.json prints the table of a saved result again")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="gpu_bench.py --report RESULT.json prints the table of a saved result again",
+    )
     ap.add_argument("mode", choices=["single", "tp", "interleave"])
     ap.add_argument("--model", type=Path, help="an existing mlx-lm folder instead of building one")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="772m", help="llama shape preset (default 772m)")
@@ -1006,33 +1360,64 @@ def main() -> int:
     ap.add_argument("--kv-heads", type=int)
     ap.add_argument("--ranks", type=int, default=2, help="tp: ranks of the split group (default 2)")
     ap.add_argument("--backend", choices=["nccl", "ring"], default="nccl", help="tp: backend of the split group")
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
-                    help="single: also measure the mlx_jaccl_cluster package in DIR under NAME (repeatable)")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="single: also measure the mlx_jaccl_cluster package in DIR under NAME (repeatable)",
+    )
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--skip-inproc", action="store_true", help="tp, interleave: no in-process mlx-lm baselines")
     ap.add_argument("--skip-cached", action="store_true", help="single: no repeated-prompt (cache-on) rows")
-    ap.add_argument("--peer-prompt-cache", type=int, default=None,
-                    help="mlx_lm.server --prompt-cache-size (default: its own, as the runtime runs with its own)")
+    ap.add_argument(
+        "--peer-prompt-cache",
+        type=int,
+        default=None,
+        help="mlx_lm.server --prompt-cache-size (default: its own, as the runtime runs with its own)",
+    )
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=9, help="1-client rounds per run")
     ap.add_argument("--concurrent-repeats", type=int, default=9, help="N-client rounds per run")
-    ap.add_argument("--runs", type=int, default=3, help="runs (each --repeats and --concurrent-repeats rounds); "
-                    "the table gives each run's ratio and their spread")
+    ap.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="runs (each --repeats and --concurrent-repeats rounds); the table gives each run's ratio and their spread",
+    )
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--decoders", type=int, default=7, help="interleave: clients decoding")
     ap.add_argument("--long-tokens", type=int, default=8192, help="interleave: the long prompt's tokens")
     ap.add_argument("--long-max-tokens", type=int, default=8, help="interleave: max_tokens of the long request")
     ap.add_argument("--after", type=int, default=16, help="interleave: decode steps before the long prompt arrives")
     ap.add_argument("--interleave-rounds", type=int, default=3, help="interleave: quiet + loaded pairs per system")
-    ap.add_argument("--step-sizes", type=int, nargs="+", default=[256, 512, 2048, 8192],
-                    help="interleave: in-process BatchGenerator prefill_step_size values")
-    ap.add_argument("--runtime-step-sizes", type=int, nargs="*", default=[512, 2048],
-                    help="interleave: the runtime's MJC_PREFILL_STEP_SIZE values (512 is its default)")
-    ap.add_argument("--runtime-env", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
-                    help="interleave: also the runtime with these settings, e.g. nocache:MJC_PROMPT_CACHE_SIZE=0")
+    ap.add_argument(
+        "--step-sizes",
+        type=int,
+        nargs="+",
+        default=[256, 512, 2048, 8192],
+        help="interleave: in-process BatchGenerator prefill_step_size values",
+    )
+    ap.add_argument(
+        "--runtime-step-sizes",
+        type=int,
+        nargs="*",
+        default=[512, 2048],
+        help="interleave: the runtime's MJC_PREFILL_STEP_SIZE values (512 is its default)",
+    )
+    ap.add_argument(
+        "--runtime-env",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        help="interleave: also the runtime with these settings, e.g. nocache:MJC_PROMPT_CACHE_SIZE=0",
+    )
     ap.add_argument("--profile", type=int, default=0, help="seconds of py-spy on the runtime (0: none)")
-    ap.add_argument("--profile-idle", action="store_true",
-                    help="py-spy records waiting threads too (where a rank waits: for the STEP frame, in a collective)")
+    ap.add_argument(
+        "--profile-idle",
+        action="store_true",
+        help="py-spy records waiting threads too (where a rank waits: for the STEP frame, in a collective)",
+    )
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mjc-gpu-bench"))
     ap.add_argument("--out", type=Path, default=Path("gpu-bench.json"))
     ap.add_argument("--io-timeout", type=float, default=120.0)
@@ -1053,9 +1438,14 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    res: dict = {"mode": opts.mode, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                 "argv": sys.argv, "targets": TARGETS,
-                 "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()}, "systems": {}}
+    res: dict = {
+        "mode": opts.mode,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "targets": TARGETS,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
+        "systems": {},
+    }
     systems: list[System] = []
     try:
         res["machine"] = machine_info()
@@ -1070,8 +1460,9 @@ def main() -> int:
     except BaseException:
         res["crash"] = traceback.format_exc()
         rb.log(res["crash"])
-    res["systems"] = {s.name: s.summary() | {"one_runs": s.one, "many_runs": s.many, "warmup": s.warmup}
-                      for s in systems}
+    res["systems"] = {
+        s.name: s.summary() | {"one_runs": s.one, "many_runs": s.many, "warmup": s.warmup} for s in systems
+    }
     res.setdefault("model", {"name": "?", "parameters": 0, "bytes": 0})
     res.setdefault("machine", {"mlx": "?", "mlx_lm": "?"})
     res["summary"] = summarize(opts, res)

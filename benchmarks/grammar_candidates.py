@@ -31,15 +31,26 @@ SCHEMA = {
         "age": {"type": "integer", "minimum": 0, "maximum": 150},
         "email": {"type": "string", "maxLength": 60},
         "tags": {"type": "array", "items": {"enum": ["admin", "user", "guest"]}, "maxItems": 3},
-        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
-                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-                    "required": ["city", "zip"], "additionalProperties": False},
+        "address": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 30},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+            },
+            "required": ["city", "zip"],
+            "additionalProperties": False,
+        },
     },
     "required": ["name", "age", "email", "tags", "address"],
     "additionalProperties": False,
 }
-ANSWER = {"name": "Ada Lovelace", "age": 36, "email": "ada@example.org", "tags": ["admin", "user"],
-          "address": {"city": "London", "zip": "12345"}}
+ANSWER = {
+    "name": "Ada Lovelace",
+    "age": 36,
+    "email": "ada@example.org",
+    "tags": ["admin", "user"],
+    "address": {"city": "London", "zip": "12345"},
+}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -65,8 +76,14 @@ def token_bytes(hf) -> dict[bytes, list[int]]:
 
 
 def summary(name: str, compile_s: float, steps: list[float], version: str) -> dict:
-    return {"library": name, "version": version, "compile_ms": compile_s * 1000, "tokens": len(steps),
-            "mask_us_median": statistics.median(steps) * 1e6, "mask_us_p99": pct(steps, 99) * 1e6}
+    return {
+        "library": name,
+        "version": version,
+        "compile_ms": compile_s * 1000,
+        "tokens": len(steps),
+        "mask_us_median": statistics.median(steps) * 1e6,
+        "mask_us_p99": pct(steps, 99) * 1e6,
+    }
 
 
 def bench_llguidance(hf, text: str, eos: int) -> dict:
@@ -76,7 +93,8 @@ def bench_llguidance(hf, text: str, eos: int) -> dict:
     tok = llguidance.hf.from_tokenizer(hf, eos_token=eos)
     t = time.perf_counter()
     grammar = llguidance.LLMatcher.grammar_from_json_schema(
-        SCHEMA, overrides={"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "})
+        SCHEMA, overrides={"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+    )
     matcher = llguidance.LLMatcher(tok, grammar)
     compile_s = time.perf_counter() - t
     steps = []
@@ -157,8 +175,10 @@ def main() -> None:
         if "error" in r:
             print(f"{r['library']:>20}: {r['error']}")
         else:
-            print(f"{r['library']:>20} {r['version']:>8}: compile {r['compile_ms']:8.1f} ms, mask per token "
-                  f"median {r['mask_us_median']:8.1f} us, p99 {r['mask_us_p99']:8.1f} us")
+            print(
+                f"{r['library']:>20} {r['version']:>8}: compile {r['compile_ms']:8.1f} ms, mask per token "
+                f"median {r['mask_us_median']:8.1f} us, p99 {r['mask_us_p99']:8.1f} us"
+            )
     if opts.out:
         opts.out.write_text(json.dumps({"vocabulary": len(hf), "schema": SCHEMA, "rows": rows}, indent=2))
 

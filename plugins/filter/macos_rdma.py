@@ -12,12 +12,15 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 try:
     from mlx_jaccl_cluster.ops import macos
 except ImportError:  # not installed on the controller: use the repository's copy
-    sys.path.insert(0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "runtime")))
+    sys.path.insert(
+        0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "runtime"))
+    )
     from mlx_jaccl_cluster.ops import macos
 
 from ansible.errors import AnsibleFilterError

@@ -14,7 +14,9 @@ import sys
 try:
     from mlx_jaccl_cluster.ops import placement
 except ImportError:  # not installed on the controller: use the repository's copy
-    sys.path.insert(0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "runtime")))
+    sys.path.insert(
+        0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "runtime"))
+    )
     from mlx_jaccl_cluster.ops import placement
 
 

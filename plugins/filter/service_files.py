@@ -14,6 +14,7 @@ def mjc_to_plist(data: dict) -> str:
 def mjc_systemd_quote(words: list[str], command: bool = True) -> str:
     """Words double-quoted with systemd's escapes: for ExecStart= (``command``, where ``$``
     expands) or for Environment= (where only ``%`` specifiers do)."""
+
     def quote(word: str) -> str:
         word = str(word).replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
         return '"' + (word.replace("$", "$$") if command else word) + '"'

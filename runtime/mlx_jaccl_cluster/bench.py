@@ -105,8 +105,9 @@ class Watchdog:
     leaving closes every follower's connection, so the followers leave too.
     """
 
-    def __init__(self, rank: int, world: int, address: str, timeout: float = 10.0, join_timeout: float = 120.0,
-                 exit=os._exit) -> None:
+    def __init__(
+        self, rank: int, world: int, address: str, timeout: float = 10.0, join_timeout: float = 120.0, exit=os._exit
+    ) -> None:
         host, _, port = address.rpartition(":")
         self.rank, self.world, self.addr = rank, world, (host, int(port))
         self.timeout, self.join_timeout, self._exit = timeout, join_timeout, exit
@@ -118,7 +119,9 @@ class Watchdog:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        print(f"[mjc-bench] rank {self.rank}: {why}; giving up the sweep (exit {LOST_EXIT})", file=sys.stderr, flush=True)
+        print(
+            f"[mjc-bench] rank {self.rank}: {why}; giving up the sweep (exit {LOST_EXIT})", file=sys.stderr, flush=True
+        )
         if self.rank == 0:  # tell the followers who was lost, so they name it too (not just "rank 0")
             for conn in self.conns:
                 try:
@@ -160,7 +163,7 @@ class Watchdog:
                 return
             try:
                 conn, _ = server.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             conn.settimeout(self.timeout)
             try:
@@ -181,8 +184,10 @@ class Watchdog:
                 break
             except OSError as exc:
                 if time.monotonic() > deadline:
-                    self.lost(f"rank 0 at {self.addr[0]}:{self.addr[1]} did not answer within "
-                              f"{self.join_timeout:.0f} s ({exc})")
+                    self.lost(
+                        f"rank 0 at {self.addr[0]}:{self.addr[1]} did not answer within "
+                        f"{self.join_timeout:.0f} s ({exc})"
+                    )
                     return
                 time.sleep(0.5)
         conn.sendall(f"{self.rank} {socket.gethostname()}\n".encode())
@@ -190,6 +195,7 @@ class Watchdog:
 
     def _watch(self, conn: socket.socket, who: str) -> None:
         self.conns.append(conn)
+
         def beat() -> None:
             while not self._stopped.wait(1.0):
                 try:
@@ -202,7 +208,7 @@ class Watchdog:
             while not self._stopped.is_set():
                 try:
                     data = conn.recv(4096)
-                except socket.timeout:
+                except TimeoutError:
                     self.lost(f"{who} sent no heartbeat for {self.timeout:.0f} s (its host is down or unreachable)")
                     return
                 except OSError as exc:
@@ -211,7 +217,7 @@ class Watchdog:
                         self.lost(f"lost {who}: {exc}")
                         return
                 if b"!" in data or notice:  # rank 0 names the rank it lost
-                    notice += data[data.index(b"!") + 1:] if not notice else data
+                    notice += data[data.index(b"!") + 1 :] if not notice else data
                     if b"\n" in notice or not data:
                         self.lost(f"{who} reports: " + notice.split(b"\n")[0].decode(errors="replace"))
                         return
@@ -250,8 +256,10 @@ def _all_sum_sweep(group, opts, log) -> list[dict]:
         row = {"bytes": nbytes, **summary(checked, nbytes), "bare": summary(bare, nbytes)}
         row["overhead_pct"] = (row["median_s"] / row["bare"]["median_s"] - 1) * 100
         rows.append(row)
-        log(f"all_sum {nbytes:>10} B  {row['median_s'] * 1e6:10.1f} us  {row['avg_gbps']:8.3f} Gb/s avg"
-            f"  {row['peak_gbps']:8.3f} Gb/s peak  bare {row['bare']['median_s'] * 1e6:10.1f} us")
+        log(
+            f"all_sum {nbytes:>10} B  {row['median_s'] * 1e6:10.1f} us  {row['avg_gbps']:8.3f} Gb/s avg"
+            f"  {row['peak_gbps']:8.3f} Gb/s peak  bare {row['bare']['median_s'] * 1e6:10.1f} us"
+        )
     return rows
 
 
@@ -279,8 +287,14 @@ def _pair_sweep(group, opts) -> list[dict]:
         mine.append(statistics.median(samples) if samples and group.rank() == dst else 0.0)
     medians = mx.distributed.all_sum(mx.array(mine, dtype=mx.float32), group=group).tolist()
     return [
-        {"src": src, "dst": dst, "bytes": opts.pair_size, "iters": n, "median_s": t,
-         "median_gbps": opts.pair_size * 8 / t / 1e9 if t > 0 else None}
+        {
+            "src": src,
+            "dst": dst,
+            "bytes": opts.pair_size,
+            "iters": n,
+            "median_s": t,
+            "median_gbps": opts.pair_size * 8 / t / 1e9 if t > 0 else None,
+        }
         for (src, dst), t in zip(pairs, medians)
     ]
 
@@ -312,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mjc-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=parse_size, nargs="+", default=DEFAULT_SIZES, help="all_sum sizes (4K .. 256M)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of checked and bare loops per size")
-    p.add_argument("--budget", type=parse_size, default=256 * MB, help="bytes moved per size and round (sets iterations)")
+    p.add_argument(
+        "--budget", type=parse_size, default=256 * MB, help="bytes moved per size and round (sets iterations)"
+    )
     p.add_argument("--min-iters", type=int, default=3)
     p.add_argument("--max-iters", type=int, default=200)
     p.add_argument("--latency-iters", type=int, default=500, help="1-element all_sum samples")
@@ -320,8 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", action="store_true", help="send/recv between every pair of ranks")
     p.add_argument("--pair-size", type=parse_size, default=16 * MB)
     p.add_argument("--out", type=Path, help="where rank 0 writes the JSON (default: stdout)")
-    p.add_argument("--peer-timeout", type=float, default=10.0,
-                   help="seconds without a heartbeat before a rank counts as lost (the watchdog on MJC_CONTROL)")
+    p.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=10.0,
+        help="seconds without a heartbeat before a rank counts as lost (the watchdog on MJC_CONTROL)",
+    )
     p.add_argument("--join-timeout", type=float, default=120.0, help="seconds for every rank to join the watchdog")
     return p
 

@@ -46,8 +46,8 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 log = logging.getLogger("mjc.cluster")
 
@@ -260,7 +260,9 @@ class Leader:
                 return
             ip = addr[0]
             if ip not in self.allowed_ips:
-                log.warning("refused control connection from %s: not a configured peer %s", ip, sorted(self.allowed_ips))
+                log.warning(
+                    "refused control connection from %s: not a configured peer %s", ip, sorted(self.allowed_ips)
+                )
                 sock.close()
                 continue
             self._hold(sock)
@@ -278,8 +280,12 @@ class Leader:
                 self._pending.pop(s, None)
             self._pending[sock] = now
         if expired:
-            log.warning("dropped %d control connection(s) still mid-handshake (limit %d, %.0f s each)",
-                        len(expired), self.pending_limit, HANDSHAKE_TIMEOUT)
+            log.warning(
+                "dropped %d control connection(s) still mid-handshake (limit %d, %.0f s each)",
+                len(expired),
+                self.pending_limit,
+                HANDSHAKE_TIMEOUT,
+            )
         for s in expired:
             _drop(s)
 
@@ -430,12 +436,24 @@ class Leader:
         and the memory figures of its last heartbeat (rank 0's own are read now)."""
         now = time.monotonic()
         up = not self.live.lost
-        view = {0: {"host": socket.gethostname(), "address": self.bind[0], "up": up, "silent_s": 0.0,
-                    "memory": self.stats()}}
+        view = {
+            0: {
+                "host": socket.gethostname(),
+                "address": self.bind[0],
+                "up": up,
+                "silent_s": 0.0,
+                "memory": self.stats(),
+            }
+        }
         for rank, p in sorted(self.peers.items()):
             silent = now - p.last_seen
-            view[rank] = {"host": p.host, "address": p.address, "silent_s": round(silent, 3), "memory": dict(p.stats),
-                          "up": up and p.ready and silent <= self.live.deadline}
+            view[rank] = {
+                "host": p.host,
+                "address": p.address,
+                "silent_s": round(silent, 3),
+                "memory": dict(p.stats),
+                "up": up and p.ready and silent <= self.live.deadline,
+            }
         return view
 
 
@@ -487,15 +505,21 @@ class Follower:
             except (AuthFailed, ChannelClosed, OSError) as exc:
                 now = time.monotonic()
                 if now - last_log >= self.log_every or isinstance(exc, AuthFailed):
-                    log.warning("the process at %s:%d did not prove the cluster secret (%s): not rank 0 of this "
-                                "cluster, or a different MJC_CLUSTER_SECRET_FILE; retrying", *self.control, exc)
+                    log.warning(
+                        "the process at %s:%d did not prove the cluster secret (%s): not rank 0 of this "
+                        "cluster, or a different MJC_CLUSTER_SECRET_FILE; retrying",
+                        *self.control,
+                        exc,
+                    )
                     last_log = now
                 _drop(sock)
                 time.sleep(1.0)
                 continue
             sock.settimeout(None)
             try:
-                send_frame(sock, HELLO, _dumps({"rank": self.rank, "config": self.config, "host": socket.gethostname()}))
+                send_frame(
+                    sock, HELLO, _dumps({"rank": self.rank, "config": self.config, "host": socket.gethostname()})
+                )
                 kind, payload = recv_frame(sock)
             except (ChannelClosed, OSError) as exc:
                 log.info("rank 0 closed the connection during rendezvous (%s); retrying", exc)

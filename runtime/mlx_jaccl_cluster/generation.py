@@ -31,7 +31,7 @@ class SamplingDefaults:
     sources: dict
 
     @classmethod
-    def resolve(cls, settings: dict, generation_config: dict) -> "SamplingDefaults":
+    def resolve(cls, settings: dict, generation_config: dict) -> SamplingDefaults:
         """``settings``: the cluster's overrides (None where unset); ``generation_config``:
         the fields the model's file gives (already checked)."""
         values, sources = {}, {}
@@ -75,7 +75,7 @@ class SamplingParams:
         return data
 
     @classmethod
-    def from_wire(cls, data: dict) -> "SamplingParams":
+    def from_wire(cls, data: dict) -> SamplingParams:
         data = dict(data)
         data["logit_bias"] = {int(k): float(v) for k, v in data.get("logit_bias", [])}
         return cls(**data)
@@ -104,7 +104,7 @@ class GenerationRequest:
         return data
 
     @classmethod
-    def from_wire(cls, data: dict) -> "GenerationRequest":
+    def from_wire(cls, data: dict) -> GenerationRequest:
         return cls(
             prompt_tokens=list(data["prompt"]),
             max_tokens=int(data["max_tokens"]),

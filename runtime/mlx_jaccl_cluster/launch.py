@@ -69,8 +69,9 @@ class LocalGroup:
 
     def spawn(self, rank: int) -> subprocess.Popen:
         """Start (or restart) one rank; its output goes to its log file."""
-        proc = subprocess.Popen(self.argv, env=self.rank_env(rank), stdout=self.logs[rank].open("a"),
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            self.argv, env=self.rank_env(rank), stdout=self.logs[rank].open("a"), stderr=subprocess.STDOUT
+        )
         self.procs[rank] = proc
         return proc
 
@@ -99,7 +100,9 @@ class LocalGroup:
         while time.monotonic() < deadline:
             for rank, p in enumerate(self.procs):
                 if p is not None and p.poll() is not None:
-                    raise RuntimeError(f"rank {rank} exited with {p.returncode} before the group was ready\n{self.all_logs()}")
+                    raise RuntimeError(
+                        f"rank {rank} exited with {p.returncode} before the group was ready\n{self.all_logs()}"
+                    )
             status, last = self.health()
             if status == 200 and isinstance(last, dict):
                 return last
@@ -172,18 +175,32 @@ def start_group(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlx_jaccl_cluster.launch", description="Start N ranks on this machine over MLX ring on loopback.")
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_jaccl_cluster.launch",
+        description="Start N ranks on this machine over MLX ring on loopback.",
+    )
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--parallel", choices=["auto", "tensor", "pipeline"], default="auto")
-    parser.add_argument("--split", type=lambda v: [int(n) for n in v.split(",")], default=None,
-                        help="pipeline layers per rank, e.g. 10,20 (default: even)")
+    parser.add_argument(
+        "--split",
+        type=lambda v: [int(n) for n in v.split(",")],
+        default=None,
+        help="pipeline layers per rank, e.g. 10,20 (default: even)",
+    )
     parser.add_argument("--api-port", type=int, default=8080)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mjc-launch"))
     parser.add_argument("rank_args", nargs="*", help="extra mjc-rank flags (after --)")
     opts = parser.parse_args(argv)
-    group = start_group(opts.model, opts.world, opts.workdir, parallel=opts.parallel, split=opts.split, args=tuple(opts.rank_args),
-                        api_port=opts.api_port)
+    group = start_group(
+        opts.model,
+        opts.world,
+        opts.workdir,
+        parallel=opts.parallel,
+        split=opts.split,
+        args=tuple(opts.rank_args),
+        api_port=opts.api_port,
+    )
     try:
         print(json.dumps(group.wait_ready()), flush=True)
         print(f"serving {group.api}  (logs: {opts.workdir}/rank*.log; Ctrl-C stops every rank)", flush=True)

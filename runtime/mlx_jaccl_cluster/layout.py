@@ -43,7 +43,7 @@ def _mlx_lm_dir() -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _remapping() -> dict:
     root = _mlx_lm_dir()
     if root is None:
@@ -55,7 +55,7 @@ def _remapping() -> dict:
     return {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def capabilities(model_type: str) -> tuple[bool, bool]:
     """``(shards, pipelines)``: whether mlx-lm's class for ``model_type`` has ``shard()``
     (tensor parallel) and its own ``pipeline()``. ``(False, False)`` when mlx-lm has no
@@ -83,8 +83,11 @@ def tensor_blockers(config: dict, world: int) -> list[str]:
     text = text_config(config)
     heads = text.get("num_attention_heads")
     counts = {"num_attention_heads": heads, "num_key_value_heads": text.get("num_key_value_heads", heads)}
-    return [f"{name} ({value}) is not divisible by {world}" for name, value in counts.items()
-            if isinstance(value, int) and value % world]
+    return [
+        f"{name} ({value}) is not divisible by {world}"
+        for name, value in counts.items()
+        if isinstance(value, int) and value % world
+    ]
 
 
 def tensor_world_sizes(config: dict, limit: int = 16) -> list[int]:
@@ -111,11 +114,15 @@ def choose(config: dict, world: int, requested: str = "auto") -> Layout:
     blockers = tensor_blockers(config, world)
     if requested == "tensor":
         if not shards:
-            raise LayoutError(f"model_type {model_type!r} has no tensor-parallel split in mlx-lm (no shard()); "
-                              "use parallel=pipeline or auto")
+            raise LayoutError(
+                f"model_type {model_type!r} has no tensor-parallel split in mlx-lm (no shard()); "
+                "use parallel=pipeline or auto"
+            )
         if blockers:
-            raise LayoutError(f"tensor parallel over {world} ranks cannot split this model: {'; '.join(blockers)}; it splits "
-                              f"over {tensor_world_sizes(config)} ranks, or use parallel=pipeline or auto")
+            raise LayoutError(
+                f"tensor parallel over {world} ranks cannot split this model: {'; '.join(blockers)}; it splits "
+                f"over {tensor_world_sizes(config)} ranks, or use parallel=pipeline or auto"
+            )
         return Layout("tensor", "requested")
     if requested == "pipeline":
         return Layout("pipeline", "requested", native_pipeline=pipelines)

@@ -72,10 +72,21 @@ def main(argv: list[str] | None = None) -> None:
     from .engine.core import Engine, memory_stats
     from .state import ClusterState
 
-    state = ClusterState(world_size=settings.world_size, backend=settings.backend, model_id=settings.served_model_id,
-                         links=backend_links(settings.backend))
-    state.ranks = lambda: {0: {"host": socket.gethostname(), "address": settings.api_host, "up": True,
-                               "silent_s": 0.0, "memory": memory_stats()}}
+    state = ClusterState(
+        world_size=settings.world_size,
+        backend=settings.backend,
+        model_id=settings.served_model_id,
+        links=backend_links(settings.backend),
+    )
+    state.ranks = lambda: {
+        0: {
+            "host": socket.gethostname(),
+            "address": settings.api_host,
+            "up": True,
+            "silent_s": 0.0,
+            "memory": memory_stats(),
+        }
+    }
     engine: Engine | None = None
     config = {
         "world_size": settings.world_size,
@@ -101,12 +112,23 @@ def main(argv: list[str] | None = None) -> None:
         _exit_soon(EXIT_CONFIG if config_error else EXIT_LOST, 1.0 if settings.rank == 0 else 0.0)
 
     channel = None
-    beat = dict(heartbeat_interval=settings.heartbeat_interval, heartbeat_misses=settings.heartbeat_misses,
-                stats=memory_stats, on_lost=lost, log_every=settings.rendezvous_log_every)
+    beat = dict(
+        heartbeat_interval=settings.heartbeat_interval,
+        heartbeat_misses=settings.heartbeat_misses,
+        stats=memory_stats,
+        on_lost=lost,
+        log_every=settings.rendezvous_log_every,
+    )
     if settings.world_size > 1:
         if settings.rank == 0:
-            channel = Leader(settings.control_address, settings.world_size, settings.peer_ips, config,
-                             secret=settings.secret(), **beat)
+            channel = Leader(
+                settings.control_address,
+                settings.world_size,
+                settings.peer_ips,
+                config,
+                secret=settings.secret(),
+                **beat,
+            )
             try:
                 channel.start()
             except OSError as exc:
@@ -130,8 +152,9 @@ def main(argv: list[str] | None = None) -> None:
 
     app = create_app(settings, state, engine)
     engine.start()
-    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level=settings.log_level,
-                timeout_graceful_shutdown=3)
+    uvicorn.run(
+        app, host=settings.api_host, port=settings.api_port, log_level=settings.log_level, timeout_graceful_shutdown=3
+    )
 
 
 if __name__ == "__main__":

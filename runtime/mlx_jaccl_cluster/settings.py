@@ -105,25 +105,29 @@ class Settings(BaseSettings):
     max_batch: int = Field(8, ge=1, description="Sequences decoded together.")
     prefill_step_size: int = Field(512, ge=16, description="Prompt tokens processed per step.")
     prompt_cache_size: int = Field(
-        8, ge=0,
+        8,
+        ge=0,
         description="Finished sequences whose KV cache is kept so that a later prompt starting the same way "
         "(a chat's next turn) skips that part of the prefill; 0 turns it off. Each entry costs this rank "
         "its shard of that sequence's KV cache.",
     )
     prompt_cache_bytes: int = Field(
-        2 << 30, ge=0,
+        2 << 30,
+        ge=0,
         description="KV memory the prompt cache may hold, in bytes of the whole model's KV cache (all ranks "
         "together; each rank holds its share). Counted as tokens x the per-token KV size from the model's "
         "config, so every rank evicts the same entries. 0: no byte bound (prompt_cache_size still applies).",
     )
     mlx_cache_limit: int = Field(
-        256 << 20, ge=0,
+        256 << 20,
+        ge=0,
         description="Bytes of freed buffers MLX keeps for reuse on each rank (mx.set_cache_limit); beyond it "
         "they go back to the system, so memory returns after a burst of long prompts.",
     )
 
     max_context: int | None = Field(
-        None, ge=16,
+        None,
+        ge=16,
         description="Most tokens (prompt + completion) one sequence may hold; longer requests get a 400. "
         "Default: the model's max_position_embeddings. The fit check sizes each rank's KV cache for "
         "max_batch sequences of this length.",
@@ -135,14 +139,18 @@ class Settings(BaseSettings):
     # --- the API (rank 0) --------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Address the API binds on rank 0.")
     api_port: int = Field(8080, gt=0, lt=65536, description="API port on rank 0.")
-    api_key: SecretStr | None = Field(None, description="When set, every route but /health needs 'Authorization: Bearer <key>'.")
+    api_key: SecretStr | None = Field(
+        None, description="When set, every route but /health needs 'Authorization: Bearer <key>'."
+    )
     max_queue: int = Field(32, ge=0, description="Requests that may wait for a batch slot; beyond it, 429.")
     max_body_bytes: int = Field(
-        4 << 20, ge=1024,
+        4 << 20,
+        ge=1024,
         description="Largest request body; larger ones get 413 before they are read (checked after the API key).",
     )
     api_key_failures: int = Field(
-        5, ge=1,
+        5,
+        ge=1,
         description="Wrong API keys one client address may send before each further one blocks it "
         "(1 s, doubling, at most 60 s; 429 while blocked).",
     )
@@ -151,21 +159,45 @@ class Settings(BaseSettings):
     # Sampling defaults for requests that leave the field out. Unset: the model's
     # generation_config.json, else OpenAI's default (generation.SAMPLING_DEFAULTS).
     default_temperature: float | None = Field(
-        None, ge=0.0, le=2.0, description="temperature when a request gives none (default: the model's generation_config.json, else 1.0).")
+        None,
+        ge=0.0,
+        le=2.0,
+        description="temperature when a request gives none (default: the model's generation_config.json, else 1.0).",
+    )
     default_top_p: float | None = Field(
-        None, gt=0.0, le=1.0, description="top_p when a request gives none (default: the model's generation_config.json, else 1.0).")
+        None,
+        gt=0.0,
+        le=1.0,
+        description="top_p when a request gives none (default: the model's generation_config.json, else 1.0).",
+    )
     default_top_k: int | None = Field(
-        None, ge=0, description="top_k when a request gives none, 0 = off (default: the model's generation_config.json, else 0).")
+        None,
+        ge=0,
+        description="top_k when a request gives none, 0 = off (default: the model's generation_config.json, else 0).",
+    )
     default_min_p: float | None = Field(
-        None, ge=0.0, le=1.0, description="min_p when a request gives none (default: the model's generation_config.json, else 0).")
+        None,
+        ge=0.0,
+        le=1.0,
+        description="min_p when a request gives none (default: the model's generation_config.json, else 0).",
+    )
     default_repetition_penalty: float | None = Field(
-        None, gt=0.0, le=10.0,
-        description="repetition_penalty when a request gives none (default: the model's generation_config.json, else none).")
+        None,
+        gt=0.0,
+        le=10.0,
+        description="repetition_penalty when a request gives none (default: the model's generation_config.json, else none).",
+    )
     max_schema_bytes: int = Field(
-        65536, ge=64, description="Largest JSON schema (response_format, a strict tool's parameters), in bytes of JSON; larger is a 400.")
+        65536,
+        ge=64,
+        description="Largest JSON schema (response_format, a strict tool's parameters), in bytes of JSON; larger is a 400.",
+    )
     max_schema_depth: int = Field(
-        32, ge=2, description="Deepest nesting of a JSON schema's own JSON (objects and arrays); deeper is a 400.")
-    keepalive_interval: float = Field(5.0, gt=0, description="Seconds between SSE keepalive comments while nothing is sent.")
+        32, ge=2, description="Deepest nesting of a JSON schema's own JSON (objects and arrays); deeper is a 400."
+    )
+    keepalive_interval: float = Field(
+        5.0, gt=0, description="Seconds between SSE keepalive comments while nothing is sent."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # --- the link probe (rank 0 decides, every rank runs it; only while idle) -----
@@ -180,7 +212,8 @@ class Settings(BaseSettings):
     probe_step_iters: int = Field(2, ge=1, description="Collectives timed in each probe step.")
 
     generic_pipeline: bool = Field(
-        False, description="Use the generic pipeline split even where mlx-lm's class has its own pipeline() "
+        False,
+        description="Use the generic pipeline split even where mlx-lm's class has its own pipeline() "
         "(to compare the two; benchmarks/layout_bench.py).",
     )
 
@@ -197,7 +230,9 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             parts = [p.strip() for p in value.split(",") if p.strip()]
             if not all(p.isdigit() for p in parts):
-                raise ValueError(f"pipeline_split (MJC_PIPELINE_SPLIT) must be comma-separated layer counts, e.g. 10,20 (got {value!r})")
+                raise ValueError(
+                    f"pipeline_split (MJC_PIPELINE_SPLIT) must be comma-separated layer counts, e.g. 10,20 (got {value!r})"
+                )
             return [int(p) for p in parts]
         return value
 
@@ -207,11 +242,13 @@ class Settings(BaseSettings):
         return None if value == "" else value
 
     @model_validator(mode="after")
-    def _derive_and_check(self) -> "Settings":
+    def _derive_and_check(self) -> Settings:
         if self.world_size is None:
             self.world_size = backend_world_size(self.backend)
         if self.rank >= self.world_size:
-            raise ValueError(f"rank {self.rank} is outside world size {self.world_size} (ranks are 0..{self.world_size - 1})")
+            raise ValueError(
+                f"rank {self.rank} is outside world size {self.world_size} (ranks are 0..{self.world_size - 1})"
+            )
         if self.world_size > 1:
             if not self.control:
                 raise ValueError("control (MJC_CONTROL=HOST:PORT of rank 0) is required when world size > 1")
@@ -222,8 +259,10 @@ class Settings(BaseSettings):
         if self.parallel == "pipeline" and self.world_size < 2:
             raise ValueError("parallel=pipeline needs at least 2 ranks")
         if self.pipeline_split and len(self.pipeline_split) != self.world_size:
-            raise ValueError(f"pipeline_split {self.pipeline_split} has {len(self.pipeline_split)} entries for "
-                             f"{self.world_size} ranks; give one layer count per rank")
+            raise ValueError(
+                f"pipeline_split {self.pipeline_split} has {len(self.pipeline_split)} entries for "
+                f"{self.world_size} ranks; give one layer count per rank"
+            )
         if self.pipeline_split and self.parallel == "tensor":
             raise ValueError("pipeline_split is set but parallel=tensor; drop the split or use parallel=pipeline/auto")
         return self
@@ -244,8 +283,10 @@ class Settings(BaseSettings):
 
     def secret(self) -> bytes:
         """The cluster secret (from cluster_secret, else cluster_secret_file); ValueError says how to set one."""
-        how = ("set MJC_CLUSTER_SECRET_FILE to a file only this account can read holding the same secret on every "
-               "rank (the playbooks render one; by hand: `openssl rand -hex 24 > FILE && chmod 600 FILE`)")
+        how = (
+            "set MJC_CLUSTER_SECRET_FILE to a file only this account can read holding the same secret on every "
+            "rank (the playbooks render one; by hand: `openssl rand -hex 24 > FILE && chmod 600 FILE`)"
+        )
         if self.cluster_secret is not None:
             value = self.cluster_secret.get_secret_value()
         elif self.cluster_secret_file is not None:
@@ -256,8 +297,9 @@ class Settings(BaseSettings):
             except OSError as exc:
                 raise ValueError(f"cluster_secret_file {path} cannot be read ({exc.strerror}); {how}") from None
             if mode & 0o077:
-                raise ValueError(f"cluster_secret_file {path} is readable by others (mode {mode & 0o777:o}); "
-                                 f"run `chmod 600 {path}`")
+                raise ValueError(
+                    f"cluster_secret_file {path} is readable by others (mode {mode & 0o777:o}); run `chmod 600 {path}`"
+                )
         else:
             raise ValueError(f"a group of {self.world_size} ranks needs a cluster secret: {how}")
         if len(value) < 16:

@@ -55,7 +55,7 @@ class Marker:
     lark: str
 
     @classmethod
-    def of(cls, text: str, tokens) -> "Marker":
+    def of(cls, text: str, tokens) -> Marker:
         if tokens and len(tokens) == 1:
             return cls(f"<[{int(tokens[0])}]>")
         return cls(json.dumps(text))
@@ -80,7 +80,9 @@ class Grammars:
 
             hf = getattr(tokenizer, "_tokenizer", tokenizer)
             n_vocab = max(vocab_size or 0, len(hf)) or None
-            self.lltokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=n_vocab, eos_token=sorted(tokenizer.eos_token_ids))
+            self.lltokenizer = llguidance.hf.from_tokenizer(
+                hf, n_vocab=n_vocab, eos_token=sorted(tokenizer.eos_token_ids)
+            )
         except Exception as exc:  # slow (Python) tokenizers, odd vocabularies...
             self.unsupported = f"llguidance cannot use this model's tokenizer ({type(exc).__name__}: {exc})"
 
@@ -106,8 +108,15 @@ class Grammars:
         lines = [f"start: {prefix} answer", f"answer: %json {self._inline(body)}", think]
         return self._lark(lines, field)
 
-    def for_tools(self, tools: list[dict], choice: str | dict, parallel: bool, answer: dict | None,
-                  reasoning_first: bool, why: str = "tool_choice") -> str:
+    def for_tools(
+        self,
+        tools: list[dict],
+        choice: str | dict,
+        parallel: bool,
+        answer: dict | None,
+        reasoning_first: bool,
+        why: str = "tool_choice",
+    ) -> str:
         """The grammar of a reply that calls ``tools`` (OpenAI function tools, as dicts).
 
         ``choice``: "required" (one call or more, nothing else), ``{"name": ...}`` (a
@@ -123,8 +132,10 @@ class Grammars:
             chosen = [t for t in tools if t["function"]["name"] == choice["name"]]
             if not chosen:
                 names = ", ".join(t["function"]["name"] for t in tools)
-                raise StructuredError(f"tool_choice names function {choice['name']!r}, which is not among the "
-                                      f"request's tools ({names})", "tool_choice")
+                raise StructuredError(
+                    f"tool_choice names function {choice['name']!r}, which is not among the request's tools ({names})",
+                    "tool_choice",
+                )
         strict_all = choice != "auto"
         variants = []
         for tool in chosen:
@@ -138,12 +149,14 @@ class Grammars:
                 params = self._check_schema(params, param_name)
             else:
                 params = {"type": "object"}
-            variants.append({
-                "type": "object",
-                "properties": {"name": {"const": fn["name"]}, "arguments": params},
-                "required": ["name", "arguments"],
-                "additionalProperties": False,
-            })
+            variants.append(
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": fn["name"]}, "arguments": params},
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+            )
         call_schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
         self._check_size(call_schema, "tools")
         lines = [
@@ -159,7 +172,9 @@ class Grammars:
             lines.insert(0, f"start: {prefix}calls")
         elif answer is not None:
             lines.insert(0, f"start: {prefix}(answer | calls)")
-            lines.append(f"answer: %json {self._inline(self._check_schema(answer, 'response_format.json_schema.schema'))}")
+            lines.append(
+                f"answer: %json {self._inline(self._check_schema(answer, 'response_format.json_schema.schema'))}"
+            )
         else:
             # Free text that does not open a call, then calls or none.
             lines.insert(0, f"start: {prefix}TEXT? calls?")
@@ -169,21 +184,30 @@ class Grammars:
     # --- helpers -----------------------------------------------------------------
     def _require_tokenizer(self, param: str) -> None:
         if self.lltokenizer is None:
-            raise StructuredError(f"{param} needs constrained decoding, and {self.unsupported}; send the request "
-                                  "without it, or serve a model with a fast (tokenizer.json) tokenizer", param)
+            raise StructuredError(
+                f"{param} needs constrained decoding, and {self.unsupported}; send the request "
+                "without it, or serve a model with a fast (tokenizer.json) tokenizer",
+                param,
+            )
 
     def _call_format(self, why: str):
         tok = self.tokenizer
         parser = getattr(tok, "tool_parser", None)
         family = getattr(parser, "__module__", "").rpartition(".")[2] if parser is not None else None
         if not getattr(tok, "has_tool_calling", False) or family is None:
-            raise StructuredError("this model has no tool-call format mlx-lm knows, so a call cannot be forced; "
-                                  "send tool_choice 'auto' or 'none'", why)
+            raise StructuredError(
+                "this model has no tool-call format mlx-lm knows, so a call cannot be forced; "
+                "send tool_choice 'auto' or 'none'",
+                why,
+            )
         if family not in JSON_CALL_FAMILIES:
-            raise StructuredError(f"forcing a tool call (tool_choice 'required' or a named function, strict tools, "
-                                  f"parallel_tool_calls false) is not supported for this model's tool-call format "
-                                  f"({family!r}; supported: {', '.join(sorted(JSON_CALL_FAMILIES))}); "
-                                  "send tool_choice 'auto' with non-strict tools", why)
+            raise StructuredError(
+                f"forcing a tool call (tool_choice 'required' or a named function, strict tools, "
+                f"parallel_tool_calls false) is not supported for this model's tool-call format "
+                f"({family!r}; supported: {', '.join(sorted(JSON_CALL_FAMILIES))}); "
+                "send tool_choice 'auto' with non-strict tools",
+                why,
+            )
         before, after, between = JSON_CALL_FAMILIES[family]
         start = Marker.of(tok.tool_call_start, tok.tool_call_start_tokens)
         end = Marker.of(tok.tool_call_end, tok.tool_call_end_tokens)
@@ -195,8 +219,11 @@ class Grammars:
         tok = self.tokenizer
         end_text = getattr(tok, "think_end", None)
         if not end_text:
-            raise StructuredError("the prompt opens a think block but the model names no end marker; "
-                                  "send chat_template_kwargs {\"enable_thinking\": false}", param)
+            raise StructuredError(
+                "the prompt opens a think block but the model names no end marker; "
+                'send chat_template_kwargs {"enable_thinking": false}',
+                param,
+            )
         end = Marker.of(end_text, getattr(tok, "think_end_tokens", None))
         return f"THINK {end.lark}", f"THINK: /(?s:.*)/ & ~/(?s:.*{_regex_literal(end_text)}.*)/"
 
@@ -214,12 +241,18 @@ class Grammars:
     def _check_size(self, schema, param: str) -> None:
         size = len(json.dumps(schema))
         if size > self.max_bytes:
-            raise StructuredError(f"{param} is {size} bytes of JSON; this server takes at most {self.max_bytes} "
-                                  "(setting max_schema_bytes)", param)
+            raise StructuredError(
+                f"{param} is {size} bytes of JSON; this server takes at most {self.max_bytes} "
+                "(setting max_schema_bytes)",
+                param,
+            )
         depth = schema_depth(schema)
         if depth > self.max_depth:
-            raise StructuredError(f"{param} is nested {depth} levels deep; this server takes at most {self.max_depth} "
-                                  "(setting max_schema_depth)", param)
+            raise StructuredError(
+                f"{param} is nested {depth} levels deep; this server takes at most {self.max_depth} "
+                "(setting max_schema_depth)",
+                param,
+            )
 
     @staticmethod
     def _inline(schema: dict) -> str:

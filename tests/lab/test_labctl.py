@@ -24,8 +24,7 @@ UNIT = "mjc-labprobe"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0,
-                       reason="builds namespaces: Linux and root only"),
+    pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0, reason="builds namespaces: Linux and root only"),
 ]
 
 
@@ -36,8 +35,7 @@ def ansible_tool(name):
 
 
 def labctl(*args, check=True):
-    proc = subprocess.run([sys.executable, str(LABCTL), *args], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(LABCTL), *args], capture_output=True, text=True, timeout=120)
     if check:
         assert proc.returncode == 0, f"labctl {args[0]} failed:\n{proc.stdout}{proc.stderr}"
     return proc
@@ -50,16 +48,18 @@ class Lab:
 
     def up(self):
         started = time.monotonic()
-        labctl("up", "--state-dir", str(self.dir), "--hosts", str(HOSTS),
-               "--lab", LAB, "--subnet", SUBNET)
+        labctl("up", "--state-dir", str(self.dir), "--hosts", str(HOSTS), "--lab", LAB, "--subnet", SUBNET)
         self.timings["up"] = time.monotonic() - started
 
     def ssh(self, rank, command, check=True):
-        proc = subprocess.run(["ssh", "-F", str(self.dir / "ssh_config"), NAMES[rank],
-                               command], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["ssh", "-F", str(self.dir / "ssh_config"), NAMES[rank], command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if check:
-            assert proc.returncode == 0, (f"{NAMES[rank]}: `{command}` rc "
-                                          f"{proc.returncode}:\n{proc.stdout}{proc.stderr}")
+            assert proc.returncode == 0, f"{NAMES[rank]}: `{command}` rc {proc.returncode}:\n{proc.stdout}{proc.stderr}"
         return proc
 
 
@@ -98,8 +98,7 @@ def test_systemctl_user_answers_on_each_host(lab):
 
 
 def unit_props(lab, rank):
-    out = lab.ssh(rank, "systemctl --user show -p ActiveState,MainPID,InvocationID,"
-                        f"TasksCurrent {UNIT}")
+    out = lab.ssh(rank, f"systemctl --user show -p ActiveState,MainPID,InvocationID,TasksCurrent {UNIT}")
     return dict(line.split("=", 1) for line in out.stdout.splitlines())
 
 
@@ -107,9 +106,11 @@ def test_restarting_a_unit_on_one_host_leaves_the_same_unit_on_another(lab):
     """Hosts share one kernel: without a cgroup tree each, the hosts' managers would
     share one cgroup per unit name, count (and limit) each other's processes, and
     restarting the unit on node1 could kill node0's processes."""
-    install = (f"mkdir -p ~/.config/systemd/user && printf '[Service]\\n"
-               f"ExecStart=/bin/sleep 600\\n' > ~/.config/systemd/user/{UNIT}.service"
-               f" && systemctl --user daemon-reload && systemctl --user start {UNIT}")
+    install = (
+        f"mkdir -p ~/.config/systemd/user && printf '[Service]\\n"
+        f"ExecStart=/bin/sleep 600\\n' > ~/.config/systemd/user/{UNIT}.service"
+        f" && systemctl --user daemon-reload && systemctl --user start {UNIT}"
+    )
     try:
         for rank in (0, 1):
             lab.ssh(rank, install)
@@ -127,14 +128,17 @@ def test_restarting_a_unit_on_one_host_leaves_the_same_unit_on_another(lab):
         lab.ssh(0, f"kill -0 {after0['MainPID']}")
     finally:
         for rank in (0, 1):
-            lab.ssh(rank, f"systemctl --user stop {UNIT}; "
-                          f"rm -f ~/.config/systemd/user/{UNIT}.service", check=False)
+            lab.ssh(rank, f"systemctl --user stop {UNIT}; rm -f ~/.config/systemd/user/{UNIT}.service", check=False)
 
 
 def test_inventory_gives_each_host_its_rank_and_ip(lab):
-    out = subprocess.run([ansible_tool("ansible-inventory"), "--list",
-                          "-i", str(lab.dir / "inventory.yml")],
-                         capture_output=True, text=True, check=True, cwd=lab.dir).stdout
+    out = subprocess.run(
+        [ansible_tool("ansible-inventory"), "--list", "-i", str(lab.dir / "inventory.yml")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=lab.dir,
+    ).stdout
     inventory = json.loads(out)
     assert inventory["mlx_cluster"]["hosts"] == NAMES
     for rank, name in enumerate(NAMES):
@@ -146,9 +150,13 @@ def test_inventory_gives_each_host_its_rank_and_ip(lab):
 
 def test_ansible_ping_reaches_every_host(lab):
     started = time.monotonic()
-    proc = subprocess.run([ansible_tool("ansible"), "mlx_cluster", "-m", "ansible.builtin.ping",
-                           "-i", str(lab.dir / "inventory.yml")],
-                          capture_output=True, text=True, timeout=120, cwd=lab.dir)
+    proc = subprocess.run(
+        [ansible_tool("ansible"), "mlx_cluster", "-m", "ansible.builtin.ping", "-i", str(lab.dir / "inventory.yml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=lab.dir,
+    )
     lab.timings["ansible ping"] = time.monotonic() - started
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in NAMES:
@@ -156,8 +164,7 @@ def test_ansible_ping_reaches_every_host(lab):
 
 
 def test_up_refuses_a_subnet_in_use(lab, tmp_path):
-    proc = labctl("up", "--state-dir", str(tmp_path), "--lab", "mjcother",
-                  "--subnet", SUBNET, check=False)
+    proc = labctl("up", "--state-dir", str(tmp_path), "--lab", "mjcother", "--subnet", SUBNET, check=False)
     assert proc.returncode == 1
     assert f"subnet {SUBNET} is in use" in proc.stderr
     assert not os.path.exists(tmp_path / "inventory.yml")
@@ -165,8 +172,9 @@ def test_up_refuses_a_subnet_in_use(lab, tmp_path):
 
 
 def test_up_after_a_crash_rebuilds_the_lab(lab):
-    pids = subprocess.run(["ip", "netns", "pids", f"{LAB}-node0"], capture_output=True,
-                          text=True, check=True).stdout.split()
+    pids = subprocess.run(
+        ["ip", "netns", "pids", f"{LAB}-node0"], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert pids
     subprocess.run(["kill", "-KILL", *pids], check=True)
     status = labctl("status", "--state-dir", str(lab.dir), check=False)
@@ -190,10 +198,14 @@ def test_down_leaves_no_namespace_link_process_or_cgroup(lab):
     state = json.loads((lab.dir / "lab.json").read_text())
     namespaces = [h["netns"] for h in state["hosts"]]
     netns_inodes = {os.stat(f"/run/netns/{ns}").st_ino for ns in namespaces}
-    pids = {int(p) for ns in namespaces for p in subprocess.run(
-        ["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()}
-    cgroups = [Path(m["mountpoint"] + m["cgroup"].rstrip("/")) / f"{LAB}-lab"
-               for m in state["cgroup_mounts"] if "cgroup" in m]
+    pids = {
+        int(p)
+        for ns in namespaces
+        for p in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+    }
+    cgroups = [
+        Path(m["mountpoint"] + m["cgroup"].rstrip("/")) / f"{LAB}-lab" for m in state["cgroup_mounts"] if "cgroup" in m
+    ]
     assert pids and all(c.is_dir() for c in cgroups)
 
     started = time.monotonic()

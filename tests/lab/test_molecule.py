@@ -31,20 +31,34 @@ TAIL_LINES = 120
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0,
-                       reason="builds namespaces: Linux and root only"),
+    pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0, reason="builds namespaces: Linux and root only"),
     pytest.mark.skipif(not (BIN / "molecule").exists(), reason="molecule is not installed next to this Python"),
 ]
 
 
 def run_molecule(args: list[str], ephemeral: Path) -> tuple[int | None, list[tuple[float, str]]]:
     """Run molecule; (return code or None on timeout, [(seconds since start, line)])."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "MOLECULE_EPHEMERAL_DIRECTORY": str(ephemeral), "NO_COLOR": "1", "PY_COLORS": "0",
-           "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MOLECULE_EPHEMERAL_DIRECTORY": str(ephemeral),
+        "NO_COLOR": "1",
+        "PY_COLORS": "0",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
     started = time.monotonic()
-    proc = subprocess.Popen([str(BIN / "molecule"), *args], cwd=REPO, env=env, text=True, errors="replace",
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "molecule"), *args],
+        cwd=REPO,
+        env=env,
+        text=True,
+        errors="replace",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     lines: list[tuple[float, str]] = []
     timed_out = []
 
@@ -96,8 +110,12 @@ def test_molecule_test_passes(tmp_path):
     finally:  # the scenario's destroy normally did this; after a timeout it did not
         log.write_text("".join(f"{t:8.2f} {BORDER.sub('', line)}\n" for t, line in lines))
         try:
-            subprocess.run([sys.executable, str(LABCTL), "down", "--state-dir", str(ephemeral / "lab")],
-                           capture_output=True, text=True, timeout=300)
+            subprocess.run(
+                [sys.executable, str(LABCTL), "down", "--state-dir", str(ephemeral / "lab")],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
         except subprocess.TimeoutExpired:
             print(f"labctl down took over 300 s; run it again: {LABCTL} down --state-dir {ephemeral / 'lab'}")
     print("\nmolecule test steps (s): " + ", ".join(f"{k} {v:.1f}" for k, v in step_seconds(lines)))
@@ -105,5 +123,8 @@ def test_molecule_test_passes(tmp_path):
         return
     tail = "\n".join(BORDER.sub("", line) for _, line in lines[-TAIL_LINES:])
     why = f"timed out after {TIMEOUT_S} s" if rc is None else f"exited {rc}"
-    pytest.fail(f"molecule test {why}\n\n{verify_failures(ephemeral / 'verify-junit.xml')}\n\n"
-                f"--- last {TAIL_LINES} lines of molecule's output (all of it: {log})\n{tail}", pytrace=False)
+    pytest.fail(
+        f"molecule test {why}\n\n{verify_failures(ephemeral / 'verify-junit.xml')}\n\n"
+        f"--- last {TAIL_LINES} lines of molecule's output (all of it: {log})\n{tail}",
+        pytrace=False,
+    )

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 import yaml
-
 from local_cluster import ROOT
+
 from mlx_jaccl_cluster.launch import free_ports
 
 

@@ -12,10 +12,13 @@ ROOT = Path(__file__).resolve().parents[2]
 PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 
 
-def playbook(inv: Path, path: str, *args: str, rcs: tuple[int, ...] = (0,), timeout: float = 900) -> subprocess.CompletedProcess:
+def playbook(
+    inv: Path, path: str, *args: str, rcs: tuple[int, ...] = (0,), timeout: float = 900
+) -> subprocess.CompletedProcess:
     """Run one playbook on ``inv``; fail the test unless its exit code is in ``rcs``."""
-    proc = subprocess.run([str(PLAYBOOK), "-i", str(inv), path, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [str(PLAYBOOK), "-i", str(inv), path, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode in rcs, f"rc={proc.returncode}\n" + proc.stdout[-6000:] + proc.stderr[-3000:]
     return proc
 

@@ -15,15 +15,25 @@ PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 
 
 def _download(tmp_path: Path, extra: dict) -> subprocess.CompletedProcess:
-    extra = extra | {"cluster_install_prefix": str(tmp_path / "prefix"), "cluster_controller_cache": str(tmp_path / "cache")}
-    return subprocess.run([str(PLAYBOOK), "-i", "inventory/local", "playbooks/download.yml", "-e", json.dumps(extra)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    extra = extra | {
+        "cluster_install_prefix": str(tmp_path / "prefix"),
+        "cluster_controller_cache": str(tmp_path / "cache"),
+    }
+    return subprocess.run(
+        [str(PLAYBOOK), "-i", "inventory/local", "playbooks/download.yml", "-e", json.dumps(extra)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_model_is_fetched_on_the_controller_only(tmp_path):
     model = build_tiny_model(tmp_path / "tiny", arch="llama")
-    proc = _download(tmp_path, {"cluster_model_source": "local", "cluster_model_local_path": str(model),
-                                "cluster_model_name": "tiny"})
+    proc = _download(
+        tmp_path,
+        {"cluster_model_source": "local", "cluster_model_local_path": str(model), "cluster_model_name": "tiny"},
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     manifest = json.loads((model / "mjc-manifest.json").read_text())

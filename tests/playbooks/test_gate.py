@@ -66,24 +66,53 @@ def test_site_runs_the_read_only_readiness_before_any_node_changes():
 
 def inventory(tmp_path: Path, **rank2: object) -> Path:
     path = tmp_path / "hosts.yml"
-    path.write_text(json.dumps({"all": {"children": {"mlx_cluster": {
-        "hosts": {f"rank{i}": {"cluster_rank": i, "cluster_ring_port": 32700 + i, "cluster_unit_name": f"gate{i}"}
-                  | (rank2 if i == 2 else {}) for i in range(3)},
-        "vars": {"ansible_connection": "local", "ansible_host": "127.0.0.1", "cluster_ips": ["127.0.0.1"],
-                 "ansible_python_interpreter": sys.executable, "cluster_python": sys.executable,
-                 "cluster_backend": "ring", "cluster_model_source": "local", "cluster_model_name": "m",
-                 "cluster_model_local_path": str(tmp_path / "model"), "cluster_api_host": "127.0.0.1",
-                 "cluster_install_prefix": str(tmp_path / "prefix"), "cluster_model_path": str(tmp_path / "prefix/m"),
-                 "cluster_controller_cache": str(tmp_path / "cache")}}}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "all": {
+                    "children": {
+                        "mlx_cluster": {
+                            "hosts": {
+                                f"rank{i}": {
+                                    "cluster_rank": i,
+                                    "cluster_ring_port": 32700 + i,
+                                    "cluster_unit_name": f"gate{i}",
+                                }
+                                | (rank2 if i == 2 else {})
+                                for i in range(3)
+                            },
+                            "vars": {
+                                "ansible_connection": "local",
+                                "ansible_host": "127.0.0.1",
+                                "cluster_ips": ["127.0.0.1"],
+                                "ansible_python_interpreter": sys.executable,
+                                "cluster_python": sys.executable,
+                                "cluster_backend": "ring",
+                                "cluster_model_source": "local",
+                                "cluster_model_name": "m",
+                                "cluster_model_local_path": str(tmp_path / "model"),
+                                "cluster_api_host": "127.0.0.1",
+                                "cluster_install_prefix": str(tmp_path / "prefix"),
+                                "cluster_model_path": str(tmp_path / "prefix/m"),
+                                "cluster_controller_cache": str(tmp_path / "cache"),
+                            },
+                        }
+                    }
+                }
+            }
+        )
+    )
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 3,
-                                                                "num_key_value_heads": 3}))
+    (tmp_path / "model" / "config.json").write_text(
+        json.dumps({"model_type": "llama", "num_attention_heads": 3, "num_key_value_heads": 3})
+    )
     return path
 
 
 def run(tmp_path: Path, inv: Path, playbook: Path | str, *args: str) -> tuple[int, str]:
-    proc = subprocess.run([str(PLAYBOOK), "-i", str(inv), str(playbook), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [str(PLAYBOOK), "-i", str(inv), str(playbook), *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -92,15 +121,42 @@ def test_a_host_dropped_in_an_earlier_play_stops_the_next_changing_play_by_name(
     other two. cluster_gate names rank2 and nothing of the changing play runs."""
     marker = tmp_path / "changed"
     book = tmp_path / "book.yml"
-    book.write_text(yaml.safe_dump([
-        {"name": "Drop rank2", "hosts": "mlx_cluster", "gather_facts": False,
-         "tasks": [{"name": "rank2 fails", "ansible.builtin.fail": {"msg": "gone"},
-                    "when": "inventory_hostname == 'rank2'"}]},
-        {"name": "Change", "hosts": "mlx_cluster", "gather_facts": False, "any_errors_fatal": True,
-         "max_fail_percentage": 0, "roles": ["cluster_gate"],
-         "tasks": [{"name": "a change", "ansible.builtin.file": {"path": f"{marker}-{{{{ inventory_hostname }}}}",
-                                                                   "state": "touch", "mode": "0644"}}]},
-    ]))
+    book.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "Drop rank2",
+                    "hosts": "mlx_cluster",
+                    "gather_facts": False,
+                    "tasks": [
+                        {
+                            "name": "rank2 fails",
+                            "ansible.builtin.fail": {"msg": "gone"},
+                            "when": "inventory_hostname == 'rank2'",
+                        }
+                    ],
+                },
+                {
+                    "name": "Change",
+                    "hosts": "mlx_cluster",
+                    "gather_facts": False,
+                    "any_errors_fatal": True,
+                    "max_fail_percentage": 0,
+                    "roles": ["cluster_gate"],
+                    "tasks": [
+                        {
+                            "name": "a change",
+                            "ansible.builtin.file": {
+                                "path": f"{marker}-{{{{ inventory_hostname }}}}",
+                                "state": "touch",
+                                "mode": "0644",
+                            },
+                        }
+                    ],
+                },
+            ]
+        )
+    )
     rc, out = run(tmp_path, inventory(tmp_path), book)
     assert rc != 0
     assert "rank2 is no longer in the run" in out, out[-3000:]

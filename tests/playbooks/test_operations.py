@@ -14,15 +14,21 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from local_cluster import PLAYBOOK, ROOT, changed, converge, playbook
 
 pytestmark = pytest.mark.slow
 
 INVENTORY = "local-tensor"  # read by the local_inventory fixture
 
-LINK_ARGS = json.dumps({"bench_sizes": ["4K", "64K", "1M"], "bench_rounds": 2, "bench_budget": "4M",
-                        "bench_latency_iters": 50, "bench_gather_sizes": ["64K"]})
+LINK_ARGS = json.dumps(
+    {
+        "bench_sizes": ["4K", "64K", "1M"],
+        "bench_rounds": 2,
+        "bench_budget": "4M",
+        "bench_latency_iters": 50,
+        "bench_gather_sizes": ["64K"],
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +120,24 @@ def test_link_bench_with_a_lost_rank_ends_fast_names_it_and_restores_the_service
     (without the watchdog a silent rank keeps them in a collective until the 30-minute task
     timeout), the playbook fails, the group serves again."""
     inv, prefix, api = cluster
-    long_sweep = json.dumps({"bench_sizes": ["16M"], "bench_rounds": 1000, "bench_budget": "1G",
-                             "bench_latency_iters": 50, "bench_gather_sizes": [], "bench_pairs_enabled": False,
-                             "bench_results_dir": str(tmp_path)})
-    run = subprocess.Popen([str(PLAYBOOK), "-i", str(inv), "playbooks/bench.yml", "-e", long_sweep], cwd=ROOT,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    long_sweep = json.dumps(
+        {
+            "bench_sizes": ["16M"],
+            "bench_rounds": 1000,
+            "bench_budget": "1G",
+            "bench_latency_iters": 50,
+            "bench_gather_sizes": [],
+            "bench_pairs_enabled": False,
+            "bench_results_dir": str(tmp_path),
+        }
+    )
+    run = subprocess.Popen(
+        [str(PLAYBOOK), "-i", str(inv), "playbooks/bench.yml", "-e", long_sweep],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     victim = None
     try:
         deadline = time.monotonic() + 300
@@ -131,7 +150,9 @@ def test_link_bench_with_a_lost_rank_ends_fast_names_it_and_restores_the_service
         os.kill(victim, signum)
         lost = time.monotonic()
         while {0, 2} & set(bench_pids(prefix)):
-            assert time.monotonic() - lost < 60, f"ranks still sweeping a minute after rank 1 was lost: {bench_pids(prefix)}"
+            assert time.monotonic() - lost < 60, (
+                f"ranks still sweeping a minute after rank 1 was lost: {bench_pids(prefix)}"
+            )
             time.sleep(0.5)
         gone_after = time.monotonic() - lost
         if signum == signal.SIGSTOP:
@@ -151,8 +172,15 @@ def test_link_bench_with_a_lost_rank_ends_fast_names_it_and_restores_the_service
 
 def test_api_bench(cluster, tmp_path):
     inv, _, _ = cluster
-    args = json.dumps({"bench_mode": "api", "bench_api_clients": [1, 2], "bench_api_tokens": 16, "bench_api_rounds": 1,
-                       "bench_results_dir": str(tmp_path)})
+    args = json.dumps(
+        {
+            "bench_mode": "api",
+            "bench_api_clients": [1, 2],
+            "bench_api_tokens": 16,
+            "bench_api_rounds": 1,
+            "bench_results_dir": str(tmp_path),
+        }
+    )
     out = playbook(inv, "playbooks/bench.yml", "-e", args).stdout
     (run,) = tmp_path.iterdir()
     assert {p.name for p in run.iterdir()} == {"api-raw.json", "api.json", "api.csv", "api.md", "api.png"}

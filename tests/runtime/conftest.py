@@ -4,9 +4,9 @@ the MLX ``ring`` backend. No mocks of MLX."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -80,8 +80,9 @@ def cluster_factory(tmp_path):
 _LOADED: dict[str, tuple] = {}
 
 
-def reference_text(model: Path, messages: list[dict] | None = None, prompt: str | None = None, max_tokens: int = 32,
-                   sampler=None) -> str:
+def reference_text(
+    model: Path, messages: list[dict] | None = None, prompt: str | None = None, max_tokens: int = 32, sampler=None
+) -> str:
     """Output of in-process mlx-lm on the same model and prompt (greedy unless ``sampler``)."""
     from mlx_lm import load, stream_generate
 
@@ -92,7 +93,9 @@ def reference_text(model: Path, messages: list[dict] | None = None, prompt: str 
         tokens = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     else:
         tokens = tokenizer.encode(prompt)
-    return "".join(r.text for r in stream_generate(model_obj, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler))
+    return "".join(
+        r.text for r in stream_generate(model_obj, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler)
+    )
 
 
 @pytest.fixture(scope="session")

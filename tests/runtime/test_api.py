@@ -9,7 +9,6 @@ import time
 import httpx
 import openai
 import pytest
-
 from conftest import running_cluster
 
 pytestmark = pytest.mark.slow
@@ -41,8 +40,9 @@ def test_openai_client_lists_the_model(client, cluster):
 
 
 def test_openai_client_chat(client, cluster):
-    out = client.chat.completions.create(model=cluster.model_id, temperature=0, max_tokens=12,
-                                         messages=[{"role": "user", "content": "hello"}])
+    out = client.chat.completions.create(
+        model=cluster.model_id, temperature=0, max_tokens=12, messages=[{"role": "user", "content": "hello"}]
+    )
     assert out.object == "chat.completion"
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content
@@ -52,13 +52,19 @@ def test_openai_client_chat(client, cluster):
 
 
 def test_openai_client_streams_with_usage(client, cluster):
-    stream = client.chat.completions.create(model=cluster.model_id, temperature=0, max_tokens=12, stream=True,
-                                            stream_options={"include_usage": True},
-                                            messages=[{"role": "user", "content": "hello"}])
+    stream = client.chat.completions.create(
+        model=cluster.model_id,
+        temperature=0,
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "hello"}],
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    full = client.chat.completions.create(model=cluster.model_id, temperature=0, max_tokens=12,
-                                          messages=[{"role": "user", "content": "hello"}])
+    full = client.chat.completions.create(
+        model=cluster.model_id, temperature=0, max_tokens=12, messages=[{"role": "user", "content": "hello"}]
+    )
     assert text == full.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
@@ -68,14 +74,24 @@ def test_openai_client_completions(client, cluster):
     out = client.completions.create(model=cluster.model_id, prompt="The quick brown", max_tokens=8, temperature=0)
     assert out.object == "text_completion"
     assert out.choices[0].text
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=cluster.model_id, prompt="The quick brown", max_tokens=8, temperature=0, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=cluster.model_id, prompt="The quick brown", max_tokens=8, temperature=0, stream=True
+        )
+    )
     assert streamed == out.choices[0].text
 
 
 def test_logprobs_chat_shape(client, cluster):
-    out = client.chat.completions.create(model=cluster.model_id, temperature=0, max_tokens=5, logprobs=True,
-                                         top_logprobs=3, messages=[{"role": "user", "content": "hi"}])
+    out = client.chat.completions.create(
+        model=cluster.model_id,
+        temperature=0,
+        max_tokens=5,
+        logprobs=True,
+        top_logprobs=3,
+        messages=[{"role": "user", "content": "hi"}],
+    )
     content = out.choices[0].logprobs.content
     assert len(content) == out.usage.completion_tokens
     for entry in content:
@@ -86,8 +102,10 @@ def test_logprobs_chat_shape(client, cluster):
 
 
 def test_logprobs_completions_shape(cluster):
-    r = httpx.post(cluster.url("/v1/completions"), json={"model": cluster.model_id, "prompt": "The quick",
-                                                        "max_tokens": 4, "temperature": 0, "logprobs": 2})
+    r = httpx.post(
+        cluster.url("/v1/completions"),
+        json={"model": cluster.model_id, "prompt": "The quick", "max_tokens": 4, "temperature": 0, "logprobs": 2},
+    )
     lp = r.json()["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
     assert all(v <= 0 for v in lp["token_logprobs"])
@@ -111,8 +129,13 @@ def test_seeded_sampling_repeats_and_seeds_differ(cluster):
 
 
 async def _stream_one(client: httpx.AsyncClient, cluster, content: str) -> str:
-    body = {"model": cluster.model_id, "messages": [{"role": "user", "content": content}], "max_tokens": 24,
-            "temperature": 0, "stream": True}
+    body = {
+        "model": cluster.model_id,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 24,
+        "temperature": 0,
+        "stream": True,
+    }
     parts = []
     async with client.stream("POST", cluster.url("/v1/chat/completions"), json=body) as r:
         assert r.status_code == 200
@@ -140,8 +163,13 @@ def test_eight_concurrent_streams_match_their_solo_answers(cluster):
 
 def test_disconnect_frees_the_slot_and_next_answer_is_right(cluster):
     expected = cluster.chat("after the disconnect", max_tokens=16)["choices"][0]["message"]["content"]
-    body = {"model": cluster.model_id, "messages": [{"role": "user", "content": "long"}], "max_tokens": 1000,
-            "temperature": 0, "stream": True}
+    body = {
+        "model": cluster.model_id,
+        "messages": [{"role": "user", "content": "long"}],
+        "max_tokens": 1000,
+        "temperature": 0,
+        "stream": True,
+    }
     with httpx.stream("POST", cluster.url("/v1/chat/completions"), json=body, timeout=60) as r:
         lines = r.iter_lines()
         for _ in range(6):
@@ -160,21 +188,69 @@ BAD_INPUTS = [
     ("empty messages", {"model": "M", "messages": []}, 400, "messages"),
     ("bad role", {"model": "M", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
     ("content wrong type", {"model": "M", "messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
-    ("image part", {"model": "M", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400, "messages.0.content"),
+    (
+        "image part",
+        {"model": "M", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        400,
+        "messages.0.content",
+    ),
     ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
-    ("max_tokens zero", {"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
-    ("max_tokens string", {"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": "10"}, 400, "max_tokens"),
-    ("max_tokens beyond context", {"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**7}, 400, "max_tokens"),
-    ("temperature negative", {"model": "M", "messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
+    (
+        "max_tokens zero",
+        {"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+        400,
+        "max_tokens",
+    ),
+    (
+        "max_tokens string",
+        {"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": "10"},
+        400,
+        "max_tokens",
+    ),
+    (
+        "max_tokens beyond context",
+        {"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**7},
+        400,
+        "max_tokens",
+    ),
+    (
+        "temperature negative",
+        {"model": "M", "messages": [{"role": "user", "content": "x"}], "temperature": -1},
+        400,
+        "temperature",
+    ),
     ("top_p zero", {"model": "M", "messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p"),
-    ("top_logprobs too many", {"model": "M", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 11}, 400, "top_logprobs"),
+    (
+        "top_logprobs too many",
+        {"model": "M", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 11},
+        400,
+        "top_logprobs",
+    ),
     ("stop empty", {"model": "M", "messages": [{"role": "user", "content": "x"}], "stop": [""]}, 400, "stop"),
-    ("logit_bias key", {"model": "M", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"abc": 1}}, 400, "logit_bias"),
-    ("logit_bias out of vocab", {"model": "M", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    (
+        "logit_bias key",
+        {"model": "M", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"abc": 1}},
+        400,
+        "logit_bias",
+    ),
+    (
+        "logit_bias out of vocab",
+        {"model": "M", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"99999999": 1}},
+        400,
+        "logit_bias",
+    ),
     ("n > 1", {"model": "M", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
     ("stream not bool", {"model": "M", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400, "stream"),
-    ("tools for a model with no tool format", {"model": "M", "messages": [{"role": "user", "content": "x"}],
-     "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    (
+        "tools for a model with no tool format",
+        {
+            "model": "M",
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        },
+        400,
+        "tools",
+    ),
     ("prompt too long", {"model": "M", "messages": [{"role": "user", "content": "fox " * 5000}]}, 400, "messages"),
 ]
 
@@ -195,12 +271,15 @@ def test_bad_input_gets_a_clear_4xx(cluster, name, body, status, param):
     assert httpx.get(cluster.url("/health")).status_code == 200
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": [1, -2]}, "prompt"),
-    ({"prompt": [10**8]}, "prompt"),
-    ({"prompt": "x", "logprobs": 11}, "logprobs"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": [1, -2]}, "prompt"),
+        ({"prompt": [10**8]}, "prompt"),
+        ({"prompt": "x", "logprobs": 11}, "logprobs"),
+    ],
+)
 def test_bad_completion_input(cluster, body, param):
     r = httpx.post(cluster.url("/v1/completions"), json={"model": cluster.model_id} | body)
     assert r.status_code == 400, r.text

@@ -15,7 +15,7 @@ from mlx_jaccl_cluster.launch import free_ports
 
 pytestmark = pytest.mark.slow
 
-WORKER = r'''
+WORKER = r"""
 import json, sys
 import mlx.core as mx
 from mlx_jaccl_cluster.engine import collectives as c
@@ -42,17 +42,24 @@ try:
 except c.CollectiveError as exc:
     out["corrupt"] = str(exc)
 print(json.dumps(out), flush=True)
-'''
+"""
 
 
 def run_ranks(tmp_path: Path, world: int, argv_of, timeout: float = 240) -> list[subprocess.CompletedProcess]:
     hostfile = tmp_path / "hostfile.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(world)]))
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_", "MJC_"))}
-    procs = [subprocess.Popen(argv_of(rank), env=base | {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile),
-                                                         "MJC_BACKEND": "ring"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-             for rank in range(world)]
+    procs = [
+        subprocess.Popen(
+            argv_of(rank),
+            env=base | {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile), "MJC_BACKEND": "ring"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+        for rank in range(world)
+    ]
     done = []
     try:
         for p in procs:
@@ -82,9 +89,29 @@ def test_collectives_time_and_check_every_result(tmp_path):
 
 def test_mjc_bench_sweep_and_bare_loop(tmp_path):
     out = tmp_path / "link.json"
-    argv = [sys.executable, "-m", "mlx_jaccl_cluster.bench", "--sizes", "4K", "256K", "--rounds", "2",
-            "--budget", "1M", "--max-iters", "20", "--latency-iters", "30", "--gather-sizes", "64K", "--pairs",
-            "--pair-size", "64K", "--out", str(out)]
+    argv = [
+        sys.executable,
+        "-m",
+        "mlx_jaccl_cluster.bench",
+        "--sizes",
+        "4K",
+        "256K",
+        "--rounds",
+        "2",
+        "--budget",
+        "1M",
+        "--max-iters",
+        "20",
+        "--latency-iters",
+        "30",
+        "--gather-sizes",
+        "64K",
+        "--pairs",
+        "--pair-size",
+        "64K",
+        "--out",
+        str(out),
+    ]
     for p in run_ranks(tmp_path, 2, lambda rank: argv):
         assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads(out.read_text())

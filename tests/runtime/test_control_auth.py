@@ -9,7 +9,7 @@ import threading
 import httpx
 import pytest
 
-from mlx_jaccl_cluster.cluster import AUTH_FRAME_MAX, HELLO, PROOF, ChannelClosed, recv_frame, send_frame, _dumps
+from mlx_jaccl_cluster.cluster import AUTH_FRAME_MAX, HELLO, PROOF, ChannelClosed, _dumps, recv_frame, send_frame
 
 pytestmark = pytest.mark.slow
 

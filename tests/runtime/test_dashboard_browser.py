@@ -9,29 +9,41 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright import sync_api  # the 'test' extra; it drives Debian's chromium, never its own download
-
 from conftest import start_cluster
+from playwright import sync_api  # the 'test' extra; it drives Debian's chromium, never its own download
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"
 KEY = "browser-secret"
 # Root in a closed network: no sandbox, no GPU, and no background connections (refused here).
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOT = os.environ.get("MJC_DASHBOARD_SCREENSHOT")  # e.g. docs/dashboard.png to refresh the docs
 
 if not Path(CHROMIUM).exists():
-    pytest.skip(f"{CHROMIUM} is missing (scripts/system-deps.sh --test installs Debian's chromium)",
-                allow_module_level=True)
+    pytest.skip(
+        f"{CHROMIUM} is missing (scripts/system-deps.sh --test installs Debian's chromium)", allow_module_level=True
+    )
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_llama, tmp_path_factory):
-    c = start_cluster(tiny_llama, 2, tmp_path_factory.mktemp("dash"), api_key=KEY,
-                      args=("--probe-latency-interval", "1", "--probe-bandwidth-interval", "2",
-                            "--probe-bandwidth-bytes", "262144"))
+    c = start_cluster(
+        tiny_llama,
+        2,
+        tmp_path_factory.mktemp("dash"),
+        api_key=KEY,
+        args=("--probe-latency-interval", "1", "--probe-bandwidth-interval", "2", "--probe-bandwidth-bytes", "262144"),
+    )
     try:
         c.wait_ready()
         yield c
@@ -43,8 +55,12 @@ def cluster(tiny_llama, tmp_path_factory):
 def page(tmp_path):
     with sync_api.sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1100, "height": 900})
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1100, "height": 900},
+        )
         try:
             page = context.new_page()
             page.problems = []
@@ -75,10 +91,15 @@ def test_dashboard_in_chromium(cluster, page, tmp_path):
     probes_before = int(page.inner_text("#link-probes"))
 
     # a chat message streams the cluster's answer (the same text the API gives)
-    body = {"model": cluster.model_id, "messages": [{"role": "user", "content": "Tell me about foxes"}],
-            "max_tokens": 48, "temperature": 0}
-    expected = httpx.post(cluster.url("/v1/chat/completions"), json=body, headers=cluster.headers(),
-                          timeout=60).json()["choices"][0]["message"]["content"]
+    body = {
+        "model": cluster.model_id,
+        "messages": [{"role": "user", "content": "Tell me about foxes"}],
+        "max_tokens": 48,
+        "temperature": 0,
+    }
+    expected = httpx.post(cluster.url("/v1/chat/completions"), json=body, headers=cluster.headers(), timeout=60).json()[
+        "choices"
+    ][0]["message"]["content"]
     page.fill("#chat-max-tokens", "48")
     page.fill("#chat-input", "Tell me about foxes")
     page.click("#chat-send")
@@ -90,10 +111,12 @@ def test_dashboard_in_chromium(cluster, page, tmp_path):
     # live numbers move after the requests
     expect(page.locator("#requests tbody tr")).to_have_count(requests_before + 2, timeout=10_000)
     expect(page.locator("#requests tbody tr").first).to_contain_text("/v1/chat/completions")
-    page.wait_for_function("document.getElementById('sparkline-caption').textContent.indexOf('(peak 0)') < 0",
-                           timeout=10_000)
-    page.wait_for_function(f"Number(document.getElementById('link-probes').textContent) > {probes_before}",
-                           timeout=15_000)
+    page.wait_for_function(
+        "document.getElementById('sparkline-caption').textContent.indexOf('(peak 0)') < 0", timeout=10_000
+    )
+    page.wait_for_function(
+        f"Number(document.getElementById('link-probes').textContent) > {probes_before}", timeout=15_000
+    )
 
     assert not page.problems, page.problems
 

@@ -28,8 +28,13 @@ def test_ranks_started_out_of_order_and_apart_form_the_group(tiny_llama, cluster
 def test_sigkill_of_a_rank_mid_stream(tiny_llama, cluster_factory):
     cluster = cluster_factory(tiny_llama, 3)
     cluster.wait_ready()
-    body = {"model": cluster.model_id, "messages": [{"role": "user", "content": "go"}], "max_tokens": 1500,
-            "temperature": 0, "stream": True}
+    body = {
+        "model": cluster.model_id,
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": 1500,
+        "temperature": 0,
+        "stream": True,
+    }
     lines: list[str] = []
     got_some = threading.Event()
 
@@ -92,8 +97,13 @@ def test_a_pipeline_split_the_model_cannot_take_stops_every_rank_by_name(tiny_ll
 
 def test_rank_with_a_different_config_is_rejected_by_name(tiny_llama, cluster_factory):
     cluster = cluster_factory(tiny_llama, 2, order=[0])
-    proc = subprocess.run([sys.executable, "-m", "mlx_jaccl_cluster.main", "--max-batch", "3"],
-                          env=cluster.rank_env(1), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_jaccl_cluster.main", "--max-batch", "3"],
+        env=cluster.rank_env(1),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "max_batch is 3 on this rank but 8 on rank 0" in proc.stderr
     assert "rejected rank 1" in cluster.log(0)

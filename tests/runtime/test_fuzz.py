@@ -9,7 +9,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import running_cluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -22,10 +21,15 @@ KEY = "fuzz-test-key-0123456789"
 
 @pytest.fixture(scope="module")
 def cluster(tiny_llama, tmp_path_factory):
-    with running_cluster(tiny_llama, 1, tmp_path_factory.mktemp("fuzz"), api_key=KEY,
-                         # max_context bounds the surfaces that generate to the end of the context
-                         # when no limit is given (Responses without max_output_tokens, Ollama's -1/-2)
-                         args=("--default-max-tokens", "8", "--max-context", "256", "--request-timeout", "60")) as c:
+    with running_cluster(
+        tiny_llama,
+        1,
+        tmp_path_factory.mktemp("fuzz"),
+        api_key=KEY,
+        # max_context bounds the surfaces that generate to the end of the context
+        # when no limit is given (Responses without max_output_tokens, Ollama's -1/-2)
+        args=("--default-max-tokens", "8", "--max-context", "256", "--request-timeout", "60"),
+    ) as c:
         yield c
 
 
@@ -39,7 +43,9 @@ def test_openapi_documents_what_the_server_answers(cluster):
     for path in ("/v1/chat/completions", "/v1/completions"):
         responses = schema["paths"][path]["post"]["responses"]
         assert {"200", "400", "401", "404", "413", "429", "503", "504"} <= set(responses), sorted(responses)
-        assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+        assert responses["400"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"
+        }
         assert "$ref" in responses["200"]["content"]["application/json"]["schema"]
         assert "text/event-stream" in responses["200"]["content"]
     assert schema["paths"]["/v1/models"]["get"]["security"] == [{"apiKey": []}]

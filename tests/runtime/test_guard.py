@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import running_cluster
 
 pytestmark = pytest.mark.slow
@@ -19,8 +18,13 @@ MAX_BODY = 1 << 20
 
 @pytest.fixture(scope="module")
 def cluster(tiny_llama, tmp_path_factory):
-    with running_cluster(tiny_llama, 1, tmp_path_factory.mktemp("guard"), api_key=KEY,
-                         args=("--max-body-bytes", str(MAX_BODY), "--api-key-failures", "3")) as c:
+    with running_cluster(
+        tiny_llama,
+        1,
+        tmp_path_factory.mktemp("guard"),
+        api_key=KEY,
+        args=("--max-body-bytes", str(MAX_BODY), "--api-key-failures", "3"),
+    ) as c:
         yield c
 
 
@@ -45,8 +49,12 @@ def test_health_answers_while_huge_requests_are_refused_or_tokenized(cluster):
     results: dict[str, httpx.Response] = {}
 
     def post(name: str, content: str) -> None:
-        results[name] = httpx.post(cluster.url("/v1/chat/completions"), json=_chat(cluster, content, max_tokens=2),
-                                   headers=_auth(), timeout=120)
+        results[name] = httpx.post(
+            cluster.url("/v1/chat/completions"),
+            json=_chat(cluster, content, max_tokens=2),
+            headers=_auth(),
+            timeout=120,
+        )
 
     big = words * (900_000 // len(words))  # 0.9 MB: under the body cap, far over the character bound
     long = words * (25_000 // len(words))  # 25 k characters: must be tokenized to find it too long
@@ -73,8 +81,12 @@ def test_health_answers_while_huge_requests_are_refused_or_tokenized(cluster):
         assert _error(r)["code"] == "context_length_exceeded" and _error(r)["param"] == "messages"
     assert "characters" in _error(results["big0"])["message"]  # refused before tokenizing
     assert "tokens" in _error(results["long0"])["message"]
-    assert httpx.post(cluster.url("/v1/chat/completions"), json=_chat(cluster, "hi", max_tokens=2),
-                      headers=_auth(), timeout=60).status_code == 200
+    assert (
+        httpx.post(
+            cluster.url("/v1/chat/completions"), json=_chat(cluster, "hi", max_tokens=2), headers=_auth(), timeout=60
+        ).status_code
+        == 200
+    )
 
 
 def test_a_chunked_body_is_capped_while_it_arrives(cluster):
@@ -86,8 +98,12 @@ def test_a_chunked_body_is_capped_while_it_arrives(cluster):
             sent += 65536
             yield b"x" * 65536
 
-    r = httpx.post(cluster.url("/v1/completions"), content=chunks(), headers=_auth() | {"Content-Type": "application/json"},
-                   timeout=60)
+    r = httpx.post(
+        cluster.url("/v1/completions"),
+        content=chunks(),
+        headers=_auth() | {"Content-Type": "application/json"},
+        timeout=60,
+    )
     assert r.status_code == 413, r.text
     assert _error(r)["code"] == "request_too_large"
 

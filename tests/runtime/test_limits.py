@@ -28,9 +28,12 @@ def test_full_queue_answers_429_with_retry_after_from_the_queue(tiny_llama, clus
 
     async def run():
         async with httpx.AsyncClient(timeout=300) as client:
-            return await asyncio.gather(*(
-                client.post(cluster.url("/v1/chat/completions"), json=_body(cluster, max_tokens=400)) for _ in range(8)
-            ))
+            return await asyncio.gather(
+                *(
+                    client.post(cluster.url("/v1/chat/completions"), json=_body(cluster, max_tokens=400))
+                    for _ in range(8)
+                )
+            )
 
     responses = asyncio.run(run())
     codes = sorted(r.status_code for r in responses)
@@ -55,8 +58,9 @@ def test_request_timeout_ends_the_request_with_an_error(tiny_llama, cluster_fact
     r = httpx.post(cluster.url("/v1/chat/completions"), json=_body(cluster, max_tokens=1900), timeout=60)
     assert r.status_code == 504
     assert r.json()["error"]["type"] == "timeout"
-    with httpx.stream("POST", cluster.url("/v1/chat/completions"), json=_body(cluster, max_tokens=1900, stream=True),
-                      timeout=60) as s:
+    with httpx.stream(
+        "POST", cluster.url("/v1/chat/completions"), json=_body(cluster, max_tokens=1900, stream=True), timeout=60
+    ) as s:
         lines = [line for line in s.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2][6:])["error"]["type"] == "timeout"
@@ -68,8 +72,11 @@ def test_api_key_guards_every_route_but_health(tiny_llama, cluster_factory):
     cluster = cluster_factory(tiny_llama, 1, api_key="s3cret")
     cluster.wait_ready()
     assert httpx.get(cluster.url("/health")).status_code == 200
-    for method, path, body in [("GET", "/v1/models", None), ("POST", "/v1/chat/completions", _body(cluster, max_tokens=2)),
-                               ("POST", "/v1/completions", {"model": cluster.model_id, "prompt": "x", "max_tokens": 2})]:
+    for method, path, body in [
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/chat/completions", _body(cluster, max_tokens=2)),
+        ("POST", "/v1/completions", {"model": cluster.model_id, "prompt": "x", "max_tokens": 2}),
+    ]:
         r = httpx.request(method, cluster.url(path), json=body)
         assert r.status_code == 401, (path, r.text)
         assert r.json()["error"]["code"] == "invalid_api_key"
@@ -83,7 +90,8 @@ def test_long_prefill_sends_keepalive_comments(tiny_llama, cluster_factory):
     cluster = cluster_factory(tiny_llama, 1, args=("--keepalive-interval", "0.05", "--prefill-step-size", "16"))
     cluster.wait_ready()
     body = _body(cluster, max_tokens=2, stream=True) | {
-        "messages": [{"role": "user", "content": "the quick brown fox " * 120}]}
+        "messages": [{"role": "user", "content": "the quick brown fox " * 120}]
+    }
     with httpx.stream("POST", cluster.url("/v1/chat/completions"), json=body, timeout=120) as r:
         assert r.status_code == 200, r.read()
         lines = [line for line in r.iter_lines() if line]

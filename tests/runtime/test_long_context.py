@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
 from conftest import reference_text
+
 from mlx_jaccl_cluster.models.tiny import CORPUS, build_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -20,9 +20,16 @@ MIN_TOKENS = 8000
 @pytest.fixture(scope="module")
 def long_model(tmp_path_factory):
     # small enough that 8k tokens of attention stay cheap on 2 busy cores; 2 layers still split
-    return build_tiny_model(tmp_path_factory.mktemp("long") / "llama-16k", arch="llama", max_position_embeddings=16384,
-                            hidden_size=64, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=2,
-                            intermediate_size=128)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("long") / "llama-16k",
+        arch="llama",
+        max_position_embeddings=16384,
+        hidden_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=128,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +47,18 @@ def long_prompt(long_model):
 
 @pytest.mark.parametrize("parallel", ["tensor", "pipeline"])
 def test_long_prompt_equals_one_rank(parallel, long_model, long_prompt, cluster_factory):
-    cluster = cluster_factory(long_model, 2, parallel=parallel,
-                              args=("--prefill-step-size", "2048", "--request-timeout", "1500", "--heartbeat-misses", "30"))
+    cluster = cluster_factory(
+        long_model,
+        2,
+        parallel=parallel,
+        args=("--prefill-step-size", "2048", "--request-timeout", "1500", "--heartbeat-misses", "30"),
+    )
     assert cluster.wait_ready()["parallel"] == parallel
-    r = httpx.post(cluster.url("/v1/completions"), timeout=1600,
-                   json={"model": cluster.model_id, "prompt": long_prompt, "max_tokens": 24, "temperature": 0})
+    r = httpx.post(
+        cluster.url("/v1/completions"),
+        timeout=1600,
+        json={"model": cluster.model_id, "prompt": long_prompt, "max_tokens": 24, "temperature": 0},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["usage"]["prompt_tokens"] >= MIN_TOKENS

@@ -8,15 +8,22 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import start_cluster
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
 
 KEY = "obs-secret"
-PROBE_ARGS = ("--probe-latency-interval", "0.2", "--probe-bandwidth-interval", "0.5",
-              "--probe-bandwidth-bytes", "65536", "--probe-steps", "2")
+PROBE_ARGS = (
+    "--probe-latency-interval",
+    "0.2",
+    "--probe-bandwidth-interval",
+    "0.5",
+    "--probe-bandwidth-bytes",
+    "65536",
+    "--probe-steps",
+    "2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +48,11 @@ def _state(cluster) -> dict:
 
 def _metrics(cluster) -> dict[tuple, float]:
     text = _get(cluster, "/metrics").text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def _wait_for(check, timeout=15.0):
@@ -72,7 +82,7 @@ def test_heartbeat_memory_of_every_rank_reaches_rank_0(cluster):
 
 def test_link_probe_measures_while_idle(cluster):
     first = _state(cluster)["link"]
-    link = _wait_for(lambda: (lambda l: l if l["probes"] >= first["probes"] + 4 else None)(_state(cluster)["link"]))
+    link = _wait_for(lambda: (lambda s: s if s["probes"] >= first["probes"] + 4 else None)(_state(cluster)["link"]))
     assert link, f"the probe did not run: {first}"
     assert 0 < link["latency_s"] < 0.05
     assert link["bandwidth_bps"] > 1e6 and link["bandwidth_bytes"] == 65536
@@ -99,8 +109,11 @@ def test_request_and_error_history(cluster):
     m0 = _metrics(cluster)
     route = "/v1/chat/completions"
     out = cluster.chat("history please", max_tokens=9)
-    bad = httpx.post(cluster.url(route), json={"model": "nope", "messages": [{"role": "user", "content": "x"}]},
-                     headers=cluster.headers())
+    bad = httpx.post(
+        cluster.url(route),
+        json={"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+        headers=cluster.headers(),
+    )
     assert bad.status_code == 404
     rec = _get(cluster, "/requests").json()["data"][0]
     assert rec["route"] == route and rec["status"] in ("stop", "length")
@@ -155,11 +168,24 @@ def test_a_request_waits_for_at_most_one_probe_step(tiny_llama, cluster_factory)
     answered between its steps: their time to first token is a fraction of a probe, not
     the rest of one (which would average 12 steps)."""
     steps = 24
-    c = cluster_factory(tiny_llama, 2, args=("--probe-latency-interval", "0", "--probe-bandwidth-interval", "0.01",
-                                             "--probe-bandwidth-bytes", str(8 << 20), "--probe-steps", str(steps),
-                                             "--probe-step-iters", "1"))
+    c = cluster_factory(
+        tiny_llama,
+        2,
+        args=(
+            "--probe-latency-interval",
+            "0",
+            "--probe-bandwidth-interval",
+            "0.01",
+            "--probe-bandwidth-bytes",
+            str(8 << 20),
+            "--probe-steps",
+            str(steps),
+            "--probe-step-iters",
+            "1",
+        ),
+    )
     c.wait_ready()
-    first = _wait_for(lambda: (lambda l: l if l["steps"] >= 5 else None)(_state(c)["link"]), 30)
+    first = _wait_for(lambda: (lambda s: s if s["steps"] >= 5 else None)(_state(c)["link"]), 30)
     assert first, "the probe never ran"
     started = time.monotonic()
     time.sleep(2)

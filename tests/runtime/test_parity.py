@@ -4,8 +4,8 @@ import json
 
 import httpx
 import pytest
-
 from conftest import reference_text
+
 from mlx_jaccl_cluster.engine.sampling import make_sampler
 from mlx_jaccl_cluster.generation import SamplingParams
 
@@ -54,16 +54,29 @@ def test_cluster_output_matches_in_process_mlx_lm(arch, world, parallel, request
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
-    r = httpx.post(cluster.url("/v1/completions"),
-                   json={"model": cluster.model_id, "prompt": PROMPT, "max_tokens": 16, "temperature": 0}, timeout=120)
+    r = httpx.post(
+        cluster.url("/v1/completions"),
+        json={"model": cluster.model_id, "prompt": PROMPT, "max_tokens": 16, "temperature": 0},
+        timeout=120,
+    )
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == reference_text(model, prompt=PROMPT, max_tokens=16)
 
     # Seeded sampling draws the same numbers as in-process mlx-lm with the same sampler,
     # so the sampled text does not depend on the number of ranks.
-    r = httpx.post(cluster.url("/v1/completions"), timeout=120, json={
-        "model": cluster.model_id, "prompt": PROMPT, "max_tokens": 16,
-        "temperature": SEEDED.temperature, "top_p": SEEDED.top_p, "seed": SEEDED.seed})
+    r = httpx.post(
+        cluster.url("/v1/completions"),
+        timeout=120,
+        json={
+            "model": cluster.model_id,
+            "prompt": PROMPT,
+            "max_tokens": 16,
+            "temperature": SEEDED.temperature,
+            "top_p": SEEDED.top_p,
+            "seed": SEEDED.seed,
+        },
+    )
     assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["text"] == reference_text(model, prompt=PROMPT, max_tokens=16,
-                                                            sampler=make_sampler(SEEDED))
+    assert r.json()["choices"][0]["text"] == reference_text(
+        model, prompt=PROMPT, max_tokens=16, sampler=make_sampler(SEEDED)
+    )

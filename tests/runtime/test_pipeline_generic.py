@@ -11,8 +11,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import reference_text
+
 from mlx_jaccl_cluster.layout import capabilities
 from mlx_jaccl_cluster.models.tiny import build_tiny_model
 
@@ -52,8 +52,11 @@ def _msgs(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-@pytest.mark.parametrize("arch, world, split", CASES,
-                         ids=[f"{a}-{w}rank-{'even' if s is None else '-'.join(map(str, s))}" for a, w, s in CASES])
+@pytest.mark.parametrize(
+    "arch, world, split",
+    CASES,
+    ids=[f"{a}-{w}rank-{'even' if s is None else '-'.join(map(str, s))}" for a, w, s in CASES],
+)
 def test_generic_split_equals_one_rank(arch, world, split, arch_models, cluster_factory):
     model = arch_models[arch]
     shards, _ = capabilities(arch)  # mistral shards (as llama): ask for pipeline; the others get it from auto
@@ -79,8 +82,10 @@ def test_generic_split_equals_one_rank(arch, world, split, arch_models, cluster_
     # A second turn reuses the first turn's KV cache on every rank and still matches.
     first = [SYSTEM, {"role": "user", "content": "What is the capital of France?"}]
     one = cluster.chat("", messages=first, max_tokens=16)
-    second = first + [{"role": "assistant", "content": one["choices"][0]["message"]["content"]},
-                      {"role": "user", "content": "And the weather in Paris?"}]
+    second = first + [
+        {"role": "assistant", "content": one["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "And the weather in Paris?"},
+    ]
     two = cluster.chat("", messages=second, max_tokens=16)
     cached = two["usage"]["prompt_tokens_details"]["cached_tokens"]
     if arch == "gemma3_text":  # its sliding-window caches have wrapped: mlx-lm reuses none (1 rank alike)

@@ -5,7 +5,6 @@ mlx-lm gives for the whole prompt."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import reference_text
 
 pytestmark = pytest.mark.slow
@@ -16,8 +15,10 @@ SYSTEM = {"role": "system", "content": "You are a helpful assistant who answers 
 def _turns(cluster, max_tokens=16):
     first = [SYSTEM, {"role": "user", "content": "What is the capital of France?"}]
     one = cluster.chat("", messages=first, max_tokens=max_tokens)
-    second = first + [{"role": "assistant", "content": one["choices"][0]["message"]["content"]},
-                      {"role": "user", "content": "And the weather in Paris?"}]
+    second = first + [
+        {"role": "assistant", "content": one["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "And the weather in Paris?"},
+    ]
     two = cluster.chat("", messages=second, max_tokens=max_tokens)
     return first, one, second, two
 

@@ -24,8 +24,8 @@ import jsonschema
 import openai
 import pydantic
 import pytest
-
 from conftest import running_cluster
+
 from mlx_jaccl_cluster.models.scripted import TOOLS_TEMPLATE
 from mlx_jaccl_cluster.models.tiny import build_tiny_model
 
@@ -38,63 +38,187 @@ S = {"type": "string", "maxLength": 12}  # a bounded string
 ASK = [{"role": "user", "content": "Describe a person as JSON."}]
 
 SCHEMAS = [
-    {"type": "object", "properties": {"name": S, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
-     "required": ["name", "age"], "additionalProperties": False},
-    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"ok": {"type": "boolean"}, "note": S}, "required": ["ok"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}},
-     "required": ["tags"], "additionalProperties": False},
-    {"type": "object", "properties": {"address": {"type": "object", "properties": {"city": S, "zip": {
-        "type": "string", "pattern": "^[0-9]{5}$"}}, "required": ["city", "zip"], "additionalProperties": False}},
-     "required": ["address"], "additionalProperties": False},
-    {"$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9},
-                                                          "y": {"type": "integer", "minimum": -9, "maximum": 9}},
-                         "required": ["x", "y"], "additionalProperties": False}},
-     "type": "object", "properties": {"a": {"$ref": "#/$defs/point"}, "b": {"$ref": "#/$defs/point"}},
-     "required": ["a", "b"], "additionalProperties": False},
-    {"type": "object", "properties": {"v": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 99}, S]}},
-     "required": ["v"], "additionalProperties": False},
-    {"type": "object", "properties": {"day": {"type": "string", "format": "date"}}, "required": ["day"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"id": {"type": "string", "format": "uuid"}}, "required": ["id"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"at": {"type": "string", "format": "date-time"}}, "required": ["at"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"kind": {"const": "person"}, "name": S}, "required": ["kind", "name"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["score"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"nick": {"type": ["string", "null"], "maxLength": 8}}, "required": ["nick"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"people": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
-        "type": "object", "properties": {"name": S}, "required": ["name"], "additionalProperties": False}}},
-     "required": ["people"], "additionalProperties": False},
-    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}},
-     "required": ["code"], "additionalProperties": False},
+    {
+        "type": "object",
+        "properties": {"name": S, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"color": {"enum": ["red", "green", "blue"]}},
+        "required": ["color"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "note": S},
+        "required": ["ok"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}},
+        "required": ["tags"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "address": {
+                "type": "object",
+                "properties": {"city": S, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                "required": ["city", "zip"],
+                "additionalProperties": False,
+            }
+        },
+        "required": ["address"],
+        "additionalProperties": False,
+    },
+    {
+        "$defs": {
+            "point": {
+                "type": "object",
+                "properties": {
+                    "x": {"type": "integer", "minimum": -9, "maximum": 9},
+                    "y": {"type": "integer", "minimum": -9, "maximum": 9},
+                },
+                "required": ["x", "y"],
+                "additionalProperties": False,
+            }
+        },
+        "type": "object",
+        "properties": {"a": {"$ref": "#/$defs/point"}, "b": {"$ref": "#/$defs/point"}},
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"v": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 99}, S]}},
+        "required": ["v"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"day": {"type": "string", "format": "date"}},
+        "required": ["day"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"id": {"type": "string", "format": "uuid"}},
+        "required": ["id"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"at": {"type": "string", "format": "date-time"}},
+        "required": ["at"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"kind": {"const": "person"}, "name": S},
+        "required": ["kind", "name"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1}},
+        "required": ["score"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"nick": {"type": ["string", "null"], "maxLength": 8}},
+        "required": ["nick"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "people": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 2,
+                "items": {
+                    "type": "object",
+                    "properties": {"name": S},
+                    "required": ["name"],
+                    "additionalProperties": False,
+                },
+            }
+        },
+        "required": ["people"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}},
+        "required": ["code"],
+        "additionalProperties": False,
+    },
     {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 9}, "minItems": 2, "maxItems": 4},
     {"enum": [1, 2, 3, "many"]},
-    {"allOf": [{"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]},
-               {"type": "object", "properties": {"b": {"type": "boolean"}}, "required": ["b"]}],
-     "properties": {"a": {}, "b": {}}, "additionalProperties": False},
-    {"type": "object", "properties": {"word": {"type": "string", "minLength": 3, "maxLength": 6}}, "required": ["word"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"n": {"type": "integer", "exclusiveMinimum": 10, "maximum": 20}},
-     "required": ["n"], "additionalProperties": False},
+    {
+        "allOf": [
+            {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]},
+            {"type": "object", "properties": {"b": {"type": "boolean"}}, "required": ["b"]},
+        ],
+        "properties": {"a": {}, "b": {}},
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"word": {"type": "string", "minLength": 3, "maxLength": 6}},
+        "required": ["word"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "exclusiveMinimum": 10, "maximum": 20}},
+        "required": ["n"],
+        "additionalProperties": False,
+    },
     {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 9}, "maxProperties": 2},
-    {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 5},
-                                      "y": {"type": "integer", "minimum": 0, "maximum": 5}},
-     "required": ["x"], "additionalProperties": False},
+    {
+        "type": "object",
+        "properties": {
+            "x": {"type": "integer", "minimum": 0, "maximum": 5},
+            "y": {"type": "integer", "minimum": 0, "maximum": 5},
+        },
+        "required": ["x"],
+        "additionalProperties": False,
+    },
 ]
 
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
-        "type": "object", "properties": {"city": S, "unit": {"enum": ["celsius", "fahrenheit"]}},
-        "required": ["city", "unit"], "additionalProperties": False}}},
-    {"type": "function", "function": {"name": "get_time", "description": "Time in a zone", "parameters": {
-        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET", "JST"]}}, "required": ["zone"],
-        "additionalProperties": False}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": S, "unit": {"enum": ["celsius", "fahrenheit"]}},
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "Time in a zone",
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"enum": ["UTC", "CET", "JST"]}},
+                "required": ["zone"],
+                "additionalProperties": False,
+            },
+        },
+    },
 ]
 
 
@@ -113,8 +237,13 @@ def model(models_dir) -> Path:
 
 @pytest.fixture(scope="module", params=["tensor", "pipeline"])
 def cluster(request, model, tmp_path_factory):
-    with running_cluster(model, 2, tmp_path_factory.mktemp(f"structured-{request.param}"), parallel=request.param,
-                         env={"MJC_DEFAULT_TOP_P": SETTINGS_TOP_P}) as c:
+    with running_cluster(
+        model,
+        2,
+        tmp_path_factory.mktemp(f"structured-{request.param}"),
+        parallel=request.param,
+        env={"MJC_DEFAULT_TOP_P": SETTINGS_TOP_P},
+    ) as c:
         yield c
 
 
@@ -156,8 +285,9 @@ class Person(pydantic.BaseModel):
 
 def test_openai_parse_helper(cluster):
     client = openai.OpenAI(base_url=cluster.url("/v1"), api_key="unused", max_retries=0)
-    out = client.chat.completions.parse(model=cluster.model_id, messages=ASK, response_format=Person,
-                                        temperature=0, max_tokens=200)
+    out = client.chat.completions.parse(
+        model=cluster.model_id, messages=ASK, response_format=Person, temperature=0, max_tokens=200
+    )
     person = out.choices[0].message.parsed
     assert isinstance(person, Person)
     assert out.choices[0].finish_reason == "stop"
@@ -170,9 +300,14 @@ def test_streamed_chunks_concatenate_to_valid_json(cluster):
     cases = [({"type": "json_object"}, {"type": "object"}, {"temperature": 0}, f"Item {i} as JSON.") for i in range(3)]
     cases += [(_schema_format(SCHEMAS[13]), SCHEMAS[13], {"temperature": 1.0, "seed": i}, "People?") for i in range(3)]
     for response_format, schema, sampling, prompt in cases:
-        stream = client.chat.completions.create(model=cluster.model_id, messages=[{"role": "user", "content": prompt}],
-                                                max_tokens=300, stream=True, response_format=response_format,
-                                                **sampling)
+        stream = client.chat.completions.create(
+            model=cluster.model_id,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=300,
+            stream=True,
+            response_format=response_format,
+            **sampling,
+        )
         chunks = [c for c in stream]
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert chunks[-1].choices[0].finish_reason == "stop"
@@ -181,8 +316,14 @@ def test_streamed_chunks_concatenate_to_valid_json(cluster):
 
 def test_completions_take_a_schema_too(cluster):
     schema = SCHEMAS[0]
-    r = _post(cluster, "/v1/completions", prompt="A person:", max_tokens=200, temperature=0,
-              response_format=_schema_format(schema))
+    r = _post(
+        cluster,
+        "/v1/completions",
+        prompt="A person:",
+        max_tokens=200,
+        temperature=0,
+        response_format=_schema_format(schema),
+    )
     assert r.status_code == 200, r.text
     jsonschema.validate(json.loads(r.json()["choices"][0]["text"]), schema)
 
@@ -208,8 +349,15 @@ def test_forced_tool_calls_follow_the_tool_schema(cluster):
     for seed in range(4):
         sampling = {"temperature": 0} if seed == 0 else {"temperature": 1.0, "seed": seed}
         # required, one call only
-        r = _post(cluster, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
-                  max_tokens=200, **sampling)
+        r = _post(
+            cluster,
+            messages=ASK,
+            tools=TOOLS,
+            tool_choice="required",
+            parallel_tool_calls=False,
+            max_tokens=200,
+            **sampling,
+        )
         assert r.status_code == 200, r.text
         calls = _call_arguments(r.json()["choices"][0])
         assert len(calls) == 1
@@ -218,8 +366,15 @@ def test_forced_tool_calls_follow_the_tool_schema(cluster):
         # a named function
         # a named function (one call: with parallel calls allowed, random weights may
         # go on calling until max_tokens)
-        r = _post(cluster, messages=ASK, tools=TOOLS, max_tokens=200, parallel_tool_calls=False, **sampling,
-                  tool_choice={"type": "function", "function": {"name": "get_time"}})
+        r = _post(
+            cluster,
+            messages=ASK,
+            tools=TOOLS,
+            max_tokens=200,
+            parallel_tool_calls=False,
+            **sampling,
+            tool_choice={"type": "function", "function": {"name": "get_time"}},
+        )
         ((name, args),) = _call_arguments(r.json()["choices"][0])
         assert name == "get_time"
         jsonschema.validate(args, _params("get_time"))
@@ -233,8 +388,16 @@ def test_auto_with_strict_tools_and_a_response_format(cluster):
     the schema's JSON or a call whose arguments fit its (strict) tool."""
     schema = SCHEMAS[1]
     for seed in range(4):
-        r = _post(cluster, messages=ASK, tools=STRICT_TOOLS, temperature=1.0, seed=seed, max_tokens=200,
-                  parallel_tool_calls=False, response_format=_schema_format(schema))
+        r = _post(
+            cluster,
+            messages=ASK,
+            tools=STRICT_TOOLS,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=200,
+            parallel_tool_calls=False,
+            response_format=_schema_format(schema),
+        )
         choice = r.json()["choices"][0]
         if choice["finish_reason"] == "tool_calls":
             for name, args in _call_arguments(choice):
@@ -244,28 +407,66 @@ def test_auto_with_strict_tools_and_a_response_format(cluster):
             jsonschema.validate(json.loads(choice["message"]["content"]), schema)
 
 
-@pytest.mark.parametrize("body, field, words", [
-    ({"response_format": _schema_format({"type": "array", "uniqueItems": True})},
-     "response_format.json_schema.schema", ["uniqueItems"]),
-    ({"response_format": _schema_format({"not": {"type": "string"}})}, "response_format.json_schema.schema", ["not"]),
-    ({"response_format": _schema_format({"type": "strin"})}, "response_format.json_schema.schema", ["strin"]),
-    ({"response_format": _schema_format({"$ref": "#/$defs/missing"})}, "response_format.json_schema.schema",
-     ["missing"]),
-    ({"response_format": _schema_format({"type": "string", "pattern": "[a-"})}, "response_format.json_schema.schema",
-     ["regex"]),
-    ({"response_format": _schema_format(json.loads('{"type": "array", "items": ' * 40 + "{}" + "}" * 40))},
-     "response_format.json_schema.schema", ["deep"]),
-    ({"response_format": _schema_format({"type": "object", "properties": {f"k{i}": {"type": "string", "description": "x" * 100}
-                                                                          for i in range(700)}})},
-     "response_format.json_schema.schema", ["bytes"]),
-    ({"response_format": {"type": "json_schema"}}, "response_format", ["json_schema"]),
-    ({"response_format": {"type": "yaml"}}, "response_format", []),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", ["nope"]),
-    ({"tool_choice": "required"}, "tool_choice", ["needs tools"]),
-    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True,
-                                                  "parameters": {"type": "object", "not": {}}}}],
-      "tool_choice": "required"}, "tools[0].function.parameters", ["not"]),
-])
+@pytest.mark.parametrize(
+    "body, field, words",
+    [
+        (
+            {"response_format": _schema_format({"type": "array", "uniqueItems": True})},
+            "response_format.json_schema.schema",
+            ["uniqueItems"],
+        ),
+        (
+            {"response_format": _schema_format({"not": {"type": "string"}})},
+            "response_format.json_schema.schema",
+            ["not"],
+        ),
+        ({"response_format": _schema_format({"type": "strin"})}, "response_format.json_schema.schema", ["strin"]),
+        (
+            {"response_format": _schema_format({"$ref": "#/$defs/missing"})},
+            "response_format.json_schema.schema",
+            ["missing"],
+        ),
+        (
+            {"response_format": _schema_format({"type": "string", "pattern": "[a-"})},
+            "response_format.json_schema.schema",
+            ["regex"],
+        ),
+        (
+            {"response_format": _schema_format(json.loads('{"type": "array", "items": ' * 40 + "{}" + "}" * 40))},
+            "response_format.json_schema.schema",
+            ["deep"],
+        ),
+        (
+            {
+                "response_format": _schema_format(
+                    {
+                        "type": "object",
+                        "properties": {f"k{i}": {"type": "string", "description": "x" * 100} for i in range(700)},
+                    }
+                )
+            },
+            "response_format.json_schema.schema",
+            ["bytes"],
+        ),
+        ({"response_format": {"type": "json_schema"}}, "response_format", ["json_schema"]),
+        ({"response_format": {"type": "yaml"}}, "response_format", []),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", ["nope"]),
+        ({"tool_choice": "required"}, "tool_choice", ["needs tools"]),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "strict": True, "parameters": {"type": "object", "not": {}}},
+                    }
+                ],
+                "tool_choice": "required",
+            },
+            "tools[0].function.parameters",
+            ["not"],
+        ),
+    ],
+)
 def test_bad_structure_requests_are_named_quickly(cluster, body, field, words):
     started = time.perf_counter()
     r = _post(cluster, **({"messages": ASK} | body))

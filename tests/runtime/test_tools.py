@@ -13,20 +13,24 @@ import json
 import httpx
 import openai
 import pytest
-
 from conftest import running_cluster
 
 pytestmark = pytest.mark.slow
 
-TOOLS = [{
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
-                       "required": ["city"]},
-    },
-}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
 REASONING = "The user asks about the weather, so I call the weather tool."
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}</tool_call>'
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -60,8 +64,9 @@ def test_a_tool_call_comes_back_parsed(client, cluster):
 
 
 def test_a_streamed_tool_call_arrives_whole_with_an_index(client, cluster):
-    stream = client.chat.completions.create(model=cluster.model_id, messages=ASK, tools=TOOLS, temperature=0,
-                                            stream=True)
+    stream = client.chat.completions.create(
+        model=cluster.model_id, messages=ASK, tools=TOOLS, temperature=0, stream=True
+    )
     content, reasoning, calls, finish = "", "", [], None
     for chunk in stream:
         delta = chunk.choices[0].delta
@@ -129,28 +134,57 @@ def test_a_forced_call_is_the_script_s_call(cluster):
 
 def test_a_forced_call_to_another_tool(cluster):
     """Named get_time: the script's call does not fit, so the grammar writes get_time's."""
-    zone = {"type": "function", "function": {"name": "get_time", "parameters": {
-        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
-        "additionalProperties": False}}}
-    r = _post(cluster, messages=ASK, tools=TOOLS + [zone], temperature=0, parallel_tool_calls=False,
-              tool_choice={"type": "function", "function": {"name": "get_time"}})
+    zone = {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                "required": ["zone"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    r = _post(
+        cluster,
+        messages=ASK,
+        tools=TOOLS + [zone],
+        temperature=0,
+        parallel_tool_calls=False,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+    )
     (call,) = r.json()["choices"][0]["message"]["tool_calls"]
     assert call["function"]["name"] == "get_time"
     assert json.loads(call["function"]["arguments"])["zone"] in ("UTC", "CET")
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
-    ({"tools": [{"type": "retrieval"}]}, "tools"),
-    ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
-    ({"chat_template_kwargs": {"return_tensors": "np"}}, "chat_template_kwargs"),
-    ({"chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, "chat_template_kwargs"),
-    ({"messages": [{"role": "assistant", "content": None,
-                    "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},
-     "messages"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+        ({"tools": [{"type": "retrieval"}]}, "tools"),
+        ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"return_tensors": "np"}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, "chat_template_kwargs"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}
+                        ],
+                    }
+                ]
+            },
+            "messages",
+        ),
+    ],
+)
 def test_bad_tool_requests_name_the_field(cluster, body, field):
     r = _post(cluster, **({"messages": ASK} | body))
     assert r.status_code == 400, r.text

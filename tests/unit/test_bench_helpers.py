@@ -9,7 +9,9 @@ import pytest
 from mlx_jaccl_cluster import bench
 
 
-@pytest.mark.parametrize("text, n", [("4K", 4096), ("16m", 16 << 20), ("256MB", 256 << 20), ("1G", 1 << 30), ("4096", 4096)])
+@pytest.mark.parametrize(
+    "text, n", [("4K", 4096), ("16m", 16 << 20), ("256MB", 256 << 20), ("1G", 1 << 30), ("4096", 4096)]
+)
 def test_sizes(text, n):
     assert bench.parse_size(text) == n
 

@@ -13,8 +13,10 @@ from mlx_jaccl_cluster.api.channels import Channels, initial_state
 from mlx_jaccl_cluster.models.scripted import build_scripted_model
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-REPLY = ('<think>plan</think>Sure.<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
-         'Done.<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>')
+REPLY = (
+    '<think>plan</think>Sure.<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    'Done.<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def _run(tokenizer, pieces: list[str], tools=TOOLS):
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, len(REPLY)])
 def test_markers_split_across_pieces_are_still_found(tokenizer, size):
-    pieces = [REPLY[i:i + size] for i in range(0, len(REPLY), size)]
+    pieces = [REPLY[i : i + size] for i in range(0, len(REPLY), size)]
     content, reasoning, calls = _run(tokenizer, pieces)
     assert (content, reasoning) == ("Sure.Done.", "plan")
     assert [c["index"] for c in calls] == [0, 1]

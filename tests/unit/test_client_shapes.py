@@ -31,20 +31,43 @@ def _piece(text="", reasoning="", calls=(), finish=None, tokens=1) -> Piece:
 def test_blocks_open_close_and_take_each_call_whole():
     blocks = adapters.Blocks()
     events = []
-    for piece in (_piece(reasoning="a"), _piece(reasoning="b"), _piece(text="c"), _piece(calls=[CALL]),
-                  _piece(text="d", finish="stop")):
+    for piece in (
+        _piece(reasoning="a"),
+        _piece(reasoning="b"),
+        _piece(text="c"),
+        _piece(calls=[CALL]),
+        _piece(text="d", finish="stop"),
+    ):
         events += blocks.feed(piece)
     events += blocks.finish()
-    assert [(b.type, b.text) for b in blocks.blocks] == [("reasoning", "ab"), ("text", "c"), ("tool_call", ""),
-                                                       ("text", "d")]
+    assert [(b.type, b.text) for b in blocks.blocks] == [
+        ("reasoning", "ab"),
+        ("text", "c"),
+        ("tool_call", ""),
+        ("text", "d"),
+    ]
     assert [(e.kind, e.block.index) for e in events] == [
-        ("start", 0), ("delta", 0), ("delta", 0), ("stop", 0), ("start", 1), ("delta", 1), ("stop", 1),
-        ("start", 2), ("delta", 2), ("stop", 2), ("start", 3), ("delta", 3), ("stop", 3)]
+        ("start", 0),
+        ("delta", 0),
+        ("delta", 0),
+        ("stop", 0),
+        ("start", 1),
+        ("delta", 1),
+        ("stop", 1),
+        ("start", 2),
+        ("delta", 2),
+        ("stop", 2),
+        ("start", 3),
+        ("delta", 3),
+        ("stop", 3),
+    ]
     assert events[8].delta == '{"a": 1}' and "index" not in blocks.blocks[2].call
 
 
 def test_errors_name_the_surfaces_own_field():
-    exc = APIError(400, "max_tokens is 9000, but only 100 tokens fit", param="max_tokens", code="context_length_exceeded")
+    exc = APIError(
+        400, "max_tokens is 9000, but only 100 tokens fit", param="max_tokens", code="context_length_exceeded"
+    )
     out = adapters.renamed(exc, ollama.NAMES)
     assert out.param == "options.num_predict" and out.message.startswith("options.num_predict is 9000")
     assert out.code == "context_length_exceeded"
@@ -54,16 +77,19 @@ def test_errors_name_the_surfaces_own_field():
     assert adapters.renamed(same, responses.NAMES) is same
 
 
-@pytest.mark.parametrize("options, refused", [
-    ({"num_thread": 8, "use_mmap": True, "num_gpu": 99, "mirostat": 0, "tfs_z": 1.0, "num_keep": 4}, None),
-    ({"repeat_last_n": 64}, None),  # no penalty asked: the window changes nothing
-    ({"repeat_last_n": 64, "repeat_penalty": 1.2}, "options.repeat_last_n"),
-    ({"mirostat": 2}, "options.mirostat"),
-    ({"typical_p": 0.5}, "options.typical_p"),
-    ({"num_ctx": 4096}, "options.num_ctx"),  # beyond the 2048-token context
-    ({"num_predict": 0}, "options.num_predict"),
-    ({"flash": True}, "options.flash"),
-])
+@pytest.mark.parametrize(
+    "options, refused",
+    [
+        ({"num_thread": 8, "use_mmap": True, "num_gpu": 99, "mirostat": 0, "tfs_z": 1.0, "num_keep": 4}, None),
+        ({"repeat_last_n": 64}, None),  # no penalty asked: the window changes nothing
+        ({"repeat_last_n": 64, "repeat_penalty": 1.2}, "options.repeat_last_n"),
+        ({"mirostat": 2}, "options.mirostat"),
+        ({"typical_p": 0.5}, "options.typical_p"),
+        ({"num_ctx": 4096}, "options.num_ctx"),  # beyond the 2048-token context
+        ({"num_predict": 0}, "options.num_predict"),
+        ({"flash": True}, "options.flash"),
+    ],
+)
 def test_ollama_options(options, refused):
     body: dict = {}
     if refused is None:
@@ -76,11 +102,30 @@ def test_ollama_options(options, refused):
 
 def test_ollama_options_map_to_sampling():
     body: dict = {}
-    fill = ollama._options({"temperature": 0.2, "top_k": 5, "min_p": 0.1, "seed": 3, "stop": ["x"], "num_predict": 7,
-                            "repeat_penalty": 1.1, "num_ctx": 1024}, body, 2048)
+    fill = ollama._options(
+        {
+            "temperature": 0.2,
+            "top_k": 5,
+            "min_p": 0.1,
+            "seed": 3,
+            "stop": ["x"],
+            "num_predict": 7,
+            "repeat_penalty": 1.1,
+            "num_ctx": 1024,
+        },
+        body,
+        2048,
+    )
     assert not fill
-    assert body == {"temperature": 0.2, "top_k": 5, "min_p": 0.1, "seed": 3, "stop": ["x"], "max_tokens": 7,
-                    "repetition_penalty": 1.1}
+    assert body == {
+        "temperature": 0.2,
+        "top_k": 5,
+        "min_p": 0.1,
+        "seed": 3,
+        "stop": ["x"],
+        "max_tokens": 7,
+        "repetition_penalty": 1.1,
+    }
     body = {}
     assert ollama._options({"num_predict": -1}, body, 2048) and "max_tokens" not in body
 
@@ -93,8 +138,13 @@ def parts(tmp_path: Path):
     request = Request({"type": "http", "method": "POST", "path": "/x", "headers": [], "query_string": b"", "app": app})
     settings = Settings(model=tmp_path / "m")
     serving = Serving(settings, ClusterState(world_size=1, backend="ring", model_id="m"), engine=None)
-    prepared = Prepared(kind="chat", request=GenerationRequest(prompt_tokens=[1, 2, 3], max_tokens=8), stops=[],
-                        stream=True, include_usage=False)
+    prepared = Prepared(
+        kind="chat",
+        request=GenerationRequest(prompt_tokens=[1, 2, 3], max_tokens=8),
+        stops=[],
+        stream=True,
+        include_usage=False,
+    )
     return app, request, serving, prepared
 
 
@@ -106,6 +156,7 @@ async def _failing():
 def _drain(gen) -> list[str]:
     async def run():
         return [chunk async for chunk in gen]
+
     return asyncio.run(run())
 
 
@@ -147,11 +198,20 @@ def test_openapi_documents_the_new_bodies(tmp_path):
 
     from mlx_jaccl_cluster.api.app import create_app
 
-    app = create_app(Settings(model=tmp_path / "m"), ClusterState(world_size=1, backend="ring", model_id="m"), engine=None)
+    app = create_app(
+        Settings(model=tmp_path / "m"), ClusterState(world_size=1, backend="ring", model_id="m"), engine=None
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. duplicate operation ids
         spec = app.openapi()
-    for path in ("/api/chat", "/api/generate", "/api/show", "/v1/messages", "/v1/messages/count_tokens", "/v1/responses"):
+    for path in (
+        "/api/chat",
+        "/api/generate",
+        "/api/show",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/responses",
+    ):
         schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert schema["type"] == "object" and "model" in schema["properties"], path
     assert "$defs" not in json.dumps(spec)

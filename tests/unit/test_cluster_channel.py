@@ -10,8 +10,22 @@ import time
 import pytest
 
 from mlx_jaccl_cluster.cluster import (
-    AUTH_FRAME_MAX, CHALLENGE, HELLO, PROOF, REJECT, AuthFailed, ChannelClosed, Follower, Leader, Rejected,
-    config_mismatch, prove_to_follower, prove_to_leader, recv_frame, send_frame, _dumps,
+    AUTH_FRAME_MAX,
+    CHALLENGE,
+    HELLO,
+    PROOF,
+    REJECT,
+    AuthFailed,
+    ChannelClosed,
+    Follower,
+    Leader,
+    Rejected,
+    _dumps,
+    config_mismatch,
+    prove_to_follower,
+    prove_to_leader,
+    recv_frame,
+    send_frame,
 )
 
 
@@ -48,10 +62,27 @@ class Lost:
 def _pair(interval=0.1, misses=3, config=CONFIG):
     port = _port()
     leader_lost, follower_lost = Lost(), Lost()
-    leader = Leader(("127.0.0.1", port), 2, ["127.0.0.1"], CONFIG, secret=SECRET, heartbeat_interval=interval,
-                    heartbeat_misses=misses, on_lost=leader_lost, stats=lambda: {"rank": 0})
-    follower = Follower(1, ("127.0.0.1", port), config, secret=SECRET, heartbeat_interval=interval, heartbeat_misses=misses,
-                        on_lost=follower_lost, stats=lambda: {"rss": 123})
+    leader = Leader(
+        ("127.0.0.1", port),
+        2,
+        ["127.0.0.1"],
+        CONFIG,
+        secret=SECRET,
+        heartbeat_interval=interval,
+        heartbeat_misses=misses,
+        on_lost=leader_lost,
+        stats=lambda: {"rank": 0},
+    )
+    follower = Follower(
+        1,
+        ("127.0.0.1", port),
+        config,
+        secret=SECRET,
+        heartbeat_interval=interval,
+        heartbeat_misses=misses,
+        on_lost=follower_lost,
+        stats=lambda: {"rss": 123},
+    )
     return leader, follower, leader_lost, follower_lost
 
 
@@ -256,8 +287,9 @@ def test_a_flood_of_impostor_connections_does_not_stall_the_group():
     """Idle connections and wrong-secret ones keep coming while the real follower joins:
     the group forms, steps flow, and the number of connections held stays bounded."""
     port = _port()
-    leader = Leader(("127.0.0.1", port), 2, ["127.0.0.1"], CONFIG, secret=SECRET, on_lost=Lost(),
-                    heartbeat_interval=0.2)
+    leader = Leader(
+        ("127.0.0.1", port), 2, ["127.0.0.1"], CONFIG, secret=SECRET, on_lost=Lost(), heartbeat_interval=0.2
+    )
     leader.start()
     stop = threading.Event()
     held: list[socket.socket] = []

@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -129,8 +130,17 @@ def ipv6_ssh() -> Inventory:
     return hosts, group
 
 
-GOOD = [two_macs, four_mac_ring, four_mac_mesh, local_ring, nccl_pair, single_mac, keyed_macs, ipv6_ssh,
-        lambda: mac_mesh(7)]
+GOOD = [
+    two_macs,
+    four_mac_ring,
+    four_mac_mesh,
+    local_ring,
+    nccl_pair,
+    single_mac,
+    keyed_macs,
+    ipv6_ssh,
+    lambda: mac_mesh(7),
+]
 
 
 @pytest.mark.parametrize("inventory", GOOD, ids=lambda f: f.__name__)
@@ -433,7 +443,12 @@ def test_plan_two_macs_jaccl() -> None:
     }
     assert mac2["files"] == {"mlx-jaccl-cluster/ibv_devices.json": matrix}
     assert mac2["argv"] == [f"{PREFIX}/venv/bin/mjc-rank"]
-    assert (mac2["rank"], mac2["ssh"], mac2["ips"], mac2["unit_name"]) == (1, "mac2.local", ["192.168.1.15"], "mlx-jaccl-cluster")
+    assert (mac2["rank"], mac2["ssh"], mac2["ips"], mac2["unit_name"]) == (
+        1,
+        "mac2.local",
+        ["192.168.1.15"],
+        "mlx-jaccl-cluster",
+    )
     assert plan["api_url"] == "http://mac1.local:8080"
     assert all("MLX_HOSTFILE" not in h["env"] and "MLX_JACCL_RING" not in h["env"] for h in plan["hosts"].values())
 
@@ -445,7 +460,12 @@ def test_plan_jaccl_ring_sets_the_ring_flag() -> None:
         env = plan["hosts"][name]["env"]
         assert (env["MLX_RANK"], env["MJC_BACKEND"], env["MLX_JACCL_RING"]) == (str(rank), "jaccl-ring", "1")
         assert env["MLX_JACCL_COORDINATOR"] == "10.0.0.1:32323" and "MLX_HOSTFILE" not in env
-    assert plan["hosts"]["mac3"]["files"]["mlx-jaccl-cluster/ibv_devices.json"][2] == [None, "rdma_en4", None, "rdma_en3"]
+    assert plan["hosts"]["mac3"]["files"]["mlx-jaccl-cluster/ibv_devices.json"][2] == [
+        None,
+        "rdma_en4",
+        None,
+        "rdma_en3",
+    ]
 
 
 def test_plan_local_ring() -> None:
@@ -502,8 +522,14 @@ def test_plan_api_key_only_when_set_and_custom_prefix() -> None:
 
 def test_plan_passes_runtime_settings_to_every_rank() -> None:
     hosts, group = local_ring()
-    group.update(cluster_runtime_settings={"max_batch": 16, "probe_latency_interval": 0, "log_level": "debug",
-                                           "request_timeout": 2.5})
+    group.update(
+        cluster_runtime_settings={
+            "max_batch": 16,
+            "probe_latency_interval": 0,
+            "log_level": "debug",
+            "request_timeout": 2.5,
+        }
+    )
     plan = cluster_plan(hosts, group)
     for entry in plan["hosts"].values():
         env = entry["env"]
@@ -512,8 +538,10 @@ def test_plan_passes_runtime_settings_to_every_rank() -> None:
     from mlx_jaccl_cluster.settings import Settings
 
     env = plan["hosts"]["rank0"]["env"]
-    read = Settings.model_validate({k.removeprefix("MJC_").lower(): v for k, v in env.items() if k.startswith("MJC_")}
-                                   | {"world_size": 3, "rank": 0, "cluster_secret": "s" * 24})  # the file is on the nodes only
+    read = Settings.model_validate(
+        {k.removeprefix("MJC_").lower(): v for k, v in env.items() if k.startswith("MJC_")}
+        | {"world_size": 3, "rank": 0, "cluster_secret": "s" * 24}
+    )  # the file is on the nodes only
     assert (read.max_batch, read.probe_latency_interval, read.request_timeout) == (16, 0, 2.5)
 
 
@@ -544,7 +572,9 @@ def test_plan_does_not_share_inventory_lists() -> None:
 
 def test_plan_paths_may_differ_per_host() -> None:
     hosts, group = two_macs()
-    hosts["mac2"].update(cluster_install_prefix="/Users/bob/mlx-jaccl-cluster", cluster_model_path="/Users/bob/models/m")
+    hosts["mac2"].update(
+        cluster_install_prefix="/Users/bob/mlx-jaccl-cluster", cluster_model_path="/Users/bob/models/m"
+    )
     assert validate_cluster(hosts, group) == []
     mac1, mac2 = (cluster_plan(hosts, group)["hosts"][name] for name in ("mac1", "mac2"))
     assert mac1["env"]["MJC_MODEL"] == MODEL["cluster_model_path"] and mac1["prefix"] == PREFIX

@@ -8,8 +8,12 @@ from mlx_jaccl_cluster.layout import LayoutError, capabilities, choose, num_laye
 
 
 def cfg(model_type, heads=6, kv=6, layers=6):
-    return {"model_type": model_type, "num_attention_heads": heads, "num_key_value_heads": kv,
-            "num_hidden_layers": layers}
+    return {
+        "model_type": model_type,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "num_hidden_layers": layers,
+    }
 
 
 def test_capabilities_are_read_from_the_installed_mlx_lm():
@@ -21,15 +25,18 @@ def test_capabilities_are_read_from_the_installed_mlx_lm():
     assert capabilities("no_such_model") == (False, False)
 
 
-@pytest.mark.parametrize("config, world, parallel, words", [
-    (cfg("llama"), 2, "tensor", "shards in mlx-lm and its heads divide by 2"),
-    (cfg("llama", heads=9, kv=3), 2, "pipeline", "num_attention_heads (9) is not divisible by 2"),
-    (cfg("llama", heads=9, kv=3), 3, "tensor", "divide by 3"),
-    (cfg("phi3"), 2, "pipeline", "phi3 has no shard() in mlx-lm"),
-    (cfg("qwen2", heads=7, kv=7), 2, "pipeline", "num_key_value_heads (7)"),
-    (cfg("llama"), 1, "none", "one rank"),
-    ({"model_type": "gemma3", "text_config": cfg("gemma3_text", heads=4, kv=1)}, 2, "pipeline", "no shard()"),
-])
+@pytest.mark.parametrize(
+    "config, world, parallel, words",
+    [
+        (cfg("llama"), 2, "tensor", "shards in mlx-lm and its heads divide by 2"),
+        (cfg("llama", heads=9, kv=3), 2, "pipeline", "num_attention_heads (9) is not divisible by 2"),
+        (cfg("llama", heads=9, kv=3), 3, "tensor", "divide by 3"),
+        (cfg("phi3"), 2, "pipeline", "phi3 has no shard() in mlx-lm"),
+        (cfg("qwen2", heads=7, kv=7), 2, "pipeline", "num_key_value_heads (7)"),
+        (cfg("llama"), 1, "none", "one rank"),
+        ({"model_type": "gemma3", "text_config": cfg("gemma3_text", heads=4, kv=1)}, 2, "pipeline", "no shard()"),
+    ],
+)
 def test_auto(config, world, parallel, words):
     layout = choose(config, world, "auto")
     assert layout.parallel == parallel and words in layout.reason
@@ -62,11 +69,14 @@ def test_even_split_and_ranges():
     assert [layer_range([4, 1, 1], r) for r in range(3)] == [(0, 4), (4, 5), (5, 6)]
 
 
-@pytest.mark.parametrize("split, words", [
-    ([3, 2], "sum to the model's 6 layers"),
-    ([6, 0], "at least one layer"),
-    ([2, 2, 2], "3 entries for 2 ranks"),
-])
+@pytest.mark.parametrize(
+    "split, words",
+    [
+        ([3, 2], "sum to the model's 6 layers"),
+        ([6, 0], "at least one layer"),
+        ([2, 2, 2], "3 entries for 2 ranks"),
+    ],
+)
 def test_bad_splits_are_named(split, words):
     with pytest.raises(SplitError, match=words):
         check_split(split, 6, 2)
@@ -100,7 +110,9 @@ def test_max_context_caps_the_models_context(tmp_path, monkeypatch):
     monkeypatch.delenv("MLX_HOSTFILE", raising=False)
 
     def engine(**kw):
-        e = Engine(Settings(model=tmp_path, world_size=1, rank=0, **kw), ClusterState(1, "ring", "m"), None, lambda *a: None)
+        e = Engine(
+            Settings(model=tmp_path, world_size=1, rank=0, **kw), ClusterState(1, "ring", "m"), None, lambda *a: None
+        )
         e.loaded = LoadedModel(model=None, tokenizer=None, config={"max_position_embeddings": 2048})
         return e
 

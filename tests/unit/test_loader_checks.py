@@ -11,22 +11,31 @@ from mlx_jaccl_cluster.engine.loader import ModelError, check_split, read_config
 def folder(tmp_path: Path, **files) -> Path:
     d = tmp_path / "m"
     d.mkdir()
-    defaults = {"config.json": json.dumps({"model_type": "llama", "num_attention_heads": 9, "num_key_value_heads": 3}),
-                "model.safetensors": "x", "tokenizer.json": "{}"}
+    defaults = {
+        "config.json": json.dumps({"model_type": "llama", "num_attention_heads": 9, "num_key_value_heads": 3}),
+        "model.safetensors": "x",
+        "tokenizer.json": "{}",
+    }
     for name, content in (defaults | files).items():
         if content is not None:
             (d / name).write_text(content)
     return d
 
 
-@pytest.mark.parametrize("files,words", [
-    ({"config.json": None}, ["config.json is missing"]),
-    ({"config.json": "{not json"}, ["not valid JSON", "re-sync"]),
-    ({"config.json": "{}"}, ["no model_type"]),
-    ({"model.safetensors": None}, ["no *.safetensors", "mlx_lm.convert"]),
-    ({"tokenizer.json": None}, ["no tokenizer"]),
-    ({"model.safetensors.index.json": json.dumps({"weight_map": {"a": "model-2.safetensors"}})}, ["model-2.safetensors"]),
-])
+@pytest.mark.parametrize(
+    "files,words",
+    [
+        ({"config.json": None}, ["config.json is missing"]),
+        ({"config.json": "{not json"}, ["not valid JSON", "re-sync"]),
+        ({"config.json": "{}"}, ["no model_type"]),
+        ({"model.safetensors": None}, ["no *.safetensors", "mlx_lm.convert"]),
+        ({"tokenizer.json": None}, ["no tokenizer"]),
+        (
+            {"model.safetensors.index.json": json.dumps({"weight_map": {"a": "model-2.safetensors"}})},
+            ["model-2.safetensors"],
+        ),
+    ],
+)
 def test_bad_folders_are_named(tmp_path, files, words):
     with pytest.raises(ModelError) as err:
         read_config(folder(tmp_path, **files))
@@ -45,7 +54,9 @@ def test_good_folder_reads_its_config(tmp_path):
 
 def test_tensor_split_must_divide_both_head_counts(tmp_path):
     config = read_config(folder(tmp_path))
-    with pytest.raises(ModelError, match=r"num_attention_heads \(9\) is not divisible by 2.*splits over \[1, 3\] ranks"):
+    with pytest.raises(
+        ModelError, match=r"num_attention_heads \(9\) is not divisible by 2.*splits over \[1, 3\] ranks"
+    ):
         check_split(config, "tensor", 2)
     assert check_split(config, "tensor", 3).parallel == "tensor"
     assert check_split(config, "tensor", 1).parallel == "none"

@@ -27,12 +27,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from ansible_run import ANSIBLE_PLAYBOOK, ROOT, run_playbook
+
 from mlx_jaccl_cluster.ops import macos
 
 CAPTURES = Path(__file__).parent / "captures" / "macos"
-WANTED = {"sleep": 0, "disksleep": 0, "autorestart": 1, "womp": 1}   # the role's default
+WANTED = {"sleep": 0, "disksleep": 0, "autorestart": 1, "womp": 1}  # the role's default
 
 
 def capture(name: str) -> str:
@@ -44,6 +44,7 @@ def pmset(name: str) -> dict:
 
 
 # --------------------------------------------------------------------------- reading pmset
+
 
 def test_pmset_custom_on_a_mac_mini_has_one_power_source():
     settings = pmset("pmset_custom_macmini.txt")
@@ -86,6 +87,7 @@ def test_pmset_rejects_a_setting_before_any_section():
 
 # --------------------------------------------------------------------------- what differs
 
+
 def test_a_mac_mini_as_shipped_needs_sleep_disksleep_and_autorestart():
     changes = macos.pmset_changes(pmset("pmset_custom_macmini.txt"), WANTED)
     assert [(c["source"], c["flag"], c["name"], c["from"], c["to"]) for c in changes] == [
@@ -107,8 +109,12 @@ def test_values_compare_as_pmset_prints_them():
 def test_a_laptop_changes_every_power_source_it_lists():
     changes = macos.pmset_changes(pmset("pmset_custom_macbookpro.txt"), WANTED)
     assert {(c["source"], c["name"]) for c in changes} == {
-        ("Battery Power", "sleep"), ("Battery Power", "disksleep"), ("Battery Power", "womp"),
-        ("AC Power", "sleep"), ("AC Power", "disksleep")}
+        ("Battery Power", "sleep"),
+        ("Battery Power", "disksleep"),
+        ("Battery Power", "womp"),
+        ("AC Power", "sleep"),
+        ("AC Power", "disksleep"),
+    }
 
 
 def test_a_setting_a_power_source_does_not_list_is_unsupported_not_changed():
@@ -143,15 +149,20 @@ def test_no_change_no_command():
 
 # --------------------------------------------------------------------------- record and restore
 
+
 def test_the_record_keeps_the_value_before_the_first_change():
     first = macos.pmset_changes(pmset("pmset_custom_macmini.txt"), WANTED)
     state = macos.pmset_record(None, first)
-    assert state == {"AC Power": {"sleep": {"before": "1", "set": "0"},
-                                  "disksleep": {"before": "10", "set": "0"},
-                                  "autorestart": {"before": "0", "set": "1"}}}
+    assert state == {
+        "AC Power": {
+            "sleep": {"before": "1", "set": "0"},
+            "disksleep": {"before": "10", "set": "0"},
+            "autorestart": {"before": "0", "set": "1"},
+        }
+    }
     # someone set sleep to 5 by hand; the next run sets it back to 0: "before" is still 1
     again = macos.pmset_changes({"AC Power": {"sleep": "5", "womp": "0"}}, WANTED)
-    state = json.loads(json.dumps(macos.pmset_record(state, again)))   # as it goes through the state file
+    state = json.loads(json.dumps(macos.pmset_record(state, again)))  # as it goes through the state file
     assert state["AC Power"]["sleep"] == {"before": "1", "set": "0"}
     assert state["AC Power"]["womp"] == {"before": "0", "set": "1"}
 
@@ -160,7 +171,9 @@ def test_uninstall_puts_back_exactly_what_the_role_changed():
     state = macos.pmset_record(None, macos.pmset_changes(pmset("pmset_custom_macmini.txt"), WANTED))
     restore = macos.pmset_restore(state, pmset("pmset_custom_macmini_hygiene.txt"))
     assert restore["left"] == []
-    assert macos.pmset_argv(restore["changes"]) == [["pmset", "-c", "sleep", "1", "disksleep", "10", "autorestart", "0"]]
+    assert macos.pmset_argv(restore["changes"]) == [
+        ["pmset", "-c", "sleep", "1", "disksleep", "10", "autorestart", "0"]
+    ]
 
 
 def test_uninstall_leaves_a_setting_someone_changed_since():
@@ -188,11 +201,15 @@ def test_uninstall_with_nothing_recorded_does_nothing():
 
 # --------------------------------------------------------------------------- Thunderbolt ports
 
+
 def bridged() -> tuple[list[str], dict, dict]:
     """Bridge members, IPv4 and link status of the Mac mini as shipped."""
     text = capture("ifconfig_all_bridged.txt")
-    return (macos.parse_ifconfig_bridge_members(capture("ifconfig_bridge0_members.txt")),
-            macos.parse_ifconfig_ipv4_by_iface(text), macos.parse_ifconfig_status_by_iface(text))
+    return (
+        macos.parse_ifconfig_bridge_members(capture("ifconfig_bridge0_members.txt")),
+        macos.parse_ifconfig_ipv4_by_iface(text),
+        macos.parse_ifconfig_status_by_iface(text),
+    )
 
 
 def test_rdma_devices_name_their_ports():
@@ -215,13 +232,19 @@ def test_link_status_per_interface():
 def test_a_cabled_port_in_the_bridge_leaves_it_and_asks_for_an_ipv4():
     members, ipv4, status = bridged()
     assert macos.thunderbolt_network_plan(["en4"], members, ipv4, status) == {
-        "leave_bridge": ["en4"], "need_ipv4": ["en4"], "missing": []}
+        "leave_bridge": ["en4"],
+        "need_ipv4": ["en4"],
+        "missing": [],
+    }
 
 
 def test_a_port_without_a_link_leaves_the_bridge_but_asks_for_nothing_yet():
     members, ipv4, status = bridged()
     assert macos.thunderbolt_network_plan(["en2"], members, ipv4, status) == {
-        "leave_bridge": ["en2"], "need_ipv4": [], "missing": []}
+        "leave_bridge": ["en2"],
+        "need_ipv4": [],
+        "missing": [],
+    }
 
 
 def test_a_ready_port_needs_nothing():
@@ -245,25 +268,37 @@ def test_the_record_is_each_port_before_the_first_change():
     state = macos.thunderbolt_network_record(None, ["en4"], "bridge0", members, ipv4)
     assert state == {"bridge": "bridge0", "interfaces": {"en4": {"bridge_member": True, "ipv4": []}}}
     # later: en4 is out with an address, en2 is added to the inventory
-    later = macos.thunderbolt_network_record(state, ["en4", "en2"], "bridge0", ["en2", "en3"],
-                                             {**ipv4, "en4": ["169.254.10.20"]})
+    later = macos.thunderbolt_network_record(
+        state, ["en4", "en2"], "bridge0", ["en2", "en3"], {**ipv4, "en4": ["169.254.10.20"]}
+    )
     assert later["interfaces"]["en4"] == {"bridge_member": True, "ipv4": []}
     assert later["interfaces"]["en2"] == {"bridge_member": True, "ipv4": []}
 
 
 def test_uninstall_gives_back_the_address_and_rejoins_only_former_members():
-    state = {"bridge": "bridge0", "interfaces": {"en4": {"bridge_member": True, "ipv4": []},
-                                                 "en5": {"bridge_member": False, "ipv4": []},
-                                                 "en6": {"bridge_member": False, "ipv4": ["10.0.0.6"]}}}
+    state = {
+        "bridge": "bridge0",
+        "interfaces": {
+            "en4": {"bridge_member": True, "ipv4": []},
+            "en5": {"bridge_member": False, "ipv4": []},
+            "en6": {"bridge_member": False, "ipv4": ["10.0.0.6"]},
+        },
+    }
     now = {"en4": ["169.254.10.20"], "en5": ["169.254.3.4"], "en6": ["10.0.0.6"]}
     assert macos.thunderbolt_network_restore(state, ["en2", "en3"], now) == {
-        "release_ipv4": ["en4", "en5"], "rejoin_bridge": ["en4"], "left": []}
+        "release_ipv4": ["en4", "en5"],
+        "rejoin_bridge": ["en4"],
+        "left": [],
+    }
 
 
 def test_uninstall_leaves_ports_as_they_are_when_nothing_changed_them():
     state = {"bridge": "bridge0", "interfaces": {"en4": {"bridge_member": True, "ipv4": []}}}
     assert macos.thunderbolt_network_restore(state, ["en2", "en4"], {"en4": []}) == {
-        "release_ipv4": [], "rejoin_bridge": [], "left": []}
+        "release_ipv4": [],
+        "rejoin_bridge": [],
+        "left": [],
+    }
 
 
 def test_uninstall_says_when_the_bridge_is_gone():
@@ -304,16 +339,24 @@ PLAYBOOK = """
 def render(tmp_path: Path, extra: dict) -> Path:
     out = tmp_path / "out"
     out.mkdir()
-    run_playbook(tmp_path, PLAYBOOK.format(root=ROOT, out=out), "localhost,",
-                 {"ansible_python_interpreter": sys.executable, **extra})
+    run_playbook(
+        tmp_path,
+        PLAYBOOK.format(root=ROOT, out=out),
+        "localhost,",
+        {"ansible_python_interpreter": sys.executable, **extra},
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory) -> Path:
-    return render(tmp_path_factory.mktemp("daemon"), {
-        "cluster_rdma": [None, "rdma_en4", ["rdma_en3", "rdma_en5"]],
-        "cluster_install_prefix": "/Users/admin/mlx-jaccl-cluster"})
+    return render(
+        tmp_path_factory.mktemp("daemon"),
+        {
+            "cluster_rdma": [None, "rdma_en4", ["rdma_en3", "rdma_en5"]],
+            "cluster_install_prefix": "/Users/admin/mlx-jaccl-cluster",
+        },
+    )
 
 
 @pytest.mark.playbook  # renders the role with ansible-playbook
@@ -321,12 +364,21 @@ def test_the_launchdaemon_runs_the_script_with_the_inventory_ports_at_boot(daemo
     plist = plistlib.loads((daemon / "thunderbolt-network.plist").read_bytes())
     assert plist["Label"] == "io.github.mlx-jaccl-cluster.thunderbolt-network"
     assert plist["ProgramArguments"] == [
-        "/bin/bash", "/Users/admin/mlx-jaccl-cluster/mac_hygiene/thunderbolt-network.sh", "bridge0", "en4", "en3", "en5"]
+        "/bin/bash",
+        "/Users/admin/mlx-jaccl-cluster/mac_hygiene/thunderbolt-network.sh",
+        "bridge0",
+        "en4",
+        "en3",
+        "en5",
+    ]
     assert plist["RunAtLoad"] is True
     assert plist["StartInterval"] == 60
     assert "KeepAlive" not in plist, "a script that ends must not be restarted in a loop"
-    assert plist["StandardOutPath"] == plist["StandardErrorPath"] == \
-        "/Users/admin/mlx-jaccl-cluster/mac_hygiene/thunderbolt-network.log"
+    assert (
+        plist["StandardOutPath"]
+        == plist["StandardErrorPath"]
+        == "/Users/admin/mlx-jaccl-cluster/mac_hygiene/thunderbolt-network.log"
+    )
     assert plist["EnvironmentVariables"]["PATH"].split(":") == ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
 
 
@@ -397,8 +449,13 @@ def mac(tmp_path) -> dict:
 
 
 def run_script(daemon: Path, mac: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(daemon / "thunderbolt-network.sh"), *args], env=mac["env"],
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["bash", str(daemon / "thunderbolt-network.sh"), *args],
+        env=mac["env"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 @pytest.mark.playbook  # renders the role with ansible-playbook
@@ -407,9 +464,13 @@ def test_the_script_frees_only_the_ports_it_is_given_and_is_idempotent(daemon, m
     assert first.returncode == 0, first.stderr
     assert [line.split(" ", 2)[2] for line in first.stdout.splitlines()] == [
         "changed: en4 left bridge0",
-        "changed: en4 asked for an IPv4 address (DHCP; self-assigned 169.254.x.y when no server answers)"]
+        "changed: en4 asked for an IPv4 address (DHCP; self-assigned 169.254.x.y when no server answers)",
+    ]
     assert (mac["state"] / "members").read_text().split() == ["en2", "en3"]
-    assert (mac["state"] / "calls").read_text().splitlines() == ["ifconfig bridge0 deletem en4", "ipconfig set en4 DHCP"]
+    assert (mac["state"] / "calls").read_text().splitlines() == [
+        "ifconfig bridge0 deletem en4",
+        "ipconfig set en4 DHCP",
+    ]
 
     second = run_script(daemon, mac, "bridge0", "en4")
     assert (second.returncode, second.stdout) == (0, "")
@@ -445,7 +506,7 @@ def test_the_script_works_without_a_bridge(daemon, mac):
 # bootstrap runs the daemon's ProgramArguments as launchd would for RunAtLoad. This checks
 # the tasks' wiring (what is read, decided, recorded, changed, reported), not macOS itself.
 
-FAKEMAC = r'''#!{python}
+FAKEMAC = r"""#!{python}
 import json, os, plistlib, subprocess, sys
 path = os.environ["FAKEMAC"]
 with open(path) as f:
@@ -527,7 +588,7 @@ elif tool == "plutil":
     with open(args[1], "rb") as f:
         plistlib.load(f)
     print(args[1] + ": OK")
-'''
+"""
 
 ROLE_PLAYBOOK = """
 - hosts: localhost
@@ -552,25 +613,46 @@ def fake_mac(tmp_path) -> dict:
         (bin_dir / tool).symlink_to(bin_dir / "fakemac")
     text = capture("ifconfig_all_bridged.txt")
     ipv4, status = macos.parse_ifconfig_ipv4_by_iface(text), macos.parse_ifconfig_status_by_iface(text)
-    state = {"pmset": pmset("pmset_custom_macmini.txt"), "bridge": ["en2", "en3", "en4"], "launchd": {}, "calls": [],
-             "ports": {p: {"ipv4": ipv4[p], "link": status[p]} for p in ("en0", "en1", "en2", "en3", "en4")}}
+    state = {
+        "pmset": pmset("pmset_custom_macmini.txt"),
+        "bridge": ["en2", "en3", "en4"],
+        "launchd": {},
+        "calls": [],
+        "ports": {p: {"ipv4": ipv4[p], "link": status[p]} for p in ("en0", "en1", "en2", "en3", "en4")},
+    }
     (tmp_path / "mac.json").write_text(json.dumps(state))
     (tmp_path / "LaunchDaemons").mkdir()
     (tmp_path / "play.yml").write_text(ROLE_PLAYBOOK)
-    return {"tmp": tmp_path, "state": tmp_path / "mac.json", "initial": state,
-            "env": {**os.environ, "FAKEMAC": str(tmp_path / "mac.json"), "PATH": f"{bin_dir}:{os.environ['PATH']}"}}
+    return {
+        "tmp": tmp_path,
+        "state": tmp_path / "mac.json",
+        "initial": state,
+        "env": {**os.environ, "FAKEMAC": str(tmp_path / "mac.json"), "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+    }
 
 
 def play(mac: dict, entry: str, *flags: str) -> int:
     """Run the role's ``entry`` on the fake Mac; the number of changed tasks."""
-    extra = {"entry": entry, "ansible_python_interpreter": sys.executable, "ansible_become": False,
-             "mjc_node": {"system": "Darwin"}, "cluster_rdma": [None, "rdma_en4"],
-             "cluster_install_prefix": str(mac["tmp"] / "prefix"),
-             "mac_hygiene_power_enabled": True, "mac_hygiene_thunderbolt_network_enabled": True,
-             "__mac_hygiene_group": "root", "__mac_hygiene_launchd_dir": str(mac["tmp"] / "LaunchDaemons")}
-    proc = subprocess.run([str(ANSIBLE_PLAYBOOK), "-i", "localhost,", str(mac["tmp"] / "play.yml"),
-                           "-e", json.dumps(extra), *flags],
-                          cwd=ROOT, env=mac["env"], capture_output=True, text=True, timeout=180)
+    extra = {
+        "entry": entry,
+        "ansible_python_interpreter": sys.executable,
+        "ansible_become": False,
+        "mjc_node": {"system": "Darwin"},
+        "cluster_rdma": [None, "rdma_en4"],
+        "cluster_install_prefix": str(mac["tmp"] / "prefix"),
+        "mac_hygiene_power_enabled": True,
+        "mac_hygiene_thunderbolt_network_enabled": True,
+        "__mac_hygiene_group": "root",
+        "__mac_hygiene_launchd_dir": str(mac["tmp"] / "LaunchDaemons"),
+    }
+    proc = subprocess.run(
+        [str(ANSIBLE_PLAYBOOK), "-i", "localhost,", str(mac["tmp"] / "play.yml"), "-e", json.dumps(extra), *flags],
+        cwd=ROOT,
+        env=mac["env"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     recap = next(line for line in proc.stdout.splitlines() if line.startswith("localhost") and "changed=" in line)
     return int(recap.split("changed=")[1].split()[0])
@@ -580,7 +662,7 @@ def play(mac: dict, entry: str, *flags: str) -> int:
 @pytest.mark.slow
 def test_the_role_applies_once_records_first_and_uninstall_puts_everything_back(fake_mac):
     mac, initial = fake_mac, fake_mac["initial"]
-    read = lambda: json.loads(mac["state"].read_text())   # noqa: E731
+    read = lambda: json.loads(mac["state"].read_text())  # noqa: E731
     files = mac["tmp"] / "prefix" / "mac_hygiene"
     plist = mac["tmp"] / "LaunchDaemons" / "io.github.mlx-jaccl-cluster.thunderbolt-network.plist"
 
@@ -590,17 +672,26 @@ def test_the_role_applies_once_records_first_and_uninstall_puts_everything_back(
 
     assert play(mac, "main") > 0
     now = read()
-    assert now["pmset"]["AC Power"] == {**initial["pmset"]["AC Power"],
-                                        "sleep": "0", "disksleep": "0", "autorestart": "1"}   # displaysleep kept
+    assert now["pmset"]["AC Power"] == {
+        **initial["pmset"]["AC Power"],
+        "sleep": "0",
+        "disksleep": "0",
+        "autorestart": "1",
+    }  # displaysleep kept
     assert now["bridge"] == ["en2", "en3"] and now["ports"]["en4"]["ipv4"] == ["169.254.10.20"]
-    assert {p: now["ports"][p] for p in ("en0", "en1", "en2", "en3")} == \
-        {p: initial["ports"][p] for p in ("en0", "en1", "en2", "en3")}, "a port the inventory does not name changed"
+    assert {p: now["ports"][p] for p in ("en0", "en1", "en2", "en3")} == {
+        p: initial["ports"][p] for p in ("en0", "en1", "en2", "en3")
+    }, "a port the inventory does not name changed"
     assert list(now["launchd"]) == ["io.github.mlx-jaccl-cluster.thunderbolt-network"] and plist.is_file()
     assert json.loads((files / "pmset.json").read_text())["AC Power"]["sleep"] == {"before": "1", "set": "0"}
-    assert json.loads((files / "thunderbolt-network.json").read_text())["interfaces"] == \
-        {"en4": {"bridge_member": True, "ipv4": []}}
-    assert now["calls"][:3] == ["pmset -c sleep 0 disksleep 0 autorestart 1",
-                                "ifconfig bridge0 deletem en4", "ipconfig set en4 DHCP"]
+    assert json.loads((files / "thunderbolt-network.json").read_text())["interfaces"] == {
+        "en4": {"bridge_member": True, "ipv4": []}
+    }
+    assert now["calls"][:3] == [
+        "pmset -c sleep 0 disksleep 0 autorestart 1",
+        "ifconfig bridge0 deletem en4",
+        "ipconfig set en4 DHCP",
+    ]
 
     assert play(mac, "main") == 0, "a second run changed something"
 

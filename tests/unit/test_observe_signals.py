@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mlx_jaccl_cluster.api.metrics import ERROR_HISTORY, REQUEST_HISTORY, RATE_SECONDS, Observer
+from mlx_jaccl_cluster.api.metrics import ERROR_HISTORY, RATE_SECONDS, REQUEST_HISTORY, Observer
 from mlx_jaccl_cluster.engine.probe import BANDWIDTH, LATENCY, LinkProbe, run_step
 from mlx_jaccl_cluster.settings import Settings, backend_links
 from mlx_jaccl_cluster.state import LinkStats
@@ -36,8 +36,14 @@ def _samples(n, value):
 
 # --- the link probe ------------------------------------------------------------------
 def test_probe_runs_latency_then_bandwidth_in_small_steps_then_waits(tmp_path):
-    s = _settings(tmp_path, probe_latency_interval=10, probe_bandwidth_interval=60, probe_steps=3,
-                  probe_step_iters=2, probe_bandwidth_bytes=1 << 20)
+    s = _settings(
+        tmp_path,
+        probe_latency_interval=10,
+        probe_bandwidth_interval=60,
+        probe_steps=3,
+        probe_step_iters=2,
+        probe_bandwidth_bytes=1 << 20,
+    )
     clock, link = Clock(), LinkStats()
     probe = LinkProbe(s, link, clock)
     assert probe.wait() == 0.0
@@ -196,10 +202,18 @@ def test_each_observer_has_its_own_registry():
 
 def test_cluster_gauges_come_from_the_snapshot():
     obs = Observer()
-    snap = {"world_size": 2, "ranks_up": 1, "queue_depth": 3, "inflight": 11, "batch_size": 8,
-            "ranks": [{"rank": 0, "host": "a", "up": True, "silent_s": 0.0, "memory": {"active": 10, "rss": 20}},
-                      {"rank": 1, "host": "?", "up": False, "silent_s": None, "memory": {}}],
-            "link": {"latency_s": 5e-5, "bandwidth_bps": None, "last_step_s": 0.002, "probes": 4}}
+    snap = {
+        "world_size": 2,
+        "ranks_up": 1,
+        "queue_depth": 3,
+        "inflight": 11,
+        "batch_size": 8,
+        "ranks": [
+            {"rank": 0, "host": "a", "up": True, "silent_s": 0.0, "memory": {"active": 10, "rss": 20}},
+            {"rank": 1, "host": "?", "up": False, "silent_s": None, "memory": {}},
+        ],
+        "link": {"latency_s": 5e-5, "bandwidth_bps": None, "last_step_s": 0.002, "probes": 4},
+    }
     obs.watch_cluster(lambda: snap)
     assert _value(obs, "mjc_queue_depth") == 3 and _value(obs, "mjc_batch_size") == 8
     assert _value(obs, "mjc_ranks_up") == 1 and _value(obs, "mjc_world_size") == 2

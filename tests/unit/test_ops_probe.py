@@ -15,27 +15,50 @@ def capture(name: str) -> str:
     return (CAPTURES / name).read_text()
 
 
-@pytest.mark.parametrize("text, seconds", [
-    ("00:36", 36), ("  01:02:03\n", 3723), ("2-00:00:01", 172801), ("10:00", 600), ("", None), ("bogus", None),
-])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("00:36", 36),
+        ("  01:02:03\n", 3723),
+        ("2-00:00:01", 172801),
+        ("10:00", 600),
+        ("", None),
+        ("bogus", None),
+    ],
+)
 def test_ps_etime(text, seconds):
     assert probe.parse_etime(text) == seconds
 
 
 def test_supervisor_running_and_stopped():
-    assert probe.parse_supervisor_status(capture("ops/supervisorctl_status_running.txt")) == {"state": "RUNNING", "pid": 23536}
-    assert probe.parse_supervisor_status(capture("ops/supervisorctl_status_stopped.txt")) == {"state": "STOPPED", "pid": None}
+    assert probe.parse_supervisor_status(capture("ops/supervisorctl_status_running.txt")) == {
+        "state": "RUNNING",
+        "pid": 23536,
+    }
+    assert probe.parse_supervisor_status(capture("ops/supervisorctl_status_stopped.txt")) == {
+        "state": "STOPPED",
+        "pid": None,
+    }
     assert probe.parse_supervisor_status("unix:///x/run/supervisor.sock no such file\n")["state"] == "unknown"
 
 
 def test_systemctl_show():
-    assert probe.parse_systemctl_show(capture("ops/systemctl_show_running.txt")) == {"state": "active/running", "pid": 4242}
-    assert probe.parse_systemctl_show(capture("ops/systemctl_show_not_found.txt")) == {"state": "not-installed", "pid": None}
+    assert probe.parse_systemctl_show(capture("ops/systemctl_show_running.txt")) == {
+        "state": "active/running",
+        "pid": 4242,
+    }
+    assert probe.parse_systemctl_show(capture("ops/systemctl_show_not_found.txt")) == {
+        "state": "not-installed",
+        "pid": None,
+    }
 
 
 def test_launchctl_print_reads_the_top_level_state_and_pid():
     assert probe.parse_launchctl_print(capture("ops/launchctl_print_running.txt")) == {"state": "running", "pid": 812}
-    assert probe.parse_launchctl_print(capture("ops/launchctl_print_waiting.txt")) == {"state": "not running", "pid": None}
+    assert probe.parse_launchctl_print(capture("ops/launchctl_print_waiting.txt")) == {
+        "state": "not running",
+        "pid": None,
+    }
 
 
 def test_tb5_link_speed_from_ibv_devinfo_v():

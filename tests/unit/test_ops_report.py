@@ -12,18 +12,43 @@ from mlx_jaccl_cluster.ops import report
 # A real mjc-bench result: 3 ring ranks on this 2-core machine (loopback TCP).
 LINK = json.loads((Path(__file__).parent / "captures" / "ops" / "link_ring_3ranks.json").read_text())
 API = {
-    "kind": "api", "date": "2026-11-26T01:00:00+00:00", "url": "http://127.0.0.1:8080", "model": "m",
+    "kind": "api",
+    "date": "2026-11-26T01:00:00+00:00",
+    "url": "http://127.0.0.1:8080",
+    "model": "m",
     "runs": [
-        {"clients": 1, "requests": 2, "completion_tokens": 128, "aggregate_tps": 40.0, "decode_tps_median": 41.0,
-         "ttft_ms_median": 120.0, "ttft_ms_p99": 130.0, "errors": []},
-        {"clients": 4, "requests": 8, "completion_tokens": 512, "aggregate_tps": 90.0, "decode_tps_median": 23.0,
-         "ttft_ms_median": 300.0, "ttft_ms_p99": 410.0, "errors": ["HTTP 429: queue full"]},
+        {
+            "clients": 1,
+            "requests": 2,
+            "completion_tokens": 128,
+            "aggregate_tps": 40.0,
+            "decode_tps_median": 41.0,
+            "ttft_ms_median": 120.0,
+            "ttft_ms_p99": 130.0,
+            "errors": [],
+        },
+        {
+            "clients": 4,
+            "requests": 8,
+            "completion_tokens": 512,
+            "aggregate_tps": 90.0,
+            "decode_tps_median": 23.0,
+            "ttft_ms_median": 300.0,
+            "ttft_ms_p99": 410.0,
+            "errors": ["HTTP 429: queue full"],
+        },
     ],
 }
 
 
 def test_human_bytes():
-    assert [report.human_bytes(n) for n in (4, 4096, 256 << 20, 1 << 30, 1500)] == ["4 B", "4 KB", "256 MB", "1 GB", "1500 B"]
+    assert [report.human_bytes(n) for n in (4, 4096, 256 << 20, 1 << 30, 1500)] == [
+        "4 B",
+        "4 KB",
+        "256 MB",
+        "1 GB",
+        "1500 B",
+    ]
 
 
 def test_link_rows_cover_latency_sizes_gather_and_every_pair():

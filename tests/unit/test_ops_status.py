@@ -16,10 +16,21 @@ GIB = 1024**3
 
 def probe(pid: int, **over) -> dict:
     base = {
-        "system": "Linux", "os": "Debian GNU/Linux", "os_version": "12", "chip": "AMD EPYC", "memory_bytes": 24 * GIB,
-        "cpus": 2, "rdma": [],
-        "service": {"manager": "supervisord", "unit": f"r{pid}", "state": "RUNNING", "pid": pid, "running": True,
-                    "uptime_s": 3723},
+        "system": "Linux",
+        "os": "Debian GNU/Linux",
+        "os_version": "12",
+        "chip": "AMD EPYC",
+        "memory_bytes": 24 * GIB,
+        "cpus": 2,
+        "rdma": [],
+        "service": {
+            "manager": "supervisord",
+            "unit": f"r{pid}",
+            "state": "RUNNING",
+            "pid": pid,
+            "running": True,
+            "uptime_s": 3723,
+        },
         "model": {"present": True, "verified": True, "problems": []},
         "versions": {"mlx": "0.32.4", "mlx-lm": "0.32.2", "mlx-jaccl-cluster": "0.1.0", "wheelhouse": "abc"},
         "disk_free_bytes": 70 * GIB,
@@ -30,8 +41,10 @@ def probe(pid: int, **over) -> dict:
 HEALTHY = {
     "world_size": 2,
     "api_url": "http://127.0.0.1:8080",
-    "health": {"status": 200, "json": {"status": "ok", "ranks_up": 2, "queue_depth": 0, "active": 0, "model": "m",
-                                       "backend": "ring"}},
+    "health": {
+        "status": 200,
+        "json": {"status": "ok", "ranks_up": 2, "queue_depth": 0, "active": 0, "model": "m", "backend": "ring"},
+    },
     "nodes": {
         "rank1": {"rank": 1, "ssh": "127.0.0.1", "rdma_devices": [], "probe": probe(11)},
         "rank0": {"rank": 0, "ssh": "127.0.0.1", "rdma_devices": [], "probe": probe(10)},
@@ -69,21 +82,43 @@ def _stopped(doc):
     doc["health"] = {"status": 503, "json": {"status": "lost", "ranks_up": 1, "detail": "rank 1 lost"}}
 
 
-@pytest.mark.parametrize("change, expected", [
-    (_stopped, ["rank1: rank 1 is not running (supervisord says STOPPED)",
-                "rank 0 /health at http://127.0.0.1:8080 answered 503: rank 1 lost"]),
-    (lambda d: d["nodes"]["rank0"]["probe"]["versions"].update({"mlx": "0.31.0"}),
-     ["version drift in mlx: 0.31.0 on rank0; 0.32.4 on rank1"]),
-    (lambda d: d["nodes"]["rank0"]["probe"]["model"].update({"verified": False, "problems": ["a.safetensors differs"]}),
-     ["rank0: model not verified: a.safetensors differs"]),
-    (lambda d: d["nodes"]["rank1"].update({"probe": None, "error": "not installed: /p/venv/bin/python is missing"}),
-     ["rank1: not installed: /p/venv/bin/python is missing"]),
-    (lambda d: d.update({"health": {"status": -1, "json": None, "msg": "Connection refused"}}),
-     ["rank 0 /health at http://127.0.0.1:8080 answered nothing: Connection refused"]),
-    (lambda d: d["health"]["json"].update({"ranks_up": 1}), ["rank 0 sees 1 of 2 ranks up"]),
-    (lambda d: d["nodes"]["rank0"]["probe"].update({"disk_free_bytes": GIB}),
-     ["rank0: only 1.0 GiB free on the install prefix"]),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (
+            _stopped,
+            [
+                "rank1: rank 1 is not running (supervisord says STOPPED)",
+                "rank 0 /health at http://127.0.0.1:8080 answered 503: rank 1 lost",
+            ],
+        ),
+        (
+            lambda d: d["nodes"]["rank0"]["probe"]["versions"].update({"mlx": "0.31.0"}),
+            ["version drift in mlx: 0.31.0 on rank0; 0.32.4 on rank1"],
+        ),
+        (
+            lambda d: d["nodes"]["rank0"]["probe"]["model"].update(
+                {"verified": False, "problems": ["a.safetensors differs"]}
+            ),
+            ["rank0: model not verified: a.safetensors differs"],
+        ),
+        (
+            lambda d: d["nodes"]["rank1"].update(
+                {"probe": None, "error": "not installed: /p/venv/bin/python is missing"}
+            ),
+            ["rank1: not installed: /p/venv/bin/python is missing"],
+        ),
+        (
+            lambda d: d.update({"health": {"status": -1, "json": None, "msg": "Connection refused"}}),
+            ["rank 0 /health at http://127.0.0.1:8080 answered nothing: Connection refused"],
+        ),
+        (lambda d: d["health"]["json"].update({"ranks_up": 1}), ["rank 0 sees 1 of 2 ranks up"]),
+        (
+            lambda d: d["nodes"]["rank0"]["probe"].update({"disk_free_bytes": GIB}),
+            ["rank0: only 1.0 GiB free on the install prefix"],
+        ),
+    ],
+)
 def test_each_fault_is_named(change, expected):
     assert broken(change) == expected
 
@@ -92,17 +127,26 @@ def test_a_down_rdma_port_of_the_inventory_and_old_macos():
     def mac(doc):
         doc["nodes"]["rank0"] |= {"rdma_devices": ["rdma_en4"]}
         doc["nodes"]["rank0"]["probe"] |= {
-            "system": "Darwin", "os": "macOS", "os_version": "26.1",
-            "rdma": [{"device": "rdma_en4", "state": "PORT_DOWN", "gbps": None},
-                     {"device": "rdma_en5", "state": "PORT_DOWN", "gbps": None}]}
-    assert broken(mac) == ["rank0: rdma_en4 is PORT_DOWN, not PORT_ACTIVE (check the cable)",
-                           "rank0: macOS 26.1 is older than 26.2 (no RDMA)"]
+            "system": "Darwin",
+            "os": "macOS",
+            "os_version": "26.1",
+            "rdma": [
+                {"device": "rdma_en4", "state": "PORT_DOWN", "gbps": None},
+                {"device": "rdma_en5", "state": "PORT_DOWN", "gbps": None},
+            ],
+        }
+
+    assert broken(mac) == [
+        "rank0: rdma_en4 is PORT_DOWN, not PORT_ACTIVE (check the cable)",
+        "rank0: macOS 26.1 is older than 26.2 (no RDMA)",
+    ]
 
 
 def test_the_command_exits_1_when_unhealthy(tmp_path):
     for doc, rc in ((HEALTHY, 0), (copy.deepcopy(HEALTHY) | {"health": {"status": 0}}, 1)):
         path = tmp_path / "doc.json"
         path.write_text(json.dumps(doc))
-        proc = subprocess.run([sys.executable, "-m", "mlx_jaccl_cluster.ops.status", "--input", str(path)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlx_jaccl_cluster.ops.status", "--input", str(path)], capture_output=True, text=True
+        )
         assert proc.returncode == rc, proc.stdout + proc.stderr

@@ -56,8 +56,7 @@ def test_weighted_split():
 
 def test_uneven_memory_gives_the_weighted_split(tiny):
     config, sizes = tiny
-    p = place(["big", "small"], config, sizes, {"big": node(3 * 1.5), "small": node(1.5)}, max_batch=1,
-              max_context=8)
+    p = place(["big", "small"], config, sizes, {"big": node(3 * 1.5), "small": node(1.5)}, max_batch=1, max_context=8)
     assert p.parallel == "pipeline" and "phi3 has no shard()" in p.reason
     assert p.split[0] > p.split[1] and sum(p.split) == 12
     assert [n.layers for n in p.ranks] == [(0, p.split[0]), (p.split[0], 12)]
@@ -123,10 +122,15 @@ def test_place_plan_renders_the_split_into_every_rank(tmp_path):
     from mlx_jaccl_cluster.ops.placement import place_plan
 
     folder = build_tiny_model(tmp_path / "granite", arch="granite")
-    plan = {"ranks": ["m1", "m2"], "parallel": "auto",
-            "hosts": {h: {"ssh": h, "env": {"MJC_PARALLEL": "auto"}} for h in ("m1", "m2")}}
-    nodes = {"m1": {"system": "Darwin", "memory_bytes": 64 * GiB, "wired_limit_mb_raw": "0"},
-             "m2": {"system": "Darwin", "memory_bytes": 64 * GiB, "wired_limit_mb_raw": str(22 * 1024)}}
+    plan = {
+        "ranks": ["m1", "m2"],
+        "parallel": "auto",
+        "hosts": {h: {"ssh": h, "env": {"MJC_PARALLEL": "auto"}} for h in ("m1", "m2")},
+    }
+    nodes = {
+        "m1": {"system": "Darwin", "memory_bytes": 64 * GiB, "wired_limit_mb_raw": "0"},
+        "m2": {"system": "Darwin", "memory_bytes": 64 * GiB, "wired_limit_mb_raw": str(22 * 1024)},
+    }
     out = place_plan(plan, str(folder), nodes, "auto", {"max_batch": 1})
     assert not out["problems"]
     placed = out["plan"]

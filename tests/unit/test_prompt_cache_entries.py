@@ -58,8 +58,15 @@ def test_nothing_in_common_reuses_nothing_and_old_entries_are_evicted_by_count(m
 def test_entries_are_bounded_by_a_rank_independent_byte_figure(model):
     """tokens x per-token KV bytes of the whole model: pipeline stages and tensor shards
     hold different real bytes, but all count the same and so evict the same entries."""
-    per_token = kv_bytes_per_token({"num_hidden_layers": 6, "num_attention_heads": 6, "num_key_value_heads": 6,
-                                    "hidden_size": 192, "torch_dtype": "float32"})
+    per_token = kv_bytes_per_token(
+        {
+            "num_hidden_layers": 6,
+            "num_attention_heads": 6,
+            "num_key_value_heads": 6,
+            "hidden_size": 192,
+            "torch_dtype": "float32",
+        }
+    )
     assert per_token == 2 * 6 * 6 * 32 * 4
     prompts = PromptCache(8, max_bytes=10 * per_token, token_bytes=per_token)  # room for 10 tokens
     prompts.store([10, 1, 2, 3], _filled(model, [10, 1, 2, 3]))
@@ -74,8 +81,20 @@ def test_entries_are_bounded_by_a_rank_independent_byte_figure(model):
 
 
 def test_the_per_token_figure_comes_from_the_config_or_is_unknown():
-    assert kv_bytes_per_token({"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-                               "hidden_size": 576, "torch_dtype": "bfloat16"}) == 2 * 30 * 3 * 64 * 2
-    assert kv_bytes_per_token({"text_config": {"num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8}}) \
+    assert (
+        kv_bytes_per_token(
+            {
+                "num_hidden_layers": 30,
+                "num_attention_heads": 9,
+                "num_key_value_heads": 3,
+                "hidden_size": 576,
+                "torch_dtype": "bfloat16",
+            }
+        )
+        == 2 * 30 * 3 * 64 * 2
+    )
+    assert (
+        kv_bytes_per_token({"text_config": {"num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8}})
         == 2 * 2 * 4 * 8 * 2
+    )
     assert kv_bytes_per_token({"model_type": "mystery"}) is None

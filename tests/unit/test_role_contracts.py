@@ -10,7 +10,9 @@ ROLES = sorted(p for p in (Path(__file__).resolve().parents[2] / "roles").iterdi
 
 
 def test_there_are_roles():
-    assert {"preflight", "node_readiness", "python_env", "backend_config", "model", "service"} <= {r.name for r in ROLES}
+    assert {"preflight", "node_readiness", "python_env", "backend_config", "model", "service"} <= {
+        r.name for r in ROLES
+    }
 
 
 @pytest.mark.parametrize("role", ROLES, ids=[r.name for r in ROLES])

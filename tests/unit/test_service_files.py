@@ -12,9 +12,9 @@ import plistlib
 import shutil
 import subprocess
 from pathlib import Path
+from xml.parsers.expat import ExpatError
 
 import pytest
-
 from ansible_run import ROOT, run_playbook
 
 pytestmark = pytest.mark.playbook  # every file here is rendered by ansible-playbook
@@ -75,7 +75,7 @@ def test_launchd_environment_is_the_jaccl_contract(mac_files):
 def test_plistlib_rejects_a_broken_plist(mac_files, tmp_path):
     broken = tmp_path / "broken.plist"
     broken.write_bytes((mac_files / "mac1.rank.plist").read_bytes().replace(b"</dict>", b"", 1))
-    with pytest.raises(Exception):
+    with pytest.raises(ExpatError):  # what plistlib raises for malformed XML
         plistlib.loads(broken.read_bytes())
 
 

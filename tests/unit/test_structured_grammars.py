@@ -16,10 +16,25 @@ from mlx_jaccl_cluster.engine.sampling import GrammarMask
 from mlx_jaccl_cluster.models.scripted import build_scripted_model
 from mlx_jaccl_cluster.structured import Grammars, StructuredError, schema_depth
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}}}
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
-    "type": "object", "properties": {"zone": {"enum": ["UTC"]}}, "required": ["zone"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC"]}}, "required": ["zone"]},
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +80,14 @@ def test_required_call_accepts_a_valid_call_then_only_eos(grammars, tokenizer):
     assert set(np.flatnonzero(bits)) == set(tokenizer.eos_token_ids)
 
 
-@pytest.mark.parametrize("payload", [
-    {"name": "get_wether", "arguments": {"city": "Paris"}},  # not a declared tool
-    {"name": "get_weather", "arguments": {"town": "Paris"}},  # arguments off its schema
-    {"name": "get_time", "arguments": {"zone": "CET"}},  # named choice is get_weather
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"name": "get_wether", "arguments": {"city": "Paris"}},  # not a declared tool
+        {"name": "get_weather", "arguments": {"town": "Paris"}},  # arguments off its schema
+        {"name": "get_time", "arguments": {"zone": "CET"}},  # named choice is get_weather
+    ],
+)
 def test_named_call_refuses_anything_else(grammars, tokenizer, payload):
     g = grammars.for_tools([WEATHER, TIME], {"name": "get_weather"}, parallel=False, answer=None, reasoning_first=False)
     assert feed(grammars, g, call_tokens(tokenizer, payload)).is_error()
@@ -99,8 +117,12 @@ def test_auto_allows_text_then_a_strict_call(grammars, tokenizer):
 
 
 def test_auto_with_answer_schema_is_json_or_a_call(grammars, tokenizer):
-    answer = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
-              "additionalProperties": False}
+    answer = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
     g = grammars.for_tools([WEATHER], "auto", parallel=False, answer=answer, reasoning_first=False)
     assert feed(grammars, g, encode(tokenizer, '{"ok": true}')).is_stopped()
     assert feed(grammars, g, encode(tokenizer, "Hello")).is_error()
@@ -114,12 +136,15 @@ def test_reasoning_first_then_json(grammars, tokenizer):
     assert not m.is_error() and m.is_accepting()
 
 
-@pytest.mark.parametrize("schema, words", [
-    ({"type": "array", "uniqueItems": True}, ["uniqueItems"]),
-    ({"type": "integer", "x": [[[[[[[[[1]]]]]]]]]}, ["nested", "max_schema_depth"]),
-    ({"type": "string", "description": "y" * 5000}, ["bytes", "max_schema_bytes"]),
-    ([1], ["JSON Schema object"]),
-])
+@pytest.mark.parametrize(
+    "schema, words",
+    [
+        ({"type": "array", "uniqueItems": True}, ["uniqueItems"]),
+        ({"type": "integer", "x": [[[[[[[[[1]]]]]]]]]}, ["nested", "max_schema_depth"]),
+        ({"type": "string", "description": "y" * 5000}, ["bytes", "max_schema_bytes"]),
+        ([1], ["JSON Schema object"]),
+    ],
+)
 def test_bad_schemas_name_the_field(grammars, schema, words):
     with pytest.raises(StructuredError) as err:
         grammars.for_response_format("json_schema", schema, "response_format", reasoning_first=False)
@@ -158,8 +183,7 @@ def test_the_mask_allows_only_grammar_tokens(grammars, tokenizer):
     prompt = mx.array(encode(tokenizer, "hi"))
     out = mask(prompt, mx.zeros((1, vocab)))
     allowed = set(np.flatnonzero(np.isfinite(np.array(out[0]))))
-    expected = {t for t in range(grammars.vocab_size)
-                if LLMatcher(grammars.lltokenizer, g).validate_tokens([t]) == 1}
+    expected = {t for t in range(grammars.vocab_size) if LLMatcher(grammars.lltokenizer, g).validate_tokens([t]) == 1}
     assert allowed == expected and allowed
     # after the whole answer, only EOS
     for t in encode(tokenizer, '"yes"'):

@@ -68,32 +68,45 @@ class Lab:
     def host(self, name: str):
         return testinfra.get_host(f"ansible://{name}", ansible_inventory=self.inventory)
 
-    def ansible_playbook(self, *args: str, timeout: int = 300, playbook: str = "site.yml",
-                         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def ansible_playbook(
+        self, *args: str, timeout: int = 300, playbook: str = "site.yml", env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
         """``playbook`` against this inventory (plus ``args``), with Molecule's ansible.cfg."""
-        env = {"ANSIBLE_CONFIG": str(self.ephemeral / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
-               "ANSIBLE_FORCE_COLOR": "0", "MOLECULE_EPHEMERAL_DIRECTORY": str(self.ephemeral), **(env or {})}
+        env = {
+            "ANSIBLE_CONFIG": str(self.ephemeral / "ansible.cfg"),
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_FORCE_COLOR": "0",
+            "MOLECULE_EPHEMERAL_DIRECTORY": str(self.ephemeral),
+            **(env or {}),
+        }
         argv = [str(Path(sys.executable).with_name("ansible-playbook")), "-i", self.inventory, *args, playbook]
-        return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **env})
+        return subprocess.run(
+            argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env}
+        )
 
 
 @functools.cache
 def load_lab(inventory: str) -> Lab:
     runner = AnsibleRunner(inventory)
     variables = {name: runner.get_variables(name) for name in runner.get_hosts(GROUP)}
-    ranks = sorted((Rank(name, v["cluster_rank"], v["cluster_ips"][0]) for name, v in variables.items()),
-                   key=lambda r: r.rank)
-    settings = {key: value for key, value in variables[ranks[0].name].items()
-                if key.startswith("cluster_") and key not in ("cluster_rank", "cluster_ips")}
+    ranks = sorted(
+        (Rank(name, v["cluster_rank"], v["cluster_ips"][0]) for name, v in variables.items()), key=lambda r: r.rank
+    )
+    settings = {
+        key: value
+        for key, value in variables[ranks[0].name].items()
+        if key.startswith("cluster_") and key not in ("cluster_rank", "cluster_ips")
+    }
     return Lab(inventory, Path(inventory).resolve().parent, ranks, settings)
 
 
 def pytest_collection_modifyitems(config, items):
     """Without the lab's inventory, testinfra would fall back to ansible.cfg's (this machine)."""
     if not config.option.ansible_inventory:
-        raise pytest.UsageError("give --connection=ansible --ansible-inventory=<Molecule's ephemeral folder>/inventory "
-                                "(see molecule/default/tests/conftest.py)")
+        raise pytest.UsageError(
+            "give --connection=ansible --ansible-inventory=<Molecule's ephemeral folder>/inventory "
+            "(see molecule/default/tests/conftest.py)"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -128,9 +141,16 @@ def http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, 
 
 
 def chat(lab: Lab, content: str, max_tokens: int = 16) -> tuple[int, dict]:
-    return http(f"{lab.api}/v1/chat/completions",
-                {"model": lab.settings["cluster_model_name"], "temperature": 0, "max_tokens": max_tokens,
-                 "messages": [{"role": "user", "content": content}]}, timeout=120)
+    return http(
+        f"{lab.api}/v1/chat/completions",
+        {
+            "model": lab.settings["cluster_model_name"],
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": content}],
+        },
+        timeout=120,
+    )
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.5):
@@ -151,8 +171,11 @@ def pytest_runtest_makereport(item, call):
     It goes in as captured stdout, so the JUnit report that tests/lab/test_molecule.py
     reads carries it too.
     """
-    failed = call.when in ("setup", "call") and call.excinfo is not None and \
-        not call.excinfo.errisinstance(pytest.skip.Exception)
+    failed = (
+        call.when in ("setup", "call")
+        and call.excinfo is not None
+        and not call.excinfo.errisinstance(pytest.skip.Exception)
+    )
     inventory = item.config.option.ansible_inventory
     if failed and inventory and getattr(item.module, "RANK_LOGS_ON_FAILURE", True):
         lab = load_lab(inventory)

@@ -69,7 +69,9 @@ def test_ring_hostfile_is_the_same_file_on_every_node(lab):
 def test_launch_hostfile_names_every_rank_in_order(host, lab):
     hostfile = json.loads(host.file(f"{lab.prefix}/etc/hostfile.json").content_string)
     assert (hostfile["backend"], [(h["ssh"], h["ips"]) for h in hostfile["hosts"]]) == (
-        "ring", [(r.ip, [r.ip]) for r in lab.ranks])
+        "ring",
+        [(r.ip, [r.ip]) for r in lab.ranks],
+    )
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -87,8 +89,10 @@ def test_node_checks_its_model_against_the_controllers_manifest(host, lab):
 
 def test_model_copy_verifies_on_the_path_the_rank_loads(host, lab):
     model = unit_environment(host)["MJC_MODEL"]
-    verify = host.run(f"{lab.prefix}/venv/bin/python -m mlx_jaccl_cluster.ops.manifest verify {model} "
-                      f"--manifest {lab.prefix}/etc/model-manifest.json")
+    verify = host.run(
+        f"{lab.prefix}/venv/bin/python -m mlx_jaccl_cluster.ops.manifest verify {model} "
+        f"--manifest {lab.prefix}/etc/model-manifest.json"
+    )
     assert verify.rc == 0, verify.stdout + verify.stderr
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import UNIT
 
 RANK_LOGS_ON_FAILURE = False  # the ranks are not what these tests are about
@@ -61,9 +60,13 @@ CALLBACKS = Path(__file__).parent / "plugins" / "callback"
 
 def node_state(lab) -> dict[str, str]:
     """Per host: the rank's invocation (a restart changes it), its files, the guard prefix."""
-    files = f"~/.config/systemd/user/{UNIT}.service {lab.prefix}/etc/{UNIT}/hostfile.json {lab.prefix}/etc/hostfile.json"
-    command = (f"systemctl --user show -p InvocationID --value {UNIT}; sha256sum {files}; "
-               f"if test -e {GUARD_PREFIX}; then echo {GUARD_PREFIX} exists; fi")
+    files = (
+        f"~/.config/systemd/user/{UNIT}.service {lab.prefix}/etc/{UNIT}/hostfile.json {lab.prefix}/etc/hostfile.json"
+    )
+    command = (
+        f"systemctl --user show -p InvocationID --value {UNIT}; sha256sum {files}; "
+        f"if test -e {GUARD_PREFIX}; then echo {GUARD_PREFIX} exists; fi"
+    )
     return {r.name: lab.host(r.name).check_output(command) for r in lab.ranks}
 
 
@@ -77,8 +80,21 @@ def start_sshd_again(lab, name: str) -> None:
     netns = netns_of(lab, name)
     pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, check=True).stdout.split()
     init = next(p for p in pids if Path(f"/proc/{p}/comm").read_text().strip() == "mjc-lab-init")
-    subprocess.run(["nsenter", "-a", "-t", init, "/usr/sbin/sshd", "-f", "/run/mjc-lab/sshd_config",
-                    "-E", "/run/mjc-lab/sshd.log"], check=True, timeout=30)
+    subprocess.run(
+        [
+            "nsenter",
+            "-a",
+            "-t",
+            init,
+            "/usr/sbin/sshd",
+            "-f",
+            "/run/mjc-lab/sshd_config",
+            "-E",
+            "/run/mjc-lab/sshd.log",
+        ],
+        check=True,
+        timeout=30,
+    )
     deadline = time.monotonic() + 60
     while lab.host(name).run("true").rc != 0:
         assert time.monotonic() < deadline, f"{name}'s sshd did not come back"
@@ -94,8 +110,12 @@ def bad_run(request, lab, tmp_path_factory):
     env = {}
     if "drop" in case:
         name, play = case["drop"]
-        env = {"ANSIBLE_CALLBACK_PLUGINS": str(CALLBACKS), "ANSIBLE_CALLBACKS_ENABLED": "mjc_drop_host",
-               "MJC_DROP_NETNS": netns_of(lab, name), "MJC_DROP_BEFORE": play}
+        env = {
+            "ANSIBLE_CALLBACK_PLUGINS": str(CALLBACKS),
+            "ANSIBLE_CALLBACKS_ENABLED": "mjc_drop_host",
+            "MJC_DROP_NETNS": netns_of(lab, name),
+            "MJC_DROP_BEFORE": play,
+        }
     try:
         run = lab.ansible_playbook("-i", str(override), "-e", f"cluster_install_prefix={GUARD_PREFIX}", env=env)
     finally:
@@ -103,8 +123,14 @@ def bad_run(request, lab, tmp_path_factory):
             start_sshd_again(lab, case["drop"][0])
     recap = {name: dict(kv.split("=") for kv in counts.split()) for name, counts in RECAP.findall(run.stdout)}
     plays = re.findall(r"^PLAY \[([^\]|]+)", run.stdout, re.M)
-    return {"case": case, "run": run, "recap": recap, "plays": [p.strip() for p in plays],
-            "before": before, "after": node_state(lab)}
+    return {
+        "case": case,
+        "run": run,
+        "recap": recap,
+        "plays": [p.strip() for p in plays],
+        "before": before,
+        "after": node_state(lab),
+    }
 
 
 def output(bad_run) -> str:

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 RANK_LOGS_ON_FAILURE = True
@@ -30,11 +29,26 @@ def sha(lab, name: str) -> str:
 
 def make(lab, target: str) -> subprocess.CompletedProcess:
     """A make target against the lab, with Molecule's ansible.cfg (ssh settings, roles path)."""
-    env = {**os.environ, "ANSIBLE_CONFIG": str(lab.ephemeral / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
-           "MOLECULE_EPHEMERAL_DIRECTORY": str(lab.ephemeral)}
-    return subprocess.run(["make", "--no-print-directory", target, f"INVENTORY={lab.inventory}",
-                           f"VENV={Path(sys.executable).parent.parent}"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(lab.ephemeral / "ansible.cfg"),
+        "ANSIBLE_NOCOLOR": "1",
+        "MOLECULE_EPHEMERAL_DIRECTORY": str(lab.ephemeral),
+    }
+    return subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            target,
+            f"INVENTORY={lab.inventory}",
+            f"VENV={Path(sys.executable).parent.parent}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +58,8 @@ def damaged(lab):
     # One byte inverted in place: same size, a new mtime (as any write leaves).
     lab.host(FLIPPED).check_output(
         f"python3 -c \"import sys; f = open(sys.argv[1], 'r+b'); f.seek(1000); b = f.read(1); f.seek(1000); "
-        f"f.write(bytes([b[0] ^ 255])); f.close()\" {weights(lab)}")
+        f'f.write(bytes([b[0] ^ 255])); f.close()" {weights(lab)}'
+    )
     status = lab.ansible_playbook(playbook="playbooks/status.yml")
     check = make(lab, "models-check")
     repair = lab.ansible_playbook(timeout=600)
@@ -59,8 +74,9 @@ def out(proc) -> str:
 def test_status_names_each_node_and_file(damaged):
     status = damaged["status"]
     assert status.returncode != 0, out(status)
-    assert f"{TRUNCATED}: model not verified: {WEIGHTS}: " in status.stdout and "bytes, expected" in status.stdout, \
-        out(status)
+    assert f"{TRUNCATED}: model not verified: {WEIGHTS}: " in status.stdout and "bytes, expected" in status.stdout, out(
+        status
+    )
     assert f"{FLIPPED}: model not verified: {WEIGHTS}: changed since it was last verified" in status.stdout, out(status)
 
 

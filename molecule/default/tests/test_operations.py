@@ -10,7 +10,6 @@ import json
 import re
 
 import pytest
-
 from conftest import UNIT, http
 
 RANK_LOGS_ON_FAILURE = True
@@ -32,7 +31,9 @@ def active(lab) -> dict[str, str]:
 
 
 def pids(lab) -> dict[str, str]:
-    return {r.name: lab.host(r.name).check_output(f"systemctl --user show -p MainPID --value {UNIT}") for r in lab.ranks}
+    return {
+        r.name: lab.host(r.name).check_output(f"systemctl --user show -p MainPID --value {UNIT}") for r in lab.ranks
+    }
 
 
 def test_status_healthy(lab):
@@ -46,8 +47,16 @@ def test_status_healthy(lab):
 
 def test_link_bench_over_ssh_restores_the_group(lab, tmp_path):
     before = pids(lab)
-    args = json.dumps({"bench_sizes": ["4K", "1M"], "bench_rounds": 2, "bench_budget": "4M",
-                       "bench_latency_iters": 50, "bench_gather_sizes": [], "bench_results_dir": str(tmp_path)})
+    args = json.dumps(
+        {
+            "bench_sizes": ["4K", "1M"],
+            "bench_rounds": 2,
+            "bench_budget": "4M",
+            "bench_latency_iters": 50,
+            "bench_gather_sizes": [],
+            "bench_results_dir": str(tmp_path),
+        }
+    )
     out = run(lab, "playbooks/bench.yml", "-e", args)
     (folder,) = tmp_path.iterdir()
     assert folder.name.endswith("-lab")

@@ -11,7 +11,6 @@ import time
 import urllib.error
 
 import pytest
-
 from conftest import UNIT, chat, http, unit_property, wait_for
 
 KILLED = 1  # the rank whose process gets SIGKILL
@@ -48,8 +47,12 @@ def recovery(lab):
     final = wait_for(serving_again, RECOVERY_TIMEOUT) or health(lab)
     recovered_s = time.monotonic() - killed_at
     print(f"\nrank {KILLED} killed: serving again after {recovered_s:.1f} s")
-    return {"before": before, "health": final, "seconds": recovered_s,
-            "after": {"pid": unit_property(victim, "MainPID"), "restarts": int(unit_property(victim, "NRestarts"))}}
+    return {
+        "before": before,
+        "health": final,
+        "seconds": recovered_s,
+        "after": {"pid": unit_property(victim, "MainPID"), "restarts": int(unit_property(victim, "NRestarts"))},
+    }
 
 
 def test_systemd_started_the_killed_rank_again(recovery):

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, TypeVar
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -54,7 +55,9 @@ def body_doc(model: type[BaseModel]) -> dict:
         if isinstance(node, dict):
             ref = node.get("$ref")
             if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return inline(defs[ref.removeprefix("#/$defs/")]) | {k: inline(v) for k, v in node.items() if k != "$ref"}
+                return inline(defs[ref.removeprefix("#/$defs/")]) | {
+                    k: inline(v) for k, v in node.items() if k != "$ref"
+                }
             return {k: inline(v) for k, v in node.items()}
         if isinstance(node, list):
             return [inline(v) for v in node]
@@ -73,12 +76,12 @@ def renamed(exc: APIError, names: dict[str, str]) -> APIError:
             break
     else:
         return exc
-    new = names[old] + param[len(old):]
+    new = names[old] + param[len(old) :]
     message = exc.message
     if message.startswith(param):
-        message = new + message[len(param):]
+        message = new + message[len(param) :]
     elif message.startswith(old):
-        message = names[old] + message[len(old):]
+        message = names[old] + message[len(old) :]
     return APIError(exc.status, message, param=new, code=exc.code, type=exc.type, headers=exc.headers)
 
 
@@ -119,8 +122,9 @@ def fill_context(serving: Serving, prepared: Prepared) -> Prepared:
     server's ``default_max_tokens``."""
     context = serving.engine.context_length
     if context is not None:
-        prepared.request = dataclasses.replace(prepared.request,
-                                               max_tokens=context - len(prepared.request.prompt_tokens))
+        prepared.request = dataclasses.replace(
+            prepared.request, max_tokens=context - len(prepared.request.prompt_tokens)
+        )
     return prepared
 
 
@@ -131,8 +135,11 @@ def start(request: Request, prepared: Prepared) -> AsyncIterator:
     serving: Serving = request.app.state.serving
     slot = serving.admit()
     disconnected = None if prepared.stream else request.is_disconnected
-    return request.app.state.observer.watch(request.url.path, len(prepared.request.prompt_tokens),
-                                            serving.generate(prepared, slot, disconnected=disconnected))
+    return request.app.state.observer.watch(
+        request.url.path,
+        len(prepared.request.prompt_tokens),
+        serving.generate(prepared, slot, disconnected=disconnected),
+    )
 
 
 class ClientLeft(Exception):
@@ -221,8 +228,11 @@ class Blocks:
             out += self._close()
             block = self._new("tool_call")
             block.call = {k: v for k, v in call.items() if k != "index"}
-            out += [BlockEvent("start", block), BlockEvent("delta", block, block.call["function"]["arguments"]),
-                    BlockEvent("stop", block)]
+            out += [
+                BlockEvent("start", block),
+                BlockEvent("delta", block, block.call["function"]["arguments"]),
+                BlockEvent("stop", block),
+            ]
         return out
 
     def finish(self) -> list[BlockEvent]:

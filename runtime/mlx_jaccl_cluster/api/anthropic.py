@@ -15,7 +15,8 @@ know is refused by name. No MLX here.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, AsyncIterator, Literal, Union
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -29,13 +30,24 @@ router = APIRouter()
 
 #: Anthropic's error type for each status (its API reference, "Errors").
 ERROR_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "api_error", 504: "timeout_error",
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "api_error",
+    504: "timeout_error",
 }
 #: Error messages about an OpenAI field name the Anthropic field instead.
-NAMES = {"stop": "stop_sequences", "response_format": "output_config.format",
-         "response_format.json_schema.schema": "output_config.format.schema", "chat_template_kwargs": "thinking",
-         "parallel_tool_calls": "tool_choice.disable_parallel_tool_use"}
+NAMES = {
+    "stop": "stop_sequences",
+    "response_format": "output_config.format",
+    "response_format.json_schema.schema": "output_config.format.schema",
+    "chat_template_kwargs": "thinking",
+    "parallel_tool_calls": "tool_choice.disable_parallel_tool_use",
+}
 
 
 def error_body(exc: APIError) -> dict:
@@ -71,7 +83,7 @@ class ToolUseBlock(_Block):
 class ToolResultBlock(_Block):
     type: Literal["tool_result"]
     tool_use_id: StrictStr
-    content: Union[StrictStr, list[dict]] = ""
+    content: StrictStr | list[dict] = ""
     is_error: StrictBool = False
 
 
@@ -98,16 +110,21 @@ def _block_tag(value: Any) -> str:
     return kind if kind in _KNOWN else "other"
 
 
-Block = Annotated[Union[Annotated[TextBlock, Tag("text")], Annotated[ToolUseBlock, Tag("tool_use")],
-                        Annotated[ToolResultBlock, Tag("tool_result")], Annotated[ThinkingBlock, Tag("thinking")],
-                        Annotated[OtherBlock, Tag("other")]], Discriminator(_block_tag)]
+Block = Annotated[
+    Annotated[TextBlock, Tag("text")]
+    | Annotated[ToolUseBlock, Tag("tool_use")]
+    | Annotated[ToolResultBlock, Tag("tool_result")]
+    | Annotated[ThinkingBlock, Tag("thinking")]
+    | Annotated[OtherBlock, Tag("other")],
+    Discriminator(_block_tag),
+]
 
 
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     # "system" in the list: Claude Code appends system reminders mid-conversation
     role: Literal["user", "assistant", "system"]
-    content: Union[StrictStr, list[Block]]
+    content: StrictStr | list[Block]
 
 
 class ToolDef(BaseModel):
@@ -142,7 +159,7 @@ class _Conversation(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     model: StrictStr = Field(..., min_length=1)
     messages: list[Message] = Field(..., min_length=1)
-    system: Union[StrictStr, list[TextBlock], None] = None
+    system: StrictStr | list[TextBlock] | None = None
     tools: list[ToolDef] | None = Field(None, max_length=128)
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
@@ -177,8 +194,11 @@ class CountTokensRequest(_Conversation):
 
 # --- translating --------------------------------------------------------------------
 def _refuse_block(where: str, kind: str) -> APIError:
-    return APIError(400, f"{where}: {kind!r} blocks are not supported here (this cluster serves a text model); "
-                         "send text", param=where)
+    return APIError(
+        400,
+        f"{where}: {kind!r} blocks are not supported here (this cluster serves a text model); send text",
+        param=where,
+    )
 
 
 def _tool_result_text(block: ToolResultBlock, where: str) -> str:
@@ -216,13 +236,19 @@ def _messages(req: _Conversation) -> list[dict]:
             elif isinstance(block, ToolUseBlock):
                 if m.role != "assistant":
                     raise APIError(400, f"{where}: tool_use blocks belong in assistant turns", param=where)
-                calls.append({"id": block.id, "type": "function",
-                              "function": {"name": block.name, "arguments": adapters.dumps(block.input)}})
+                calls.append(
+                    {
+                        "id": block.id,
+                        "type": "function",
+                        "function": {"name": block.name, "arguments": adapters.dumps(block.input)},
+                    }
+                )
             elif isinstance(block, ToolResultBlock):
                 if m.role != "user":
                     raise APIError(400, f"{where}: tool_result blocks belong in user turns", param=where)
-                out.append({"role": "tool", "tool_call_id": block.tool_use_id,
-                            "content": _tool_result_text(block, where)})
+                out.append(
+                    {"role": "tool", "tool_call_id": block.tool_use_id, "content": _tool_result_text(block, where)}
+                )
             else:
                 raise _refuse_block(where, block.type)
         if m.role == "assistant":
@@ -239,8 +265,12 @@ def _tools(req: _Conversation, body: dict) -> None:
     names = []
     for i, tool in enumerate(req.tools or []):
         if tool.type not in (None, "custom"):
-            raise APIError(400, f"tools.{i}: {tool.type!r} is a tool Anthropic's servers run; this server cannot run "
-                                "it; offer custom tools (name, description, input_schema) only", param=f"tools.{i}.type")
+            raise APIError(
+                400,
+                f"tools.{i}: {tool.type!r} is a tool Anthropic's servers run; this server cannot run "
+                "it; offer custom tools (name, description, input_schema) only",
+                param=f"tools.{i}.type",
+            )
         function: dict = {"name": tool.name, "parameters": tool.input_schema or {"type": "object", "properties": {}}}
         if tool.description:
             function["description"] = tool.description
@@ -255,8 +285,11 @@ def _tools(req: _Conversation, body: dict) -> None:
         raise APIError(400, f"tool_choice: {choice.type!r} needs tools", param="tool_choice")
     if choice.type == "tool":
         if choice.name not in names:
-            raise APIError(400, f"tool_choice.name: {choice.name!r} is not one of the tools ({', '.join(names)})",
-                           param="tool_choice.name")
+            raise APIError(
+                400,
+                f"tool_choice.name: {choice.name!r} is not one of the tools ({', '.join(names)})",
+                param="tool_choice.name",
+            )
         body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
     elif choice.type == "any":
         body["tool_choice"] = "required"
@@ -270,22 +303,29 @@ def _switches(req: _Conversation, body: dict, max_tokens: int | None) -> None:
         if req.thinking.type == "enabled":
             budget = req.thinking.budget_tokens
             if budget is None:
-                raise APIError(400, "thinking.budget_tokens: required when thinking is enabled",
-                               param="thinking.budget_tokens")
+                raise APIError(
+                    400, "thinking.budget_tokens: required when thinking is enabled", param="thinking.budget_tokens"
+                )
             if max_tokens is not None and budget >= max_tokens:
-                raise APIError(400, f"thinking.budget_tokens ({budget}) must be less than max_tokens ({max_tokens})",
-                               param="thinking.budget_tokens")
+                raise APIError(
+                    400,
+                    f"thinking.budget_tokens ({budget}) must be less than max_tokens ({max_tokens})",
+                    param="thinking.budget_tokens",
+                )
             kwargs["enable_thinking"] = True
         elif req.thinking.type == "disabled":
             kwargs["enable_thinking"] = False
     config = req.output_config
     if config is not None and config.effort is not None:
         kwargs["reasoning_effort"] = config.effort
-    for name, fmt in (("output_config.format", config.format if config else None), ("output_format", req.output_format)):
+    for name, fmt in (
+        ("output_config.format", config.format if config else None),
+        ("output_format", req.output_format),
+    ):
         if fmt is None:
             continue
         if fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
-            raise APIError(400, f"{name}: give {{\"type\": \"json_schema\", \"schema\": {{...}}}}", param=name)
+            raise APIError(400, f'{name}: give {{"type": "json_schema", "schema": {{...}}}}', param=name)
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
     if kwargs:
         body["chat_template_kwargs"] = kwargs
@@ -312,8 +352,12 @@ def _content(block: adapters.Block) -> dict:
     if block.type == "text":
         return {"type": "text", "text": block.text}
     call = block.call or {}
-    return {"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
-            "input": adapters.call_arguments(call)}
+    return {
+        "type": "tool_use",
+        "id": call["id"],
+        "name": call["function"]["name"],
+        "input": adapters.call_arguments(call),
+    }
 
 
 def _empty(block: adapters.Block) -> dict:
@@ -345,8 +389,12 @@ class Reply:
     def usage(self) -> dict:
         prompt = len(self.prepared.request.prompt_tokens)
         cached = self.prepared.cached_tokens
-        return {"input_tokens": prompt - cached, "output_tokens": adapters.completion_tokens(self.pieces),
-                "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+        return {
+            "input_tokens": prompt - cached,
+            "output_tokens": adapters.completion_tokens(self.pieces),
+            "cache_read_input_tokens": cached,
+            "cache_creation_input_tokens": 0,
+        }
 
     def stop(self) -> tuple[str, str | None]:
         reason = self.pieces[-1].finish_reason if self.pieces else None
@@ -360,8 +408,16 @@ class Reply:
         return "end_turn", None
 
     def message(self, content: list[dict], stop_reason: str | None, stop_sequence: str | None, usage: dict) -> dict:
-        return {"id": self.id, "type": "message", "role": "assistant", "model": self.serving.model_id,
-                "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage}
+        return {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.serving.model_id,
+            "content": content,
+            "stop_reason": stop_reason,
+            "stop_sequence": stop_sequence,
+            "usage": usage,
+        }
 
 
 def _event(name: str, data: dict) -> str:
@@ -369,7 +425,9 @@ def _event(name: str, data: dict) -> str:
 
 
 async def _sse(request: Request, reply: Reply, items: AsyncIterator) -> AsyncIterator[str]:
-    start = reply.message([], None, None, {"input_tokens": len(reply.prepared.request.prompt_tokens), "output_tokens": 0})
+    start = reply.message(
+        [], None, None, {"input_tokens": len(reply.prepared.request.prompt_tokens), "output_tokens": 0}
+    )
     yield _event("message_start", {"type": "message_start", "message": start})
     yield _event("ping", {"type": "ping"})
     try:
@@ -384,9 +442,14 @@ async def _sse(request: Request, reply: Reply, items: AsyncIterator) -> AsyncIte
             yield _block_event(ev)
         stop_reason, stop_sequence = reply.stop()
         usage = reply.usage()
-        yield _event("message_delta", {"type": "message_delta",
-                                       "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                                       "usage": usage})
+        yield _event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                "usage": usage,
+            },
+        )
         yield _event("message_stop", {"type": "message_stop"})
     except APIError as exc:
         yield _event("error", error_body(record(request, exc)))
@@ -395,11 +458,13 @@ async def _sse(request: Request, reply: Reply, items: AsyncIterator) -> AsyncIte
 def _block_event(ev: adapters.BlockEvent) -> str:
     index = ev.block.index
     if ev.kind == "start":
-        return _event("content_block_start", {"type": "content_block_start", "index": index,
-                                              "content_block": _empty(ev.block)})
+        return _event(
+            "content_block_start", {"type": "content_block_start", "index": index, "content_block": _empty(ev.block)}
+        )
     if ev.kind == "delta":
-        return _event("content_block_delta", {"type": "content_block_delta", "index": index,
-                                              "delta": _delta(ev.block, ev.delta)})
+        return _event(
+            "content_block_delta", {"type": "content_block_delta", "index": index, "delta": _delta(ev.block, ev.delta)}
+        )
     return _event("content_block_stop", {"type": "content_block_stop", "index": index})
 
 

@@ -52,9 +52,14 @@ def create_app(settings: Settings, state: ClusterState, engine) -> FastAPI:
     # Ollama's and Anthropic's routes answer errors in their own shapes (OpenAI's elsewhere).
     app.state.error_shapes = shapes = [ollama.ERROR_SHAPE, anthropic.ERROR_SHAPE]
     # The guard runs inside CountRequests (so its refusals are counted) and before routing.
-    app.add_middleware(Guard, api_key=settings.api_key.get_secret_value() if settings.api_key else None,
-                       max_body_bytes=settings.max_body_bytes, key_failures=settings.api_key_failures, record=refused,
-                       shapes=shapes)
+    app.add_middleware(
+        Guard,
+        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+        max_body_bytes=settings.max_body_bytes,
+        key_failures=settings.api_key_failures,
+        record=refused,
+        shapes=shapes,
+    )
     app.add_middleware(CountRequests, observer=observer)
     errors.install(app)
     app.include_router(router)

@@ -51,8 +51,10 @@ def snapshot(settings: Settings, state: ClusterState, serving, engine, observer:
         "inflight": serving.inflight,
         "max_batch": settings.max_batch,
         "batch_size": engine.active,
-        "ranks": [{"rank": r, "links": state.links[r] if r < len(state.links) else [], **_UNKNOWN, **ranks.get(r, {})}
-                  for r in range(state.world_size)],
+        "ranks": [
+            {"rank": r, "links": state.links[r] if r < len(state.links) else [], **_UNKNOWN, **ranks.get(r, {})}
+            for r in range(state.world_size)
+        ],
         "link": asdict(state.link),
         "tokens_per_s": observer.tokens_per_second(),
         "requests": len(observer.requests),

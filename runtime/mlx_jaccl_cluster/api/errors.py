@@ -6,8 +6,8 @@ those register their own shape (``ErrorShape``), so their clients read the messa
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -81,7 +81,11 @@ def respond(request: Request, exc: APIError) -> JSONResponse:
 def _field_path(loc: tuple) -> str:
     parts = [str(p) for p in loc if p != "body"]
     # Drop pydantic's union-branch markers such as 'str' / 'list[TextPart]'.
-    parts = [p for p in parts if not (p[:1].islower() and ("[" in p or p in ("str", "int", "float", "bool", "constrained-str")))]
+    parts = [
+        p
+        for p in parts
+        if not (p[:1].islower() and ("[" in p or p in ("str", "int", "float", "bool", "constrained-str")))
+    ]
     return ".".join(parts)
 
 
@@ -90,7 +94,11 @@ def validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
-        return APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", code="invalid_json")
+        return APIError(
+            400,
+            f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+            code="invalid_json",
+        )
     field = _field_path(tuple(first.get("loc", ())))
     msg = first.get("msg", "invalid value").removeprefix("Value error, ")
     if not field:
@@ -126,9 +134,13 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404:
-            message = (f"no route {request.method} {request.url.path}; see /v1/models, /v1/chat/completions, "
-                       "/v1/completions, /v1/responses, /v1/messages, /api/chat, /api/generate, /health")
-        return respond(request, record(request, APIError(exc.status_code, message, headers=getattr(exc, "headers", None))))
+            message = (
+                f"no route {request.method} {request.url.path}; see /v1/models, /v1/chat/completions, "
+                "/v1/completions, /v1/responses, /v1/messages, /api/chat, /api/generate, /health"
+            )
+        return respond(
+            request, record(request, APIError(exc.status_code, message, headers=getattr(exc, "headers", None)))
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

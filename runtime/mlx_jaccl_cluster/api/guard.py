@@ -23,7 +23,7 @@ import hmac
 import math
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import APIError, ErrorShape, shaped_response
 
@@ -75,8 +75,16 @@ class Guard:
     error shapes of the APIs other than OpenAI's (a refusal reaches each client in its own).
     """
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, key_failures: int,
-                 record: Callable[[dict, APIError], None], shapes: list[ErrorShape] = ()):
+    def __init__(
+        self,
+        app,
+        *,
+        api_key: str | None,
+        max_body_bytes: int,
+        key_failures: int,
+        record: Callable[[dict, APIError], None],
+        shapes: list[ErrorShape] = (),
+    ):
         self.app = app
         self.shapes = list(shapes)
         self.key = api_key.encode() if api_key else None
@@ -102,8 +110,12 @@ class Guard:
         address = (scope.get("client") or ("unknown",))[0]
         wait = self.throttle.blocked_for(address)
         if wait > 0:
-            return APIError(429, f"too many wrong API keys from {address}; wait {math.ceil(wait)} s",
-                            code="too_many_failed_keys", headers={"Retry-After": str(math.ceil(wait))})
+            return APIError(
+                429,
+                f"too many wrong API keys from {address}; wait {math.ceil(wait)} s",
+                code="too_many_failed_keys",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
         scheme, _, given = _header(scope, b"authorization").partition(" ")
         if scheme.lower() != "bearer":  # Anthropic's clients send the key as x-api-key
             given = _header(scope, b"x-api-key")
@@ -111,14 +123,21 @@ class Guard:
             self.throttle.succeeded(address)
             return None
         self.throttle.failed(address)
-        return APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
-                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return APIError(
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     async def _read_body(self, scope, receive) -> bytes | APIError:
         declared = _header(scope, b"content-length")
-        too_large = APIError(413, f"request body is larger than max_body_bytes ({self.max_body} bytes); "
-                                  "send a smaller request or raise MJC_MAX_BODY_BYTES on rank 0",
-                             code="request_too_large")
+        too_large = APIError(
+            413,
+            f"request body is larger than max_body_bytes ({self.max_body} bytes); "
+            "send a smaller request or raise MJC_MAX_BODY_BYTES on rank 0",
+            code="request_too_large",
+        )
         if declared.isdigit() and int(declared) > self.max_body:
             return too_large
         chunks, size = [], 0

@@ -9,11 +9,11 @@ and end (``watch``) and where errors leave the server (``error``); the cluster's
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from time import perf_counter
 from time import time as wall_time
-from collections import deque
-from dataclasses import asdict, dataclass, field
-from typing import AsyncIterator, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -65,19 +65,33 @@ class Observer:
         self.errors: deque[ErrorRecord] = deque(maxlen=ERROR_HISTORY)
         self._rate: deque[list[int]] = deque(maxlen=RATE_SECONDS + 1)  # [second, tokens]
         r = self.registry
-        self.http_requests = Counter("mjc_http_requests", "HTTP requests by route and status code.",
-                                     ["route", "status"], registry=r)
-        self.errors_total = Counter("mjc_errors", "Errors sent to clients, by route and OpenAI error type.",
-                                    ["route", "type"], registry=r)
-        self.generations = Counter("mjc_generations", "Generation requests by route and how they ended.",
-                                   ["route", "status"], registry=r)
-        self.prompt_tokens = Counter("mjc_prompt_tokens", "Prompt tokens of generation requests.", ["route"], registry=r)
+        self.http_requests = Counter(
+            "mjc_http_requests", "HTTP requests by route and status code.", ["route", "status"], registry=r
+        )
+        self.errors_total = Counter(
+            "mjc_errors", "Errors sent to clients, by route and OpenAI error type.", ["route", "type"], registry=r
+        )
+        self.generations = Counter(
+            "mjc_generations", "Generation requests by route and how they ended.", ["route", "status"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "mjc_prompt_tokens", "Prompt tokens of generation requests.", ["route"], registry=r
+        )
         self.generated_tokens = Counter("mjc_generated_tokens", "Tokens generated.", ["route"], registry=r)
-        self.ttft = Histogram("mjc_time_to_first_token_seconds", "Time from admission to the first token.",
-                              ["route"], buckets=TTFT_BUCKETS, registry=r)
-        self.token_latency = Histogram("mjc_time_per_output_token_seconds",
-                                       "Mean time per generated token after the first, one sample per request.",
-                                       ["route"], buckets=TOKEN_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "mjc_time_to_first_token_seconds",
+            "Time from admission to the first token.",
+            ["route"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.token_latency = Histogram(
+            "mjc_time_per_output_token_seconds",
+            "Mean time per generated token after the first, one sample per request.",
+            ["route"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
 
     # --- recording -----------------------------------------------------------------
     async def watch(self, route: str, prompt_tokens: int, pieces: AsyncIterator) -> AsyncIterator:
@@ -167,8 +181,11 @@ class _ClusterCollector(Collector):
             yield g
         up = _gauge("mjc_rank_up", "1 while the rank beats and is ready.", ["rank", "host"])
         silent = _gauge("mjc_rank_heartbeat_age_seconds", "Seconds since rank 0 last heard from the rank.", ["rank"])
-        memory = _gauge("mjc_rank_memory_bytes", "MLX memory (active, peak, cache) and process RSS of each rank, "
-                        "from its last heartbeat.", ["rank", "kind"])
+        memory = _gauge(
+            "mjc_rank_memory_bytes",
+            "MLX memory (active, peak, cache) and process RSS of each rank, from its last heartbeat.",
+            ["rank", "kind"],
+        )
         for r in s["ranks"]:
             rank = str(r["rank"])
             up.add_metric([rank, r["host"]], 1 if r["up"] else 0)
@@ -181,10 +198,16 @@ class _ClusterCollector(Collector):
         link = s["link"]
         for name, doc, key in (
             ("mjc_link_latency_seconds", "Median 1-element all_sum time of the last idle-time probe.", "latency_s"),
-            ("mjc_link_bandwidth_bytes_per_second", "Message size / median all_sum time of the last bandwidth probe.",
-             "bandwidth_bps"),
-            ("mjc_link_probe_last_step_seconds", "Duration of the last link-probe step (the most a request waited).",
-             "last_step_s"),
+            (
+                "mjc_link_bandwidth_bytes_per_second",
+                "Message size / median all_sum time of the last bandwidth probe.",
+                "bandwidth_bps",
+            ),
+            (
+                "mjc_link_probe_last_step_seconds",
+                "Duration of the last link-probe step (the most a request waited).",
+                "last_step_s",
+            ),
         ):
             if link[key] is not None:
                 g = _gauge(name, doc)

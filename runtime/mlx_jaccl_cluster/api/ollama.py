@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import struct
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal, Union
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -40,21 +41,42 @@ ROOT_TEXT = "Ollama is running"
 NDJSON = "application/x-ndjson"
 
 #: Options that only tune how Ollama loads and runs a model on one machine: accepted, no effect.
-NO_EFFECT_OPTIONS = frozenset({
-    "numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all", "vocab_only", "use_mmap",
-    "use_mlock", "num_thread", "embedding_only",
-})
+NO_EFFECT_OPTIONS = frozenset(
+    {
+        "numa",
+        "num_batch",
+        "num_gpu",
+        "main_gpu",
+        "low_vram",
+        "f16_kv",
+        "logits_all",
+        "vocab_only",
+        "use_mmap",
+        "use_mlock",
+        "num_thread",
+        "embedding_only",
+    }
+)
 #: Options at the value that turns them off; any other value is refused (we cannot honour it).
 NEUTRAL_OPTIONS = {"mirostat": 0, "tfs_z": 1.0, "typical_p": 1.0, "penalize_newline": False}
 #: Options mapped to a field of the OpenAI request.
 SAMPLING_OPTIONS = {
-    "num_predict": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-    "seed": "seed", "stop": "stop", "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+    "num_predict": "max_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "seed": "seed",
+    "stop": "stop",
+    "repeat_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty",
 }
 #: Error messages about an OpenAI field name the Ollama field instead.
 NAMES = {openai: f"options.{ollama}" for ollama, openai in SAMPLING_OPTIONS.items()} | {
-    "response_format": "format", "response_format.json_schema.schema": "format", "chat_template_kwargs": "think",
+    "response_format": "format",
+    "response_format.json_schema.schema": "format",
+    "chat_template_kwargs": "think",
 }
 
 
@@ -93,8 +115,8 @@ class Message(BaseModel):
     tool_call_id: str | None = None
 
 
-Think = Union[StrictBool, Literal["low", "medium", "high"], None]
-Format = Union[Literal["", "json"], dict, None]
+Think = StrictBool | Literal["low", "medium", "high"] | None
+Format = Literal["", "json"] | dict | None
 
 
 class _Common(BaseModel):
@@ -104,7 +126,7 @@ class _Common(BaseModel):
     stream: StrictBool = True
     format: Format = None
     options: dict[str, Any] | None = None
-    keep_alive: Union[str, float, int, None] = None  # the model stays loaded anyway: no effect
+    keep_alive: str | float | int | None = None  # the model stays loaded anyway: no effect
     think: Think = None
     truncate: StrictBool | None = None  # Ollama's context-shift switches: a prompt never gets truncated here
     shift: StrictBool | None = None
@@ -145,8 +167,9 @@ def _options(options: dict | None, body: dict, context: int | None) -> bool:
     """Put Ollama ``options`` into the OpenAI request ``body``; refuse what we cannot honour.
     True when ``num_predict`` asks to generate until the context is full (-1 or -2)."""
     options = dict(options or {})
-    penalized = any(options.get(k) not in (None, 0, 0.0) for k in ("presence_penalty", "frequency_penalty")) \
-        or options.get("repeat_penalty") not in (None, 1, 1.0)
+    penalized = any(
+        options.get(k) not in (None, 0, 0.0) for k in ("presence_penalty", "frequency_penalty")
+    ) or options.get("repeat_penalty") not in (None, 1, 1.0)
     for name, value in options.items():
         if value is None or name in NO_EFFECT_OPTIONS:
             continue
@@ -154,33 +177,50 @@ def _options(options: dict | None, body: dict, context: int | None) -> bool:
             body[SAMPLING_OPTIONS[name]] = value
         elif name in NEUTRAL_OPTIONS:
             if value != NEUTRAL_OPTIONS[name]:
-                raise APIError(400, f"options.{name}={value!r} is not supported here; leave it out (or "
-                                    f"{NEUTRAL_OPTIONS[name]!r}, off)", param=f"options.{name}")
+                raise APIError(
+                    400,
+                    f"options.{name}={value!r} is not supported here; leave it out (or {NEUTRAL_OPTIONS[name]!r}, off)",
+                    param=f"options.{name}",
+                )
         elif name in ("mirostat_tau", "mirostat_eta"):
             if options.get("mirostat") not in (None, 0):
                 raise APIError(400, f"options.{name}: mirostat sampling is not supported", param=f"options.{name}")
         elif name == "repeat_last_n":
             if penalized:
-                raise APIError(400, "options.repeat_last_n: the penalty window is fixed here (mlx-lm's 20 tokens); "
-                                    "leave repeat_last_n out", param="options.repeat_last_n")
+                raise APIError(
+                    400,
+                    "options.repeat_last_n: the penalty window is fixed here (mlx-lm's 20 tokens); "
+                    "leave repeat_last_n out",
+                    param="options.repeat_last_n",
+                )
         elif name == "num_ctx":
             if type(value) is not int or value < 1:
-                raise APIError(400, f"options.num_ctx must be a positive integer, got {value!r}", param="options.num_ctx")
+                raise APIError(
+                    400, f"options.num_ctx must be a positive integer, got {value!r}", param="options.num_ctx"
+                )
             if context is not None and value > context:
-                raise APIError(400, f"options.num_ctx is {value}, but the model's context is {context} tokens; "
-                                    f"use at most {context}", param="options.num_ctx")
+                raise APIError(
+                    400,
+                    f"options.num_ctx is {value}, but the model's context is {context} tokens; use at most {context}",
+                    param="options.num_ctx",
+                )
             # smaller: accepted; the prompt is never truncated (a prompt over the model's context is refused)
         elif name == "num_keep":
             continue  # only matters when Ollama truncates a long prompt, which never happens here
         else:
-            raise APIError(400, f"options.{name} is not an option this server knows; leave it out", param=f"options.{name}")
+            raise APIError(
+                400, f"options.{name} is not an option this server knows; leave it out", param=f"options.{name}"
+            )
     predict = body.get("max_tokens")
     if predict in (-1, -2):  # Ollama: until the context is full
         del body["max_tokens"]
         return True
     if predict is not None and (type(predict) is not int or predict < 1):
-        raise APIError(400, f"options.num_predict must be a positive integer, -1 or -2, got {predict!r}",
-                       param="options.num_predict")
+        raise APIError(
+            400,
+            f"options.num_predict must be a positive integer, -1 or -2, got {predict!r}",
+            param="options.num_predict",
+        )
     return False
 
 
@@ -197,8 +237,11 @@ def _think(serving: Serving, think: Think, body: dict) -> None:
     if think is None:
         return
     if think is not False and not serving.engine.tokenizer.has_thinking:
-        raise APIError(400, f"think: {serving.model_id!r} does not reason (its template has no think markers); "
-                            "leave think out", param="think")
+        raise APIError(
+            400,
+            f"think: {serving.model_id!r} does not reason (its template has no think markers); leave think out",
+            param="think",
+        )
     kwargs = body.setdefault("chat_template_kwargs", {})
     kwargs["enable_thinking"] = think is not False
     if isinstance(think, str):
@@ -210,13 +253,21 @@ def _messages(messages: list[Message]) -> list[dict]:
     pending: list[dict] = []  # calls of the last assistant turn not yet answered
     for i, m in enumerate(messages):
         if m.images:
-            raise APIError(400, f"messages.{i}.images: this cluster serves a text model; send text only",
-                           param=f"messages.{i}.images")
+            raise APIError(
+                400,
+                f"messages.{i}.images: this cluster serves a text model; send text only",
+                param=f"messages.{i}.images",
+            )
         msg: dict = {"role": m.role, "content": m.content}
         if m.role == "assistant" and m.tool_calls:
-            calls = [{"id": c.id or f"call_{i}_{j}", "type": "function",
-                      "function": {"name": c.function.name, "arguments": json.dumps(c.function.arguments)}}
-                     for j, c in enumerate(m.tool_calls)]
+            calls = [
+                {
+                    "id": c.id or f"call_{i}_{j}",
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": json.dumps(c.function.arguments)},
+                }
+                for j, c in enumerate(m.tool_calls)
+            ]
             msg["tool_calls"] = calls
             pending = list(calls)
         elif m.role == "tool":
@@ -245,10 +296,12 @@ async def _prepare_chat(serving: Serving, req: ChatRequest) -> Prepared:
 async def _prepare_generate(serving: Serving, req: GenerateRequest) -> Prepared:
     for name in ("suffix", "template", "context"):
         if getattr(req, name):
-            what = {"suffix": "fill-in-the-middle (suffix) is not supported; send the prompt only",
-                    "template": "a per-request template is not supported; the model's own chat template is used "
-                                "(or raw: true for no template)",
-                    "context": "context (the deprecated token history) is not supported; use /api/chat with messages"}
+            what = {
+                "suffix": "fill-in-the-middle (suffix) is not supported; send the prompt only",
+                "template": "a per-request template is not supported; the model's own chat template is used "
+                "(or raw: true for no template)",
+                "context": "context (the deprecated token history) is not supported; use /api/chat with messages",
+            }
             raise APIError(400, f"{name}: {what[name]}", param=name)
     if req.images:
         raise APIError(400, "images: this cluster serves a text model; send text only", param="images")
@@ -256,15 +309,20 @@ async def _prepare_generate(serving: Serving, req: GenerateRequest) -> Prepared:
     fill = _options(req.options, body, serving.engine.context_length)
     templated = not req.raw and serving.engine.tokenizer.has_chat_template
     if templated:
-        body["messages"] = ([{"role": "system", "content": req.system}] if req.system else []) + \
-            [{"role": "user", "content": req.prompt}]
+        body["messages"] = ([{"role": "system", "content": req.system}] if req.system else []) + [
+            {"role": "user", "content": req.prompt}
+        ]
         _format(req.format, body)
         _think(serving, req.think, body)
         prepared = await adapters.prepare_chat(serving, adapters.chat_request(body, NAMES), NAMES)
     else:
         if req.system:
-            raise APIError(400, "system: with raw: true (or a model without a chat template) there is no template to "
-                                "put it in; prepend it to the prompt", param="system")
+            raise APIError(
+                400,
+                "system: with raw: true (or a model without a chat template) there is no template to "
+                "put it in; prepend it to the prompt",
+                param="system",
+            )
         if req.format not in (None, "") or req.think is not None:
             name = "format" if req.format not in (None, "") else "think"
             raise APIError(400, f"{name}: needs the chat template; leave raw unset", param=name)
@@ -279,8 +337,17 @@ def _now() -> str:
 
 
 def _calls(piece_calls: list[dict]) -> list[dict]:
-    return [{"id": c["id"], "function": {"index": c.get("index", 0), "name": c["function"]["name"],
-                                        "arguments": adapters.call_arguments(c)}} for c in piece_calls]
+    return [
+        {
+            "id": c["id"],
+            "function": {
+                "index": c.get("index", 0),
+                "name": c["function"]["name"],
+                "arguments": adapters.call_arguments(c),
+            },
+        }
+        for c in piece_calls
+    ]
 
 
 class Reply:
@@ -329,10 +396,16 @@ class Reply:
     def final(self, out: dict, reason: str | None) -> dict:
         end = time.perf_counter_ns()
         first = self.first or end
-        out.update(done=True, done_reason="length" if reason == "length" else "stop",
-                   total_duration=end - self.start, load_duration=0,
-                   prompt_eval_count=len(self.prepared.request.prompt_tokens), prompt_eval_duration=first - self.start,
-                   eval_count=self.tokens, eval_duration=end - first)
+        out.update(
+            done=True,
+            done_reason="length" if reason == "length" else "stop",
+            total_duration=end - self.start,
+            load_duration=0,
+            prompt_eval_count=len(self.prepared.request.prompt_tokens),
+            prompt_eval_duration=first - self.start,
+            eval_count=self.tokens,
+            eval_duration=end - first,
+        )
         return out
 
 
@@ -357,8 +430,9 @@ async def _answer(request: Request, prepared: Prepared, chat: bool):
     if prepared.stream:
         return StreamingResponse(_ndjson(request, reply, items), media_type=NDJSON)
     pieces = await adapters.collect(items)
-    out = reply.body("".join(p.text for p in pieces), "".join(p.reasoning for p in pieces),
-                     [c for p in pieces for c in p.tool_calls])
+    out = reply.body(
+        "".join(p.text for p in pieces), "".join(p.reasoning for p in pieces), [c for p in pieces for c in p.tool_calls]
+    )
     return JSONResponse(reply.final(out, pieces[-1].finish_reason))
 
 
@@ -367,8 +441,12 @@ def _loaded(serving: Serving, req: ChatRequest | GenerateRequest, chat: bool):
     serving._require_ready()
     serving._check_model(_served(serving, req.model))
     _options(req.options, {}, serving.engine.context_length)  # a bad option is refused here too
-    out = {"model": serving.model_id, "created_at": _now(), "done": True,
-           "done_reason": "unload" if req.keep_alive in (0, "0", "0s") else "load"}
+    out = {
+        "model": serving.model_id,
+        "created_at": _now(),
+        "done": True,
+        "done_reason": "unload" if req.keep_alive in (0, "0", "0s") else "load",
+    }
     if chat:
         out["message"] = {"role": "assistant", "content": ""}
     else:
@@ -427,8 +505,11 @@ class ModelFacts:
         config = serving.engine.loaded.config
         files = [p for p in folder.iterdir() if p.is_file()]
         self.size = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
-        self.modified_at = datetime.fromtimestamp(max((p.stat().st_mtime for p in files), default=0),
-                                                  timezone.utc).isoformat().replace("+00:00", "Z")
+        self.modified_at = (
+            datetime.fromtimestamp(max((p.stat().st_mtime for p in files), default=0), timezone.utc)
+            .isoformat()
+            .replace("+00:00", "Z")
+        )
         manifest = folder / MANIFEST
         if manifest.is_file():  # the controller's manifest: sha256 of every file
             self.digest = digest(json.loads(manifest.read_text()))
@@ -443,9 +524,16 @@ class ModelFacts:
             level = f"Q{quant['bits']}"
         else:
             level = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(
-                str(config.get("torch_dtype") or text.get("torch_dtype") or ""), "unknown")
-        self.details = {"parent_model": "", "format": "safetensors", "family": arch, "families": [arch],
-                        "parameter_size": _human(self.parameters), "quantization_level": level}
+                str(config.get("torch_dtype") or text.get("torch_dtype") or ""), "unknown"
+            )
+        self.details = {
+            "parent_model": "",
+            "format": "safetensors",
+            "family": arch,
+            "families": [arch],
+            "parameter_size": _human(self.parameters),
+            "quantization_level": level,
+        }
         self.context = serving.engine.context_length
         self.model_info: dict[str, Any] = {"general.architecture": arch, "general.parameter_count": self.parameters}
         if self.context is not None:
@@ -463,8 +551,14 @@ class ModelFacts:
         self.parameters_text = f"num_ctx {self.context}" if self.context is not None else ""
 
     def entry(self, model_id: str) -> dict:
-        return {"name": model_id, "model": model_id, "modified_at": self.modified_at, "size": self.size,
-                "digest": self.digest, "details": self.details}
+        return {
+            "name": model_id,
+            "model": model_id,
+            "modified_at": self.modified_at,
+            "size": self.size,
+            "digest": self.digest,
+            "details": self.details,
+        }
 
 
 def _facts(request: Request) -> ModelFacts:
@@ -499,8 +593,11 @@ async def ps(request: Request) -> dict:
     entry = facts.entry(request.app.state.serving.model_id)
     del entry["modified_at"]
     # Loaded for as long as the cluster runs: "expires" far in the future, as Ollama's keep_alive -1 shows it.
-    return {"models": [entry | {"expires_at": "2318-01-01T00:00:00Z", "size_vram": facts.size,
-                                "context_length": facts.context}]}
+    return {
+        "models": [
+            entry | {"expires_at": "2318-01-01T00:00:00Z", "size_vram": facts.size, "context_length": facts.context}
+        ]
+    }
 
 
 @router.post("/api/show", openapi_extra=adapters.body_doc(ShowRequest))
@@ -512,14 +609,20 @@ async def show(request: Request) -> dict:
     facts = _facts(request)
     serving: Serving = request.app.state.serving
     serving._check_model(_served(serving, name))
-    return {"modelfile": f"# served by mlx-jaccl-cluster\nFROM {serving.model_id}\n", "parameters": facts.parameters_text,
-            "template": facts.template, "details": facts.details, "model_info": facts.model_info,
-            "capabilities": facts.capabilities, "modified_at": facts.modified_at}
+    return {
+        "modelfile": f"# served by mlx-jaccl-cluster\nFROM {serving.model_id}\n",
+        "parameters": facts.parameters_text,
+        "template": facts.template,
+        "details": facts.details,
+        "model_info": facts.model_info,
+        "capabilities": facts.capabilities,
+        "modified_at": facts.modified_at,
+    }
 
 
 _INSTEAD = {
     "pull": "the cluster serves the model its inventory names; to serve another, run `make download MODEL=org/name`, "
-            "set it in the inventory and `make up`",
+    "set it in the inventory and `make up`",
     "push": "models are not pushed from the cluster",
     "create": "models are not created on the cluster; convert one with mlx-lm and serve it through the inventory",
     "copy": "the cluster serves one model under one name (the inventory's model id)",
@@ -532,11 +635,16 @@ _INSTEAD = {
 
 async def _not_here(request: Request) -> Response:
     what = request.url.path.split("/")[2]
-    raise APIError(501, f"{request.method} {request.url.path} is not served by mlx-jaccl-cluster: {_INSTEAD[what]}",
-                   code="not_supported", type="not_supported")
+    raise APIError(
+        501,
+        f"{request.method} {request.url.path} is not served by mlx-jaccl-cluster: {_INSTEAD[what]}",
+        code="not_supported",
+        type="not_supported",
+    )
 
 
 for _name in _INSTEAD:
-    router.add_api_route(f"/api/{_name}", _not_here, methods=["DELETE"] if _name == "delete" else ["POST"],
-                         include_in_schema=False)
+    router.add_api_route(
+        f"/api/{_name}", _not_here, methods=["DELETE"] if _name == "delete" else ["POST"], include_in_schema=False
+    )
 router.add_api_route("/api/blobs/{digest}", _not_here, methods=["HEAD", "POST"], include_in_schema=False)

@@ -150,15 +150,26 @@ class History(BaseModel):
 
 
 # Before OpenAPI 3.2 the schema of an event stream describes one event.
-_SSE = {"text/event-stream": {"schema": {
-    "type": "object", "required": ["data"],
-    "description": "With stream: true, one server-sent event: a JSON chunk, an error object, or [DONE]",
-    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
-}}}
+_SSE = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "required": ["data"],
+            "description": "With stream: true, one server-sent event: a JSON chunk, an error object, or [DONE]",
+            "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+        }
+    }
+}
 _TEXT = {"text/plain": {"schema": {"type": "string"}}}
-_NDJSON = {"application/x-ndjson": {"schema": {
-    "type": "string", "description": "With stream (Ollama's default), one JSON object a line; an error mid-stream "
-                                      "is an {\"error\": ...} line"}}}
+_NDJSON = {
+    "application/x-ndjson": {
+        "schema": {
+            "type": "string",
+            "description": "With stream (Ollama's default), one JSON object a line; an error mid-stream "
+            'is an {"error": ...} line',
+        }
+    }
+}
 _WHY = {
     400: "The request is invalid (names the field)",
     401: "Missing or wrong API key",
@@ -224,6 +235,7 @@ def build(app: FastAPI, model_id: str, keyed: bool) -> dict[str, Any]:
 
     def error_of(path: str) -> dict:
         return next((errors[model] for model, matches in shapes.items() if matches(path)), errors[ErrorResponse])
+
     if keyed:
         components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
     for path, methods in schema.get("paths", {}).items():

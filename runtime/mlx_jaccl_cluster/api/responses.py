@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal, Union
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -32,14 +33,26 @@ router = APIRouter()
 #: Tools OpenAI's servers run for the model. A local server cannot run them, and Codex sends
 #: some of them by default (mlx-lm PR #1207 lists them), so they are left out of the prompt
 #: instead of failing every Codex request; the model sees only function tools.
-HOSTED_TOOLS = frozenset({
-    "web_search", "web_search_preview", "web_search_preview_2025_03_11", "image_generation", "file_search",
-    "code_interpreter", "computer_use_preview", "namespace",
-})
+HOSTED_TOOLS = frozenset(
+    {
+        "web_search",
+        "web_search_preview",
+        "web_search_preview_2025_03_11",
+        "image_generation",
+        "file_search",
+        "code_interpreter",
+        "computer_use_preview",
+        "namespace",
+    }
+)
 #: Error messages about an OpenAI chat field name the Responses field instead.
-NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format",
-         "response_format.json_schema": "text.format",
-         "chat_template_kwargs": "reasoning.effort"}
+NAMES = {
+    "messages": "input",
+    "max_tokens": "max_output_tokens",
+    "response_format": "text.format",
+    "response_format.json_schema": "text.format",
+    "chat_template_kwargs": "reasoning.effort",
+}
 
 
 # --- requests -----------------------------------------------------------------------
@@ -60,10 +73,10 @@ class ResponsesRequest(BaseModel):
     # Unknown fields are refused by name: a field we do not know may change the output.
     model_config = ConfigDict(strict=True, extra="forbid")
     model: StrictStr = Field(..., min_length=1)
-    input: Union[StrictStr, list[dict[str, Any]]]
+    input: StrictStr | list[dict[str, Any]]
     instructions: StrictStr | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Union[Literal["auto", "none", "required"], dict[str, Any], None] = None
+    tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
@@ -99,8 +112,10 @@ def _refuse(field: str, why: str) -> APIError:
 
 def _check_state(req: ResponsesRequest) -> None:
     if req.previous_response_id is not None:
-        raise _refuse("previous_response_id", "this server stores no responses (stateless); send the whole "
-                                              "conversation as input items instead")
+        raise _refuse(
+            "previous_response_id",
+            "this server stores no responses (stateless); send the whole conversation as input items instead",
+        )
     if req.conversation is not None:
         raise _refuse("conversation", "this server stores no conversations; send the whole conversation as input")
     if req.background:
@@ -126,8 +141,12 @@ def _text(content: Any, where: str) -> str:
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
             parts.append(part["refusal"])
         else:
-            raise APIError(400, f"{where}.{k}: {kind!r} parts are not supported here (this cluster serves a text "
-                                "model); send input_text", param=f"{where}.{k}")
+            raise APIError(
+                400,
+                f"{where}.{k}: {kind!r} parts are not supported here (this cluster serves a text "
+                "model); send input_text",
+                param=f"{where}.{k}",
+            )
     return "".join(parts)
 
 
@@ -144,17 +163,27 @@ def _messages(req: ResponsesRequest) -> list[dict]:
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
-                raise APIError(400, f"{where}.role: must be user, assistant, system or developer, got {role!r}",
-                               param=f"{where}.role")
+                raise APIError(
+                    400,
+                    f"{where}.role: must be user, assistant, system or developer, got {role!r}",
+                    param=f"{where}.role",
+                )
             # developer instructions are system instructions to a chat template (templates know no "developer")
-            out.append({"role": "system" if role == "developer" else role,
-                        "content": _text(item.get("content", ""), f"{where}.content")})
+            out.append(
+                {
+                    "role": "system" if role == "developer" else role,
+                    "content": _text(item.get("content", ""), f"{where}.content"),
+                }
+            )
         elif kind == "function_call":
             for name in ("call_id", "name", "arguments"):
                 if not isinstance(item.get(name), str):
                     raise APIError(400, f"{where}.{name}: required (a string)", param=f"{where}.{name}")
-            call = {"id": item["call_id"], "type": "function",
-                    "function": {"name": item["name"], "arguments": item["arguments"] or "{}"}}
+            call = {
+                "id": item["call_id"],
+                "type": "function",
+                "function": {"name": item["name"], "arguments": item["arguments"] or "{}"},
+            }
             last = out[-1] if out else None
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)
@@ -163,15 +192,23 @@ def _messages(req: ResponsesRequest) -> list[dict]:
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str):
                 raise APIError(400, f"{where}.call_id: required (a string)", param=f"{where}.call_id")
-            out.append({"role": "tool", "tool_call_id": item["call_id"],
-                        "content": _text(item.get("output", ""), f"{where}.output")})
+            out.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": item["call_id"],
+                    "content": _text(item.get("output", ""), f"{where}.output"),
+                }
+            )
         elif kind == "reasoning":
             continue  # an earlier turn's reasoning: not sent back to the model (reasoning templates drop it)
         elif kind == "item_reference":
             raise _refuse(where, "item references need stored items, which this server does not keep; send the item")
         else:
-            raise _refuse(f"{where}.type", f"{kind!r} items are not supported here; send message, function_call, "
-                                           "function_call_output or reasoning items")
+            raise _refuse(
+                f"{where}.type",
+                f"{kind!r} items are not supported here; send message, function_call, "
+                "function_call_output or reasoning items",
+            )
     return out
 
 
@@ -182,8 +219,11 @@ def _tools(req: ResponsesRequest, body: dict) -> None:
         if kind in HOSTED_TOOLS:
             continue
         if kind != "function":
-            raise _refuse(f"tools.{i}.type", f"{kind!r} tools are not supported here; offer function tools "
-                                             "(hosted tools such as web_search are left out)")
+            raise _refuse(
+                f"tools.{i}.type",
+                f"{kind!r} tools are not supported here; offer function tools "
+                "(hosted tools such as web_search are left out)",
+            )
         function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
         body.setdefault("tools", []).append({"type": "function", "function": function})
         names.append(tool.get("name"))
@@ -197,12 +237,14 @@ def _tools(req: ResponsesRequest, body: dict) -> None:
         return
     if choice.get("type") == "function" and isinstance(choice.get("name"), str):
         if choice["name"] not in names:
-            raise APIError(400, f"tool_choice.name: {choice['name']!r} is not one of the function tools",
-                           param="tool_choice.name")
+            raise APIError(
+                400, f"tool_choice.name: {choice['name']!r} is not one of the function tools", param="tool_choice.name"
+            )
         body["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
         return
-    raise _refuse("tool_choice", f"{choice!r} is not supported; use auto, none, required or "
-                                 "{\"type\": \"function\", \"name\": ...}")
+    raise _refuse(
+        "tool_choice", f'{choice!r} is not supported; use auto, none, required or {{"type": "function", "name": ...}}'
+    )
 
 
 def _format(req: ResponsesRequest, body: dict) -> None:
@@ -237,8 +279,12 @@ async def _prepare(serving: Serving, req: ResponsesRequest) -> Prepared:
     _tools(req, body)
     _format(req, body)
     _reasoning(req, body)
-    for ours, theirs in (("max_tokens", "max_output_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
-                         ("parallel_tool_calls", "parallel_tool_calls")):
+    for ours, theirs in (
+        ("max_tokens", "max_output_tokens"),
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("parallel_tool_calls", "parallel_tool_calls"),
+    ):
         if getattr(req, theirs) is not None:
             body[ours] = getattr(req, theirs)
     prepared = await adapters.prepare_chat(serving, adapters.chat_request(body, NAMES), NAMES)
@@ -274,15 +320,29 @@ class Reply:
     def item(self, block: adapters.Block, done: bool = True) -> dict:
         status = "completed" if done else "in_progress"
         if block.type == "reasoning":
-            return {"type": "reasoning", "id": self.item_id(block), "summary": [],
-                    "content": [{"type": "reasoning_text", "text": block.text}] if done else []}
+            return {
+                "type": "reasoning",
+                "id": self.item_id(block),
+                "summary": [],
+                "content": [{"type": "reasoning_text", "text": block.text}] if done else [],
+            }
         if block.type == "text":
-            return {"type": "message", "id": self.item_id(block), "status": status, "role": "assistant",
-                    "content": [self.part(block.text)] if done else []}
+            return {
+                "type": "message",
+                "id": self.item_id(block),
+                "status": status,
+                "role": "assistant",
+                "content": [self.part(block.text)] if done else [],
+            }
         call = block.call or {}
-        return {"type": "function_call", "id": self.item_id(block), "call_id": call["id"],
-                "name": call["function"]["name"], "arguments": call["function"]["arguments"] if done else "",
-                "status": status}
+        return {
+            "type": "function_call",
+            "id": self.item_id(block),
+            "call_id": call["id"],
+            "name": call["function"]["name"],
+            "arguments": call["function"]["arguments"] if done else "",
+            "status": status,
+        }
 
     @staticmethod
     def part(text: str) -> dict:
@@ -291,9 +351,13 @@ class Reply:
     def usage(self) -> dict:
         prompt = len(self.prepared.request.prompt_tokens)
         out = adapters.completion_tokens(self.pieces)
-        return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": self.prepared.cached_tokens},
-                "output_tokens": out, "output_tokens_details": {"reasoning_tokens": adapters.reasoning_tokens(self.pieces)},
-                "total_tokens": prompt + out}
+        return {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": self.prepared.cached_tokens},
+            "output_tokens": out,
+            "output_tokens_details": {"reasoning_tokens": adapters.reasoning_tokens(self.pieces)},
+            "total_tokens": prompt + out,
+        }
 
     def envelope(self, status: str, *, final: bool = False, error: dict | None = None) -> dict:
         req = self.req
@@ -302,17 +366,32 @@ class Reply:
             incomplete = {"reason": "max_output_tokens"}
         tools = [t for t in req.tools or [] if t.get("type") == "function"]
         return {
-            "id": self.id, "object": "response", "created_at": self.created, "status": status, "background": False,
-            "error": error, "incomplete_details": incomplete, "instructions": req.instructions,
-            "max_output_tokens": req.max_output_tokens, "model": self.serving.model_id,
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "background": False,
+            "error": error,
+            "incomplete_details": incomplete,
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
+            "model": self.serving.model_id,
             "output": [self.item(b) for b in self.blocks.blocks] if final else [],
             "parallel_tool_calls": req.parallel_tool_calls if req.parallel_tool_calls is not None else True,
-            "previous_response_id": None, "reasoning": {"effort": req.reasoning.effort if req.reasoning else None,
-                                                        "summary": req.reasoning.summary if req.reasoning else None},
-            "store": False, "temperature": req.temperature, "top_p": req.top_p,
+            "previous_response_id": None,
+            "reasoning": {
+                "effort": req.reasoning.effort if req.reasoning else None,
+                "summary": req.reasoning.summary if req.reasoning else None,
+            },
+            "store": False,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
             "text": {"format": (req.text.format if req.text and req.text.format else {"type": "text"})},
-            "tool_choice": req.tool_choice or "auto", "tools": tools, "truncation": "disabled",
-            "usage": self.usage() if final else None, "metadata": req.metadata or {},
+            "tool_choice": req.tool_choice or "auto",
+            "tools": tools,
+            "truncation": "disabled",
+            "usage": self.usage() if final else None,
+            "metadata": req.metadata or {},
         }
 
     def status(self) -> str:
@@ -330,31 +409,85 @@ class Reply:
         if ev.kind == "start":
             out.append(self.event("response.output_item.added", output_index=index, item=self.item(block, done=False)))
             if block.type == "text":
-                out.append(self.event("response.content_part.added", item_id=item_id, output_index=index,
-                                      content_index=0, part=self.part("")))
+                out.append(
+                    self.event(
+                        "response.content_part.added",
+                        item_id=item_id,
+                        output_index=index,
+                        content_index=0,
+                        part=self.part(""),
+                    )
+                )
         elif ev.kind == "delta":
             if block.type == "reasoning":
-                out.append(self.event("response.reasoning_text.delta", item_id=item_id, output_index=index,
-                                      content_index=0, delta=ev.delta))
+                out.append(
+                    self.event(
+                        "response.reasoning_text.delta",
+                        item_id=item_id,
+                        output_index=index,
+                        content_index=0,
+                        delta=ev.delta,
+                    )
+                )
             elif block.type == "text":
-                out.append(self.event("response.output_text.delta", item_id=item_id, output_index=index,
-                                      content_index=0, delta=ev.delta, logprobs=[]))
+                out.append(
+                    self.event(
+                        "response.output_text.delta",
+                        item_id=item_id,
+                        output_index=index,
+                        content_index=0,
+                        delta=ev.delta,
+                        logprobs=[],
+                    )
+                )
             else:
-                out.append(self.event("response.function_call_arguments.delta", item_id=item_id, output_index=index,
-                                      delta=ev.delta))
+                out.append(
+                    self.event(
+                        "response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=ev.delta
+                    )
+                )
         else:
             if block.type == "reasoning":
-                out.append(self.event("response.reasoning_text.done", item_id=item_id, output_index=index,
-                                      content_index=0, text=block.text))
+                out.append(
+                    self.event(
+                        "response.reasoning_text.done",
+                        item_id=item_id,
+                        output_index=index,
+                        content_index=0,
+                        text=block.text,
+                    )
+                )
             elif block.type == "text":
-                out.append(self.event("response.output_text.done", item_id=item_id, output_index=index,
-                                      content_index=0, text=block.text, logprobs=[]))
-                out.append(self.event("response.content_part.done", item_id=item_id, output_index=index,
-                                      content_index=0, part=self.part(block.text)))
+                out.append(
+                    self.event(
+                        "response.output_text.done",
+                        item_id=item_id,
+                        output_index=index,
+                        content_index=0,
+                        text=block.text,
+                        logprobs=[],
+                    )
+                )
+                out.append(
+                    self.event(
+                        "response.content_part.done",
+                        item_id=item_id,
+                        output_index=index,
+                        content_index=0,
+                        part=self.part(block.text),
+                    )
+                )
             else:
                 call = block.call or {}
-                out.append(self.event("response.function_call_arguments.done", item_id=item_id, output_index=index,
-                                      name=call["function"]["name"], arguments=call["function"]["arguments"]))
+                out.append(
+                    self.event(
+                        "response.function_call_arguments.done",
+                        item_id=item_id,
+                        output_index=index,
+                        name=call["function"]["name"],
+                        arguments=call["function"]["arguments"],
+                    )
+                )
             out.append(self.event("response.output_item.done", output_index=index, item=self.item(block)))
         return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -38,13 +38,22 @@ class OpenAIShape:
         self.completion_tokens = 0
 
     def _envelope(self, obj: str, choices: list) -> dict:
-        return {"id": self.id, "object": obj, "created": self.p.created, "model": self.serving.model_id, "choices": choices}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.p.created,
+            "model": self.serving.model_id,
+            "choices": choices,
+        }
 
     def usage(self) -> dict:
         prompt = len(self.p.request.prompt_tokens)
-        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.p.cached_tokens}}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": prompt + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.p.cached_tokens},
+        }
 
     def logprobs(self, pieces: list[Piece]) -> dict | None:
         if self.p.request.top_logprobs is None:
@@ -52,14 +61,17 @@ class OpenAIShape:
         events = [ev for piece in pieces for ev in piece.events]
         text = self.serving.token_text
         if self.chat:
+
             def entry(token: int, lp: float) -> dict:
                 t = text(token)
                 return {"token": t, "logprob": _logprob(lp), "bytes": list(t.encode())}
 
-            return {"content": [
-                {**entry(ev.token, ev.logprob), "top_logprobs": [entry(t, lp) for t, lp in ev.top_logprobs or []]}
-                for ev in events
-            ]}
+            return {
+                "content": [
+                    {**entry(ev.token, ev.logprob), "top_logprobs": [entry(t, lp) for t, lp in ev.top_logprobs or []]}
+                    for ev in events
+                ]
+            }
         offsets, pos = [], 0
         for ev in events:
             offsets.append(pos)
@@ -100,7 +112,12 @@ class OpenAIShape:
 
     def chunk(self, piece: Piece | None, *, first: bool = False) -> str:
         if first:
-            choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            choice = {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
         elif piece is None:  # the usage-only chunk
             body = self._envelope(self.object + ".chunk" if self.chat else self.object, [])
             body["usage"] = self.usage()
@@ -115,15 +132,20 @@ async def _run(request: Request, prepared: Prepared):
     shape = OpenAIShape(serving, prepared)
     slot = serving.admit()
     disconnected = None if prepared.stream else request.is_disconnected
-    items = request.app.state.observer.watch(request.url.path, len(prepared.request.prompt_tokens),
-                                             serving.generate(prepared, slot, disconnected=disconnected))
+    items = request.app.state.observer.watch(
+        request.url.path,
+        len(prepared.request.prompt_tokens),
+        serving.generate(prepared, slot, disconnected=disconnected),
+    )
     if not prepared.stream:
         pieces: list[Piece] = []
         async for item in items:
             if isinstance(item, Piece):
                 pieces.append(item)
                 shape.completion_tokens += len(item.events)
-        if not pieces or pieces[-1].finish_reason is None:  # the client left: a cancellation (watch counts it), not an error
+        if (
+            not pieces or pieces[-1].finish_reason is None
+        ):  # the client left: a cancellation (watch counts it), not an error
             return Response(status_code=499)
         return JSONResponse(shape.complete(pieces))
     return event_stream(_sse(request, shape, prepared, items))
@@ -139,7 +161,13 @@ async def _sse(request: Request, shape: OpenAIShape, prepared: Prepared, items: 
                 continue
             assert isinstance(item, Piece)
             shape.completion_tokens += len(item.events)
-            if item.text or item.reasoning or item.tool_calls or item.finish_reason or prepared.request.top_logprobs is not None:
+            if (
+                item.text
+                or item.reasoning
+                or item.tool_calls
+                or item.finish_reason
+                or prepared.request.top_logprobs is not None
+            ):
                 yield shape.chunk(item)
         if prepared.include_usage:
             yield shape.chunk(None)
@@ -163,7 +191,12 @@ async def completions(body: CompletionRequest, request: Request):
 @router.get("/v1/models")
 async def models(request: Request) -> dict:
     serving: Serving = request.app.state.serving
-    entry = {"id": serving.model_id, "object": "model", "created": int(serving.state.started), "owned_by": "mlx-jaccl-cluster"}
+    entry = {
+        "id": serving.model_id,
+        "object": "model",
+        "created": int(serving.state.started),
+        "owned_by": "mlx-jaccl-cluster",
+    }
     defaults = serving.engine.sampling_defaults
     if defaults is not None:  # known once the model is loaded
         entry["sampling_defaults"] = defaults.describe()

@@ -10,7 +10,7 @@ JSON number with no fraction (``1.0``), which JSON Schema counts as an integer t
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from annotated_types import Ge
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, field_validator, model_validator
@@ -28,11 +28,26 @@ _MODEL = ConfigDict(extra="ignore", strict=True)
 
 #: Arguments of ``apply_chat_template`` itself (transformers), not switches of the template:
 #: ``chat_template_kwargs`` may not set them (return_tensors, say, would change what comes back).
-TEMPLATE_CALL_ARGUMENTS = frozenset({
-    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
-    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
-    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs",
-})
+TEMPLATE_CALL_ARGUMENTS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+        "processor_kwargs",
+    }
+)
 
 
 class TextPart(BaseModel):
@@ -68,7 +83,7 @@ class ToolCall(BaseModel):
 class ChatMessage(BaseModel):
     model_config = _MODEL
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -80,7 +95,11 @@ class ChatMessage(BaseModel):
             message["name"] = self.name
         if self.tool_calls:
             message["tool_calls"] = [
-                {"id": c.id, "type": c.type, "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+                {
+                    "id": c.id,
+                    "type": c.type,
+                    "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)},
+                }
                 for c in self.tool_calls
             ]
         if self.tool_call_id is not None:
@@ -129,9 +148,9 @@ class ResponseFormat(BaseModel):
     json_schema: JSONSchemaFormat | None = None
 
     @model_validator(mode="after")
-    def _schema_when_needed(self) -> "ResponseFormat":
+    def _schema_when_needed(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("type json_schema needs json_schema: {\"name\": ..., \"schema\": {...}}")
+            raise ValueError('type json_schema needs json_schema: {"name": ..., "schema": {...}}')
         return self
 
     @property
@@ -174,14 +193,18 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: JSONInt | None = Field(None, ge=0)
     min_p: Probability | None = None
-    stop: Union[Annotated[str, Field(min_length=1)], Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)],
-                None] = None
+    stop: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)]
+        | None
+    ) = None
     seed: JSONInt | None = None
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
-        None, json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"}})
+        None, json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"}}
+    )
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
@@ -214,19 +237,20 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: JSONInt | None = Field(None, ge=0, le=10)
     tools: list[Tool] | None = Field(None, max_length=128)
-    tool_choice: Union[Literal["none", "auto", "required"], ToolChoiceFunction, None] = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
     parallel_tool_calls: StrictBool = True
-    chat_template_kwargs: dict[str, Union[StrictBool, str, int, float]] | None = Field(
-        None, json_schema_extra={"propertyNames": {"not": {"enum": sorted(TEMPLATE_CALL_ARGUMENTS)}}})
+    chat_template_kwargs: dict[str, StrictBool | str | int | float] | None = Field(
+        None, json_schema_extra={"propertyNames": {"not": {"enum": sorted(TEMPLATE_CALL_ARGUMENTS)}}}
+    )
 
     @model_validator(mode="after")
-    def _choice_needs_tools(self) -> "ChatCompletionRequest":
+    def _choice_needs_tools(self) -> ChatCompletionRequest:
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise ValueError("tool_choice 'required' or a named function needs tools")
         return self
 
     def forced_choice(self) -> str | dict | None:
-        """"required", {"name": ...} for a named function, or None (not forced)."""
+        """ "required", {"name": ...} for a named function, or None (not forced)."""
         if isinstance(self.tool_choice, ToolChoiceFunction):
             return {"name": self.tool_choice.function.name}
         return "required" if self.tool_choice == "required" else None
@@ -236,9 +260,11 @@ class ChatCompletionRequest(SamplingFields):
     def _own_arguments(cls, value: dict | None) -> dict | None:
         reserved = sorted(set(value or ()) & TEMPLATE_CALL_ARGUMENTS)
         if reserved:
-            raise ValueError(f"{', '.join(reserved)} cannot be set here: these are arguments of the templating call, "
-                             "decided by the server and the request's own fields; only the template's own switches "
-                             "(e.g. enable_thinking) may be set")
+            raise ValueError(
+                f"{', '.join(reserved)} cannot be set here: these are arguments of the templating call, "
+                "decided by the server and the request's own fields; only the template's own switches "
+                "(e.g. enable_thinking) may be set"
+            )
         return value
 
     def tools_wanted(self) -> list[dict] | None:
@@ -249,7 +275,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[Annotated[str, Field(min_length=1)], Annotated[list[TokenId], Field(min_length=1)]]
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
     logprobs: JSONInt | None = Field(None, ge=0, le=10)
     echo: StrictBool = Field(False, json_schema_extra={"enum": [False]}, description="Only false is supported.")
 

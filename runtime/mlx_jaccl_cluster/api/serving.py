@@ -12,18 +12,18 @@ import random
 import time
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 from fastapi.responses import StreamingResponse
 
 from ..generation import EngineUnavailable, ErrorEvent, GenerationRequest, SamplingParams, TokenEvent
 from ..settings import Settings
 from ..state import ClusterState
+from ..structured import StructuredError
 from .channels import Channels, initial_state
 from .errors import APIError
-from ..structured import StructuredError
 from .schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat, SamplingFields
 
 KEEPALIVE = object()  # yielded while nothing was generated for keepalive_interval
@@ -32,8 +32,9 @@ KEEPALIVE = object()  # yielded while nothing was generated for keepalive_interv
 def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
     """Server-sent events as every surface streams them (OpenAI, Anthropic, Responses): not
     cached, not buffered by a proxy in between."""
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 @dataclass
@@ -61,7 +62,7 @@ class Piece:
     reasoning: str = ""
     tool_calls: list[dict] = field(default_factory=list)
 
-    def split(self, channels: Channels | None) -> "Piece":
+    def split(self, channels: Channels | None) -> Piece:
         """This piece with its text divided into content, reasoning and tool calls."""
         if channels is None:
             return self
@@ -118,7 +119,7 @@ class Slot:
     """One admitted request. Released exactly once: when its generation ends, or when
     the slot is dropped unused (a streaming response whose client left before it began)."""
 
-    def __init__(self, serving: "Serving"):
+    def __init__(self, serving: Serving):
         self._serving = serving
         serving.inflight += 1
 
@@ -255,19 +256,32 @@ class Serving:
             return
         bound = context * self.max_token_chars
         if chars > bound:
-            raise APIError(400, f"{field} holds {chars} characters; the model's context is {context} tokens and one "
-                                f"token covers at most {self.max_token_chars} characters, so at most {bound} characters "
-                                "can fit; send a shorter prompt", param=field, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"{field} holds {chars} characters; the model's context is {context} tokens and one "
+                f"token covers at most {self.max_token_chars} characters, so at most {bound} characters "
+                "can fit; send a shorter prompt",
+                param=field,
+                code="context_length_exceeded",
+            )
 
     def _require_ready(self) -> None:
         if not self.state.ready:
-            raise APIError(503, f"cluster is {self.state.phase.replace('_', ' ')}: {self.state.detail}".rstrip(": "),
-                           code="not_ready", headers={"Retry-After": "5"})
+            raise APIError(
+                503,
+                f"cluster is {self.state.phase.replace('_', ' ')}: {self.state.detail}".rstrip(": "),
+                code="not_ready",
+                headers={"Retry-After": "5"},
+            )
 
     def _check_model(self, name: str) -> None:
         if name != self.model_id:
-            raise APIError(404, f"model {name!r} is not served here; this cluster serves {self.model_id!r} (see /v1/models)",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {name!r} is not served here; this cluster serves {self.model_id!r} (see /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
 
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
         self._require_ready()
@@ -277,8 +291,12 @@ class Serving:
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         tools = req.tools_wanted()
         if tools and not tokenizer.has_tool_calling:
-            raise APIError(400, f"{self.model_id!r} has no tool-call format mlx-lm knows (its chat template names none); "
-                                "send the request without tools, or serve a model trained for tool calling", param="tools")
+            raise APIError(
+                400,
+                f"{self.model_id!r} has no tool-call format mlx-lm knows (its chat template names none); "
+                "send the request without tools, or serve a model trained for tool calling",
+                param="tools",
+            )
         template_args = dict(req.chat_template_kwargs or {})
         if tools:
             template_args["tools"] = tools
@@ -289,8 +307,11 @@ class Serving:
         except Exception as exc:  # jinja raises for e.g. roles out of order
             raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
         if not all(type(t) is int for t in prompt):  # only token ids may reach the engine (and every rank)
-            raise APIError(400, "the chat template did not return token ids with these chat_template_kwargs",
-                           param="chat_template_kwargs")
+            raise APIError(
+                400,
+                "the chat template did not return token ids with these chat_template_kwargs",
+                param="chat_template_kwargs",
+            )
         top = None
         if req.logprobs:
             top = req.top_logprobs or 0
@@ -316,16 +337,25 @@ class Serving:
         try:
             if tools:
                 strict = any(t["function"].get("strict") for t in tools)
-                why = ("tool_choice" if forced else "response_format" if fmt else
-                       "tools" if strict else "parallel_tool_calls")
+                why = (
+                    "tool_choice"
+                    if forced
+                    else "response_format"
+                    if fmt
+                    else "tools"
+                    if strict
+                    else "parallel_tool_calls"
+                )
                 if forced or fmt or strict or not req.parallel_tool_calls:
                     answer = self._format_schema(fmt) if fmt and not forced else None
-                    return self.engine.grammars.for_tools(tools, forced or "auto", req.parallel_tool_calls, answer,
-                                                          reasoning_first, why)
+                    return self.engine.grammars.for_tools(
+                        tools, forced or "auto", req.parallel_tool_calls, answer, reasoning_first, why
+                    )
                 return None
             if fmt:
-                return self.engine.grammars.for_response_format(fmt.type, fmt.schema_body, "response_format",
-                                                                reasoning_first)
+                return self.engine.grammars.for_response_format(
+                    fmt.type, fmt.schema_body, "response_format", reasoning_first
+                )
         except StructuredError as exc:
             raise APIError(400, exc.message, param=exc.param, code="unsupported_schema") from None
         return None
@@ -344,8 +374,11 @@ class Serving:
             vocab = self.engine.vocab_size
             bad = [t for t in req.prompt if t < 0 or (vocab is not None and t >= vocab)]
             if bad:
-                raise APIError(400, f"prompt holds token ids outside the vocabulary (0..{vocab - 1 if vocab else '?'}): {bad[:5]}",
-                               param="prompt")
+                raise APIError(
+                    400,
+                    f"prompt holds token ids outside the vocabulary (0..{vocab - 1 if vocab else '?'}): {bad[:5]}",
+                    param="prompt",
+                )
             prompt = list(req.prompt)
         if not prompt:
             raise APIError(400, "prompt encodes to no tokens", param="prompt")
@@ -358,22 +391,41 @@ class Serving:
                 raise APIError(400, exc.message, param=exc.param, code="unsupported_schema") from None
         return self._prepared("completion", req, prompt, "prompt", req.max_tokens, req.logprobs, grammar)
 
-    def _prepared(self, kind: str, req: SamplingFields, prompt: list[int], prompt_field: str,
-                  max_tokens: int | None, top_logprobs: int | None, grammar: str | None = None) -> Prepared:
+    def _prepared(
+        self,
+        kind: str,
+        req: SamplingFields,
+        prompt: list[int],
+        prompt_field: str,
+        max_tokens: int | None,
+        top_logprobs: int | None,
+        grammar: str | None = None,
+    ) -> Prepared:
         context = self.engine.context_length
         if context is not None:
             if len(prompt) >= context:
-                raise APIError(400, f"{prompt_field} is {len(prompt)} tokens; the model's context is {context} tokens",
-                               param=prompt_field, code="context_length_exceeded")
+                raise APIError(
+                    400,
+                    f"{prompt_field} is {len(prompt)} tokens; the model's context is {context} tokens",
+                    param=prompt_field,
+                    code="context_length_exceeded",
+                )
             room = context - len(prompt)
             if max_tokens is not None and max_tokens > room:
-                raise APIError(400, f"max_tokens is {max_tokens}, but only {room} tokens fit after the {len(prompt)}-token "
-                                    f"prompt in the {context}-token context", param="max_tokens", code="context_length_exceeded")
+                raise APIError(
+                    400,
+                    f"max_tokens is {max_tokens}, but only {room} tokens fit after the {len(prompt)}-token "
+                    f"prompt in the {context}-token context",
+                    param="max_tokens",
+                    code="context_length_exceeded",
+                )
             max_tokens = max_tokens or min(self.settings.default_max_tokens, room)
         vocab = self.engine.vocab_size
         bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
         if vocab is not None and any(k >= vocab for k in bias):
-            raise APIError(400, f"logit_bias names token ids at or above the vocabulary size {vocab}", param="logit_bias")
+            raise APIError(
+                400, f"logit_bias names token ids at or above the vocabulary size {vocab}", param="logit_bias"
+            )
         defaults = self.engine.sampling_defaults
         sampling = SamplingParams(
             temperature=defaults.pick("temperature", req.temperature),
@@ -386,20 +438,29 @@ class Serving:
             frequency_penalty=req.frequency_penalty or None,
             logit_bias=bias,
         )
-        gen = GenerationRequest(prompt_tokens=prompt, max_tokens=max_tokens or self.settings.default_max_tokens,
-                                sampling=sampling, top_logprobs=top_logprobs, grammar=grammar)
+        gen = GenerationRequest(
+            prompt_tokens=prompt,
+            max_tokens=max_tokens or self.settings.default_max_tokens,
+            sampling=sampling,
+            top_logprobs=top_logprobs,
+            grammar=grammar,
+        )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Prepared(kind=kind, request=gen, stops=req.stop, stream=req.stream, include_usage=include_usage)
 
     # --- generating --------------------------------------------------------------
-    def admit(self) -> "Slot":
+    def admit(self) -> Slot:
         """Take a slot or refuse with 429 (call before a response starts)."""
         self._require_ready()
         if self.inflight >= self.capacity:
             wait = self.retry_after()
-            raise APIError(429, f"the server is at capacity ({self.settings.max_batch} generating, "
-                                f"{self.settings.max_queue} waiting); retry in about {wait} s",
-                           code="queue_full", headers={"Retry-After": str(wait)})
+            raise APIError(
+                429,
+                f"the server is at capacity ({self.settings.max_batch} generating, "
+                f"{self.settings.max_queue} waiting); retry in about {wait} s",
+                code="queue_full",
+                headers={"Retry-After": str(wait)},
+            )
         return Slot(self)
 
     def retry_after(self) -> int:
@@ -412,9 +473,9 @@ class Serving:
     def _served(self, seconds: float) -> None:
         self.service_s = seconds if self.service_s is None else 0.8 * self.service_s + 0.2 * seconds
 
-    async def generate(self, prepared: Prepared, slot: "Slot",
-                       disconnected: Callable[[], "asyncio.Future[bool]"] | None = None
-                       ) -> AsyncIterator[Piece | object]:
+    async def generate(
+        self, prepared: Prepared, slot: Slot, disconnected: Callable[[], asyncio.Future[bool]] | None = None
+    ) -> AsyncIterator[Piece | object]:
         """Pieces of text as tokens arrive; KEEPALIVE while waiting. Holds ``slot`` until it ends.
 
         Raises APIError (503 cluster lost, 504 timeout). On exit for any reason the
@@ -426,10 +487,14 @@ class Serving:
             try:
                 ticket = self.engine.submit(prepared.request, inbox.put)
             except EngineUnavailable as exc:
-                raise APIError(503, f"cluster unavailable: {exc}", code="not_ready", headers={"Retry-After": "5"}) from None
+                raise APIError(
+                    503, f"cluster unavailable: {exc}", code="not_ready", headers={"Retry-After": "5"}
+                ) from None
             assembler = TextAssembler(self.engine.tokenizer, prepared.stops)
             deadline = loop.time() + self.settings.request_timeout
-            wait = self.settings.keepalive_interval if disconnected is None else min(0.5, self.settings.keepalive_interval)
+            wait = (
+                self.settings.keepalive_interval if disconnected is None else min(0.5, self.settings.keepalive_interval)
+            )
             events = inbox.items
             finished = engine_done = False
             # One timer per request, not one per token: it wakes the loop below every
@@ -441,8 +506,9 @@ class Serving:
                         return  # the client left: a cancellation, even while tokens flow
                     if not events:
                         if loop.time() >= deadline:
-                            raise APIError(504, f"request timed out after {self.settings.request_timeout:g} s",
-                                           code="timeout")
+                            raise APIError(
+                                504, f"request timed out after {self.settings.request_timeout:g} s", code="timeout"
+                            )
                         if inbox.idle_tick():
                             if disconnected is None:
                                 yield KEEPALIVE

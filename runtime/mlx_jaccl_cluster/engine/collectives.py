@@ -59,8 +59,13 @@ def all_sum_times(group: mx.distributed.Group, nbytes: int, iters: int, warmup: 
     x = mx.full((_elements(nbytes),), float(group.rank() + 1), dtype=mx.float32)
     expected = _expected_sum(group.size())
     mx.eval(x)
-    return _timed(lambda: mx.distributed.all_sum(x, group=group), lambda y: mx.all(y == expected),
-                  f"all_sum of {nbytes} B", iters, warmup)
+    return _timed(
+        lambda: mx.distributed.all_sum(x, group=group),
+        lambda y: mx.all(y == expected),
+        f"all_sum of {nbytes} B",
+        iters,
+        warmup,
+    )
 
 
 def all_sum_latency(group: mx.distributed.Group, iters: int, warmup: int = 5) -> list[float]:
@@ -74,8 +79,13 @@ def all_gather_times(group: mx.distributed.Group, nbytes: int, iters: int, warmu
     x = mx.full((n,), float(group.rank() + 1), dtype=mx.float32)
     expected = mx.repeat(mx.arange(1, group.size() + 1, dtype=mx.float32), n)
     mx.eval(x, expected)
-    return _timed(lambda: mx.distributed.all_gather(x, group=group), lambda y: mx.array_equal(y, expected),
-                  f"all_gather of {nbytes} B", iters, warmup)
+    return _timed(
+        lambda: mx.distributed.all_gather(x, group=group),
+        lambda y: mx.array_equal(y, expected),
+        f"all_gather of {nbytes} B",
+        iters,
+        warmup,
+    )
 
 
 def send_recv_times(

@@ -27,8 +27,8 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
@@ -225,8 +225,15 @@ class Engine:
         started = time.perf_counter()
         self.loaded = load_model(s.model, s.parallel, group, s.mlx_backend, s.pipeline_split, s.generic_pipeline)
         layout = self.loaded.layout
-        log.info("rank %d loaded %s in %.1f s: %s (%s)%s", s.rank, s.model, time.perf_counter() - started,
-                 layout.parallel, layout.reason, f"; {self.loaded.layout_detail}" if self.loaded.layout_detail else "")
+        log.info(
+            "rank %d loaded %s in %.1f s: %s (%s)%s",
+            s.rank,
+            s.model,
+            time.perf_counter() - started,
+            layout.parallel,
+            layout.reason,
+            f"; {self.loaded.layout_detail}" if self.loaded.layout_detail else "",
+        )
         self.state.parallel, self.state.parallel_reason = layout.parallel, layout.reason
         self.sampling_defaults = SamplingDefaults.resolve(s.sampling_overrides, self.loaded.generation_config or {})
         tokenizer = self.loaded.tokenizer
@@ -249,7 +256,7 @@ class Engine:
         self.state.set("ready")
         log.info("rank %d ready (world size %d, %s, %s)", s.rank, s.world_size, s.backend, layout.parallel)
 
-    def _init_group(self) -> "mx.distributed.Group":
+    def _init_group(self) -> mx.distributed.Group:
         s = self.settings
         if s.backend == "jaccl-ring":
             os.environ["MLX_JACCL_RING"] = "1"
@@ -260,8 +267,10 @@ class Engine:
             os.environ["MLX_WORLD_SIZE"] = str(s.world_size)
             missing = [v for v in ("NCCL_HOST_IP", "NCCL_PORT") if not os.environ.get(v)]
             if missing:
-                raise ModelError(f"backend nccl needs {' and '.join(missing)} (rank 0's address and a free port "
-                                 "for NCCL's rendezvous) in every rank's environment")
+                raise ModelError(
+                    f"backend nccl needs {' and '.join(missing)} (rank 0's address and a free port "
+                    "for NCCL's rendezvous) in every rank's environment"
+                )
         group = mx.distributed.init(backend=s.mlx_backend, strict=True)
         if group.size() != s.world_size or group.rank() != s.rank:
             raise ModelError(
@@ -275,8 +284,9 @@ class Engine:
         """The reusable prompt cache of each insert (see prompt_cache.py)."""
         return [self._prompts.fetch(r.prompt_tokens) for r in inserts]
 
-    def _apply(self, inserts: list[GenerationRequest], removes: list[int],
-               reused: list[tuple[list | None, int]]) -> list[int]:
+    def _apply(
+        self, inserts: list[GenerationRequest], removes: list[int], reused: list[tuple[list | None, int]]
+    ) -> list[int]:
         """Apply one step's changes; identical on every rank."""
         assert self._gen is not None
         uids = []
@@ -305,10 +315,13 @@ class Engine:
         if self.grammars is None or self.grammars.lltokenizer is None:
             # rank 0 refuses such requests, so another rank got here only if its
             # environment differs (llguidance missing): out of step, not a bad request
-            raise Desync(f"rank {self.settings.rank} cannot build a grammar matcher: "
-                         f"{self.grammars.unsupported if self.grammars else 'no model'}")
-        return GrammarMask(self.grammars.lltokenizer, request.grammar, self.grammars.vocab_size,
-                           sorted(self.tokenizer.eos_token_ids))
+            raise Desync(
+                f"rank {self.settings.rank} cannot build a grammar matcher: "
+                f"{self.grammars.unsupported if self.grammars else 'no model'}"
+            )
+        return GrammarMask(
+            self.grammars.lltokenizer, request.grammar, self.grammars.vocab_size, sorted(self.tokenizer.eos_token_ids)
+        )
 
     def _step(self) -> list:
         """One generation step (decode plus at most one prefill chunk)."""
@@ -333,7 +346,9 @@ class Engine:
             inserts, removes = self._collect(block=not self._active, timeout=wait)
             if not inserts and not removes and not self._active:
                 if wait is not None and (spec := probe.next_step()) is not None:
-                    self.channel.broadcast_step(json.dumps({"c": self._checksum, "p": spec}, separators=(",", ":")).encode())
+                    self.channel.broadcast_step(
+                        json.dumps({"c": self._checksum, "p": spec}, separators=(",", ":")).encode()
+                    )
                     probe.run(self._group, spec)
                 continue
             reused = self._reuse([t.request for t in inserts])

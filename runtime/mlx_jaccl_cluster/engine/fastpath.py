@@ -17,8 +17,13 @@ _original_make_mask = BatchKVCache.make_mask
 
 
 def _make_mask(self, N: int, return_array: bool = False, **kwargs):
-    if (N == 1 and not return_array and kwargs.get("window_size") is None
-            and self.keys is not None and self.keys.shape[0] == 1):
+    if (
+        N == 1
+        and not return_array
+        and kwargs.get("window_size") is None
+        and self.keys is not None
+        and self.keys.shape[0] == 1
+    ):
         return None
     return _original_make_mask(self, N, return_array=return_array, **kwargs)
 

@@ -54,7 +54,9 @@ class LoadedModel:
 def read_config(folder: Path) -> dict:
     """``config.json`` of a model folder, after checking the folder looks servable."""
     if not folder.is_dir():
-        raise ModelError(f"model folder {folder} does not exist; sync the model to this node (site.yml does) or fix MJC_MODEL")
+        raise ModelError(
+            f"model folder {folder} does not exist; sync the model to this node (site.yml does) or fix MJC_MODEL"
+        )
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelError(f"{config_path} is missing: {folder} is not an mlx-lm model folder")
@@ -111,11 +113,12 @@ def read_generation_config(folder: Path) -> dict:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-            raise ModelError(f"{path}: {name} is {value!r}; it must be {what} (fix the file, or remove the key "
-                             f"and set default_{name} in cluster_runtime_settings)")
+            raise ModelError(
+                f"{path}: {name} is {value!r}; it must be {what} (fix the file, or remove the key "
+                f"and set default_{name} in cluster_runtime_settings)"
+            )
         found[name] = value
     return found
-
 
 
 def check_split(config: dict, parallel: str, world_size: int) -> Layout:
@@ -154,8 +157,7 @@ def _barrier(group, backend: str | None) -> None:
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=stream))
 
 
-def _pipeline_load(folder: Path, group, layout: Layout, split: list[int], backend: str | None,
-                   generic: bool = False):
+def _pipeline_load(folder: Path, group, layout: Layout, split: list[int], backend: str | None, generic: bool = False):
     """This rank's pipeline stage: mlx-lm's own ``pipeline()`` where the class has one
     (and takes a split), the generic split (engine/pipeline.py) otherwise. Weights load
     lazily, so only this rank's layers (plus embeddings, norm, head) are ever read."""
@@ -163,7 +165,12 @@ def _pipeline_load(folder: Path, group, layout: Layout, split: list[int], backen
     layers = pipeline.layer_list(model)
     split = pipeline.check_split(split or pipeline.even_split(len(layers), group.size()), len(layers), group.size())
     native = getattr(getattr(model, "model", None), "pipeline", None)
-    if not generic and layout.native_pipeline and native is not None and "split" in inspect.signature(native).parameters:
+    if (
+        not generic
+        and layout.native_pipeline
+        and native is not None
+        and "split" in inspect.signature(native).parameters
+    ):
         native(group, split=split)
         start = model.model.start_idx
         span = (start, model.model.end_idx)
@@ -176,8 +183,14 @@ def _pipeline_load(folder: Path, group, layout: Layout, split: list[int], backen
     return model, tokenizer, f"{how}, layers {span[0]}..{span[1] - 1} of {len(layers)} (split {split})"
 
 
-def load_model(folder: Path, parallel: str, group: "mx.distributed.Group | None",
-               backend: str | None = None, split: list[int] | None = None, generic: bool = False) -> LoadedModel:
+def load_model(
+    folder: Path,
+    parallel: str,
+    group: mx.distributed.Group | None,
+    backend: str | None = None,
+    split: list[int] | None = None,
+    generic: bool = False,
+) -> LoadedModel:
     """Load (and shard, when ``group`` has several ranks) the model in ``folder``.
     ``backend`` is the MLX backend of ``group`` (settings' ``mlx_backend``); ``split`` the
     pipeline layers per rank (empty: even); ``generic``: the generic split even where the
@@ -201,5 +214,12 @@ def load_model(folder: Path, parallel: str, group: "mx.distributed.Group | None"
         raise ModelError(f"could not load {folder}: {exc}") from None
     except (FileNotFoundError, OSError, RuntimeError, KeyError) as exc:
         raise ModelError(f"could not load {folder}: {type(exc).__name__}: {exc}; re-sync the model") from None
-    return LoadedModel(model=model, tokenizer=tokenizer, config=config, text_machine=make_text_state_machine(tokenizer),
-                       generation_config=generation_config, layout=layout, layout_detail=detail)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        text_machine=make_text_state_machine(tokenizer),
+        generation_config=generation_config,
+        layout=layout,
+        layout_detail=detail,
+    )

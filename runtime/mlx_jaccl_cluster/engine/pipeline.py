@@ -31,7 +31,8 @@ KV caches with other layers (gemma3n) are not supported.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -52,10 +53,14 @@ def check_split(split: Sequence[int], n_layers: int, world: int) -> list[int]:
     """``split`` (layers per rank) validated against the model and the group."""
     split = list(split)
     if len(split) != world:
-        raise SplitError(f"pipeline split {split} has {len(split)} entries for {world} ranks; give one layer count per rank")
+        raise SplitError(
+            f"pipeline split {split} has {len(split)} entries for {world} ranks; give one layer count per rank"
+        )
     if any(n <= 0 for n in split) or sum(split) != n_layers:
-        raise SplitError(f"pipeline split {split} must give every rank at least one layer and sum to the model's "
-                         f"{n_layers} layers (it sums to {sum(split)})")
+        raise SplitError(
+            f"pipeline split {split} must give every rank at least one layer and sum to the model's "
+            f"{n_layers} layers (it sums to {sum(split)})"
+        )
     return split
 
 
@@ -71,8 +76,10 @@ def _cache_param(layer: nn.Module) -> inspect.Signature:
     except (TypeError, ValueError):
         raise SplitError(f"cannot read the call signature of {type(layer).__name__}") from None
     if "cache" not in sig.parameters:
-        raise SplitError(f"{type(layer).__name__}.__call__ takes no 'cache' argument; the generic pipeline split "
-                         "needs layers called as layer(hidden, mask, cache)")
+        raise SplitError(
+            f"{type(layer).__name__}.__call__ takes no 'cache' argument; the generic pipeline split "
+            "needs layers called as layer(hidden, mask, cache)"
+        )
     return sig
 
 
@@ -95,7 +102,7 @@ class SkipLayer(nn.Module):
     the scalar attributes of that layer (``use_sliding``, ``layer_type``...), so model code
     that reads them from the layers list still finds them, but none of its weights."""
 
-    def __init__(self, layer: nn.Module, index: int, gather: "tuple[Any, int] | None"):
+    def __init__(self, layer: nn.Module, index: int, gather: tuple[Any, int] | None):
         super().__init__()
         self._sig = _cache_param(layer)
         self._index = index
@@ -115,8 +122,15 @@ class SkipLayer(nn.Module):
 class StageLayer(nn.Module):
     """One of this rank's own layers, with the stage's receive / send around it."""
 
-    def __init__(self, layer: nn.Module, index: int, recv_from: int | None, send_to: int | None,
-                 gather: "tuple[Any, int] | None", group):
+    def __init__(
+        self,
+        layer: nn.Module,
+        index: int,
+        recv_from: int | None,
+        send_to: int | None,
+        gather: tuple[Any, int] | None,
+        group,
+    ):
         super().__init__()
         self.layer = layer
         self._sig = _cache_param(layer)
@@ -142,8 +156,10 @@ class StageLayer(nn.Module):
             x = mx.distributed.recv_like(x, self._recv_from, group=self._group)
         out = self.layer(x, *args[1:], **kwargs)
         if not isinstance(out, mx.array):
-            raise SplitError(f"{type(self.layer).__name__} returns {type(out).__name__}, not the hidden state; "
-                             "the generic pipeline split needs layers that return one array")
+            raise SplitError(
+                f"{type(self.layer).__name__} returns {type(out).__name__}, not the hidden state; "
+                "the generic pipeline split needs layers that return one array"
+            )
         if self._send_to is not None:
             out = mx.distributed.send(out.astype(x.dtype), self._send_to, group=self._group)
             cache = _cache_of(self._sig, args, kwargs)
@@ -157,14 +173,16 @@ class StageLayer(nn.Module):
 def _take_last(x: mx.array, group, last: int) -> mx.array:
     """Every rank gets the last rank's ``x`` (all ranks call this at the same point)."""
     n = x.shape[0]
-    return mx.distributed.all_gather(x, group=group)[last * n:(last + 1) * n]
+    return mx.distributed.all_gather(x, group=group)[last * n : (last + 1) * n]
 
 
 def layer_list(model: nn.Module) -> list:
     """The model's layer stack (the list object itself, so changes reach the model)."""
     layers = getattr(model, "layers", None)
     if not isinstance(layers, list) or not layers:
-        raise SplitError(f"{type(model).__module__} has no 'layers' list; the generic pipeline split needs a layer stack")
+        raise SplitError(
+            f"{type(model).__module__} has no 'layers' list; the generic pipeline split needs a layer stack"
+        )
     return layers
 
 
@@ -173,8 +191,10 @@ def check_caches(model: nn.Module) -> None:
     caches = make_prompt_cache(model)
     bad = sorted({type(c).__name__ for c in caches if type(c) not in (KVCache, RotatingKVCache)})
     if bad:
-        raise SplitError(f"{type(model).__module__} uses {', '.join(bad)} caches; the generic pipeline split supports "
-                         "plain and rotating KV caches only (use parallel=tensor if the model shards)")
+        raise SplitError(
+            f"{type(model).__module__} uses {', '.join(bad)} caches; the generic pipeline split supports "
+            "plain and rotating KV caches only (use parallel=tensor if the model shards)"
+        )
 
 
 def install(model: nn.Module, group, split: Sequence[int]) -> tuple[int, int]:
@@ -194,10 +214,12 @@ def install(model: nn.Module, group, split: Sequence[int]) -> tuple[int, int]:
         g = gather if i == last else None
         if start <= i < end:
             layers[i] = StageLayer(
-                layer, i,
+                layer,
+                i,
                 recv_from=rank - 1 if i == start and rank > 0 else None,
                 send_to=rank + 1 if i == end - 1 and rank < world - 1 else None,
-                gather=g, group=group,
+                gather=g,
+                group=group,
             )
         else:
             layers[i] = SkipLayer(layer, i, g)

@@ -7,7 +7,7 @@ the batch and however many ranks there are.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 from mlx_lm.sample_utils import (
@@ -51,7 +51,7 @@ def make_sampler(params: SamplingParams) -> Sampler:
     return sampler
 
 
-def make_processors(params: SamplingParams, grammar_mask: "GrammarMask | None" = None) -> list:
+def make_processors(params: SamplingParams, grammar_mask: GrammarMask | None = None) -> list:
     """Logit bias and penalties, then the grammar's mask (last, so that nothing can lift a
     token it forbids); an empty list when none were asked for."""
     processors = make_logits_processors(

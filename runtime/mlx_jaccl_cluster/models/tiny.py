@@ -57,10 +57,20 @@ ARCH_FIELDS: dict[str, dict[str, Any]] = {
     "llama": {"attention_bias": False, "mlp_bias": False},
     "mistral": {"attention_bias": False, "mlp_bias": False},
     # A window shorter than the tests' prompts, so rotating caches wrap; every 3rd layer global.
-    "gemma3_text": {"sliding_window": 24, "sliding_window_pattern": 3, "query_pre_attn_scalar": 32,
-                    "rope_local_base_freq": 10000.0},
-    "granite": {"logits_scaling": 2.0, "attention_multiplier": 0.2, "embedding_multiplier": 1.5,
-                "residual_multiplier": 0.5, "attention_bias": False, "mlp_bias": False},
+    "gemma3_text": {
+        "sliding_window": 24,
+        "sliding_window_pattern": 3,
+        "query_pre_attn_scalar": 32,
+        "rope_local_base_freq": 10000.0,
+    },
+    "granite": {
+        "logits_scaling": 2.0,
+        "attention_multiplier": 0.2,
+        "embedding_multiplier": 1.5,
+        "residual_multiplier": 0.5,
+        "attention_bias": False,
+        "mlp_bias": False,
+    },
     "olmo2": {"attention_bias": False, "mlp_bias": False},
     "starcoder2": {"norm_epsilon": 1e-5},
 }
@@ -135,8 +145,7 @@ def train_tokenizer(vocab_size: int = TOKENIZER_VOCAB_TARGET):
 
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level map, reversed: the character a byte-level BPE uses -> that byte."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-            *range(ord("\xae"), ord("\xff") + 1)]
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
     chars = {b: b for b in keep}
     n = 0
     for b in range(256):

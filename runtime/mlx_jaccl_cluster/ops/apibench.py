@@ -35,8 +35,15 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
-def stream_chat(port: int, body: dict, io_timeout: float, deadline: float, host: str = "127.0.0.1",
-                headers: dict | None = None, keep_times: bool = False) -> dict:
+def stream_chat(
+    port: int,
+    body: dict,
+    io_timeout: float,
+    deadline: float,
+    host: str = "127.0.0.1",
+    headers: dict | None = None,
+    keep_times: bool = False,
+) -> dict:
     """One streaming chat request; times of the first and last token, usage, text, error.
     ``keep_times``: also every chunk's arrival time (``times``, perf_counter seconds), for
     inter-token latencies."""
@@ -49,7 +56,12 @@ def stream_chat(port: int, body: dict, io_timeout: float, deadline: float, host:
     times: list[float] = []
     conn = http.client.HTTPConnection(host, port, timeout=io_timeout)
     try:
-        conn.request("POST", "/v1/chat/completions", body=payload, headers={"Content-Type": "application/json", **(headers or {})})
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body=payload,
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
         resp = conn.getresponse()
         if resp.status != 200:
             res["error"] = f"HTTP {resp.status}: {resp.read()[:500].decode(errors='replace')}"
@@ -119,8 +131,7 @@ def _per_client(body: dict | list[dict], n: int) -> list[dict]:
     return list(body)
 
 
-def concurrent(port: int, body: dict | list[dict], clients: int, io_timeout: float, deadline: float,
-               **where) -> dict:
+def concurrent(port: int, body: dict | list[dict], clients: int, io_timeout: float, deadline: float, **where) -> dict:
     """``clients`` streaming requests released together; aggregate tok/s over the whole span.
     ``body``: one for all, or a list (client i sends ``body[i]``)."""
     bodies = _per_client(body, clients)
@@ -216,8 +227,10 @@ class Prompts:
             raise IndexError(f"prompt number {i} is negative")
         while len(self._kept) <= i:
             if self._next >= self._limit:
-                raise IndexError(f"only {len(self._kept)} distinct prompts of {self.length} tokens among "
-                                 f"{self._limit} candidates; prompt {i} was asked for")
+                raise IndexError(
+                    f"only {len(self._kept)} distinct prompts of {self.length} tokens among "
+                    f"{self._limit} candidates; prompt {i} was asked for"
+                )
             text = numbered_prompt(self._next)
             self._next += 1
             if self._length_of is None or self._length_of(text) == self.length:
@@ -229,8 +242,14 @@ class Prompts:
 
 
 def api_body(model: str, tokens: int, prompt: str = PROMPT) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
-            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 def _p99_ms(values: list) -> float | None:
@@ -238,13 +257,24 @@ def _p99_ms(values: list) -> float | None:
     return percentile(known, 99) * 1000 if known else None
 
 
-def api_bench(url: str, model: str, clients: list[int], tokens: int, rounds: int, api_key: str = "",
-              io_timeout: float = 120.0, deadline: float = 600.0, same_prompt: bool = False) -> dict:
+def api_bench(
+    url: str,
+    model: str,
+    clients: list[int],
+    tokens: int,
+    rounds: int,
+    api_key: str = "",
+    io_timeout: float = 120.0,
+    deadline: float = 600.0,
+    same_prompt: bool = False,
+) -> dict:
     """``rounds`` batches of N concurrent streaming clients for each N in ``clients`` (after one
     warm-up). Every request has a prompt of its own unless ``same_prompt``."""
     parts = urllib.parse.urlsplit(url)
-    where = {"host": parts.hostname or "127.0.0.1",
-             "headers": {"Authorization": f"Bearer {api_key}"} if api_key else {}}
+    where = {
+        "host": parts.hostname or "127.0.0.1",
+        "headers": {"Authorization": f"Bearer {api_key}"} if api_key else {},
+    }
     port = parts.port or 80
     prompts = Prompts()
     sent = [0]
@@ -269,22 +299,33 @@ def api_bench(url: str, model: str, clients: list[int], tokens: int, rounds: int
             ttfts += batch.pop("ttfts")
         rates = [b["aggregate_tps"] for b in batches if b["aggregate_tps"] is not None]
         lengths = sorted({t for b in batches for t in b["prompt_tokens"] if t is not None})
-        runs.append({
-            "clients": n,
-            "requests": sum(b["requests"] for b in batches),
-            "completion_tokens": sum(sum(t or 0 for t in b["completion_tokens"]) for b in batches),
-            "aggregate_tps": median(rates),
-            "aggregate_tps_range": [min(rates), max(rates)] if rates else None,
-            "decode_tps_median": median([b["decode_tps_median"] for b in batches]),
-            "ttft_ms_median": (median(ttfts) or 0) * 1000 if ttfts else None,
-            "ttft_ms_p99": _p99_ms(ttfts),
-            "prompt_tokens_seen": lengths,
-            "cached_tokens_median": median([t for b in batches for t in b["cached_tokens"]]),
-            "errors": [e for b in batches for e in b["errors"]],
-        })
-    return {"kind": "api", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "url": url,
-            "model": model, "max_tokens": tokens, "rounds": rounds, "prompts": "same" if same_prompt else "distinct",
-            "world_size": health.get("world_size"), "backend": health.get("backend"), "runs": runs}
+        runs.append(
+            {
+                "clients": n,
+                "requests": sum(b["requests"] for b in batches),
+                "completion_tokens": sum(sum(t or 0 for t in b["completion_tokens"]) for b in batches),
+                "aggregate_tps": median(rates),
+                "aggregate_tps_range": [min(rates), max(rates)] if rates else None,
+                "decode_tps_median": median([b["decode_tps_median"] for b in batches]),
+                "ttft_ms_median": (median(ttfts) or 0) * 1000 if ttfts else None,
+                "ttft_ms_p99": _p99_ms(ttfts),
+                "prompt_tokens_seen": lengths,
+                "cached_tokens_median": median([t for b in batches for t in b["cached_tokens"]]),
+                "errors": [e for b in batches for e in b["errors"]],
+            }
+        )
+    return {
+        "kind": "api",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "url": url,
+        "model": model,
+        "max_tokens": tokens,
+        "rounds": rounds,
+        "prompts": "same" if same_prompt else "distinct",
+        "world_size": health.get("world_size"),
+        "backend": health.get("backend"),
+        "runs": runs,
+    }
 
 
 def _health(host: str, port: int) -> dict:
@@ -305,16 +346,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
-    p.add_argument("--rounds", type=int, default=9, help="rounds per client count; the median of 9 is stable "
-                   "where the median of 2 or 3 moved by 20 %% between runs")
-    p.add_argument("--same-prompt", action="store_true",
-                   help="send one prompt over and over (a prompt cache serves it: the cache-on figure); "
-                   "default: a distinct prompt per request")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=9,
+        help="rounds per client count; the median of 9 is stable "
+        "where the median of 2 or 3 moved by 20 %% between runs",
+    )
+    p.add_argument(
+        "--same-prompt",
+        action="store_true",
+        help="send one prompt over and over (a prompt cache serves it: the cache-on figure); "
+        "default: a distinct prompt per request",
+    )
     p.add_argument("--api-key", default=os.environ.get("MJC_API_KEY", ""), help="default: $MJC_API_KEY")
     p.add_argument("--out", required=True)
     opts = p.parse_args(argv)
-    result = api_bench(opts.url, opts.model, opts.clients, opts.tokens, opts.rounds, opts.api_key,
-                       same_prompt=opts.same_prompt)
+    result = api_bench(
+        opts.url, opts.model, opts.clients, opts.tokens, opts.rounds, opts.api_key, same_prompt=opts.same_prompt
+    )
     os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
     with open(opts.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Annotated, Any, Callable, Iterable, Mapping
+from typing import Annotated, Any
 
 GROUP = "mlx_cluster"
 BACKENDS = ("jaccl", "jaccl-ring", "ring", "nccl")
@@ -69,7 +70,13 @@ HOST_DEFAULTS: dict[str, Any] = {
 INVENTORY_KEYS = (*GROUP_DEFAULTS, *HOST_DEFAULTS)
 # Group variables a host may set for itself (paths and users differ between machines, e.g.
 # "/Users/{{ ansible_user }}/..."); every other group variable must be the same on all ranks.
-NODE_KEYS = ("cluster_install_prefix", "cluster_model_path", "cluster_python", "cluster_service_user", "cluster_service_manager")
+NODE_KEYS = (
+    "cluster_install_prefix",
+    "cluster_model_path",
+    "cluster_python",
+    "cluster_service_user",
+    "cluster_service_manager",
+)
 
 RDMA_DEVICE = re.compile(r"^rdma_en[0-9]+$")
 UNIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
@@ -165,7 +172,9 @@ def _choice(host: str, variables: Mapping[str, Any], key: str, options: tuple[st
     if value is None:
         return Problem(host, key, "is missing", f"set {key} {_set_where(host)} to one of: {_choices(options)}")
     if not isinstance(value, str) or value not in options:
-        return Problem(host, key, f"is {_describe(value)}, which is not a valid choice", f"use one of: {_choices(options)}")
+        return Problem(
+            host, key, f"is {_describe(value)}, which is not a valid choice", f"use one of: {_choices(options)}"
+        )
     return None
 
 
@@ -175,11 +184,17 @@ def _text(host: str, variables: Mapping[str, Any], key: str, example: str, why: 
     because = f" ({why})" if why else ""
     if value is None or value == "":
         return Problem(
-            host, key, f"is {'missing' if value is None else 'empty'}{because}", f"set {key}: {example} {_set_where(host)}"
+            host,
+            key,
+            f"is {'missing' if value is None else 'empty'}{because}",
+            f"set {key}: {example} {_set_where(host)}",
         )
     if not isinstance(value, str):
         return Problem(
-            host, key, f"is {_describe(value)}; it must be a string", f'write it as a quoted string, e.g. {key}: "{example}"'
+            host,
+            key,
+            f"is {_describe(value)}; it must be a string",
+            f'write it as a quoted string, e.g. {key}: "{example}"',
         )
     return None
 
@@ -201,7 +216,9 @@ def _abs_path(host: str, variables: Mapping[str, Any], key: str, example: str) -
     problem = _text(host, variables, key, example)
     value = setting(variables, key)
     if problem is None and not value.startswith("/"):
-        return Problem(host, key, f"is {value!r}, a relative path", f"give an absolute path on the nodes, e.g. {key}: {example}")
+        return Problem(
+            host, key, f"is {value!r}, a relative path", f"give an absolute path on the nodes, e.g. {key}: {example}"
+        )
     return problem
 
 
@@ -209,11 +226,18 @@ def _port(host: str, variables: Mapping[str, Any], key: str) -> Problem | None:
     value, default = setting(variables, key), setting({}, key)
     if not _is_int(value):
         quoted = isinstance(value, str) and value.isdigit()
-        hint = f"write it without quotes: {key}: {value}" if quoted else f"set {key} to a whole number, e.g. {key}: {default}"
+        hint = (
+            f"write it without quotes: {key}: {value}"
+            if quoted
+            else f"set {key} to a whole number, e.g. {key}: {default}"
+        )
         return Problem(host, key, f"is {_describe(value)}; a port must be a whole number", hint)
     if not 0 < value < 65536:
         return Problem(
-            host, key, f"is {value}, outside the port range 1..65535", f"pick a free port in 1..65535, e.g. {key}: {default}"
+            host,
+            key,
+            f"is {value}, outside the port range 1..65535",
+            f"pick a free port in 1..65535, e.g. {key}: {default}",
         )
     return None
 
@@ -273,7 +297,9 @@ def _bool_problem(host: str, variables: Mapping[str, Any], key: str) -> Problem 
     value = setting(variables, key)
     if isinstance(value, bool):
         return None
-    return Problem(host, key, f"is {_describe(value)}; it must be true or false", f"write {key}: true or {key}: false (no quotes)")
+    return Problem(
+        host, key, f"is {_describe(value)}; it must be true or false", f"write {key}: true or {key}: false (no quotes)"
+    )
 
 
 def _bind_problem(host: str, variables: Mapping[str, Any]) -> Problem | None:
@@ -282,8 +308,12 @@ def _bind_problem(host: str, variables: Mapping[str, Any]) -> Problem | None:
     error = _host_or_ip_error(value)
     if error is None:
         return None
-    return Problem(host, "cluster_api_host", error,
-                   "bind 127.0.0.1 (this machine only), rank 0's address on your network, or 0.0.0.0 (every interface)")
+    return Problem(
+        host,
+        "cluster_api_host",
+        error,
+        "bind 127.0.0.1 (this machine only), rank 0's address on your network, or 0.0.0.0 (every interface)",
+    )
 
 
 def _api_key_problem(host: str, variables: Mapping[str, Any]) -> Problem | None:
@@ -291,11 +321,19 @@ def _api_key_problem(host: str, variables: Mapping[str, Any]) -> Problem | None:
     value = setting(variables, "cluster_api_key")
     make = f"make one with `{MAKE_API_KEY}` and keep it in a vault (ansible-vault encrypt_string KEY --name cluster_api_key)"
     if not isinstance(value, str):
-        return Problem(host, "cluster_api_key", f"is a {type(value).__name__}, not a string (value not shown)",
-                       f'quote it, or "" for no key; {make}')
+        return Problem(
+            host,
+            "cluster_api_key",
+            f"is a {type(value).__name__}, not a string (value not shown)",
+            f'quote it, or "" for no key; {make}',
+        )
     if value and len(value) < API_KEY_MIN_LENGTH:
-        return Problem(host, "cluster_api_key",
-                       f"has {len(value)} characters; a key needs at least {API_KEY_MIN_LENGTH} (value not shown)", make)
+        return Problem(
+            host,
+            "cluster_api_key",
+            f"has {len(value)} characters; a key needs at least {API_KEY_MIN_LENGTH} (value not shown)",
+            make,
+        )
     return None
 
 
@@ -330,7 +368,9 @@ GROUP_CHECKS: dict[str, Callable[[str, Mapping[str, Any], str], Problem | None]]
     "cluster_model_path": partial(_abs_path, example=MODEL_PATH_EXAMPLE),
     "cluster_install_prefix": partial(_abs_path, example=GROUP_DEFAULTS["cluster_install_prefix"]),
     "cluster_python": partial(_abs_path, example=GROUP_DEFAULTS["cluster_python"]),
-    "cluster_api_host": lambda host, variables, key: _text(host, variables, key, "127.0.0.1") or _bind_problem(host, variables),
+    "cluster_api_host": lambda host, variables, key: (
+        _text(host, variables, key, "127.0.0.1") or _bind_problem(host, variables)
+    ),
     "cluster_api_key": lambda host, variables, key: _api_key_problem(host, variables),
     "cluster_api_allow_open": lambda host, variables, key: _bool_problem(host, variables, key),
     "cluster_service_user": partial(_optional_text, example="admin"),
@@ -344,8 +384,22 @@ CLUSTER_SECRET_FILE = "cluster-secret"  # in each rank's etc_dir
 
 # Runtime settings the inventory decides through its own variables (cluster_backend, the
 # rank order, cluster_api_port...): cluster_runtime_settings may not set them.
-RUNTIME_OWNED = ("rank", "world_size", "backend", "parallel", "control", "peer_ips", "model", "model_id",
-                 "api_host", "api_port", "api_key", "cluster_secret", "cluster_secret_file", "pipeline_split")
+RUNTIME_OWNED = (
+    "rank",
+    "world_size",
+    "backend",
+    "parallel",
+    "control",
+    "peer_ips",
+    "model",
+    "model_id",
+    "api_host",
+    "api_port",
+    "api_key",
+    "cluster_secret",
+    "cluster_secret_file",
+    "pipeline_split",
+)
 
 
 def runtime_settings(group: Mapping[str, Any]) -> dict[str, Any]:
@@ -361,8 +415,14 @@ def _runtime_settings_problems(group: Mapping[str, Any]) -> list[Problem]:
     if value is None:
         return []
     if not isinstance(value, Mapping):
-        return [Problem(GROUP, key, f"is {_describe(value)}; it must be a mapping",
-                        f"write it as a mapping of mjc-rank settings, e.g. {key}: {{max_batch: 16}}")]
+        return [
+            Problem(
+                GROUP,
+                key,
+                f"is {_describe(value)}; it must be a mapping",
+                f"write it as a mapping of mjc-rank settings, e.g. {key}: {{max_batch: 16}}",
+            )
+        ]
     # pydantic, not MLX: the controller has the runtime package installed
     from pydantic import TypeAdapter, ValidationError
 
@@ -375,15 +435,23 @@ def _runtime_settings_problems(group: Mapping[str, Any]) -> list[Problem]:
         info = Settings.model_fields.get(str(name))
         if info is None or name in RUNTIME_OWNED:
             why = "is set by the inventory's own variables" if name in RUNTIME_OWNED else "is not an mjc-rank setting"
-            found.append(Problem(GROUP, field_name, why, f"remove it; settable here: {_choices(tunable)} (mjc-rank --help)"))
+            found.append(
+                Problem(GROUP, field_name, why, f"remove it; settable here: {_choices(tunable)} (mjc-rank --help)")
+            )
             continue
         try:
             kind = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
             TypeAdapter(kind).validate_python(item, strict=True)
         except ValidationError as exc:
             reason = exc.errors()[0]["msg"].lower()
-            found.append(Problem(GROUP, field_name, f"is {_describe(item)}: {reason}",
-                                 f"give a value that fits: {info.description or name}"))
+            found.append(
+                Problem(
+                    GROUP,
+                    field_name,
+                    f"is {_describe(item)}: {reason}",
+                    f"give a value that fits: {info.description or name}",
+                )
+            )
     return found
 
 
@@ -394,11 +462,19 @@ def _group_problems(group: Mapping[str, Any]) -> list[Problem]:
     source = setting(group, "cluster_model_source")
     if source == "hf":
         found.append(
-            _text(GROUP, group, "cluster_model_repo", "HuggingFaceTB/SmolLM2-135M-Instruct", "cluster_model_source is hf")
+            _text(
+                GROUP, group, "cluster_model_repo", "HuggingFaceTB/SmolLM2-135M-Instruct", "cluster_model_source is hf"
+            )
         )
     if source == "local":
         found.append(
-            _text(GROUP, group, "cluster_model_local_path", "~/models/SmolLM2-135M-Instruct", "cluster_model_source is local")
+            _text(
+                GROUP,
+                group,
+                "cluster_model_local_path",
+                "~/models/SmolLM2-135M-Instruct",
+                "cluster_model_source is local",
+            )
         )
     return [p for p in found if p]
 
@@ -416,8 +492,11 @@ def _groups_of(export: Mapping[str, Any], host: str) -> list[str]:
     def has(name: str, seen: frozenset[str] = frozenset()) -> bool:
         if name not in member:
             g = groups.get(name, {})
-            member[name] = host in (g.get("hosts") or []) or name == "all" or any(
-                has(child, seen | {name}) for child in (g.get("children") or []) if child not in seen)
+            member[name] = (
+                host in (g.get("hosts") or [])
+                or name == "all"
+                or any(has(child, seen | {name}) for child in (g.get("children") or []) if child not in seen)
+            )
         return member[name]
 
     return [name for name in groups if has(name)]
@@ -459,8 +538,14 @@ def _override_problems(
             where = value_sources(sources, name, key, value) or [f"host {name}"]
             blamed = " and ".join(where)
             by = "" if where == [f"host {name}"] else f" (set by {blamed})"
-            found.append(Problem(name, key, f"is {mine} on this host{by}{theirs}",
-                                 f"set {key} once in group_vars/{GROUP} and remove it from {blamed}"))
+            found.append(
+                Problem(
+                    name,
+                    key,
+                    f"is {mine} on this host{by}{theirs}",
+                    f"set {key} once in group_vars/{GROUP} and remove it from {blamed}",
+                )
+            )
     return found
 
 
@@ -476,9 +561,7 @@ def _node_key_problems(name: str, variables: Mapping[str, Any], group: Mapping[s
     return [p for p in found if p]
 
 
-def _model_problems(
-    group: Mapping[str, Any], world_size: int, model_config: Mapping[str, Any] | None
-) -> list[Problem]:
+def _model_problems(group: Mapping[str, Any], world_size: int, model_config: Mapping[str, Any] | None) -> list[Problem]:
     """Whether the model can be split over ``world_size`` ranks the way cluster_parallel says
     (``layout.choose``, the function every rank runs): every model with a layer stack
     pipelines (mlx-lm's own split or the generic one), tensor needs shard() and heads that
@@ -487,8 +570,14 @@ def _model_problems(
     if parallel not in PARALLEL_MODES:
         return []  # reported by the choice check
     if parallel == "pipeline" and world_size < 2:
-        return [Problem(GROUP, "cluster_parallel", f"is pipeline but the group has only {world_size} host",
-                        "add a second host or set cluster_parallel: auto")]
+        return [
+            Problem(
+                GROUP,
+                "cluster_parallel",
+                f"is pipeline but the group has only {world_size} host",
+                "add a second host or set cluster_parallel: auto",
+            )
+        ]
     if not model_config:
         return []
     from ..layout import LayoutError, choose, num_layers
@@ -499,8 +588,14 @@ def _model_problems(
         return [Problem(GROUP, "cluster_parallel", f"is {parallel}: {exc}", "set cluster_parallel: auto")]
     layers = num_layers(dict(model_config))
     if layout.parallel == "pipeline" and layers is not None and layers < world_size:
-        return [Problem(GROUP, "cluster_parallel", f"is pipeline over {world_size} ranks but the model has only {layers} layers",
-                        f"use at most {layers} hosts")]
+        return [
+            Problem(
+                GROUP,
+                "cluster_parallel",
+                f"is pipeline over {world_size} ranks but the model has only {layers} layers",
+                f"use at most {layers} hosts",
+            )
+        ]
     return []
 
 
@@ -512,7 +607,12 @@ def _rank_problems(hosts: Mapping[str, Mapping[str, Any]]) -> list[Problem]:
     n = len(hosts)
     if n == 0:
         return [
-            Problem(GROUP, "hosts", f"the group {GROUP} has no hosts", f"add at least one host to {GROUP} with cluster_rank: 0")
+            Problem(
+                GROUP,
+                "hosts",
+                f"the group {GROUP} has no hosts",
+                f"add at least one host to {GROUP} with cluster_rank: 0",
+            )
         ]
     ranks = {name: variables.get("cluster_rank") for name, variables in hosts.items()}
     taken = {r for r in ranks.values() if _is_int(r) and 0 <= r < n}
@@ -524,11 +624,17 @@ def _rank_problems(hosts: Mapping[str, Mapping[str, Any]]) -> list[Problem]:
         if rank is None:
             found.append(Problem(name, "cluster_rank", "is missing", renumber))
         elif not _is_int(rank):
-            fix = f"write it without quotes: cluster_rank: {rank}" if isinstance(rank, str) and rank.isdigit() else renumber
+            fix = (
+                f"write it without quotes: cluster_rank: {rank}"
+                if isinstance(rank, str) and rank.isdigit()
+                else renumber
+            )
             found.append(Problem(name, "cluster_rank", f"is {_describe(rank)}; a rank must be a whole number", fix))
         elif not 0 <= rank < n:
             found.append(
-                Problem(name, "cluster_rank", f"is {rank} but the group has {n} hosts, so ranks run 0..{n - 1}", renumber)
+                Problem(
+                    name, "cluster_rank", f"is {rank} but the group has {n} hosts, so ranks run 0..{n - 1}", renumber
+                )
             )
         elif rank in owner:
             found.append(Problem(name, "cluster_rank", f"is {rank}, which {owner[rank]} already has", renumber))
@@ -550,7 +656,12 @@ def _ips_problems(name: str, variables: Mapping[str, Any]) -> list[Problem]:
     ips = setting(variables, "cluster_ips")
     if isinstance(ips, str):
         return [
-            Problem(name, "cluster_ips", f"is {_describe(ips)}; it must be a list", f"write it as a list: cluster_ips: [{ips}]")
+            Problem(
+                name,
+                "cluster_ips",
+                f"is {_describe(ips)}; it must be a list",
+                f"write it as a list: cluster_ips: [{ips}]",
+            )
         ]
     if not isinstance(ips, list):
         return [
@@ -562,7 +673,9 @@ def _ips_problems(name: str, variables: Mapping[str, Any]) -> list[Problem]:
             )
         ]
     return [
-        Problem(name, f"cluster_ips[{i}]", error, "use this host's IPv4 address on the cluster network, e.g. 192.168.1.14")
+        Problem(
+            name, f"cluster_ips[{i}]", error, "use this host's IPv4 address on the cluster network, e.g. 192.168.1.14"
+        )
         for i, ip in enumerate(ips)
         if (error := _ip_error(ip))
     ]
@@ -625,8 +738,13 @@ def _ansible_host_problem(name: str, variables: Mapping[str, Any]) -> Problem | 
     problem = _text(name, variables, "ansible_host", "192.168.1.14")
     error = None if problem else _host_or_ip_error(setting(variables, "ansible_host"))
     if error:
-        return Problem(name, "ansible_host", error, "give the address or hostname the controller reaches this host at over SSH, "
-                       "e.g. ansible_host: 192.168.1.14 or ansible_host: mac1.local")
+        return Problem(
+            name,
+            "ansible_host",
+            error,
+            "give the address or hostname the controller reaches this host at over SSH, "
+            "e.g. ansible_host: 192.168.1.14 or ansible_host: mac1.local",
+        )
     return problem
 
 
@@ -634,17 +752,25 @@ def _thunderbolt_ports_problem(name: str, variables: Mapping[str, Any]) -> Probl
     value = variables.get("cluster_thunderbolt_ports")
     if value is None or (_is_int(value) and 1 <= value <= MAX_THUNDERBOLT_PORTS):
         return None
-    return Problem(name, "cluster_thunderbolt_ports", f"is {_describe(value)}; it is how many Thunderbolt ports this Mac has",
-                   f"give a whole number 1..{MAX_THUNDERBOLT_PORTS} (Mac mini M4 Pro: 3, Mac Studio M4 Max: 4, "
-                   "M3 Ultra: 6), or remove it")
+    return Problem(
+        name,
+        "cluster_thunderbolt_ports",
+        f"is {_describe(value)}; it is how many Thunderbolt ports this Mac has",
+        f"give a whole number 1..{MAX_THUNDERBOLT_PORTS} (Mac mini M4 Pro: 3, Mac Studio M4 Max: 4, "
+        "M3 Ultra: 6), or remove it",
+    )
 
 
 def _layers_problem(name: str, variables: Mapping[str, Any]) -> Problem | None:
     value = variables.get("cluster_layers")
     if value is None or (_is_int(value) and value > 0):
         return None
-    return Problem(name, "cluster_layers", f"is {_describe(value)}; it must be a positive integer",
-                   "give this rank's number of pipeline layers, e.g. cluster_layers: 10, or remove it (split by memory)")
+    return Problem(
+        name,
+        "cluster_layers",
+        f"is {_describe(value)}; it must be a positive integer",
+        "give this rank's number of pipeline layers, e.g. cluster_layers: 10, or remove it (split by memory)",
+    )
 
 
 def _unit_name_problem(name: str, variables: Mapping[str, Any]) -> Problem | None:
@@ -708,7 +834,11 @@ def _port_claims(ordered: list[tuple[str, Mapping[str, Any]]], group: Mapping[st
     if backend == "ring":
         claims += [
             _Claim(
-                ssh_target(name, v), setting(v, "cluster_ring_port"), name, "cluster_ring_port", f"rank {rank}'s ring listener"
+                ssh_target(name, v),
+                setting(v, "cluster_ring_port"),
+                name,
+                "cluster_ring_port",
+                f"rank {rank}'s ring listener",
             )
             for rank, (name, v) in enumerate(ordered)
         ]
@@ -719,7 +849,9 @@ def _free_port(start: int, used: set[int]) -> int:
     return next((p for p in range(start + 1, 65536) if p not in used), 1024)
 
 
-def _port_clash_problems(ordered: list[tuple[str, Mapping[str, Any]]], group: Mapping[str, Any], backend: str) -> list[Problem]:
+def _port_clash_problems(
+    ordered: list[tuple[str, Mapping[str, Any]]], group: Mapping[str, Any], backend: str
+) -> list[Problem]:
     claims = _port_claims(ordered, group, backend)
     used = {(c.machine, c.value) for c in claims}
     found = []
@@ -746,7 +878,9 @@ def _shared_machine_problems(hosts: Mapping[str, Mapping[str, Any]], backend: st
         for later, earlier in _clashes(claims):
             rank = hosts[later.host].get("cluster_rank")
             suggestion = (
-                f"{HOST_DEFAULTS[key]}-rank{rank if _is_int(rank) else 1}" if key == "cluster_unit_name" else "another GPU index"
+                f"{HOST_DEFAULTS[key]}-rank{rank if _is_int(rank) else 1}"
+                if key == "cluster_unit_name"
+                else "another GPU index"
             )
             found.append(
                 Problem(
@@ -775,38 +909,70 @@ def _address_clash_problems(ordered: list[tuple[str, Mapping[str, Any]]], backen
             if not isinstance(ip, str) or _ip_error(ip):
                 continue
             if _is_loopback(ip) and len(machines) > 1:
-                found.append(Problem(name, f"cluster_ips[{i}]", f"is {ip}, which reaches only the machine itself, "
-                                     f"but the ranks run on {len(machines)} machines ({_choices(sorted(machines))})",
-                                     "use this host's address on the network the ranks share, e.g. 192.168.1.14"))
+                found.append(
+                    Problem(
+                        name,
+                        f"cluster_ips[{i}]",
+                        f"is {ip}, which reaches only the machine itself, "
+                        f"but the ranks run on {len(machines)} machines ({_choices(sorted(machines))})",
+                        "use this host's address on the network the ranks share, e.g. 192.168.1.14",
+                    )
+                )
                 continue
             earlier = owner.setdefault(ip, (name, machine))
             if earlier[1] != machine:
-                found.append(Problem(name, f"cluster_ips[{i}]", f"is {ip}, which {earlier[0]} (on {earlier[1]}) also lists; "
-                                     f"two machines cannot have one address (this host is reached at {machine})",
-                                     f"give {name} its own address; if both ranks run on one machine, give them the same "
-                                     f"ansible_host"))
+                found.append(
+                    Problem(
+                        name,
+                        f"cluster_ips[{i}]",
+                        f"is {ip}, which {earlier[0]} (on {earlier[1]}) also lists; "
+                        f"two machines cannot have one address (this host is reached at {machine})",
+                        f"give {name} its own address; if both ranks run on one machine, give them the same "
+                        f"ansible_host",
+                    )
+                )
     if backend in JACCL_BACKENDS:
         first: dict[str, str] = {}
         for name, variables in ordered:
             machine = ssh_target(name, variables)
             if first.setdefault(machine, name) != name:
-                found.append(Problem(name, "ansible_host", f"is {machine}, the same Mac as {first[machine]}; backend {backend} "
-                                     "runs one rank per Mac (ranks talk over the Thunderbolt cables between Macs)",
-                                     "give each rank its own Mac (ansible_host), or use cluster_backend: ring for several "
-                                     "ranks on one machine"))
+                found.append(
+                    Problem(
+                        name,
+                        "ansible_host",
+                        f"is {machine}, the same Mac as {first[machine]}; backend {backend} "
+                        "runs one rank per Mac (ranks talk over the Thunderbolt cables between Macs)",
+                        "give each rank its own Mac (ansible_host), or use cluster_backend: ring for several "
+                        "ranks on one machine",
+                    )
+                )
     if backend == "ring":
-        claims = [_Claim(str(setting(v, "cluster_ips")[0]), setting(v, "cluster_ring_port"), name, "cluster_ring_port",
-                         f"rank {rank}'s ring listener")
-                  for rank, (name, v) in enumerate(ordered)
-                  if isinstance(setting(v, "cluster_ips"), list) and setting(v, "cluster_ips")
-                  and _is_int(setting(v, "cluster_ring_port"))]
+        claims = [
+            _Claim(
+                str(setting(v, "cluster_ips")[0]),
+                setting(v, "cluster_ring_port"),
+                name,
+                "cluster_ring_port",
+                f"rank {rank}'s ring listener",
+            )
+            for rank, (name, v) in enumerate(ordered)
+            if isinstance(setting(v, "cluster_ips"), list)
+            and setting(v, "cluster_ips")
+            and _is_int(setting(v, "cluster_ring_port"))
+        ]
         machine_of = {name: ssh_target(name, v) for name, v in ordered}
         for later, earlier in _clashes(claims):
             if machine_of[later.host] == machine_of[earlier.host]:
                 continue  # the same machine: _port_clash_problems reports it
-            found.append(Problem(later.host, "cluster_ring_port", f"{later.value} on {later.machine} is also "
-                                 f"{earlier.label} ({earlier.host})", "give every rank on one address its own "
-                                 f"cluster_ring_port, e.g. cluster_ring_port: {later.value + 1}"))
+            found.append(
+                Problem(
+                    later.host,
+                    "cluster_ring_port",
+                    f"{later.value} on {later.machine} is also {earlier.label} ({earlier.host})",
+                    "give every rank on one address its own "
+                    f"cluster_ring_port, e.g. cluster_ring_port: {later.value + 1}",
+                )
+            )
     return found
 
 
@@ -846,12 +1012,16 @@ def _show_cell(cables: tuple[str, ...]) -> str:
     return cables[0] if len(cables) == 1 else json.dumps(list(cables))
 
 
-def _rdma_row(name: str, rank: int, raw: Any, n: int, backend: str) -> tuple[list[Problem], list[tuple[str, ...] | None] | None]:
+def _rdma_row(
+    name: str, rank: int, raw: Any, n: int, backend: str
+) -> tuple[list[Problem], list[tuple[str, ...] | None] | None]:
     """Problems of one host's row, and its cells as cable tuples (None for a bad cell / bad row)."""
     example = f"e.g. cluster_rdma: {_example_row(rank, n, backend)} (ibv_devices on {name} lists its devices)"
     if raw is None:
         return [
-            Problem(name, "cluster_rdma", f"is missing; backend {backend} needs one cell per rank", f"set it, {example}")
+            Problem(
+                name, "cluster_rdma", f"is missing; backend {backend} needs one cell per rank", f"set it, {example}"
+            )
         ], None
     if not isinstance(raw, list):
         return [
@@ -878,7 +1048,9 @@ def _rdma_row(name: str, rank: int, raw: Any, n: int, backend: str) -> tuple[lis
             cells.append(_cables(cell))
         except ValueError as exc:
             found.append(
-                Problem(name, f"cluster_rdma[{j}]", str(exc), f"name the device of the port cabled to rank {j}, {example}")
+                Problem(
+                    name, f"cluster_rdma[{j}]", str(exc), f"name the device of the port cabled to rank {j}, {example}"
+                )
             )
             cells.append(None)
     if cells[rank]:
@@ -909,7 +1081,12 @@ def _rdma_row(name: str, rank: int, raw: Any, n: int, backend: str) -> tuple[lis
 
 
 def _pair_problem(
-    ordered: list[tuple[str, Mapping[str, Any]]], i: int, j: int, mine: tuple[str, ...], theirs: tuple[str, ...], backend: str
+    ordered: list[tuple[str, Mapping[str, Any]]],
+    i: int,
+    j: int,
+    mine: tuple[str, ...],
+    theirs: tuple[str, ...],
+    backend: str,
 ) -> Problem | None:
     """Host ``i``'s cell for ``j`` (``mine``) against host ``j``'s cell for ``i`` (``theirs``)."""
     name, peer = ordered[i][0], ordered[j][0]
@@ -956,13 +1133,25 @@ def _thunderbolt_problems(
         which = f"{name} has {ports}" if stated == ports else f"a Mac has at most {ports} (Mac Studio M3 Ultra)"
         if backend == "jaccl" and n - 1 > ports and not mesh_reported:
             mesh_reported = True
-            found.append(Problem(name, "cluster_backend", f"is jaccl, a mesh: {n} Macs need a cable from each Mac to each of "
-                                 f"the other {n - 1}, but {which} Thunderbolt ports",
-                                 f"set cluster_backend: jaccl-ring (2 cables per Mac), or use at most {ports + 1} Macs"))
+            found.append(
+                Problem(
+                    name,
+                    "cluster_backend",
+                    f"is jaccl, a mesh: {n} Macs need a cable from each Mac to each of "
+                    f"the other {n - 1}, but {which} Thunderbolt ports",
+                    f"set cluster_backend: jaccl-ring (2 cables per Mac), or use at most {ports + 1} Macs",
+                )
+            )
         cables = sum(len(cell) for cell in row or [] if cell)
         if row is not None and cables > ports:
-            found.append(Problem(name, "cluster_rdma", f"names {cables} cables, but {which} Thunderbolt ports",
-                                 "list one device per cable actually plugged in (ibv_devinfo shows which are PORT_ACTIVE)"))
+            found.append(
+                Problem(
+                    name,
+                    "cluster_rdma",
+                    f"names {cables} cables, but {which} Thunderbolt ports",
+                    "list one device per cable actually plugged in (ibv_devinfo shows which are PORT_ACTIVE)",
+                )
+            )
     return found
 
 
@@ -1078,7 +1267,9 @@ def _common_env(group: Mapping[str, Any], ordered: list[tuple[str, Mapping[str, 
     return {key: str(value) for key, value in env.items()}
 
 
-def _backend_env(backend: str, group: Mapping[str, Any], leader_ip: str, variables: Mapping[str, Any]) -> dict[str, str]:
+def _backend_env(
+    backend: str, group: Mapping[str, Any], leader_ip: str, variables: Mapping[str, Any]
+) -> dict[str, str]:
     """Backend variables other than the rank-file path."""
     if backend in JACCL_BACKENDS:
         env = {"MLX_JACCL_COORDINATOR": f"{leader_ip}:{setting(group, 'cluster_coordinator_port')}"}
@@ -1093,7 +1284,11 @@ def _backend_env(backend: str, group: Mapping[str, Any], leader_ip: str, variabl
 
 
 def _rank_entry(
-    rank: int, name: str, variables: Mapping[str, Any], group: Mapping[str, Any], ordered: list[tuple[str, Mapping[str, Any]]]
+    rank: int,
+    name: str,
+    variables: Mapping[str, Any],
+    group: Mapping[str, Any],
+    ordered: list[tuple[str, Mapping[str, Any]]],
 ) -> dict[str, Any]:
     """What one rank's roles need: where it runs, its service env, argv and files."""
     backend = setting(group, "cluster_backend")

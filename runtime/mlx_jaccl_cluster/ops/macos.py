@@ -14,7 +14,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 # Thunderbolt 5 links train at 80 Gb/s; Thunderbolt 4 (40 Gb/s) shows rdma_en* devices
 # but cannot carry RDMA.
@@ -35,6 +36,7 @@ _BRIDGE_MEMBER = re.compile(r"^\s*member:\s*(\S+)", re.MULTILINE)
 
 
 # --------------------------------------------------------------------------- ibverbs
+
 
 def parse_ibv_devices(text: str) -> list[dict[str, str]]:
     """Devices listed by ``ibv_devices``: ``[{"name": "rdma_en4", "guid": "e2c5..."}]``.
@@ -157,13 +159,16 @@ def _device_gids(device: Mapping[str, Any]) -> list[str]:
 
 # --------------------------------------------------------------------------- macOS state
 
+
 def parse_rdma_ctl_status(text: str) -> bool:
     """``rdma_ctl status`` -> ``True`` (enabled) / ``False`` (disabled); anything else raises."""
     word = text.strip().lower()
     if word in ("enabled", "disabled"):
         return word == "enabled"
-    raise ValueError(f"rdma_ctl status printed {text.strip()[:200]!r}, expected 'enabled' or 'disabled' "
-                     f"(rdma_ctl exists from macOS {'.'.join(map(str, MIN_MACOS))} on)")
+    raise ValueError(
+        f"rdma_ctl status printed {text.strip()[:200]!r}, expected 'enabled' or 'disabled' "
+        f"(rdma_ctl exists from macOS {'.'.join(map(str, MIN_MACOS))} on)"
+    )
 
 
 def _version_tuple(version: str | Iterable[Any]) -> tuple[int, ...]:
@@ -193,6 +198,7 @@ def macos_at_least(version: str | Sequence[Any], minimum: str | Sequence[Any] = 
 
 
 # --------------------------------------------------------------------------- Thunderbolt
+
 
 def parse_link_speed(text: str | None) -> float | None:
     """Gb/s in a ``current_speed_key`` value: ``"80 Gb/s"`` -> 80, ``"Up to 10/20 Gb/s x1/x2"`` -> 20."""
@@ -235,8 +241,9 @@ def _receptacle(bus: Mapping[str, Any]) -> Mapping[str, Any]:
     return bus.get("receptacle_1_tag") or (bus[sorted(tags)[0]] if tags else {})
 
 
-def parse_thunderbolt(data: str | Mapping[str, Any] | Sequence[Any],
-                      hardware_ports: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+def parse_thunderbolt(
+    data: str | Mapping[str, Any] | Sequence[Any], hardware_ports: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
     """One record per Thunderbolt bus (host port) from ``system_profiler SPThunderboltDataType -json``.
 
     Each: ``bus``, ``receptacle`` (the number macOS names the port by, "Thunderbolt N"),
@@ -254,23 +261,26 @@ def parse_thunderbolt(data: str | Mapping[str, Any] | Sequence[Any],
         receptacle = str(tag.get("receptacle_id_key", "")) or None
         peer = next((item for item in bus.get("_items", []) if isinstance(item, Mapping)), {})
         speed = tag.get("current_speed_key")
-        links.append({
-            "bus": bus.get("_name"),
-            "receptacle": int(receptacle) if receptacle and receptacle.isdigit() else receptacle,
-            "connected": tag.get("receptacle_status_key") == "receptacle_connected",
-            "speed": speed,
-            "speed_gbps": parse_link_speed(speed),
-            "speed_is_capability": str(speed or "").lower().startswith("up to"),
-            "domain_uuid": bus.get("domain_uuid_key"),
-            "peer": peer.get("_name"),
-            "peer_domain_uuid": peer.get("domain_uuid_key"),
-            "peer_is_mac": bool(peer.get("domain_uuid_key")),
-            "interface": (hardware_ports or {}).get(f"Thunderbolt {receptacle}"),
-        })
+        links.append(
+            {
+                "bus": bus.get("_name"),
+                "receptacle": int(receptacle) if receptacle and receptacle.isdigit() else receptacle,
+                "connected": tag.get("receptacle_status_key") == "receptacle_connected",
+                "speed": speed,
+                "speed_gbps": parse_link_speed(speed),
+                "speed_is_capability": str(speed or "").lower().startswith("up to"),
+                "domain_uuid": bus.get("domain_uuid_key"),
+                "peer": peer.get("_name"),
+                "peer_domain_uuid": peer.get("domain_uuid_key"),
+                "peer_is_mac": bool(peer.get("domain_uuid_key")),
+                "interface": (hardware_ports or {}).get(f"Thunderbolt {receptacle}"),
+            }
+        )
     return links
 
 
 # --------------------------------------------------------------------------- ifconfig
+
 
 def parse_ifconfig_bridge_members(text: str) -> list[str]:
     """Interfaces in ``member:`` lines of ``ifconfig bridge0`` (``[]`` when the bridge is absent)."""
@@ -286,21 +296,22 @@ def parse_ifconfig_ipv4_by_iface(text: str) -> dict[str, list[str]]:
     """``{interface: [IPv4, ...]}`` for every interface block of a plain ``ifconfig`` run."""
     heads = list(_IFCONFIG_HEAD.finditer(text))
     ends = [h.start() for h in heads[1:]] + [len(text)]
-    return {h.group(1): parse_ifconfig_ipv4(text[h.start():end]) for h, end in zip(heads, ends)}
+    return {h.group(1): parse_ifconfig_ipv4(text[h.start() : end]) for h, end in zip(heads, ends)}
 
 
 # --------------------------------------------------------------------------- readiness
 
+
 def paired_interface(device: str) -> str:
     """The network interface an RDMA device pairs with: ``rdma_en4`` -> ``en4``."""
-    return device[len("rdma_"):] if device.startswith("rdma_") else device
+    return device[len("rdma_") :] if device.startswith("rdma_") else device
 
 
 def _wanted(devices_wanted: Iterable[Any]) -> list[str]:
     """Device names from an inventory row: ``None`` cells skipped, per-cable lists flattened, deduplicated."""
     names: list[str] = []
     for cell in [devices_wanted] if isinstance(devices_wanted, str) else devices_wanted or []:
-        for name in ([cell] if isinstance(cell, str) or cell is None else cell):
+        for name in [cell] if isinstance(cell, str) or cell is None else cell:
             if name and name not in names:
                 names.append(str(name))
     return names
@@ -314,11 +325,15 @@ def _gbps(value: float) -> str:
 def _missing_message(name: str, present: list[str]) -> str:
     """A wanted device that ``ibv_devinfo`` does not list."""
     if not present:
-        return (f"{name} does not exist: this Mac lists no RDMA devices although rdma_ctl reports enabled — "
-                f"reboot once after `rdma_ctl enable`, and check it is an Apple-silicon Mac with Thunderbolt 5 "
-                f"on macOS {'.'.join(map(str, MIN_MACOS))} or later")
-    return (f"{name} does not exist on this Mac (RDMA devices here: {', '.join(present)}) — "
-            f"fix cluster_rdma in the inventory")
+        return (
+            f"{name} does not exist: this Mac lists no RDMA devices although rdma_ctl reports enabled — "
+            f"reboot once after `rdma_ctl enable`, and check it is an Apple-silicon Mac with Thunderbolt 5 "
+            f"on macOS {'.'.join(map(str, MIN_MACOS))} or later"
+        )
+    return (
+        f"{name} does not exist on this Mac (RDMA devices here: {', '.join(present)}) — "
+        f"fix cluster_rdma in the inventory"
+    )
 
 
 def _inactive_message(name: str, state: str, spare_active: list[str], wanted_active: Sequence[str] = ()) -> str:
@@ -328,20 +343,27 @@ def _inactive_message(name: str, state: str, spare_active: list[str], wanted_act
         other = spare_active[0]
         return f"{name} is {state}; {other} is PORT_ACTIVE — did you mean {other}? fix cluster_rdma in the inventory"
     if spare_active:
-        return (f"{name} is {state}; {', '.join(spare_active)} are PORT_ACTIVE — did you mean one of them? "
-                f"fix cluster_rdma in the inventory")
+        return (
+            f"{name} is {state}; {', '.join(spare_active)} are PORT_ACTIVE — did you mean one of them? "
+            f"fix cluster_rdma in the inventory"
+        )
     if wanted_active:
         verb = "is" if len(wanted_active) == 1 else "are"
-        return (f"{name} is {state} while {', '.join(wanted_active)} (also in cluster_rdma) {verb} PORT_ACTIVE, so RDMA "
-                f"works on this Mac: check the Thunderbolt cable on the {paired_interface(name)} port and that the "
-                f"Mac at its other end is on and has RDMA enabled (`rdma_ctl status` there)")
-    return (f"{name} is {state} and no other RDMA device here is active: check the Thunderbolt cable on the "
-            f"{paired_interface(name)} port and that the Mac at the other end is on and has RDMA enabled "
-            f"(`rdma_ctl status` there)")
+        return (
+            f"{name} is {state} while {', '.join(wanted_active)} (also in cluster_rdma) {verb} PORT_ACTIVE, so RDMA "
+            f"works on this Mac: check the Thunderbolt cable on the {paired_interface(name)} port and that the "
+            f"Mac at its other end is on and has RDMA enabled (`rdma_ctl status` there)"
+        )
+    return (
+        f"{name} is {state} and no other RDMA device here is active: check the Thunderbolt cable on the "
+        f"{paired_interface(name)} port and that the Mac at the other end is on and has RDMA enabled "
+        f"(`rdma_ctl status` there)"
+    )
 
 
-def _ipv4_message(name: str, device: Mapping[str, Any],
-                  ipv4_by_iface: Mapping[str, Sequence[str]] | None) -> str | None:
+def _ipv4_message(
+    name: str, device: Mapping[str, Any], ipv4_by_iface: Mapping[str, Sequence[str]] | None
+) -> str | None:
     """Problem when the GID table (``-v`` output) or ``ifconfig`` shows no IPv4 for the device."""
     iface = paired_interface(name)
     gids = _device_gids(device)
@@ -349,25 +371,31 @@ def _ipv4_message(name: str, device: Mapping[str, Any],
     no_address = ipv4_by_iface is not None and iface in ipv4_by_iface and not ipv4_by_iface[iface]
     if not (no_mapped_gid or no_address):
         return None
-    return (f"{name} has no IPv4-mapped GID ({iface} has no IPv4 address), so MLX fails with "
-            f"'No IPv4-mapped GID': give {iface} an IPv4 address (link-local 169.254.x.y is fine)")
+    return (
+        f"{name} has no IPv4-mapped GID ({iface} has no IPv4 address), so MLX fails with "
+        f"'No IPv4-mapped GID': give {iface} an IPv4 address (link-local 169.254.x.y is fine)"
+    )
 
 
 def _empty_gid_message(name: str) -> str:
     """``-v`` shows the active port with no GID at all: the symptom the bridge message warns about."""
     iface = paired_interface(name)
-    return (f"{name} has an empty GID table, so the RDMA handshake fails (RTR errno 96) — take {iface} out of the "
-            f"Thunderbolt Bridge and give it an IPv4 address (link-local 169.254.x.y is fine), or turn on "
-            f"mac_hygiene_thunderbolt_network_enabled, which does both; then check `ibv_devinfo -v -d {name}` lists "
-            f"a GID like ::ffff:169.254.x.y")
+    return (
+        f"{name} has an empty GID table, so the RDMA handshake fails (RTR errno 96) — take {iface} out of the "
+        f"Thunderbolt Bridge and give it an IPv4 address (link-local 169.254.x.y is fine), or turn on "
+        f"mac_hygiene_thunderbolt_network_enabled, which does both; then check `ibv_devinfo -v -d {name}` lists "
+        f"a GID like ::ffff:169.254.x.y"
+    )
 
 
 def _bridge_message(name: str) -> str:
     """The paired interface is bridged: empty GID table, handshake fails."""
     iface = paired_interface(name)
-    return (f"{iface} (paired with {name}) is a member of the Thunderbolt Bridge (bridge0), which leaves the "
-            f"GID table empty and fails the RDMA handshake (RTR errno 96) — remove {iface} from the Thunderbolt "
-            f"Bridge (System Settings > Network > Thunderbolt Bridge)")
+    return (
+        f"{iface} (paired with {name}) is a member of the Thunderbolt Bridge (bridge0), which leaves the "
+        f"GID table empty and fails the RDMA handshake (RTR errno 96) — remove {iface} from the Thunderbolt "
+        f"Bridge (System Settings > Network > Thunderbolt Bridge)"
+    )
 
 
 def _slow_link(link: Mapping[str, Any]) -> bool:
@@ -380,21 +408,34 @@ def _speed_messages(names: list[str], tb_links: Sequence[Mapping[str, Any]]) -> 
     fix = "Thunderbolt 4 or lower cannot carry RDMA — use a Thunderbolt 5 port and cable (80 Gb/s) on both Macs"
     by_iface = {link["interface"]: link for link in tb_links if link.get("interface")}
     if by_iface:
-        slow = [(name, by_iface[paired_interface(name)]) for name in names
-                if _slow_link(by_iface.get(paired_interface(name), {}))]
-        return [f"{name}: the Thunderbolt link on {paired_interface(name)} (receptacle {link.get('receptacle')}) "
-                f"runs at {_gbps(link['speed_gbps'])}; {fix}" for name, link in slow]
+        slow = [
+            (name, by_iface[paired_interface(name)])
+            for name in names
+            if _slow_link(by_iface.get(paired_interface(name), {}))
+        ]
+        return [
+            f"{name}: the Thunderbolt link on {paired_interface(name)} (receptacle {link.get('receptacle')}) "
+            f"runs at {_gbps(link['speed_gbps'])}; {fix}"
+            for name, link in slow
+        ]
     mac_links = [link for link in tb_links if link.get("connected") and link.get("peer_is_mac")]
     if names and mac_links and all(_slow_link(link) for link in mac_links):
         fastest = max(link["speed_gbps"] for link in mac_links)
-        return [f"{', '.join(names)}: no Mac-to-Mac Thunderbolt link here reaches 80 Gb/s "
-                f"(fastest {_gbps(fastest)}); {fix}"]
+        return [
+            f"{', '.join(names)}: no Mac-to-Mac Thunderbolt link here reaches 80 Gb/s (fastest {_gbps(fastest)}); {fix}"
+        ]
     return []
 
 
-def check_node_rdma(devices_wanted: Sequence[Any], devinfo: Mapping[str, Mapping[str, Any]], rdma_enabled: bool,
-                    bridge_members: Sequence[str], tb_links: Sequence[Mapping[str, Any]] | None = None,
-                    ipv4_by_iface: Mapping[str, Sequence[str]] | None = None, network: bool = True) -> list[str]:
+def check_node_rdma(
+    devices_wanted: Sequence[Any],
+    devinfo: Mapping[str, Mapping[str, Any]],
+    rdma_enabled: bool,
+    bridge_members: Sequence[str],
+    tb_links: Sequence[Mapping[str, Any]] | None = None,
+    ipv4_by_iface: Mapping[str, Sequence[str]] | None = None,
+    network: bool = True,
+) -> list[str]:
     """Problems that keep this node from JACCL over the inventory's devices (``[]`` = ready).
 
     ``network=False`` leaves out what the Thunderbolt-network opt-in (mac_hygiene) changes:
@@ -409,8 +450,10 @@ def check_node_rdma(devices_wanted: Sequence[Any], devinfo: Mapping[str, Mapping
     bridge_members = bridge_members if network else []
     problems = [_bridge_message(n) for n in names if paired_interface(n) in set(bridge_members or [])]
     if not rdma_enabled:
-        return ["RDMA over Thunderbolt is disabled on this Mac: boot into macOS Recovery, open Terminal, run "
-                "`rdma_ctl enable`, then reboot (it cannot be enabled remotely)"] + problems
+        return [
+            "RDMA over Thunderbolt is disabled on this Mac: boot into macOS Recovery, open Terminal, run "
+            "`rdma_ctl enable`, then reboot (it cannot be enabled remotely)"
+        ] + problems
     present = sorted(devinfo)
     active = active_rdma_devices(devinfo)
     spare_active = [d for d in active if d not in names]
@@ -443,8 +486,10 @@ def check_disk_free(free_bytes: int | str, needed_bytes: int | str, path: str) -
     free, needed = int(free_bytes), int(needed_bytes)
     if free >= needed:
         return []
-    return [f"{path}: {_size(free)} free but {_size(needed)} needed — free {_size(needed - free)} there "
-            f"or put it on a larger volume"]
+    return [
+        f"{path}: {_size(free)} free but {_size(needed)} needed — free {_size(needed - free)} there "
+        f"or put it on a larger volume"
+    ]
 
 
 # --------------------------------------------------------------------------- mac_hygiene: power (pmset)
@@ -508,8 +553,10 @@ def _pmset_sources(current: Mapping[str, Mapping[str, str]]) -> list[str]:
     """The power sources of ``parse_pmset`` output, in pmset's flag order; none raises."""
     sources = [s for s in PMSET_SOURCE_FLAGS if s in current]
     if not sources:
-        raise ValueError(f"no power source ({', '.join(PMSET_SOURCE_FLAGS)}) in the pmset settings "
-                         f"(sections: {', '.join(current) or 'none'}): read them with `pmset -g custom`")
+        raise ValueError(
+            f"no power source ({', '.join(PMSET_SOURCE_FLAGS)}) in the pmset settings "
+            f"(sections: {', '.join(current) or 'none'}): read them with `pmset -g custom`"
+        )
     return sources
 
 
@@ -522,11 +569,12 @@ def pmset_changes(current: Mapping[str, Mapping[str, str]], wanted: Mapping[str,
     left out; ``[]`` means nothing to do.
     """
     want = _pmset_wanted(wanted)
-    return [{"source": source, "flag": PMSET_SOURCE_FLAGS[source], "name": name,
-             "from": current[source][name], "to": value}
-            for source in _pmset_sources(current)
-            for name, value in want.items()
-            if name in current[source] and current[source][name] != value]
+    return [
+        {"source": source, "flag": PMSET_SOURCE_FLAGS[source], "name": name, "from": current[source][name], "to": value}
+        for source in _pmset_sources(current)
+        for name, value in want.items()
+        if name in current[source] and current[source][name] != value
+    ]
 
 
 def pmset_unsupported(current: Mapping[str, Mapping[str, str]], wanted: Mapping[str, Any]) -> list[str]:
@@ -551,8 +599,9 @@ def pmset_record(state: Mapping[str, Any] | None, changes: Sequence[Mapping[str,
     """The state file once ``changes`` are applied: ``{"AC Power": {"sleep": {"before": "1",
     "set": "0"}}}``. A setting recorded earlier keeps its first ``before`` (the value it had
     before this role ever changed it); ``set`` is always the latest value applied."""
-    record: dict[str, Any] = {source: {name: dict(entry) for name, entry in settings.items()}
-                              for source, settings in (state or {}).items()}
+    record: dict[str, Any] = {
+        source: {name: dict(entry) for name, entry in settings.items()} for source, settings in (state or {}).items()
+    }
     for change in changes:
         entry = record.setdefault(change["source"], {}).setdefault(change["name"], {"before": change["from"]})
         entry["set"] = change["to"]
@@ -579,11 +628,20 @@ def pmset_restore(state: Mapping[str, Any] | None, current: Mapping[str, Mapping
             elif now == entry["before"]:
                 continue
             elif now != entry["set"]:
-                left.append(f"{source}: {name} is {now} now, not the {entry['set']} this role set; "
-                            f"left as it is (it was {entry['before']} before)")
+                left.append(
+                    f"{source}: {name} is {now} now, not the {entry['set']} this role set; "
+                    f"left as it is (it was {entry['before']} before)"
+                )
             else:
-                changes.append({"source": source, "flag": PMSET_SOURCE_FLAGS[source], "name": name,
-                                "from": now, "to": entry["before"]})
+                changes.append(
+                    {
+                        "source": source,
+                        "flag": PMSET_SOURCE_FLAGS[source],
+                        "name": name,
+                        "from": now,
+                        "to": entry["before"],
+                    }
+                )
     return {"changes": changes, "left": left}
 
 
@@ -601,7 +659,7 @@ def parse_ifconfig_status_by_iface(text: str) -> dict[str, str | None]:
     """``{interface: "active" | "inactive" | None}`` (its ``status:`` line) for every interface block of ``ifconfig``."""
     heads = list(_IFCONFIG_HEAD.finditer(text))
     ends = [h.start() for h in heads[1:]] + [len(text)]
-    found = {h.group(1): _IFCONFIG_STATUS.search(text[h.start():end]) for h, end in zip(heads, ends)}
+    found = {h.group(1): _IFCONFIG_STATUS.search(text[h.start() : end]) for h, end in zip(heads, ends)}
     return {name: (status.group(1) if status else None) for name, status in found.items()}
 
 
@@ -625,9 +683,12 @@ def _interfaces(interfaces: Iterable[str]) -> list[str]:
     return [str(n) for n in names]
 
 
-def thunderbolt_network_plan(interfaces: Iterable[str], bridge_members: Sequence[str],
-                             ipv4_by_iface: Mapping[str, Sequence[str]],
-                             status_by_iface: Mapping[str, str | None] | None = None) -> dict[str, list[str]]:
+def thunderbolt_network_plan(
+    interfaces: Iterable[str],
+    bridge_members: Sequence[str],
+    ipv4_by_iface: Mapping[str, Sequence[str]],
+    status_by_iface: Mapping[str, str | None] | None = None,
+) -> dict[str, list[str]]:
     """What keeping ``interfaces`` (``rdma_interfaces``) outside the bridge with an IPv4 takes now.
 
     ``bridge_members``: ``parse_ifconfig_bridge_members`` (``[]`` without a bridge);
@@ -646,26 +707,37 @@ def thunderbolt_network_plan(interfaces: Iterable[str], bridge_members: Sequence
     }
 
 
-def thunderbolt_network_record(state: Mapping[str, Any] | None, interfaces: Iterable[str], bridge: str,
-                               bridge_members: Sequence[str],
-                               ipv4_by_iface: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+def thunderbolt_network_record(
+    state: Mapping[str, Any] | None,
+    interfaces: Iterable[str],
+    bridge: str,
+    bridge_members: Sequence[str],
+    ipv4_by_iface: Mapping[str, Sequence[str]],
+) -> dict[str, Any]:
     """The state file: each port's condition the first time the role saw it (before any change).
 
     ``{"bridge": "bridge0", "interfaces": {"en4": {"bridge_member": true, "ipv4": []}}}``;
     ports recorded earlier keep their first record, new ports are added.
     """
-    record: dict[str, Any] = {"bridge": (state or {}).get("bridge", bridge),
-                              "interfaces": {k: dict(v) for k, v in (state or {}).get("interfaces", {}).items()}}
+    record: dict[str, Any] = {
+        "bridge": (state or {}).get("bridge", bridge),
+        "interfaces": {k: dict(v) for k, v in (state or {}).get("interfaces", {}).items()},
+    }
     for name in _interfaces(interfaces):
         if name not in record["interfaces"] and name in ipv4_by_iface:
-            record["interfaces"][name] = {"bridge_member": name in set(bridge_members or []),
-                                          "ipv4": list(ipv4_by_iface[name])}
+            record["interfaces"][name] = {
+                "bridge_member": name in set(bridge_members or []),
+                "ipv4": list(ipv4_by_iface[name]),
+            }
     return record
 
 
-def thunderbolt_network_restore(state: Mapping[str, Any] | None, bridge_members: Sequence[str],
-                                ipv4_by_iface: Mapping[str, Sequence[str]],
-                                bridge_present: bool = True) -> dict[str, list[str]]:
+def thunderbolt_network_restore(
+    state: Mapping[str, Any] | None,
+    bridge_members: Sequence[str],
+    ipv4_by_iface: Mapping[str, Sequence[str]],
+    bridge_present: bool = True,
+) -> dict[str, list[str]]:
     """What uninstall does with the recorded ``state`` (``thunderbolt_network_record``) and ``ifconfig`` now.
 
     ``{"release_ipv4": [...], "rejoin_bridge": [...], "left": [...]}``: ports that had no

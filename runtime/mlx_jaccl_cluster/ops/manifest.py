@@ -25,7 +25,9 @@ _SKIP = {MANIFEST, STAMP}
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in _SKIP and not p.name.startswith(".mjc-"))
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.name not in _SKIP and not p.name.startswith(".mjc-")
+    )
 
 
 def sha256(path: Path) -> str:
@@ -38,7 +40,9 @@ def sha256(path: Path) -> str:
 
 def build(folder: Path) -> dict:
     """Manifest of ``folder``: ``{"files": {relpath: {"size", "sha256"}}}``."""
-    return {"files": {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256(p)} for p in _files(folder)}}
+    return {
+        "files": {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256(p)} for p in _files(folder)}
+    }
 
 
 def digest(manifest: dict) -> str:
@@ -82,8 +86,11 @@ def problems(folder: Path, manifest: dict, rehash: bool = True) -> list[str]:
         seen = stamp.get("files") if isinstance(stamp, dict) and stamp.get("digest") == digest(manifest) else None
         if not isinstance(seen, dict):
             return ["not verified yet (sizes match; make models-check hashes every file)"]
-        return [f"{rel}: changed since it was last verified (same size; make models-check hashes it)"
-                for rel in expected if seen.get(rel) != current[rel]]
+        return [
+            f"{rel}: changed since it was last verified (same size; make models-check hashes it)"
+            for rel in expected
+            if seen.get(rel) != current[rel]
+        ]
     for rel, meta in expected.items():
         if sha256(folder / rel) != meta["sha256"]:
             issues.append(f"{rel}: sha256 differs")
@@ -106,7 +113,9 @@ def is_current(folder: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlx_jaccl_cluster.ops.manifest", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_jaccl_cluster.ops.manifest", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help=f"write DIR/{MANIFEST}")
     b.add_argument("folder", type=Path)
@@ -123,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         manifest = build(args.folder)
         (args.folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        print(f"{args.folder / MANIFEST}: {len(manifest['files'])} files, {sum(f['size'] for f in manifest['files'].values())} bytes")
+        print(
+            f"{args.folder / MANIFEST}: {len(manifest['files'])} files, {sum(f['size'] for f in manifest['files'].values())} bytes"
+        )
         return 0
     manifest_path = args.manifest or args.folder / MANIFEST
     try:

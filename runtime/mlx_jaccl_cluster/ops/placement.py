@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..layout import LayoutError, choose, num_layers, text_config
 
@@ -146,8 +147,10 @@ def weighted_split(n_layers: int, weights: list[float], fixed: list[int | None])
     free = [r for r, f in enumerate(fixed) if f is None]
     left = n_layers - sum(f for f in fixed if f is not None)
     if left < len(free) or (not free and left):
-        raise ValueError(f"the cluster_layers given ({[f for f in fixed if f is not None]}) leave {left} of the "
-                         f"model's {n_layers} layers for {len(free)} other rank(s)")
+        raise ValueError(
+            f"the cluster_layers given ({[f for f in fixed if f is not None]}) leave {left} of the "
+            f"model's {n_layers} layers for {len(free)} other rank(s)"
+        )
     split = list(fixed)
     if free:
         w = [max(weights[r], 0.0) for r in free]
@@ -165,9 +168,17 @@ def weighted_split(n_layers: int, weights: list[float], fixed: list[int | None])
     return split
 
 
-def place(ranks: list[str], config: Mapping[str, Any], sizes: Mapping[str, int], nodes: Mapping[str, Mapping[str, Any]],
-          parallel: str = "auto", max_batch: int = 8, max_context: int | None = None,
-          layers: Mapping[str, int | None] | None = None, machines: Mapping[str, str] | None = None) -> Placement:
+def place(
+    ranks: list[str],
+    config: Mapping[str, Any],
+    sizes: Mapping[str, int],
+    nodes: Mapping[str, Mapping[str, Any]],
+    parallel: str = "auto",
+    max_batch: int = 8,
+    max_context: int | None = None,
+    layers: Mapping[str, int | None] | None = None,
+    machines: Mapping[str, str] | None = None,
+) -> Placement:
     """Layout, split and fit of the model over ``ranks`` (hostnames in rank order).
 
     ``nodes``: hostname -> readiness facts (memory_bytes, system, wired_limit_mb);
@@ -190,8 +201,11 @@ def place(ranks: list[str], config: Mapping[str, Any], sizes: Mapping[str, int],
     result = Placement(layout.parallel, layout.reason)
     explicit = {h: v for h, v in (layers or {}).items() if v is not None}
     if explicit and layout.parallel != "pipeline":
-        result.problems += [f"{h}: cluster_layers: is {v} but the layout is {layout.parallel} ({layout.reason}); "
-                            "remove it or set cluster_parallel: pipeline" for h, v in sorted(explicit.items())]
+        result.problems += [
+            f"{h}: cluster_layers: is {v} but the layout is {layout.parallel} ({layout.reason}); "
+            "remove it or set cluster_parallel: pipeline"
+            for h, v in sorted(explicit.items())
+        ]
         return result
     if layout.parallel == "pipeline":
         per_layer = (sum(fp.layer_bytes) / n) + kv_per_layer
@@ -204,15 +218,33 @@ def place(ranks: list[str], config: Mapping[str, Any], sizes: Mapping[str, int],
         start = 0
         for r, h in enumerate(ranks):
             end = start + result.split[r]
-            result.ranks.append(RankNeed(h, r, (start, end), fp.shared_bytes + sum(fp.layer_bytes[start:end]),
-                                         kv_per_layer * (end - start), available[r], per_machine[machines[h]]))
+            result.ranks.append(
+                RankNeed(
+                    h,
+                    r,
+                    (start, end),
+                    fp.shared_bytes + sum(fp.layer_bytes[start:end]),
+                    kv_per_layer * (end - start),
+                    available[r],
+                    per_machine[machines[h]],
+                )
+            )
             start = end
     else:
         # tensor: mlx-lm's shard() splits the layers' projections; embeddings, norms and
         # the head stay whole on every rank.
         for r, h in enumerate(ranks):
-            result.ranks.append(RankNeed(h, r, None, fp.shared_bytes + sum(fp.layer_bytes) // world,
-                                         kv_per_layer * n // world, available[r], per_machine[machines[h]]))
+            result.ranks.append(
+                RankNeed(
+                    h,
+                    r,
+                    None,
+                    fp.shared_bytes + sum(fp.layer_bytes) // world,
+                    kv_per_layer * n // world,
+                    available[r],
+                    per_machine[machines[h]],
+                )
+            )
     for need in result.ranks:
         if need.need > need.available:
             result.problems.append(_shortfall(need, result, fp, world, max_batch))
@@ -228,18 +260,26 @@ def _shortfall(need: RankNeed, placement: Placement, fp: Footprint, world: int, 
         fixes.append("cluster_parallel: pipeline (weighted by memory)")
     elif placement.split:
         fixes.append("fewer layers here (cluster_layers) and more on a larger node")
-    fixes += ["a quantized model (mlx_lm.convert -q)",
-              f"a smaller context or batch (cluster_runtime_settings max_context, now {fp.context}; max_batch, now {max_batch})"]
-    return (f"{need.host}: rank {need.rank} needs {need.need / GiB:.2f} GiB ({what}: weights {need.weights / GiB:.2f} GiB, "
-            f"KV cache {need.kv / GiB:.2f} GiB for {max_batch} x {fp.context} tokens, runtime "
-            f"{RANK_OVERHEAD_BYTES / GiB:.2f} GiB) but has {need.available / GiB:.2f} GiB{share}: "
-            f"{short:.2f} GiB short. Fixes: {'; '.join(fixes)}")
+    fixes += [
+        "a quantized model (mlx_lm.convert -q)",
+        f"a smaller context or batch (cluster_runtime_settings max_context, now {fp.context}; max_batch, now {max_batch})",
+    ]
+    return (
+        f"{need.host}: rank {need.rank} needs {need.need / GiB:.2f} GiB ({what}: weights {need.weights / GiB:.2f} GiB, "
+        f"KV cache {need.kv / GiB:.2f} GiB for {max_batch} x {fp.context} tokens, runtime "
+        f"{RANK_OVERHEAD_BYTES / GiB:.2f} GiB) but has {need.available / GiB:.2f} GiB{share}: "
+        f"{short:.2f} GiB short. Fixes: {'; '.join(fixes)}"
+    )
 
 
 def summary(placement: Placement) -> list[str]:
     """One line per rank, for the plan's log."""
-    return [f"rank {n.rank} {n.host}: " + (f"layers {n.layers[0]}..{n.layers[1] - 1}, " if n.layers else "")
-            + f"{n.need / GiB:.2f} of {n.available / GiB:.2f} GiB" for n in placement.ranks]
+    return [
+        f"rank {n.rank} {n.host}: "
+        + (f"layers {n.layers[0]}..{n.layers[1] - 1}, " if n.layers else "")
+        + f"{n.need / GiB:.2f} of {n.available / GiB:.2f} GiB"
+        for n in placement.ranks
+    ]
 
 
 def parse_wired_limit(text: str) -> int | None:
@@ -249,9 +289,14 @@ def parse_wired_limit(text: str) -> int | None:
     return int(text) if text.isdigit() and int(text) > 0 else None
 
 
-def place_plan(plan: Mapping[str, Any], model_dir: str, nodes: Mapping[str, Mapping[str, Any]],
-               parallel: str, runtime: Mapping[str, Any] | None = None,
-               layers: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def place_plan(
+    plan: Mapping[str, Any],
+    model_dir: str,
+    nodes: Mapping[str, Mapping[str, Any]],
+    parallel: str,
+    runtime: Mapping[str, Any] | None = None,
+    layers: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The plan with its layout resolved for the model in ``model_dir``: ``parallel``,
     ``parallel_reason``, ``split`` and each rank's ``MJC_PIPELINE_SPLIT``; plus ``problems``
     (ranks that do not fit, a bad cluster_layers) and ``summary`` lines. ``MJC_PARALLEL``
@@ -270,8 +315,11 @@ def place_plan(plan: Mapping[str, Any], model_dir: str, nodes: Mapping[str, Mapp
         config = json.loads((folder / "config.json").read_text())
         sizes = tensor_sizes(folder)
     except (OSError, json.JSONDecodeError, PlacementError) as exc:
-        return {"plan": dict(plan), "problems": [f"{plan['ranks'][0]}: model: cannot read {folder} for placement: {exc}"],
-                "summary": []}
+        return {
+            "plan": dict(plan),
+            "problems": [f"{plan['ranks'][0]}: model: cannot read {folder} for placement: {exc}"],
+            "summary": [],
+        }
     max_batch = int(runtime.get("max_batch", Settings.model_fields["max_batch"].default))
     max_context = runtime.get("max_context", Settings.model_fields["max_context"].default)
     ranks = list(plan["ranks"])
@@ -281,8 +329,17 @@ def place_plan(plan: Mapping[str, Any], model_dir: str, nodes: Mapping[str, Mapp
         f["wired_limit_mb"] = parse_wired_limit(str(f.get("wired_limit_mb_raw", "")))
     if layers is None:  # the plan's own cluster_layers (ops/inventory.py)
         layers = {h: plan["hosts"][h].get("layers") for h in ranks}
-    placement = place(ranks, config, sizes, facts, parallel, max_batch, max_context,
-                      {h: v for h, v in layers.items() if v is not None}, machines)
+    placement = place(
+        ranks,
+        config,
+        sizes,
+        facts,
+        parallel,
+        max_batch,
+        max_context,
+        {h: v for h, v in layers.items() if v is not None},
+        machines,
+    )
     out = json.loads(json.dumps(plan))  # a deep copy of plain data
     resolved = placement.parallel if placement.parallel in ("tensor", "pipeline") else "tensor"
     out.update(parallel=resolved, parallel_reason=placement.reason, split=placement.split)
@@ -292,5 +349,8 @@ def place_plan(plan: Mapping[str, Any], model_dir: str, nodes: Mapping[str, Mapp
             env["MJC_PIPELINE_SPLIT"] = ",".join(str(n) for n in placement.split)
         else:
             env.pop("MJC_PIPELINE_SPLIT", None)
-    return {"plan": out, "problems": placement.problems,
-            "summary": [f"{resolved}: {placement.reason}"] + summary(placement)}
+    return {
+        "plan": out,
+        "problems": placement.problems,
+        "summary": [f"{resolved}: {placement.reason}"] + summary(placement),
+    }

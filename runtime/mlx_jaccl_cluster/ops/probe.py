@@ -60,8 +60,10 @@ def parse_systemctl_show(text: str) -> dict[str, Any]:
     state = values.get("ActiveState", "unknown")
     if values.get("LoadState") == "not-found":
         state = "not-installed"
-    return {"state": f"{state}/{values['SubState']}" if values.get("SubState") and state != "not-installed" else state,
-            "pid": pid or None}
+    return {
+        "state": f"{state}/{values['SubState']}" if values.get("SubState") and state != "not-installed" else state,
+        "pid": pid or None,
+    }
 
 
 def parse_launchctl_print(text: str) -> dict[str, Any]:
@@ -91,10 +93,15 @@ def service_state(manager: str, unit: str, prefix: str, label: str) -> dict[str,
         if not Path(conf).exists():
             return {"state": "not-installed", "pid": None, "running": False, "uptime_s": None}
         rc, out = _run([f"{prefix}/venv/bin/supervisorctl", "-c", conf, "status", unit])
-        state = parse_supervisor_status(out) if "refused" not in out and "no such file" not in out.lower() \
+        state = (
+            parse_supervisor_status(out)
+            if "refused" not in out and "no such file" not in out.lower()
             else {"state": "supervisord-down", "pid": None}
+        )
     elif manager == "systemd":
-        _, out = _run(["systemctl", "--user", "show", f"{unit}.service", "-p", "ActiveState,SubState,MainPID,LoadState"])
+        _, out = _run(
+            ["systemctl", "--user", "show", f"{unit}.service", "-p", "ActiveState,SubState,MainPID,LoadState"]
+        )
         state = parse_systemctl_show(out)
     elif manager == "launchd":
         rc, out = _run(["launchctl", "print", f"gui/{os.getuid()}/{label}"])
@@ -130,8 +137,14 @@ def platform_info() -> dict[str, Any]:
         found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
         chip = found.group(1).strip() if found else platform.machine()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"system": system, "os": os_name, "os_version": version, "chip": chip, "memory_bytes": memory,
-            "cpus": os.cpu_count()}
+    return {
+        "system": system,
+        "os": os_name,
+        "os_version": version,
+        "chip": chip,
+        "memory_bytes": memory,
+        "cpus": os.cpu_count(),
+    }
 
 
 def rdma_ports() -> list[dict[str, Any]]:
@@ -187,7 +200,11 @@ def collect(opts: argparse.Namespace) -> dict[str, Any]:
     return {
         **info,
         "rdma": rdma_ports() if info["system"] == "Darwin" else [],
-        "service": {"manager": opts.manager, "unit": opts.unit, **service_state(opts.manager, opts.unit, opts.prefix, opts.label)},
+        "service": {
+            "manager": opts.manager,
+            "unit": opts.unit,
+            **service_state(opts.manager, opts.unit, opts.prefix, opts.label),
+        },
         "model": model_state(opts.model, opts.manifest),
         "versions": versions(opts.prefix),
         "disk_free_bytes": disk_free(opts.prefix),

@@ -16,8 +16,9 @@ import argparse
 import csv
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 OVERHEAD_LIMIT_PCT = 5.0
 
@@ -68,18 +69,64 @@ def link_rows(result: dict, link_gbps: float | None = None) -> list[list[Any]]:
     """One row per measurement: latency, every all_sum size, all_gather sizes, send/recv pairs."""
     lat = result["latency"]
     rows: list[list[Any]] = [
-        ["latency (1 elem)", "4 B", lat["iters"], lat["median_s"] * 1e6, lat["p99_s"] * 1e6, None, None, None, None, None]
+        [
+            "latency (1 elem)",
+            "4 B",
+            lat["iters"],
+            lat["median_s"] * 1e6,
+            lat["p99_s"] * 1e6,
+            None,
+            None,
+            None,
+            None,
+            None,
+        ]
     ]
     for r in result["all_sum"]:
-        rows.append(["all_sum", human_bytes(r["bytes"]), r["iters"], r["median_s"] * 1e6, r["p99_s"] * 1e6,
-                     r["avg_gbps"], r["peak_gbps"], _pct_link(r["peak_gbps"], link_gbps),
-                     r["bare"]["median_s"] * 1e6, r["overhead_pct"]])
+        rows.append(
+            [
+                "all_sum",
+                human_bytes(r["bytes"]),
+                r["iters"],
+                r["median_s"] * 1e6,
+                r["p99_s"] * 1e6,
+                r["avg_gbps"],
+                r["peak_gbps"],
+                _pct_link(r["peak_gbps"], link_gbps),
+                r["bare"]["median_s"] * 1e6,
+                r["overhead_pct"],
+            ]
+        )
     for r in result.get("all_gather", []):
-        rows.append(["all_gather", human_bytes(r["bytes"]), r["iters"], r["median_s"] * 1e6, r["p99_s"] * 1e6,
-                     r["avg_gbps"], r["peak_gbps"], _pct_link(r["peak_gbps"], link_gbps), None, None])
+        rows.append(
+            [
+                "all_gather",
+                human_bytes(r["bytes"]),
+                r["iters"],
+                r["median_s"] * 1e6,
+                r["p99_s"] * 1e6,
+                r["avg_gbps"],
+                r["peak_gbps"],
+                _pct_link(r["peak_gbps"], link_gbps),
+                None,
+                None,
+            ]
+        )
     for r in result.get("pairs", []):
-        rows.append([f"send {r['src']}->{r['dst']}", human_bytes(r["bytes"]), r["iters"], r["median_s"] * 1e6, None,
-                     r["median_gbps"], None, _pct_link(r["median_gbps"], link_gbps), None, None])
+        rows.append(
+            [
+                f"send {r['src']}->{r['dst']}",
+                human_bytes(r["bytes"]),
+                r["iters"],
+                r["median_s"] * 1e6,
+                None,
+                r["median_gbps"],
+                None,
+                _pct_link(r["median_gbps"], link_gbps),
+                None,
+                None,
+            ]
+        )
     return rows
 
 
@@ -88,15 +135,19 @@ def link_findings(result: dict, slow_pair_ratio: float = 0.5) -> list[str]:
     notes = []
     for r in result["all_sum"]:
         if abs(r["overhead_pct"]) > OVERHEAD_LIMIT_PCT:
-            notes.append(f"all_sum {human_bytes(r['bytes'])}: median {r['overhead_pct']:+.1f}% against the bare loop "
-                         f"(limit {OVERHEAD_LIMIT_PCT:.0f}%: a noisy machine, or rerun with more --rounds)")
+            notes.append(
+                f"all_sum {human_bytes(r['bytes'])}: median {r['overhead_pct']:+.1f}% against the bare loop "
+                f"(limit {OVERHEAD_LIMIT_PCT:.0f}%: a noisy machine, or rerun with more --rounds)"
+            )
     speeds = [p["median_gbps"] for p in result.get("pairs", []) if p.get("median_gbps")]
     if len(speeds) > 1:
         best = max(speeds)
         for p in result["pairs"]:
             if p.get("median_gbps") and p["median_gbps"] < best * slow_pair_ratio:
-                notes.append(f"send/recv {p['src']}->{p['dst']} runs at {p['median_gbps']:.2f} Gb/s, under "
-                             f"{slow_pair_ratio:.0%} of the best pair ({best:.2f} Gb/s): check that cable")
+                notes.append(
+                    f"send/recv {p['src']}->{p['dst']} runs at {p['median_gbps']:.2f} Gb/s, under "
+                    f"{slow_pair_ratio:.0%} of the best pair ({best:.2f} Gb/s): check that cable"
+                )
     return notes
 
 
@@ -110,7 +161,9 @@ def link_chart(result: dict, path: Path, link_gbps: float | None, title: str) ->
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(sizes, [r["avg_gbps"] for r in result["all_sum"]], "o-", label="all_sum average")
     ax.plot(sizes, [r["peak_gbps"] for r in result["all_sum"]], "s--", label="all_sum peak")
-    ax.plot(sizes, [r["bare"]["avg_gbps"] for r in result["all_sum"]], ":", color="grey", label="bare MLX loop (average)")
+    ax.plot(
+        sizes, [r["bare"]["avg_gbps"] for r in result["all_sum"]], ":", color="grey", label="bare MLX loop (average)"
+    )
     if link_gbps:
         ax.axhline(link_gbps, color="red", linewidth=1, label=f"link {link_gbps:g} Gb/s")
     ax.set_xscale("log", base=2)
@@ -127,14 +180,30 @@ def link_chart(result: dict, path: Path, link_gbps: float | None, title: str) ->
 
 # --- api mode --------------------------------------------------------------------------------
 
-API_HEADERS = ["clients", "requests", "tokens", "aggregate tok/s", "per-client tok/s", "TTFT median ms", "TTFT p99 ms",
-               "errors"]
+API_HEADERS = [
+    "clients",
+    "requests",
+    "tokens",
+    "aggregate tok/s",
+    "per-client tok/s",
+    "TTFT median ms",
+    "TTFT p99 ms",
+    "errors",
+]
 
 
 def api_rows(result: dict) -> list[list[Any]]:
     return [
-        [r["clients"], r["requests"], r["completion_tokens"], r["aggregate_tps"], r["decode_tps_median"],
-         r["ttft_ms_median"], r["ttft_ms_p99"], len(r["errors"])]
+        [
+            r["clients"],
+            r["requests"],
+            r["completion_tokens"],
+            r["aggregate_tps"],
+            r["decode_tps_median"],
+            r["ttft_ms_median"],
+            r["ttft_ms_p99"],
+            len(r["errors"]),
+        ]
         for r in result["runs"]
     ]
 
@@ -151,7 +220,9 @@ def api_chart(result: dict, path: Path, _link_gbps: float | None, title: str) ->
 
     clients = [r["clients"] for r in result["runs"]]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar([str(c) for c in clients], [r["aggregate_tps"] or 0 for r in result["runs"]], color="tab:blue", label="tok/s")
+    ax.bar(
+        [str(c) for c in clients], [r["aggregate_tps"] or 0 for r in result["runs"]], color="tab:blue", label="tok/s"
+    )
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("aggregate tokens/s")
     ttft = ax.twinx()
@@ -169,7 +240,9 @@ KINDS = {
 }
 
 
-def write_report(result: dict, dest: Path, link_gbps: float | None = None, label: str = "") -> tuple[str, dict[str, Path]]:
+def write_report(
+    result: dict, dest: Path, link_gbps: float | None = None, label: str = ""
+) -> tuple[str, dict[str, Path]]:
     """Write the four files under ``dest``; return the printed table and the paths."""
     kind = result["kind"]
     headers, rows_of, findings_of, chart = KINDS[kind]
@@ -182,10 +255,14 @@ def write_report(result: dict, dest: Path, link_gbps: float | None = None, label
         writer = csv.writer(f)
         writer.writerow(headers)
         writer.writerows(rows)
-    title = f"{kind} bench {label} ({result.get('world_size', '?')} ranks, {result.get('backend', '?')}, {result['date']})"
+    title = (
+        f"{kind} bench {label} ({result.get('world_size', '?')} ranks, {result.get('backend', '?')}, {result['date']})"
+    )
     note = "" if link_gbps else "\n\nLink speed unknown (not an RDMA cluster): no % of link peak."
     extra = "".join(f"\n- {f}" for f in findings)
-    paths["md"].write_text(f"# {title}\n\n{markdown_table(headers, rows)}{note}\n" + (f"\n## Look at{extra}\n" if extra else ""))
+    paths["md"].write_text(
+        f"# {title}\n\n{markdown_table(headers, rows)}{note}\n" + (f"\n## Look at{extra}\n" if extra else "")
+    )
     chart(result, paths["png"], link_gbps, title)
     printed = f"{title}\n{text_table(headers, rows)}" + (f"\nlook at:{extra}" if extra else "")
     return printed, paths
@@ -193,7 +270,9 @@ def write_report(result: dict, dest: Path, link_gbps: float | None = None, label
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mlx_jaccl_cluster.ops.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", type=Path, required=True, help="bench JSON (link: rank 0's mjc-bench output; api: apibench's)")
+    p.add_argument(
+        "--input", type=Path, required=True, help="bench JSON (link: rank 0's mjc-bench output; api: apibench's)"
+    )
     p.add_argument("--dest", type=Path, required=True, help="results folder")
     p.add_argument("--link-gbps", type=float, default=None, help="link speed, for % of link peak")
     p.add_argument("--label", default="")

@@ -25,8 +25,22 @@ from .report import text_table
 # Less free disk than this on a node's install prefix is a problem.
 MIN_FREE_BYTES = 2 * 1024**3
 VERSION_KEYS = ("mlx", "mlx-lm", "mlx-jaccl-cluster", "wheelhouse")
-HEADERS = ["rank", "host", "os", "chip", "memory", "rdma", "service", "pid", "uptime", "model", "mlx", "mlx-lm",
-           "runtime", "disk free"]
+HEADERS = [
+    "rank",
+    "host",
+    "os",
+    "chip",
+    "memory",
+    "rdma",
+    "service",
+    "pid",
+    "uptime",
+    "model",
+    "mlx",
+    "mlx-lm",
+    "runtime",
+    "disk free",
+]
 
 
 def gib(n: int | None) -> str:
@@ -45,8 +59,11 @@ def duration(seconds: int | None) -> str:
 def _rdma_cell(ports: list[dict]) -> str:
     if not ports:
         return "-"
-    return " ".join(f"{p['device']}:{'up' if p['state'] == 'PORT_ACTIVE' else 'DOWN'}"
-                    + (f"@{p['gbps']:g}" if p.get("gbps") else "") for p in ports)
+    return " ".join(
+        f"{p['device']}:{'up' if p['state'] == 'PORT_ACTIVE' else 'DOWN'}"
+        + (f"@{p['gbps']:g}" if p.get("gbps") else "")
+        for p in ports
+    )
 
 
 def _model_cell(model: dict) -> str:
@@ -61,10 +78,20 @@ def node_row(host: str, node: dict) -> list[Any]:
         return [node["rank"], host, "unreachable" if node.get("unreachable") else "-", *["-"] * 11]
     service, versions = probe["service"], probe["versions"]
     return [
-        node["rank"], host, f"{probe['os']} {probe['os_version']}", probe["chip"], gib(probe["memory_bytes"]),
-        _rdma_cell(probe["rdma"]), f"{service['manager']}:{service['state']}", service["pid"] or "-",
-        duration(service["uptime_s"]), _model_cell(probe["model"]), versions["mlx"] or "-", versions["mlx-lm"] or "-",
-        versions["mlx-jaccl-cluster"] or "-", gib(probe["disk_free_bytes"]),
+        node["rank"],
+        host,
+        f"{probe['os']} {probe['os_version']}",
+        probe["chip"],
+        gib(probe["memory_bytes"]),
+        _rdma_cell(probe["rdma"]),
+        f"{service['manager']}:{service['state']}",
+        service["pid"] or "-",
+        duration(service["uptime_s"]),
+        _model_cell(probe["model"]),
+        versions["mlx"] or "-",
+        versions["mlx-lm"] or "-",
+        versions["mlx-jaccl-cluster"] or "-",
+        gib(probe["disk_free_bytes"]),
     ]
 
 
@@ -82,7 +109,10 @@ def node_problems(host: str, node: dict) -> list[str]:
     for port in probe["rdma"]:
         if port["state"] != "PORT_ACTIVE" and port["device"] in node.get("rdma_devices", []):
             found.append(f"{host}: {port['device']} is {port['state']}, not PORT_ACTIVE (check the cable)")
-    if probe["system"] == "Darwin" and tuple(int(x) for x in probe["os_version"].split(".")[:2] if x.isdigit()) < MIN_MACOS:
+    if (
+        probe["system"] == "Darwin"
+        and tuple(int(x) for x in probe["os_version"].split(".")[:2] if x.isdigit()) < MIN_MACOS
+    ):
         found.append(f"{host}: macOS {probe['os_version']} is older than {'.'.join(map(str, MIN_MACOS))} (no RDMA)")
     if probe["disk_free_bytes"] < MIN_FREE_BYTES:
         found.append(f"{host}: only {gib(probe['disk_free_bytes'])} free on the install prefix")
@@ -98,7 +128,10 @@ def version_drift(nodes: dict[str, dict]) -> list[str]:
         for host, probe in probes.items():
             seen.setdefault(probe["versions"].get(key), []).append(host)
         if len(seen) > 1:
-            found.append(f"version drift in {key}: " + "; ".join(f"{v or 'missing'} on {', '.join(hs)}" for v, hs in seen.items()))
+            found.append(
+                f"version drift in {key}: "
+                + "; ".join(f"{v or 'missing'} on {', '.join(hs)}" for v, hs in seen.items())
+            )
     return found
 
 
@@ -125,10 +158,12 @@ def cluster_problems(doc: dict) -> list[str]:
 def cluster_line(doc: dict) -> str:
     health = doc.get("health") or {}
     body = health.get("json") or {}
-    return (f"cluster: {doc.get('api_url')}/health {_http_status(health) or 'no answer'} "
-            f"({body.get('status', '-')}), ranks up {body.get('ranks_up', '-')}/{doc['world_size']}, "
-            f"queue depth {body.get('queue_depth', '-')}, active {body.get('active', '-')}, "
-            f"model {body.get('model', '-')}, backend {body.get('backend', '-')}")
+    return (
+        f"cluster: {doc.get('api_url')}/health {_http_status(health) or 'no answer'} "
+        f"({body.get('status', '-')}), ranks up {body.get('ranks_up', '-')}/{doc['world_size']}, "
+        f"queue depth {body.get('queue_depth', '-')}, active {body.get('active', '-')}, "
+        f"model {body.get('model', '-')}, backend {body.get('backend', '-')}"
+    )
 
 
 def evaluate(doc: dict) -> tuple[str, list[str]]:

@@ -51,12 +51,17 @@ def requirements(version: str, mlx_extra: str, supervisor: bool) -> list[str]:
     return reqs
 
 
-def build(project: Path, dest: Path, mlx_extra: str, platform: str | None, python_version: str | None,
-          supervisor: bool) -> dict:
+def build(
+    project: Path, dest: Path, mlx_extra: str, platform: str | None, python_version: str | None, supervisor: bool
+) -> dict:
     version = project_version(project)
     reqs = requirements(version, mlx_extra, supervisor)
-    stamp = {"source": source_digest(project), "requirements": reqs, "platform": platform,
-             "python_version": python_version}
+    stamp = {
+        "source": source_digest(project),
+        "requirements": reqs,
+        "platform": platform,
+        "python_version": python_version,
+    }
     stamp_path = dest / STAMP
     if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
         return {"changed": False, "dest": str(dest), "wheels": len(list(dest.glob("*.whl")))}
@@ -71,14 +76,29 @@ def build(project: Path, dest: Path, mlx_extra: str, platform: str | None, pytho
         target = ["--only-binary=:all:", "--platform", platform, "--implementation", "cp"]
     if python_version:
         target += ["--python-version", python_version]
-    subprocess.run([*pip, "download", "--quiet", "--dest", str(dest), "--find-links", str(dest), *target,
-                    "-r", str(dest / REQUIREMENTS)], check=True)
+    subprocess.run(
+        [
+            *pip,
+            "download",
+            "--quiet",
+            "--dest",
+            str(dest),
+            "--find-links",
+            str(dest),
+            *target,
+            "-r",
+            str(dest / REQUIREMENTS),
+        ],
+        check=True,
+    )
     stamp_path.write_text(json.dumps(stamp, indent=1) + "\n")
     return {"changed": True, "dest": str(dest), "wheels": len(list(dest.glob("*.whl")))}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlx_jaccl_cluster.ops.wheelhouse", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_jaccl_cluster.ops.wheelhouse", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--project", type=Path, required=True, help="the checkout (holds pyproject.toml)")
     parser.add_argument("--dest", type=Path, required=True)
     parser.add_argument("--mlx-extra", default="cpu", help="mlx extra: cpu (Linux), cuda13, or '' (macOS Metal)")
@@ -87,9 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supervisor", action="store_true", help="include supervisor (nodes without launchd/systemd)")
     args = parser.parse_args(argv)
     try:
-        result = build(args.project.resolve(), args.dest, args.mlx_extra, args.platform, args.python_version, args.supervisor)
+        result = build(
+            args.project.resolve(), args.dest, args.mlx_extra, args.platform, args.python_version, args.supervisor
+        )
     except subprocess.CalledProcessError as exc:
-        print(json.dumps({"changed": False, "failed": True, "msg": f"{' '.join(exc.cmd[:6])} ... exited {exc.returncode}"}))
+        print(
+            json.dumps(
+                {"changed": False, "failed": True, "msg": f"{' '.join(exc.cmd[:6])} ... exited {exc.returncode}"}
+            )
+        )
         return 1
     print(json.dumps(result))
     return 0
