@@ -238,6 +238,15 @@ class Blocks:
     def finish(self) -> list[BlockEvent]:
         return self._close()
 
+    async def settle(self, items: AsyncIterator) -> list[Piece]:
+        """A non-streamed reply: collect every piece (``collect``), cut them into blocks
+        and close the last one; the pieces are returned for usage and finish reasons."""
+        pieces = await collect(items)
+        for piece in pieces:
+            self.feed(piece)
+        self.finish()
+        return pieces
+
     def _new(self, kind: str) -> Block:
         block = Block(index=len(self.blocks), type=kind)
         self.blocks.append(block)

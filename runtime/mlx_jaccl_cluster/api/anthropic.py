@@ -477,10 +477,7 @@ async def messages(request: Request):
     items = adapters.start(request, prepared)
     if prepared.stream:
         return event_stream(_sse(request, reply, items))
-    reply.pieces = await adapters.collect(items)
-    for piece in reply.pieces:
-        reply.blocks.feed(piece)
-    reply.blocks.finish()
+    reply.pieces = await reply.blocks.settle(items)
     stop_reason, stop_sequence = reply.stop()
     content = [_content(b) for b in reply.blocks.blocks]
     return JSONResponse(reply.message(content, stop_reason, stop_sequence, reply.usage()))

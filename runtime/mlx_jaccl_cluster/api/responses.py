@@ -404,91 +404,37 @@ class Reply:
 
     def block_events(self, ev: adapters.BlockEvent) -> list[str]:
         block, index = ev.block, ev.block.index
-        item_id = self.item_id(block)
-        out = []
+        where = {"item_id": self.item_id(block), "output_index": index}
+        part = {**where, "content_index": 0}  # text and reasoning items have one content part
         if ev.kind == "start":
-            out.append(self.event("response.output_item.added", output_index=index, item=self.item(block, done=False)))
+            out = [self.event("response.output_item.added", output_index=index, item=self.item(block, done=False))]
             if block.type == "text":
-                out.append(
-                    self.event(
-                        "response.content_part.added",
-                        item_id=item_id,
-                        output_index=index,
-                        content_index=0,
-                        part=self.part(""),
-                    )
-                )
-        elif ev.kind == "delta":
+                out.append(self.event("response.content_part.added", **part, part=self.part("")))
+            return out
+        if ev.kind == "delta":
+            if block.type == "text":
+                return [self.event("response.output_text.delta", **part, delta=ev.delta, logprobs=[])]
             if block.type == "reasoning":
-                out.append(
-                    self.event(
-                        "response.reasoning_text.delta",
-                        item_id=item_id,
-                        output_index=index,
-                        content_index=0,
-                        delta=ev.delta,
-                    )
-                )
-            elif block.type == "text":
-                out.append(
-                    self.event(
-                        "response.output_text.delta",
-                        item_id=item_id,
-                        output_index=index,
-                        content_index=0,
-                        delta=ev.delta,
-                        logprobs=[],
-                    )
-                )
-            else:
-                out.append(
-                    self.event(
-                        "response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=ev.delta
-                    )
-                )
+                return [self.event("response.reasoning_text.delta", **part, delta=ev.delta)]
+            return [self.event("response.function_call_arguments.delta", **where, delta=ev.delta)]
+        if block.type == "text":
+            out = [
+                self.event("response.output_text.done", **part, text=block.text, logprobs=[]),
+                self.event("response.content_part.done", **part, part=self.part(block.text)),
+            ]
+        elif block.type == "reasoning":
+            out = [self.event("response.reasoning_text.done", **part, text=block.text)]
         else:
-            if block.type == "reasoning":
-                out.append(
-                    self.event(
-                        "response.reasoning_text.done",
-                        item_id=item_id,
-                        output_index=index,
-                        content_index=0,
-                        text=block.text,
-                    )
+            function = (block.call or {})["function"]
+            out = [
+                self.event(
+                    "response.function_call_arguments.done",
+                    **where,
+                    name=function["name"],
+                    arguments=function["arguments"],
                 )
-            elif block.type == "text":
-                out.append(
-                    self.event(
-                        "response.output_text.done",
-                        item_id=item_id,
-                        output_index=index,
-                        content_index=0,
-                        text=block.text,
-                        logprobs=[],
-                    )
-                )
-                out.append(
-                    self.event(
-                        "response.content_part.done",
-                        item_id=item_id,
-                        output_index=index,
-                        content_index=0,
-                        part=self.part(block.text),
-                    )
-                )
-            else:
-                call = block.call or {}
-                out.append(
-                    self.event(
-                        "response.function_call_arguments.done",
-                        item_id=item_id,
-                        output_index=index,
-                        name=call["function"]["name"],
-                        arguments=call["function"]["arguments"],
-                    )
-                )
-            out.append(self.event("response.output_item.done", output_index=index, item=self.item(block)))
+            ]
+        out.append(self.event("response.output_item.done", output_index=index, item=self.item(block)))
         return out
 
 
@@ -524,8 +470,5 @@ async def responses(request: Request):
     items = adapters.start(request, prepared)
     if prepared.stream:
         return event_stream(_sse(request, reply, items))
-    reply.pieces = await adapters.collect(items)
-    for piece in reply.pieces:
-        reply.blocks.feed(piece)
-    reply.blocks.finish()
+    reply.pieces = await reply.blocks.settle(items)
     return JSONResponse(reply.envelope(reply.status(), final=True))
