@@ -49,6 +49,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .generation import Step
+
 log = logging.getLogger("mjc.cluster")
 
 HELLO, REJECT, GO, READY, FAIL, BEAT, STEP, CHALLENGE, PROOF = range(1, 10)
@@ -417,8 +419,9 @@ class Leader:
                 self.live.lose(f"rank {peer.rank} ({peer.address}) unreachable: {exc}")
                 return
 
-    def broadcast_step(self, payload: bytes) -> None:
+    def broadcast_step(self, step: Step) -> None:
         """Send one STEP frame to every follower (called by the engine thread)."""
+        payload = step.to_wire()
         for peer in self.peers.values():
             try:
                 peer.send(STEP, payload)
@@ -577,10 +580,10 @@ class Follower:
             self.steps.put(None)
             self.live.lose(f"rank 0 unreachable: {exc}")
 
-    def next_step(self) -> bytes:
-        """The next STEP payload from rank 0; raises ChannelClosed once rank 0 is lost."""
+    def next_step(self) -> Step:
+        """The next STEP frame from rank 0; raises ChannelClosed once rank 0 is lost."""
         payload = self.steps.get()
         if payload is None:
             self.steps.put(None)
             raise ChannelClosed(self.live.lost_reason or "rank 0 lost")
-        return payload
+        return Step.from_wire(payload)
