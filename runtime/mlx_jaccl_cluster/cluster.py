@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .generation import Step
+from .settings import Settings
 
 log = logging.getLogger("mjc.cluster")
 
@@ -221,11 +222,11 @@ class Leader:
         config: dict,
         *,
         secret: bytes,
-        heartbeat_interval: float = 1.0,
-        heartbeat_misses: int = 3,
+        heartbeat_interval: float = Settings.default("heartbeat_interval"),
+        heartbeat_misses: int = Settings.default("heartbeat_misses"),
         stats: Callable[[], dict] = dict,
         on_lost: Callable[[str], None],
-        log_every: float = 10.0,
+        log_every: float = Settings.default("rendezvous_log_every"),
         pending_limit: int | None = None,
     ):
         self.bind = bind
@@ -470,11 +471,11 @@ class Follower:
         config: dict,
         *,
         secret: bytes,
-        heartbeat_interval: float = 1.0,
-        heartbeat_misses: int = 3,
+        heartbeat_interval: float = Settings.default("heartbeat_interval"),
+        heartbeat_misses: int = Settings.default("heartbeat_misses"),
         stats: Callable[[], dict] = dict,
         on_lost: Callable[[str], None],
-        log_every: float = 10.0,
+        log_every: float = Settings.default("rendezvous_log_every"),
     ):
         self.rank = rank
         self.control = control
