@@ -9,7 +9,7 @@ Start-up on every rank: rendezvous on the control channel, ``mx.distributed.init
 - **other ranks** apply each STEP frame exactly as rank 0 did and run the same step.
 
 While idle, rank 0 may send a STEP frame naming one link-probe step instead, which
-every rank runs at that point (``probe.py``).
+every rank runs at that point (``link_probe.py``).
 
 Every rank therefore inserts the same requests in the same order (uids agree), removes
 the same uids at the same step, and runs the same number of steps. Finishing is decided
@@ -48,7 +48,7 @@ from ..state import ClusterState
 from ..structured import Grammars
 from . import fastpath
 from .loader import LoadedModel, ModelError, load_model
-from .probe import LinkProbe, run_step
+from .link_probe import LinkProbe, run_step
 from .prompt_cache import PromptCache, kv_bytes_per_token
 from .sampling import GrammarMask, make_processors, make_sampler
 
