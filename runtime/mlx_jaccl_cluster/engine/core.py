@@ -47,8 +47,8 @@ from ..settings import Settings
 from ..state import ClusterState
 from ..structured import Grammars
 from . import fastpath
-from .loader import LoadedModel, ModelError, load_model
 from .link_probe import LinkProbe, run_step
+from .loader import LoadedModel, ModelError, load_model
 from .prompt_cache import PromptCache, kv_bytes_per_token
 from .sampling import GrammarMask, make_processors, make_sampler
 
