@@ -206,7 +206,8 @@ class Engine(Protocol):
         """Most tokens one sequence may hold: the model's context capped by max_context."""
 
     @property
-    def vocab_size(self) -> int | None: ...
+    def vocab_size(self) -> int | None:
+        """The model's vocabulary size (config.json), which token ids must stay below."""
 
     @property
     def model_config(self) -> dict:
