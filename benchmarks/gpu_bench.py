@@ -22,8 +22,8 @@ Decode tok/s = (tokens - 1) / (last token - first token); TTFT = request sent ->
 token. Figures are medians over the rounds. ``--profile S`` records rank 0 (and rank 1
 in ``tp``) of the runtime with py-spy for S seconds of 1-client traffic.
 
-The process pieces (in-process baseline, mlx_lm.server, HTTP client) are those of
-``benchmarks/runtime_bench.py``. Writes every raw figure to ``--out`` (JSON) and prints
+The process pieces (in-process baseline, mlx_lm.server) are ``benchmarks/baselines.py``'s, the
+HTTP client and helpers ``bench_common.py``'s. Writes every raw figure to ``--out`` (JSON) and prints
 a table last. A measuring script, not a test: it asserts nothing.
 """
 
@@ -46,7 +46,8 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import runtime_bench as rb  # noqa: E402
+import bench_common as rb  # noqa: E402
+from baselines import Baseline, Peer  # noqa: E402
 
 TARGETS = {  # issue 15, distinct prompts
     "one_client_vs_inproc": 0.95,  # runtime decode tok/s / in-process stream_generate
@@ -464,7 +465,7 @@ def run_single(opts, model: Path, workdir: Path, res: dict) -> list[System]:
     systems: list[System] = []
     closers = []
     try:
-        base = rb.Baseline(opts, model, workdir)
+        base = Baseline(opts, model, workdir)
         closers.append(base.close)
         prompts = rb.model_prompts(model)
         res["prompts"] = {"kind": "distinct", "tokens": prompts.length, "first": prompts.take(0, 2)}
@@ -479,7 +480,7 @@ def run_single(opts, model: Path, workdir: Path, res: dict) -> list[System]:
             closers.append(other.close)
             systems.append(System(name, "ours", other, other.model_id, prompts))
         if not opts.skip_peer:
-            peer = rb.Peer(opts, model, workdir)
+            peer = Peer(opts, model, workdir)
             closers.append(peer.close)
             systems.append(System("mlx_lm.server", "peer", peer, "default_model", prompts))
         if not opts.skip_cached:  # the same processes, sent one fixed prompt: the cache-on rows
@@ -567,7 +568,7 @@ def run_tp(opts, model: Path, workdir: Path, res: dict) -> list[System]:
             opts1 = copy.copy(opts)
             opts1.ranks = 1
             (workdir / "inproc-1").mkdir(exist_ok=True)
-            base1 = rb.Baseline(opts1, model, workdir / "inproc-1")
+            base1 = Baseline(opts1, model, workdir / "inproc-1")
             closers.append(base1.close)
             env = {"MJC_BENCH_BACKEND": opts.backend}
             if opts.backend == "nccl":
@@ -579,7 +580,7 @@ def run_tp(opts, model: Path, workdir: Path, res: dict) -> list[System]:
                     "MLX_WORLD_SIZE": str(opts.ranks),
                 }
             (workdir / "inproc-n").mkdir(exist_ok=True)
-            basen = rb.Baseline(opts, model, workdir / "inproc-n", env=env)
+            basen = Baseline(opts, model, workdir / "inproc-n", env=env)
             closers.append(basen.close)
             systems += [
                 System("in-process 1 rank", "inproc", base1),
@@ -759,7 +760,7 @@ def http_round_figures(rd: dict, tokens: int) -> dict:
 
 
 def inproc_figures(r: dict, k: int) -> dict:
-    """The same figures from :func:`runtime_bench.interleave_steps` (a step = a token for each
+    """The same figures from :func:`baselines.interleave_steps` (a step = a token for each
     decoding sequence; its wall time is every decoder's inter-token gap)."""
     steps = r["steps"]
     full = [(b["t"], b["t"] - a["t"]) for a, b in zip(steps, steps[1:]) if b["short_tokens"] == k and a["short_tokens"]]
@@ -795,7 +796,7 @@ def run_interleave(opts, model: Path, workdir: Path, res: dict) -> list[System]:
 
     try:
         if not opts.skip_inproc:
-            base = rb.Baseline(opts, model, workdir)
+            base = Baseline(opts, model, workdir)
             closers.append(base.close)
             systems.append(System("in-process", "inproc", base))
         for size in opts.runtime_step_sizes:
@@ -816,7 +817,7 @@ def run_interleave(opts, model: Path, workdir: Path, res: dict) -> list[System]:
             closers.append(o.close)
             systems.append(System(f"runtime {name} ({pairs})", "ours", o, o.model_id, prompts))
         if not opts.skip_peer:
-            peer = rb.Peer(opts, model, workdir)
+            peer = Peer(opts, model, workdir)
             closers.append(peer.close)
             systems.append(System("mlx_lm.server", "peer", peer, "default_model", prompts))
         for s in systems:

@@ -49,6 +49,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .generation import Step
+from .settings import Settings
+
 log = logging.getLogger("mjc.cluster")
 
 HELLO, REJECT, GO, READY, FAIL, BEAT, STEP, CHALLENGE, PROOF = range(1, 10)
@@ -219,11 +222,11 @@ class Leader:
         config: dict,
         *,
         secret: bytes,
-        heartbeat_interval: float = 1.0,
-        heartbeat_misses: int = 3,
+        heartbeat_interval: float = Settings.default("heartbeat_interval"),
+        heartbeat_misses: int = Settings.default("heartbeat_misses"),
         stats: Callable[[], dict] = dict,
         on_lost: Callable[[str], None],
-        log_every: float = 10.0,
+        log_every: float = Settings.default("rendezvous_log_every"),
         pending_limit: int | None = None,
     ):
         self.bind = bind
@@ -417,8 +420,9 @@ class Leader:
                 self.live.lose(f"rank {peer.rank} ({peer.address}) unreachable: {exc}")
                 return
 
-    def broadcast_step(self, payload: bytes) -> None:
+    def broadcast_step(self, step: Step) -> None:
         """Send one STEP frame to every follower (called by the engine thread)."""
+        payload = step.to_wire()
         for peer in self.peers.values():
             try:
                 peer.send(STEP, payload)
@@ -467,11 +471,11 @@ class Follower:
         config: dict,
         *,
         secret: bytes,
-        heartbeat_interval: float = 1.0,
-        heartbeat_misses: int = 3,
+        heartbeat_interval: float = Settings.default("heartbeat_interval"),
+        heartbeat_misses: int = Settings.default("heartbeat_misses"),
         stats: Callable[[], dict] = dict,
         on_lost: Callable[[str], None],
-        log_every: float = 10.0,
+        log_every: float = Settings.default("rendezvous_log_every"),
     ):
         self.rank = rank
         self.control = control
@@ -577,10 +581,10 @@ class Follower:
             self.steps.put(None)
             self.live.lose(f"rank 0 unreachable: {exc}")
 
-    def next_step(self) -> bytes:
-        """The next STEP payload from rank 0; raises ChannelClosed once rank 0 is lost."""
+    def next_step(self) -> Step:
+        """The next STEP frame from rank 0; raises ChannelClosed once rank 0 is lost."""
         payload = self.steps.get()
         if payload is None:
             self.steps.put(None)
             raise ChannelClosed(self.live.lost_reason or "rank 0 lost")
-        return payload
+        return Step.from_wire(payload)

@@ -1,13 +1,30 @@
-"""What the HTTP layer hands the engine and what it gets back. Plain data, no MLX.
+"""The boundary between the HTTP layer and the engine. Plain data, no MLX.
 
-A ``GenerationRequest`` travels from rank 0 to every rank (as a dict inside a step
-message), so everything in it must be JSON-serialisable and decide the same sampling
-on every rank.
+- :class:`Engine`: everything the HTTP side (``api/``) may call on the engine;
+  ``engine/core.py`` implements it on its own thread.
+- :class:`GenerationRequest` (with its :class:`SamplingParams`): what the HTTP side hands
+  the engine; :class:`Ticket`: that request inside the engine; :class:`TokenEvent` /
+  :class:`ErrorEvent`: what comes back, delivered through the :data:`Dispatch` the HTTP
+  side attached.
+- :class:`Step`: rank 0's STEP frame to the other ranks (``cluster.py`` carries it). A
+  ``GenerationRequest`` travels inside it, so everything in one must be JSON-serialisable
+  and decide the same sampling on every rank.
+
+A request's walk: route -> ``Serving.prepare_*`` (a ``GenerationRequest``) ->
+``Engine.submit`` (a ``Ticket``) -> the engine thread's STEP frame to every rank -> one
+step -> ``TokenEvent``s back through the dispatcher to the request's sink.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .structured import Grammars
 
 #: The sampling fields that have a default besides the request's own value, and the value
 #: used when neither the cluster's settings (``default_<name>``) nor the model's
@@ -130,3 +147,114 @@ class ErrorEvent:
 
 class EngineUnavailable(Exception):
     """The engine is not (or no longer) able to take requests."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request inside the engine. ``sink`` takes its events, on the HTTP side (the
+    engine calls it through the attached dispatcher)."""
+
+    request: GenerationRequest
+    sink: Callable[[object], None]
+    uid: int | None = None
+    cancelled: bool = False
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused (set before the first token)
+    inserted: float | None = None  # perf_counter when it entered the batch (its service time starts)
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+#: Delivers one engine step's events, ``(ticket, event)`` pairs, to their sinks. The engine
+#: calls it on its own thread; the HTTP side's dispatcher moves the batch onto its event loop.
+Dispatch = Callable[[list[tuple[Ticket, object]]], None]
+
+
+def direct_dispatch(batch: list[tuple[Ticket, object]]) -> None:
+    """Call each sink on the calling thread (until the HTTP side attaches its own)."""
+    for ticket, event in batch:
+        ticket.sink(event)
+
+
+class Engine(Protocol):
+    """What the HTTP side may call on the engine, and nothing more (``api/`` is typed
+    against this; tests/unit/test_engine_boundary.py holds it to that). Everything here is
+    safe to call from any thread; the model's facts are there once the cluster is ready."""
+
+    def attach(self, dispatch: Dispatch) -> None:
+        """Deliver every event from now on through ``dispatch`` (the HTTP side's event loop)."""
+
+    def submit(self, request: GenerationRequest, sink: Callable[[object], None]) -> Ticket:
+        """Queue ``request``; its events go to ``sink``. EngineUnavailable when not ready."""
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Stop generating for ``ticket`` (client gone, timeout, stop string)."""
+
+    @property
+    def tokenizer(self):
+        """mlx-lm's TokenizerWrapper of the served model."""
+
+    @property
+    def text_machine(self):
+        """mlx-lm's reasoning / tool-call state machine for the model's chat template (api/channels.py)."""
+
+    #: the structured-output grammar builder for this vocabulary (structured.py; None until loaded)
+    grammars: Grammars | None
+    #: what a request that leaves a sampling field out gets (None until loaded)
+    sampling_defaults: SamplingDefaults | None
+
+    @property
+    def context_length(self) -> int | None:
+        """Most tokens one sequence may hold: the model's context capped by max_context."""
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The model's vocabulary size (config.json), which token ids must stay below."""
+
+    @property
+    def model_config(self) -> dict:
+        """The model's config.json."""
+
+    @property
+    def active(self) -> int:
+        """Sequences in the batch now."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One STEP frame: what every rank applies before its next generation step.
+
+    ``checksum``: of the tokens rank 0 saw up to the previous step (a follower whose own
+    differs has drifted); ``inserts``: requests to add, in order; ``reused``: prompt tokens
+    each insert takes from rank 0's prompt cache (every rank must reuse as many);
+    ``removes``: uids to drop. Or, while idle, ``probe``: one link-probe step to run instead.
+
+    On the wire a compact JSON object with one-letter keys (``c``, ``i``, ``k``, ``r``,
+    ``p``), the empty ones left out: a STEP frame goes out before every step.
+    """
+
+    checksum: int
+    inserts: tuple[GenerationRequest, ...] = ()
+    reused: tuple[int, ...] = ()
+    removes: tuple[int, ...] = ()
+    probe: dict | None = None
+
+    def to_wire(self) -> bytes:
+        data: dict = {"c": self.checksum}
+        if self.probe is not None:
+            data["p"] = self.probe
+        if self.inserts:
+            data["i"] = [r.to_wire() for r in self.inserts]
+            data["k"] = list(self.reused)
+        if self.removes:
+            data["r"] = list(self.removes)
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_wire(cls, payload: bytes) -> Step:
+        data = json.loads(payload)
+        return cls(
+            checksum=data.get("c"),
+            inserts=tuple(GenerationRequest.from_wire(d) for d in data.get("i", ())),
+            reused=tuple(data.get("k", ())),
+            removes=tuple(data.get("r", ())),
+            probe=data.get("p"),
+        )

@@ -23,6 +23,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .settings import Settings, settings_env
+
+#: every rank of a local group, its control channel and its API listen here
+LOOPBACK = "127.0.0.1"
+
 
 def write_secret(path: Path) -> Path:
     """A fresh cluster secret in ``path``, readable by this account only (MJC_CLUSTER_SECRET_FILE)."""
@@ -33,7 +38,7 @@ def write_secret(path: Path) -> Path:
     return path
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
     """``n`` distinct TCP ports that are free right now."""
     socks = []
     for _ in range(n):
@@ -142,26 +147,25 @@ def start_group(
     control_port, picked_api, *ring_ports = free_ports(2 + world)
     api_port = api_port or picked_api
     hostfile = workdir / "hostfile.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ring_ports]))
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_", "MJC_"))} | {
-        "MLX_HOSTFILE": str(hostfile),
-        "MJC_BACKEND": "ring",
-        "MJC_PARALLEL": parallel,
-        "MJC_MODEL": str(model),
-        "MJC_CONTROL": f"127.0.0.1:{control_port}",
-        "MJC_CLUSTER_SECRET_FILE": str(write_secret(workdir / "cluster-secret")),
-        "MJC_API_PORT": str(api_port),
-        "HF_HUB_OFFLINE": "1",
-    }
-    if api_key:
-        base["MJC_API_KEY"] = api_key
-    if split:
-        base["MJC_PIPELINE_SPLIT"] = ",".join(str(n) for n in split)
+    hostfile.write_text(json.dumps([[f"{LOOPBACK}:{p}"] for p in ring_ports]))
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_", "MJC_"))}
+    base |= {"MLX_HOSTFILE": str(hostfile), "HF_HUB_OFFLINE": "1"}
+    base |= settings_env(
+        backend="ring",
+        parallel=parallel,
+        model=model,
+        control=f"{LOOPBACK}:{control_port}",
+        cluster_secret_file=write_secret(workdir / "cluster-secret"),
+        api_host=LOOPBACK,
+        api_port=api_port,
+        api_key=api_key or None,
+        pipeline_split=split or None,
+    )
     base |= env or {}
     group = group_class(
         procs=[None] * world,
         logs=[workdir / f"rank{r}.log" for r in range(world)],
-        api=f"http://127.0.0.1:{api_port}",
+        api=f"http://{LOOPBACK}:{api_port}",
         model_id=Path(model).name,
         api_key=api_key,
         env=base,
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="pipeline layers per rank, e.g. 10,20 (default: even)",
     )
-    parser.add_argument("--api-port", type=int, default=8080)
+    parser.add_argument("--api-port", type=int, default=Settings.default("api_port"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mjc-launch"))
     parser.add_argument("rank_args", nargs="*", help="extra mjc-rank flags (after --)")
     opts = parser.parse_args(argv)

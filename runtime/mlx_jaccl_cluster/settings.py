@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -267,6 +267,13 @@ class Settings(BaseSettings):
             raise ValueError("pipeline_split is set but parallel=tensor; drop the split or use parallel=pipeline/auto")
         return self
 
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """Field ``name``'s default, for code that takes the value as an argument (cluster.py's
+        constructors, launch.py, the plan on the controller): each default is written once,
+        on its field here."""
+        return cls.model_fields[name].get_default(call_default_factory=True)
+
     @property
     def served_model_id(self) -> str:
         return self.model_id or self.model.name
@@ -349,6 +356,27 @@ def _read_json_env(name: str, backend: str) -> list:
     if not isinstance(data, list) or not data:
         raise ValueError(f"{name} file {path} must hold a non-empty JSON list, one entry per rank")
     return data
+
+
+def settings_env(**values: object) -> dict[str, str]:
+    """The environment (``MJC_<FIELD>``) that gives a rank these settings: how whoever starts
+    ranks (launch.py; the plan) writes their environment. Lists are comma-separated,
+    booleans ``true`` / ``false``; a None value leaves its field to its default."""
+    prefix = Settings.model_config["env_prefix"]
+    env = {}
+    for name, value in values.items():
+        if name not in Settings.model_fields:
+            raise ValueError(f"{name} is not an mjc-rank setting (see mjc-rank --help)")
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        env[f"{prefix}{name.upper()}"] = str(value)
+    return env
 
 
 def load_settings(argv: list[str] | None = None) -> Settings:

@@ -27,6 +27,7 @@ from mlx_jaccl_cluster.cluster import (
     recv_frame,
     send_frame,
 )
+from mlx_jaccl_cluster.generation import Step
 
 
 def _port() -> int:
@@ -101,8 +102,8 @@ def test_follower_started_first_joins_and_steps_arrive_in_order():
     leader, follower, leader_lost, follower_lost = _pair()
     _form(leader, follower)
     for i in range(50):
-        leader.broadcast_step(str(i).encode())
-    assert [follower.next_step() for _ in range(50)] == [str(i).encode() for i in range(50)]
+        leader.broadcast_step(Step(checksum=i, removes=(i,)))
+    assert [follower.next_step() for _ in range(50)] == [Step(checksum=i, removes=(i,)) for i in range(50)]
     follower.ready()
     leader.wait_ready()
     wait_for(lambda: leader.ranks_view()[1]["memory"].get("rss") == 123)  # the follower's first beat
@@ -317,8 +318,8 @@ def test_a_flood_of_impostor_connections_does_not_stall_the_group():
     joined.join(10)
     assert not joined.is_alive()
     for i in range(20):
-        leader.broadcast_step(str(i).encode())
-    assert [follower.next_step() for _ in range(20)] == [str(i).encode() for i in range(20)]
+        leader.broadcast_step(Step(checksum=i, removes=(i,)))
+    assert [follower.next_step() for _ in range(20)] == [Step(checksum=i, removes=(i,)) for i in range(20)]
     time.sleep(0.5)
     stop.set()
     for f in floods:

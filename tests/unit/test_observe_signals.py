@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlx_jaccl_cluster.api.metrics import ERROR_HISTORY, RATE_SECONDS, REQUEST_HISTORY, Observer
-from mlx_jaccl_cluster.engine.probe import BANDWIDTH, LATENCY, LinkProbe, run_step
+from mlx_jaccl_cluster.engine.link_probe import BANDWIDTH, LATENCY, LinkProbe, run_step
 from mlx_jaccl_cluster.settings import Settings, backend_links
 from mlx_jaccl_cluster.state import LinkStats
 

@@ -11,7 +11,6 @@ calls) for the two surfaces that stream blocks. No MLX here.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -100,32 +99,25 @@ def completion_request(body: dict, names: dict[str, str]) -> CompletionRequest:
         raise renamed(validation_error(RequestValidationError(exc.errors())), names) from None
 
 
-async def prepare_chat(serving: Serving, req: ChatCompletionRequest, names: dict[str, str]) -> Prepared:
+async def prepare_chat(
+    serving: Serving, req: ChatCompletionRequest, names: dict[str, str], *, fill_context: bool = False
+) -> Prepared:
     """``Serving.prepare_chat`` (the chat template, lengths, channels) as the OpenAI route runs
-    it: on the tokenizing thread, never on the event loop."""
+    it: on the tokenizing thread, never on the event loop. ``fill_context``: without
+    max_tokens, until the model's context is full (``Serving.budget``)."""
     try:
-        return await serving.prepare(serving.prepare_chat, req)
+        return await serving.prepare(serving.prepare_chat, req, fill_context=fill_context)
     except APIError as exc:
         raise renamed(exc, names) from None
 
 
-async def prepare_completion(serving: Serving, req: CompletionRequest, names: dict[str, str]) -> Prepared:
+async def prepare_completion(
+    serving: Serving, req: CompletionRequest, names: dict[str, str], *, fill_context: bool = False
+) -> Prepared:
     try:
-        return await serving.prepare(serving.prepare_completion, req)
+        return await serving.prepare(serving.prepare_completion, req, fill_context=fill_context)
     except APIError as exc:
         raise renamed(exc, names) from None
-
-
-def fill_context(serving: Serving, prepared: Prepared) -> Prepared:
-    """``prepared`` allowed to generate until the model's context is full (Ollama's
-    ``num_predict: -1``, a Responses request without ``max_output_tokens``), instead of the
-    server's ``default_max_tokens``."""
-    context = serving.engine.context_length
-    if context is not None:
-        prepared.request = dataclasses.replace(
-            prepared.request, max_tokens=context - len(prepared.request.prompt_tokens)
-        )
-    return prepared
 
 
 # --- running ------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, St
 
 from . import adapters
 from .errors import APIError, ErrorShape, record
+from .schemas import Lenient
 from .serving import KEEPALIVE, Piece, Prepared, Serving, event_stream
 
 router = APIRouter()
@@ -63,8 +64,8 @@ ERROR_SHAPE = ErrorShape(is_messages_path, error_body)
 
 
 # --- requests -----------------------------------------------------------------------
-class _Block(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")  # cache_control, citations: no effect here
+class _Block(Lenient):
+    # cache_control, citations: no effect here
     cache_control: dict | None = None
 
 
@@ -94,7 +95,7 @@ class ThinkingBlock(_Block):
 class OtherBlock(_Block):
     """A block this server cannot take (image, document...): refused by name when translated."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(extra="allow")
     type: StrictStr
 
 
@@ -120,15 +121,14 @@ Block = Annotated[
 ]
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class Message(Lenient):
     # "system" in the list: Claude Code appends system reminders mid-conversation
     role: Literal["user", "assistant", "system"]
     content: StrictStr | list[Block]
 
 
-class ToolDef(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")  # cache_control and client hints: no effect
+class ToolDef(Lenient):
+    # cache_control and client hints: no effect
     type: StrictStr | None = None
     name: StrictStr = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: StrictStr | None = None

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from .. import __version__
+from ..generation import Engine
 from ..settings import Settings
 from ..state import ClusterState
 from . import anthropic, dashboard, errors, ollama, openapi, responses
@@ -30,12 +31,12 @@ def _loop_dispatch(loop: asyncio.AbstractEventLoop):
     return lambda batch: loop.call_soon_threadsafe(run, batch)
 
 
-def create_app(settings: Settings, state: ClusterState, engine) -> FastAPI:
+def create_app(settings: Settings, state: ClusterState, engine: Engine) -> FastAPI:
     serving = Serving(settings, state, engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.dispatch = _loop_dispatch(asyncio.get_running_loop())
+        engine.attach(_loop_dispatch(asyncio.get_running_loop()))
         yield
         serving.close()
 

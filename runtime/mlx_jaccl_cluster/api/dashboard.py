@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
+from ..generation import Engine
 from ..settings import Settings
 from ..state import ClusterState
 from .metrics import Observer
@@ -34,7 +35,7 @@ router = APIRouter()  # behind the API key
 _UNKNOWN = {"host": "?", "address": "", "up": False, "silent_s": None, "memory": {}}  # a rank not (yet) joined
 
 
-def snapshot(settings: Settings, state: ClusterState, serving, engine, observer: Observer) -> dict:
+def snapshot(settings: Settings, state: ClusterState, serving, engine: Engine, observer: Observer) -> dict:
     """Everything the dashboard shows and /metrics exports about the cluster right now."""
     ranks = state.ranks()
     return {
@@ -62,7 +63,7 @@ def snapshot(settings: Settings, state: ClusterState, serving, engine, observer:
     }
 
 
-def install(app: FastAPI, settings: Settings, state: ClusterState, serving, engine, observer: Observer) -> None:
+def install(app: FastAPI, settings: Settings, state: ClusterState, serving, engine: Engine, observer: Observer) -> None:
     page = Template((ASSETS / "templates" / "dashboard.html").read_text())
     app.state.snapshot = lambda: snapshot(settings, state, serving, engine, observer)
     observer.watch_cluster(app.state.snapshot)

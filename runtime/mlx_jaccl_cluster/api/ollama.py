@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from ..ops.manifest import MANIFEST, digest
 from . import adapters
 from .errors import APIError, ErrorShape, record
+from .schemas import Lenient
 from .serving import KEEPALIVE, Piece, Prepared, Serving
 
 router = APIRouter()
@@ -92,20 +93,17 @@ ERROR_SHAPE = ErrorShape(is_ollama_path, error_body)
 
 
 # --- requests -----------------------------------------------------------------------
-class ToolFunction(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class ToolFunction(Lenient):
     name: StrictStr = Field(..., min_length=1)
     arguments: dict[str, Any] = Field(default_factory=dict)
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class ToolCall(Lenient):
     id: str | None = None
     function: ToolFunction
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class Message(Lenient):
     role: Literal["system", "user", "assistant", "tool"]
     content: StrictStr = ""
     thinking: str | None = None  # an earlier turn's reasoning: not sent back to the model (templates drop it)
@@ -147,8 +145,7 @@ class GenerateRequest(_Common):
     images: list[str] | None = None
 
 
-class ShowRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class ShowRequest(Lenient):
     model: str | None = None
     name: str | None = None  # the older spelling
     verbose: StrictBool = False
@@ -289,8 +286,7 @@ async def _prepare_chat(serving: Serving, req: ChatRequest) -> Prepared:
     fill = _options(req.options, body, serving.engine.context_length)
     _format(req.format, body)
     _think(serving, req.think, body)
-    prepared = await adapters.prepare_chat(serving, adapters.chat_request(body, NAMES), NAMES)
-    return adapters.fill_context(serving, prepared) if fill else prepared
+    return await adapters.prepare_chat(serving, adapters.chat_request(body, NAMES), NAMES, fill_context=fill)
 
 
 async def _prepare_generate(serving: Serving, req: GenerateRequest) -> Prepared:
@@ -314,21 +310,21 @@ async def _prepare_generate(serving: Serving, req: GenerateRequest) -> Prepared:
         ]
         _format(req.format, body)
         _think(serving, req.think, body)
-        prepared = await adapters.prepare_chat(serving, adapters.chat_request(body, NAMES), NAMES)
-    else:
-        if req.system:
-            raise APIError(
-                400,
-                "system: with raw: true (or a model without a chat template) there is no template to "
-                "put it in; prepend it to the prompt",
-                param="system",
-            )
-        if req.format not in (None, "") or req.think is not None:
-            name = "format" if req.format not in (None, "") else "think"
-            raise APIError(400, f"{name}: needs the chat template; leave raw unset", param=name)
-        body["prompt"] = req.prompt
-        prepared = await adapters.prepare_completion(serving, adapters.completion_request(body, NAMES), NAMES)
-    return adapters.fill_context(serving, prepared) if fill else prepared
+        return await adapters.prepare_chat(serving, adapters.chat_request(body, NAMES), NAMES, fill_context=fill)
+    if req.system:
+        raise APIError(
+            400,
+            "system: with raw: true (or a model without a chat template) there is no template to "
+            "put it in; prepend it to the prompt",
+            param="system",
+        )
+    if req.format not in (None, "") or req.think is not None:
+        name = "format" if req.format not in (None, "") else "think"
+        raise APIError(400, f"{name}: needs the chat template; leave raw unset", param=name)
+    body["prompt"] = req.prompt
+    return await adapters.prepare_completion(
+        serving, adapters.completion_request(body, NAMES), NAMES, fill_context=fill
+    )
 
 
 # --- replies ------------------------------------------------------------------------
@@ -502,7 +498,7 @@ class ModelFacts:
     def __init__(self, serving: Serving):
         settings = serving.settings
         folder = Path(settings.model)
-        config = serving.engine.loaded.config
+        config = serving.engine.model_config
         files = [p for p in folder.iterdir() if p.is_file()]
         self.size = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
         self.modified_at = (

@@ -287,9 +287,10 @@ async def _prepare(serving: Serving, req: ResponsesRequest) -> Prepared:
     ):
         if getattr(req, theirs) is not None:
             body[ours] = getattr(req, theirs)
-    prepared = await adapters.prepare_chat(serving, adapters.chat_request(body, NAMES), NAMES)
     # OpenAI: without max_output_tokens a response may run to the end of the context
-    return prepared if req.max_output_tokens is not None else adapters.fill_context(serving, prepared)
+    return await adapters.prepare_chat(
+        serving, adapters.chat_request(body, NAMES), NAMES, fill_context=req.max_output_tokens is None
+    )
 
 
 # --- replies ------------------------------------------------------------------------

@@ -24,7 +24,16 @@ def _whole_number(value: object) -> object:
 JSONInt = Annotated[int, Strict(), BeforeValidator(_whole_number)]
 TokenId = Annotated[int, Strict(), Ge(0), BeforeValidator(_whole_number)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-_MODEL = ConfigDict(extra="ignore", strict=True)
+
+
+class Lenient(BaseModel):
+    """The base of every request model that ignores fields it does not know (clients send
+    many: OpenAI's SDKs, Claude Code's ``cache_control``, Ollama's hints) while still
+    validating strictly those it does. Models whose unknown fields could change the output
+    refuse them instead (``extra="forbid"``, e.g. ``ollama._Common``)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
 
 #: Arguments of ``apply_chat_template`` itself (transformers), not switches of the template:
 #: ``chat_template_kwargs`` may not set them (return_tensors, say, would change what comes back).
@@ -50,14 +59,12 @@ TEMPLATE_CALL_ARGUMENTS = frozenset(
 )
 
 
-class TextPart(BaseModel):
-    model_config = _MODEL
+class TextPart(Lenient):
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(BaseModel):
-    model_config = _MODEL
+class FunctionCall(Lenient):
     name: str = Field(..., min_length=1)
     arguments: str = Field("{}", description="JSON text, as OpenAI sends it")
 
@@ -73,15 +80,13 @@ class FunctionCall(BaseModel):
         return value
 
 
-class ToolCall(BaseModel):
-    model_config = _MODEL
+class ToolCall(Lenient):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
-    model_config = _MODEL
+class ChatMessage(Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -114,36 +119,33 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class FunctionDefinition(BaseModel):
-    model_config = _MODEL
+class FunctionDefinition(Lenient):
     name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str | None = None
     parameters: dict | None = None
     strict: StrictBool | None = None
 
 
-class Tool(BaseModel):
-    model_config = _MODEL
+class Tool(Lenient):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class JSONSchemaFormat(BaseModel):
+class JSONSchemaFormat(Lenient):
     """``response_format.json_schema``: OpenAI's shape. The schema is always enforced,
     ``strict`` or not (a looser guarantee would be a silent one)."""
 
-    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
     name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = None
     schema_: dict = Field(..., alias="schema")
     strict: StrictBool | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(Lenient):
     """``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object) or
     ``json_schema`` (JSON valid against ``json_schema.schema``)."""
 
-    model_config = _MODEL
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
@@ -162,28 +164,23 @@ class ResponseFormat(BaseModel):
         return self.json_schema.schema_ if self.type == "json_schema" and self.json_schema else None
 
 
-class NamedFunction(BaseModel):
-    model_config = _MODEL
+class NamedFunction(Lenient):
     name: str = Field(..., min_length=1)
 
 
-class ToolChoiceFunction(BaseModel):
+class ToolChoiceFunction(Lenient):
     """``tool_choice: {"type": "function", "function": {"name": ...}}``: call that function."""
 
-    model_config = _MODEL
     type: Literal["function"]
     function: NamedFunction
 
 
-class StreamOptions(BaseModel):
-    model_config = _MODEL
+class StreamOptions(Lenient):
     include_usage: StrictBool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Lenient):
     """Fields shared by both endpoints."""
-
-    model_config = _MODEL
 
     model: str
     max_tokens: JSONInt | None = Field(None, ge=1)

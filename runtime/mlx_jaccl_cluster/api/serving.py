@@ -1,12 +1,13 @@
 """From a validated OpenAI request to a stream of text pieces, and back to OpenAI shapes.
 
-Runs on the HTTP side (asyncio); talks to the engine only through ``submit`` / ``cancel``
-and the tokenizer it loaded. No MLX here.
+Runs on the HTTP side (asyncio); talks to the engine only through ``generation.Engine``
+(``submit`` / ``cancel`` and the tokenizer it loaded). No MLX here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import random
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 from fastapi.responses import StreamingResponse
 
-from ..generation import EngineUnavailable, ErrorEvent, GenerationRequest, SamplingParams, TokenEvent
+from ..generation import Engine, EngineUnavailable, ErrorEvent, GenerationRequest, SamplingParams, TokenEvent
 from ..settings import Settings
 from ..state import ClusterState
 from ..structured import StructuredError
@@ -205,7 +206,7 @@ class _Inbox:
 class Serving:
     """Validation, admission and the token stream of every generation request."""
 
-    def __init__(self, settings: Settings, state: ClusterState, engine):
+    def __init__(self, settings: Settings, state: ClusterState, engine: Engine):
         self.settings = settings
         self.state = state
         self.engine = engine
@@ -233,9 +234,10 @@ class Serving:
         return max(0, self.inflight - self.settings.max_batch)
 
     # --- preparing ---------------------------------------------------------------
-    async def prepare(self, prepare: Callable, body) -> Prepared:
+    async def prepare(self, prepare: Callable, body, **options) -> Prepared:
         """Run ``prepare`` (prepare_chat, prepare_completion...) on the tokenizing thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, prepare, body)
+        call = functools.partial(prepare, body, **options)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, call)
 
     @property
     def max_token_chars(self) -> int:
@@ -283,7 +285,8 @@ class Serving:
                 code="model_not_found",
             )
 
-    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+    def prepare_chat(self, req: ChatCompletionRequest, *, fill_context: bool = False) -> Prepared:
+        """``fill_context``: without max_tokens, generate until the context is full (see ``budget``)."""
         self._require_ready()
         self._check_model(req.model)
         tokenizer = self.engine.tokenizer
@@ -320,7 +323,7 @@ class Serving:
         max_tokens = req.max_completion_tokens or req.max_tokens
         initial = initial_state(tokenizer, prompt) if tools or tokenizer.has_thinking else "normal"
         grammar = self._chat_grammar(req, tools, reasoning_first=initial == "reasoning")
-        prepared = self._prepared("chat", req, prompt, "messages", max_tokens, top, grammar)
+        prepared = self._prepared("chat", req, prompt, "messages", max_tokens, top, grammar, fill_context)
         if tools or tokenizer.has_thinking:
             prepared.channels = Channels(self.engine.text_machine, tokenizer, tools, initial)
         return prepared
@@ -364,7 +367,7 @@ class Serving:
     def _format_schema(fmt: ResponseFormat) -> dict:
         return fmt.schema_body if fmt.type == "json_schema" else {"type": "object"}
 
-    def prepare_completion(self, req: CompletionRequest) -> Prepared:
+    def prepare_completion(self, req: CompletionRequest, *, fill_context: bool = False) -> Prepared:
         self._require_ready()
         self._check_model(req.model)
         if isinstance(req.prompt, str):
@@ -389,7 +392,7 @@ class Serving:
                 grammar = self.engine.grammars.for_response_format(fmt.type, fmt.schema_body, "response_format", False)
             except StructuredError as exc:
                 raise APIError(400, exc.message, param=exc.param, code="unsupported_schema") from None
-        return self._prepared("completion", req, prompt, "prompt", req.max_tokens, req.logprobs, grammar)
+        return self._prepared("completion", req, prompt, "prompt", req.max_tokens, req.logprobs, grammar, fill_context)
 
     def _prepared(
         self,
@@ -400,26 +403,9 @@ class Serving:
         max_tokens: int | None,
         top_logprobs: int | None,
         grammar: str | None = None,
+        fill_context: bool = False,
     ) -> Prepared:
-        context = self.engine.context_length
-        if context is not None:
-            if len(prompt) >= context:
-                raise APIError(
-                    400,
-                    f"{prompt_field} is {len(prompt)} tokens; the model's context is {context} tokens",
-                    param=prompt_field,
-                    code="context_length_exceeded",
-                )
-            room = context - len(prompt)
-            if max_tokens is not None and max_tokens > room:
-                raise APIError(
-                    400,
-                    f"max_tokens is {max_tokens}, but only {room} tokens fit after the {len(prompt)}-token "
-                    f"prompt in the {context}-token context",
-                    param="max_tokens",
-                    code="context_length_exceeded",
-                )
-            max_tokens = max_tokens or min(self.settings.default_max_tokens, room)
+        max_tokens = self.budget(max_tokens, prompt, prompt_field, fill_context)
         vocab = self.engine.vocab_size
         bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
         if vocab is not None and any(k >= vocab for k in bias):
@@ -440,13 +426,44 @@ class Serving:
         )
         gen = GenerationRequest(
             prompt_tokens=prompt,
-            max_tokens=max_tokens or self.settings.default_max_tokens,
+            max_tokens=max_tokens,
             sampling=sampling,
             top_logprobs=top_logprobs,
             grammar=grammar,
         )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Prepared(kind=kind, request=gen, stops=req.stop, stream=req.stream, include_usage=include_usage)
+
+    def budget(self, requested: int | None, prompt: list[int], prompt_field: str, fill_context: bool) -> int:
+        """The max_tokens a request runs with, decided here and nowhere else.
+
+        The request's own, refused (400) when the context cannot hold it after the prompt;
+        else, with ``fill_context`` (Ollama's ``num_predict: -1``, a Responses request
+        without ``max_output_tokens``), the rest of the context; else the server's
+        ``default_max_tokens``, capped by that rest. A prompt that fills the context is
+        refused here too."""
+        context = self.engine.context_length
+        if context is None:
+            return requested or self.settings.default_max_tokens
+        if len(prompt) >= context:
+            raise APIError(
+                400,
+                f"{prompt_field} is {len(prompt)} tokens; the model's context is {context} tokens",
+                param=prompt_field,
+                code="context_length_exceeded",
+            )
+        room = context - len(prompt)
+        if requested is not None and requested > room:
+            raise APIError(
+                400,
+                f"max_tokens is {requested}, but only {room} tokens fit after the {len(prompt)}-token "
+                f"prompt in the {context}-token context",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        if requested:
+            return requested
+        return room if fill_context else min(self.settings.default_max_tokens, room)
 
     # --- generating --------------------------------------------------------------
     def admit(self) -> Slot:

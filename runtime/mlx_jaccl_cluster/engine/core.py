@@ -9,7 +9,7 @@ Start-up on every rank: rendezvous on the control channel, ``mx.distributed.init
 - **other ranks** apply each STEP frame exactly as rank 0 did and run the same step.
 
 While idle, rank 0 may send a STEP frame naming one link-probe step instead, which
-every rank runs at that point (``probe.py``).
+every rank runs at that point (``link_probe.py``).
 
 Every rank therefore inserts the same requests in the same order (uids agree), removes
 the same uids at the same step, and runs the same number of steps. Finishing is decided
@@ -19,7 +19,6 @@ previous step's tokens, so a rank that drifted exits instead of serving garbage.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -28,19 +27,28 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
 from ..cluster import Follower, Leader, Rejected
-from ..generation import EngineUnavailable, ErrorEvent, GenerationRequest, SamplingDefaults, TokenEvent
+from ..generation import (
+    Dispatch,
+    EngineUnavailable,
+    ErrorEvent,
+    GenerationRequest,
+    SamplingDefaults,
+    Step,
+    Ticket,
+    TokenEvent,
+    direct_dispatch,
+)
 from ..settings import Settings
 from ..state import ClusterState
 from ..structured import Grammars
 from . import fastpath
+from .link_probe import LinkProbe, run_step
 from .loader import LoadedModel, ModelError, load_model
-from .probe import LinkProbe, run_step
 from .prompt_cache import PromptCache, kv_bytes_per_token
 from .sampling import GrammarMask, make_processors, make_sampler
 
@@ -49,27 +57,6 @@ log = logging.getLogger("mjc.engine")
 
 class Desync(Exception):
     """This rank's tokens no longer match rank 0's."""
-
-
-@dataclass(eq=False)
-class Ticket:
-    """One request inside the engine. ``sink`` runs on the HTTP side via the dispatcher."""
-
-    request: GenerationRequest
-    sink: Callable[[object], None]
-    uid: int | None = None
-    cancelled: bool = False
-    cached_tokens: int = 0  # prompt tokens whose KV cache was reused (set before the first token)
-    inserted: float | None = None  # perf_counter when it entered the batch (its service time starts)
-    submitted: float = field(default_factory=time.perf_counter)
-
-
-Dispatch = Callable[[list[tuple[Ticket, object]]], None]
-
-
-def _direct_dispatch(batch: list[tuple[Ticket, object]]) -> None:
-    for ticket, event in batch:
-        ticket.sink(event)
 
 
 def memory_stats() -> dict:
@@ -90,6 +77,8 @@ def memory_stats() -> dict:
 
 
 class Engine:
+    """The engine of one rank (``generation.Engine`` is what the HTTP side sees of it)."""
+
     def __init__(
         self,
         settings: Settings,
@@ -101,7 +90,7 @@ class Engine:
         self.state = state
         self.channel = channel
         self.on_fatal = on_fatal
-        self.dispatch: Dispatch = _direct_dispatch
+        self.dispatch: Dispatch = direct_dispatch
         self.loaded: LoadedModel | None = None
         #: what a request that leaves a sampling field out gets (resolved at load)
         self.sampling_defaults: SamplingDefaults | None = None
@@ -141,8 +130,16 @@ class Engine:
         return self.loaded.config.get("vocab_size") if self.loaded else None
 
     @property
+    def model_config(self) -> dict:
+        assert self.loaded is not None
+        return self.loaded.config
+
+    @property
     def active(self) -> int:
         return len(self._active)
+
+    def attach(self, dispatch: Dispatch) -> None:
+        self.dispatch = dispatch
 
     def start(self) -> None:
         self._thread.start()
@@ -346,22 +343,21 @@ class Engine:
             inserts, removes = self._collect(block=not self._active, timeout=wait)
             if not inserts and not removes and not self._active:
                 if wait is not None and (spec := probe.next_step()) is not None:
-                    self.channel.broadcast_step(
-                        json.dumps({"c": self._checksum, "p": spec}, separators=(",", ":")).encode()
-                    )
+                    self.channel.broadcast_step(Step(self._checksum, probe=spec))
                     probe.run(self._group, spec)
                 continue
             reused = self._reuse([t.request for t in inserts])
             for ticket, (_, k) in zip(inserts, reused):
                 ticket.cached_tokens = k
             if self.channel is not None:
-                payload: dict = {"c": self._checksum}
-                if inserts:
-                    payload["i"] = [t.request.to_wire() for t in inserts]
-                    payload["k"] = [k for _, k in reused]
-                if removes:
-                    payload["r"] = removes
-                self.channel.broadcast_step(json.dumps(payload, separators=(",", ":")).encode())
+                self.channel.broadcast_step(
+                    Step(
+                        self._checksum,
+                        tuple(t.request for t in inserts),
+                        tuple(k for _, k in reused),
+                        tuple(removes),
+                    )
+                )
             uids = self._apply([t.request for t in inserts], removes, reused)
             with self._tickets_lock:
                 now = time.perf_counter()
@@ -424,21 +420,21 @@ class Engine:
     def _follower_loop(self) -> None:
         assert isinstance(self.channel, Follower) and self._gen is not None
         while True:
-            message = json.loads(self.channel.next_step())
-            if message.get("c") != self._checksum:
+            step = self.channel.next_step()
+            if step.checksum != self._checksum:
                 raise Desync(
-                    f"rank {self.settings.rank} token checksum {self._checksum} differs from rank 0's {message.get('c')}"
+                    f"rank {self.settings.rank} token checksum {self._checksum} differs from rank 0's {step.checksum}"
                 )
-            if "p" in message:  # a link-probe step, run at the same point as on rank 0
-                run_step(self._group, message["p"])
+            if step.probe is not None:  # a link-probe step, run at the same point as on rank 0
+                run_step(self._group, step.probe)
                 continue
-            inserts = [GenerationRequest.from_wire(d) for d in message.get("i", ())]
+            inserts = list(step.inserts)
             reused = self._reuse(inserts)
-            if [k for _, k in reused] != message.get("k", []):
+            if tuple(k for _, k in reused) != step.reused:
                 raise Desync(
                     f"rank {self.settings.rank} would reuse {[k for _, k in reused]} cached prompt tokens "
-                    f"where rank 0 reuses {message.get('k')}"
+                    f"where rank 0 reuses {list(step.reused)}"
                 )
-            self._apply(inserts, list(message.get("r", ())), reused)
+            self._apply(inserts, list(step.removes), reused)
             if self._active:
                 self._step()
