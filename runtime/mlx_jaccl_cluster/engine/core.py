@@ -41,7 +41,7 @@ from ..generation import EngineUnavailable, ErrorEvent, GenerationRequest, Sampl
 from ..settings import Settings
 from ..state import ClusterState
 from ..structured import Grammars
-from . import fastpath
+from . import fastpath, prefill
 from .loader import LoadedModel, ModelError, load_model
 from .probe import LinkProbe, run_step
 from .prompt_cache import PromptCache, kv_bytes_per_token
@@ -248,6 +248,7 @@ class Engine:
             log.warning("structured output is off: %s", self.grammars.unsupported)
         self._prompts.token_bytes = kv_bytes_per_token(self.loaded.config)
         fastpath.install()
+        prefill.install()
         self._lone_ok = s.single_sequence and can_join_batch(self.loaded.model)
         self._gen = BatchGenerator(
             self.loaded.model,
