@@ -188,3 +188,11 @@ def test_requests_join_and_leave_a_lone_one_on_real_ranks(arch, world, parallel,
     got = results[PROMPT]["choices"][0]["logprobs"]["token_logprobs"]
     assert got == pytest.approx([x.logprobs[x.token].item() for x in ref], abs=1e-4)
     assert results[OTHERS[0]]["choices"][0]["text"] == reference_text(model, prompt=OTHERS[0], max_tokens=8)
+
+    # a lone request whose client leaves, then the next one alone: still mlx-lm's tokens
+    left: list = []
+    _stream(cluster, OTHERS[1], 400, left, stop_after=2)
+    assert len(left) == 2
+    again: list = []
+    _stream(cluster, PROMPT, long_n, again)
+    assert _text(again) == expected_long

@@ -348,9 +348,10 @@ class Engine:
             self._next_uid += len(inserts)
             self._active.update(uids)
         if removes:
-            if self._lone is not None and self._lone.uid in removes:
+            lone_uid = self._lone.uid if self._lone is not None else None
+            if lone_uid in removes:
                 self._lone = None
-            if rest := [uid for uid in removes if self._lone is None or uid != self._lone.uid]:
+            if rest := [uid for uid in removes if uid != lone_uid]:
                 self._gen.remove(rest)
             self._active.difference_update(removes)
         return uids
