@@ -881,6 +881,12 @@ def run_interleave(opts, model: Path, workdir: Path, res: dict) -> list[System]:
                 warm = decoders_round(s.obj.port, s._bodies(fresh(d), d), long_body(), 0.05, opts)
                 if warm["errors"]:
                     raise RuntimeError(f"warm-up: {warm['errors'][0]}")
+                # and a quiet round: the delay below comes from the first measured quiet round,
+                # which on a fresh machine once took 5.3 s to its first token (09:15 UTC,
+                # docs/BENCHMARKS.md), sending the long prompt after the decoders had finished
+                warm = decoders_round(s.obj.port, s._bodies(fresh(d), d), None, 0.0, opts)
+                if warm["errors"]:
+                    raise RuntimeError(f"warm-up: {warm['errors'][0]}")
                 delay = None
                 for _ in range(opts.interleave_rounds):
                     quiet = decoders_round(s.obj.port, s._bodies(fresh(d), d), None, 0.0, opts)

@@ -225,10 +225,12 @@ class Step:
     ``checksum``: of the tokens rank 0 saw up to the previous step (a follower whose own
     differs has drifted); ``inserts``: requests to add, in order; ``reused``: prompt tokens
     each insert takes from rank 0's prompt cache (every rank must reuse as many);
-    ``removes``: uids to drop. Or, while idle, ``probe``: one link-probe step to run instead.
+    ``alone``: the (one) insert runs on the single-sequence path (``engine/single.py``);
+    every rank derives it from the step and checks rank 0's word; ``removes``: uids to drop.
+    Or, while idle, ``probe``: one link-probe step to run instead.
 
-    On the wire a compact JSON object with one-letter keys (``c``, ``i``, ``k``, ``r``,
-    ``p``), the empty ones left out: a STEP frame goes out before every step.
+    On the wire a compact JSON object with one-letter keys (``c``, ``i``, ``k``, ``l``,
+    ``r``, ``p``), the empty ones left out: a STEP frame goes out before every step.
     """
 
     checksum: int
@@ -236,6 +238,7 @@ class Step:
     reused: tuple[int, ...] = ()
     removes: tuple[int, ...] = ()
     probe: dict | None = None
+    alone: bool = False
 
     def to_wire(self) -> bytes:
         data: dict = {"c": self.checksum}
@@ -244,6 +247,8 @@ class Step:
         if self.inserts:
             data["i"] = [r.to_wire() for r in self.inserts]
             data["k"] = list(self.reused)
+        if self.alone:
+            data["l"] = 1
         if self.removes:
             data["r"] = list(self.removes)
         return json.dumps(data, separators=(",", ":")).encode()
@@ -257,4 +262,5 @@ class Step:
             reused=tuple(data.get("k", ())),
             removes=tuple(data.get("r", ())),
             probe=data.get("p"),
+            alone=bool(data.get("l")),
         )

@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     model_id: str | None = Field(None, description="Name served by /v1/models (default: the folder name).")
     max_batch: int = Field(8, ge=1, description="Sequences decoded together.")
     prefill_step_size: int = Field(512, ge=16, description="Prompt tokens processed per step.")
+    single_sequence: bool = Field(
+        True,
+        description="Run a request that arrives to an idle engine on mlx-lm's single-sequence path "
+        "(plain KV cache) until a second one arrives (engine/single.py); off: always the batch engine.",
+    )
     prompt_cache_size: int = Field(
         8,
         ge=0,

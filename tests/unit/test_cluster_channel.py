@@ -134,6 +134,55 @@ def test_follower_notices_rank_0_closing_and_next_step_raises():
         follower.next_step()
 
 
+def test_follower_keeps_rank_0_alive_and_steps_in_order_while_its_engine_is_busy():
+    """The engine thread reads STEP frames itself; while it is busy (not in next_step) the
+    heartbeat thread reads for it: no loss, and no STEP frame lost or reordered."""
+    leader, follower, leader_lost, follower_lost = _pair(interval=0.1, misses=3)
+    _form(leader, follower)
+    for i in range(5):
+        leader.broadcast_step(Step(checksum=i))
+    time.sleep(1.0)  # over three deadlines with nobody in next_step: beats must be read meanwhile
+    assert not follower_lost.reasons and not leader_lost.reasons
+    for i in range(5, 8):
+        leader.broadcast_step(Step(checksum=i))
+    assert [follower.next_step() for _ in range(8)] == [Step(checksum=i) for i in range(8)]
+
+
+def test_follower_notices_a_silent_rank_0_while_its_engine_is_busy():
+    """Rank 0 stops beating but keeps its socket open, and the follower's engine thread
+    never comes back to read (a step blocked in a collective): still lost in time."""
+    leader, follower, _, follower_lost = _pair(interval=0.1, misses=3)
+    _form(leader, follower)
+    time.sleep(0.5)  # beats arrive and are read by the heartbeat thread: alive
+    assert not follower_lost.reasons
+    leader.live._lost.set()  # stop rank 0's beats, socket open
+    assert follower_lost.event.wait(3)
+    assert "missed heartbeats" in follower_lost.reasons[0]
+    with pytest.raises(ChannelClosed):
+        follower.next_step()
+
+
+def test_follower_blocked_in_next_step_is_woken_when_rank_0_goes_silent():
+    leader, follower, _, follower_lost = _pair(interval=0.1, misses=3)
+    _form(leader, follower)
+    raised = []
+
+    def engine():
+        try:
+            follower.next_step()
+        except ChannelClosed as exc:
+            raised.append(exc)
+
+    t = threading.Thread(target=engine)
+    t.start()
+    time.sleep(0.5)
+    assert not follower_lost.reasons and t.is_alive()  # waiting for a step, reading beats
+    leader.live._lost.set()
+    assert follower_lost.event.wait(3)
+    t.join(3)
+    assert not t.is_alive() and raised
+
+
 def test_mismatched_config_is_rejected_naming_the_field():
     leader, follower, _, _ = _pair(config=CONFIG | {"model_id": "other"})
     leader.start()

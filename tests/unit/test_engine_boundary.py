@@ -77,6 +77,7 @@ def test_step_wire_form_is_the_frame_every_rank_reads():
         b'"logit_bias":[[3,-1.0]]},"grammar":"g"}],"k":[0],"r":[5,6]}'
     )
     assert Step(0).to_wire() == b'{"c":0}'
+    assert Step(2, (_request([1]),), (0,), alone=True).to_wire().endswith(b'"k":[0],"l":1}')
     assert Step(9, probe={"k": "lat", "it": 2}).to_wire() == b'{"c":9,"p":{"k":"lat","it":2}}'
 
 
@@ -86,6 +87,7 @@ def test_step_wire_form_is_the_frame_every_rank_reads():
         Step(0),
         Step(3, removes=(1,)),
         Step(7, (_request([4]), _request([5, 6, 7])), (0, 2)),
+        Step(7, (_request([4]),), (1,), alone=True),
         Step(8, probe={"k": "bw", "it": 2, "n": 4096}),
     ],
 )

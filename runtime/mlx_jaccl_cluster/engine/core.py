@@ -5,7 +5,9 @@ Start-up on every rank: rendezvous on the control channel, ``mx.distributed.init
 
 - **rank 0** takes requests and cancellations from its inbox, sends them to the other
   ranks as one STEP frame, applies them to mlx-lm's ``BatchGenerator`` and runs one
-  step, then hands the new tokens to the HTTP layer in one batch;
+  step, then hands the new tokens to the HTTP layer in one batch; a request that arrives
+  to an idle engine runs alone on the single-sequence path (``single.py``) until a second
+  one comes, which the STEP frame says (``"l"``);
 - **other ranks** apply each STEP frame exactly as rank 0 did and run the same step.
 
 While idle, rank 0 may send a STEP frame naming one link-probe step instead, which
@@ -30,6 +32,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache
 
 from ..cluster import Follower, Leader, Rejected
 from ..generation import (
@@ -46,11 +49,12 @@ from ..generation import (
 from ..settings import Settings
 from ..state import ClusterState
 from ..structured import Grammars
-from . import fastpath
+from . import fastpath, prefill
 from .link_probe import LinkProbe, run_step
 from .loader import LoadedModel, ModelError, load_model
 from .prompt_cache import PromptCache, kv_bytes_per_token
 from .sampling import GrammarMask, make_processors, make_sampler
+from .single import Lone, can_join_batch, hand_over, take_uid
 
 log = logging.getLogger("mjc.engine")
 
@@ -104,6 +108,8 @@ class Engine:
         self._checksum = 0
         self._dead: str | None = None
         self._gen: BatchGenerator | None = None
+        self._lone: Lone | None = None  # the request running alone on the single-sequence path
+        self._lone_ok = False  # settings.single_sequence, and the model's caches can join a batch
         self._group: mx.distributed.Group | None = None
         self._prompts = PromptCache(settings.prompt_cache_size, settings.prompt_cache_bytes)
         self._thread = threading.Thread(target=self._run, name="mjc-engine", daemon=True)
@@ -239,6 +245,8 @@ class Engine:
             log.warning("structured output is off: %s", self.grammars.unsupported)
         self._prompts.token_bytes = kv_bytes_per_token(self.loaded.config)
         fastpath.install()
+        prefill.install()
+        self._lone_ok = s.single_sequence and can_join_batch(self.loaded.model)
         self._gen = BatchGenerator(
             self.loaded.model,
             stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
@@ -281,28 +289,67 @@ class Engine:
         """The reusable prompt cache of each insert (see prompt_cache.py)."""
         return [self._prompts.fetch(r.prompt_tokens) for r in inserts]
 
+    def _goes_alone(self, inserts: list[GenerationRequest], reused: list[tuple[list | None, int]]) -> bool:
+        """Whether this step's one insert runs on the single-sequence path: decided from what
+        every rank knows alike (the step's inserts, the requests running, the settings)."""
+        if not self._lone_ok or self._active or len(inserts) != 1:
+            return False
+        # a long prompt prefills in the batch, a chunk a step, so a request that arrives
+        # meanwhile waits one chunk, not the whole prompt
+        return len(inserts[0].prompt_tokens) - reused[0][1] <= self.settings.prefill_step_size
+
+    @staticmethod
+    def _sampler(request: GenerationRequest):
+        sampler = make_sampler(request.sampling)
+        return fastpath.WithLogprobs(sampler) if request.top_logprobs is not None else sampler
+
     def _apply(
-        self, inserts: list[GenerationRequest], removes: list[int], reused: list[tuple[list | None, int]]
+        self,
+        inserts: list[GenerationRequest],
+        removes: list[int],
+        reused: list[tuple[list | None, int]],
+        alone: bool = False,
     ) -> list[int]:
         """Apply one step's changes; identical on every rank."""
         assert self._gen is not None
         uids = []
-        if inserts:
+        if alone:
+            (r,), ((cache, k),) = inserts, reused
+            uids = [take_uid(self._gen)]
+            self._lone = Lone(
+                self._gen,
+                uids[0],
+                r.prompt_tokens[k:],
+                cache if cache is not None else make_prompt_cache(self.loaded.model),
+                r.prompt_tokens[:k],
+                r.max_tokens,
+                self._sampler(r),
+                make_processors(r.sampling, self._grammar_mask(r)),
+            )
+        elif inserts:
+            if self._lone is not None:  # a second request: the lone one joins the batch
+                hand_over(self._gen, self._lone)
+                self._lone = None
             uids = self._gen.insert(
                 [r.prompt_tokens[k:] for r, (_, k) in zip(inserts, reused)],
                 caches=[cache for cache, _ in reused],
                 all_tokens=[r.prompt_tokens[:k] for r, (_, k) in zip(inserts, reused)],
                 max_tokens=[r.max_tokens for r in inserts],
-                samplers=[make_sampler(r.sampling) for r in inserts],
+                samplers=[self._sampler(r) for r in inserts],
                 logits_processors=[make_processors(r.sampling, self._grammar_mask(r)) for r in inserts],
             )
+        if inserts:
             expected = list(range(self._next_uid, self._next_uid + len(inserts)))
             if uids != expected:
-                raise Desync(f"BatchGenerator gave uids {uids}, expected {expected}")
+                raise Desync(f"the engine gave uids {uids}, expected {expected}")
             self._next_uid += len(inserts)
             self._active.update(uids)
         if removes:
-            self._gen.remove(removes)
+            lone_uid = self._lone.uid if self._lone is not None else None
+            if lone_uid in removes:
+                self._lone = None
+            if rest := [uid for uid in removes if uid != lone_uid]:
+                self._gen.remove(rest)
             self._active.difference_update(removes)
         return uids
 
@@ -321,9 +368,15 @@ class Engine:
         )
 
     def _step(self) -> list:
-        """One generation step (decode plus at most one prefill chunk)."""
+        """One generation step (decode plus at most one prefill chunk), or the lone
+        sequence's step."""
         assert self._gen is not None
-        _, responses = self._gen.next()
+        if self._lone is not None:
+            responses = [self._lone.step()]
+            if responses[0].finish_reason is not None:
+                self._lone = None
+        else:
+            _, responses = self._gen.next()
         acc = self._checksum
         for r in responses:
             acc = (acc * 1_000_003 + r.uid * 65_599 + r.token) & 0x7FFFFFFF
@@ -349,6 +402,7 @@ class Engine:
             reused = self._reuse([t.request for t in inserts])
             for ticket, (_, k) in zip(inserts, reused):
                 ticket.cached_tokens = k
+            alone = self._goes_alone([t.request for t in inserts], reused)
             if self.channel is not None:
                 self.channel.broadcast_step(
                     Step(
@@ -356,9 +410,10 @@ class Engine:
                         tuple(t.request for t in inserts),
                         tuple(k for _, k in reused),
                         tuple(removes),
+                        alone=alone,
                     )
                 )
-            uids = self._apply([t.request for t in inserts], removes, reused)
+            uids = self._apply([t.request for t in inserts], removes, reused, alone)
             with self._tickets_lock:
                 now = time.perf_counter()
                 for uid, ticket in zip(uids, inserts):
@@ -435,6 +490,12 @@ class Engine:
                     f"rank {self.settings.rank} would reuse {[k for _, k in reused]} cached prompt tokens "
                     f"where rank 0 reuses {list(step.reused)}"
                 )
-            self._apply(inserts, list(step.removes), reused)
+            alone = self._goes_alone(inserts, reused)
+            if alone != step.alone:
+                raise Desync(
+                    f"rank {self.settings.rank} would run the step's insert "
+                    f"{'alone' if alone else 'in the batch'}, rank 0 does not"
+                )
+            self._apply(inserts, list(step.removes), reused, alone)
             if self._active:
                 self._step()

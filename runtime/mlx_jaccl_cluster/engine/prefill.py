@@ -1,0 +1,148 @@
+"""Prefill chunks queued with the decode step, and the batch cache's left padding on the host.
+
+mlx-lm's ``BatchGenerator`` already interleaves a long prompt with decoding: each step
+decodes every running sequence and then prefills at most ``prefill_step_size`` tokens of
+each waiting prompt (``Settings.prefill_step_size``, the per-step budget). What made
+those steps slow on a GPU (docs/BENCHMARKS.md, "Long prompts among decoders") was not the
+chunk's work but three waits for the GPU queue on the host:
+
+- ``PromptProcessingBatch.prompt`` evaluates every chunk synchronously (``mx.eval`` of all
+  cache states) and then empties MLX's buffer cache (``mx.clear_cache``), so the decode
+  step queued just before drains the pipeline, and the next step allocates afresh;
+- ``BatchKVCache.filter`` (a prompt moving to the decode batch, a sequence finishing)
+  reads ``left_padding.tolist()``, an array read that waits for everything queued before;
+- ``BatchKVCache.extract`` (a finished sequence's cache, kept for prefix reuse) does too.
+
+Here each chunk is queued with ``mx.async_eval`` behind the decode step, as the decode
+step queues its own next step, and the cache keeps a host copy of its left padding that
+``filter`` and ``extract`` read instead of the array. MLX keeps freed buffers up to
+``Settings.mlx_cache_limit``, which bounds what skipping ``clear_cache`` holds. Results
+are unchanged: the same operations run in the same order; only when the host waits for
+them moves. Patched methods are mlx-lm 0.32.2's (pinned), each re-stated below with the
+change; ``install`` is idempotent and every rank runs it.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.generate import PromptProcessingBatch, _right_pad_prompts
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+_orig_init = BatchKVCache.__init__
+_orig_prepare = BatchKVCache.prepare
+_orig_finalize = BatchKVCache.finalize
+_orig_extend = BatchKVCache.extend
+
+
+def _host_padding(cache: BatchKVCache) -> list[int]:
+    """The host copy of ``cache.left_padding`` (read from the array only if a cache was
+    built another way, e.g. its ``state`` set directly)."""
+    host = getattr(cache, "_host_left_padding", None)
+    if host is None or len(host) != cache.left_padding.shape[0]:
+        host = cache._host_left_padding = cache.left_padding.tolist()
+    return host
+
+
+def _init(self, left_padding):
+    _orig_init(self, left_padding)
+    self._host_left_padding = [int(p) for p in left_padding]
+    self._host_right_padding = None
+
+
+def _prepare(self, *, left_padding=None, lengths=None, right_padding=None):
+    host = _host_padding(self)
+    _orig_prepare(self, left_padding=left_padding, lengths=lengths, right_padding=right_padding)
+    if left_padding is not None:
+        self._host_left_padding = [a + int(b) for a, b in zip(host, left_padding)]
+    if right_padding is not None and max(right_padding) > 0:
+        self._host_right_padding = [int(p) for p in right_padding]
+
+
+def _finalize(self):
+    if self._right_padding is not None:
+        right = getattr(self, "_host_right_padding", None)
+        if right is None:
+            right = self._right_padding.tolist()
+        self._host_left_padding = [a + b for a, b in zip(_host_padding(self), right)]
+        self._host_right_padding = None
+    _orig_finalize(self)
+
+
+def _filter(self, batch_indices):
+    # mlx-lm's filter, with the smallest left padding from the host copy
+    host = _host_padding(self)
+    if self.keys is not None:
+        self.keys = self.keys[batch_indices]
+        self.values = self.values[batch_indices]
+    self.offset = self.offset[batch_indices]
+    self.left_padding = self.left_padding[batch_indices]
+    host = [host[i] for i in (batch_indices.tolist() if isinstance(batch_indices, mx.array) else batch_indices)]
+    min_left_pad = min(host) if host else 0
+    if min_left_pad > 0:
+        if self.keys is not None:
+            self.keys = self.keys[..., min_left_pad:, :]
+            self.values = self.values[..., min_left_pad:, :]
+        self._idx -= min_left_pad
+        self.left_padding -= min_left_pad
+        host = [p - min_left_pad for p in host]
+    self._host_left_padding = host
+
+
+def _extend(self, other):
+    mine, theirs = _host_padding(self), _host_padding(other)
+    if self.keys is None and other.keys is None:
+        host = mine + theirs
+    else:
+        top = max(self._idx, other._idx)
+        host = [p + top - self._idx for p in mine] + [p + top - other._idx for p in theirs]
+    _orig_extend(self, other)
+    self._host_left_padding = host
+
+
+def _extract(self, idx):
+    # mlx-lm's extract, with the row's left padding from the host copy
+    cache = KVCache()
+    padding = _host_padding(self)[idx]
+    cache.keys = mx.contiguous(self.keys[idx : idx + 1, :, padding : self._idx])
+    cache.values = mx.contiguous(self.values[idx : idx + 1, :, padding : self._idx])
+    cache.offset = cache.keys.shape[2]
+    return cache
+
+
+def _prompt(self, tokens):
+    # mlx-lm's PromptProcessingBatch.prompt, each chunk queued (async_eval), no clear_cache
+    if len(self.uids) != len(tokens):
+        raise ValueError("The batch length doesn't match the number of inputs")
+    if not tokens:
+        return
+    for sti, ti in zip(self.tokens, tokens):
+        sti += ti
+    lengths = [len(p) for p in tokens]
+    max_length = max(lengths)
+    padding = [max_length - n for n in lengths]
+    if max(padding) > 0:
+        tokens = _right_pad_prompts(tokens, max_length=max_length)
+        for c in self.prompt_cache:
+            c.prepare(lengths=lengths, right_padding=padding)
+    else:
+        tokens = mx.array(tokens)
+    while tokens.shape[1] > 0:
+        n = min(self.prefill_step_size, tokens.shape[1])
+        self.model(tokens[:, :n], cache=self.prompt_cache)
+        mx.async_eval([c.state for c in self.prompt_cache])
+        tokens = tokens[:, n:]
+    if max(padding) > 0:
+        for c in self.prompt_cache:
+            c.finalize()
+        mx.async_eval([c.state for c in self.prompt_cache])
+
+
+def install() -> None:
+    """Patch ``BatchKVCache`` (host left padding) and ``PromptProcessingBatch.prompt``."""
+    BatchKVCache.__init__ = _init
+    BatchKVCache.prepare = _prepare
+    BatchKVCache.finalize = _finalize
+    BatchKVCache.filter = _filter
+    BatchKVCache.extend = _extend
+    BatchKVCache.extract = _extract
+    PromptProcessingBatch.prompt = _prompt
