@@ -12,12 +12,19 @@ own bytes (pipeline stages hold different numbers of layers, tensor shards may r
 differently): entries are bounded by count (mlx-lm's own LRU) and by a byte figure every
 rank computes alike, tokens held x ``kv_bytes_per_token`` of the whole model (from its
 config). Each rank's real share is about that figure / world size.
+
+An entry must own only its own bytes: ``BatchGenerator`` hands a finished sequence's cache
+out as a *lazy* copy of a slice of the whole batch's KV buffers (every sequence of the
+batch, grown in 256-token steps). Kept unevaluated, each entry pinned the batch buffers it
+was cut from, so 8 entries held up to 8 old batches: rank 0 grew by about 500 MB in a soak
+of ordinary chats while the byte figure said a few MB. ``store`` evaluates the copy first.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import mlx.core as mx
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 _KEY = "model"  # one model per process
@@ -71,6 +78,7 @@ class PromptCache:
     def store(self, tokens: list[int], cache: list[Any] | None) -> None:
         """Keep the cache of a finished sequence (``tokens``: exactly what it holds)."""
         if self._lru is not None and cache and tokens:
+            mx.eval([c.state for c in cache])  # cut loose from the batch buffers (above)
             self._lru.insert_cache(_KEY, list(tokens), cache)
             self._bound()
 
