@@ -41,7 +41,7 @@ class Tally:
     latencies: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in KINDS})
     errors: list[str] = field(default_factory=list)
     rss: dict[int, list[tuple[float, int]]] = field(default_factory=dict)
-    mlx: dict[int, tuple[int, int]] = field(default_factory=dict)  # last (active, cache) bytes per rank
+    mlx: dict[int, list[tuple[float, int, int]]] = field(default_factory=dict)  # (t, active, cache) per rank
     requests: int = 0
 
 
@@ -174,7 +174,9 @@ async def sample_memory(http: httpx.AsyncClient, tally: Tally, start: float, eve
             for r in state["ranks"]:
                 if "rss" in r.get("memory", {}):
                     tally.rss.setdefault(r["rank"], []).append((time.monotonic() - start, r["memory"]["rss"]))
-                    tally.mlx[r["rank"]] = (r["memory"].get("active", 0), r["memory"].get("cache", 0))
+                    tally.mlx.setdefault(r["rank"], []).append(
+                        (time.monotonic() - start, r["memory"].get("active", 0), r["memory"].get("cache", 0))
+                    )
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             tally.errors.append(f"memory sample: {exc}")
         try:
@@ -240,8 +242,9 @@ def report(tally: Tally, info: dict, warmup: float) -> dict:
             "rss_end_mb": round(end / 2**20, 1),
             "rss_max_mb": round(max(r for _, r in series) / 2**20, 1),
             "growth_after_warmup_pct": round(100 * (end - base) / base, 2),
-            "mlx_active_end_mb": round(tally.mlx.get(rank, (0, 0))[0] / 2**20, 1),
-            "mlx_cache_end_mb": round(tally.mlx.get(rank, (0, 0))[1] / 2**20, 1),
+            "mlx_active_end_mb": round(tally.mlx[rank][-1][1] / 2**20, 1),
+            "mlx_cache_end_mb": round(tally.mlx[rank][-1][2] / 2**20, 1),
+            "mlx_active_max_mb": round(max(a for _, a, _ in tally.mlx[rank]) / 2**20, 1),
         }
     return {
         **info,
@@ -286,7 +289,7 @@ def main() -> int:
     print(json.dumps(result, indent=2))
     if opts.out:
         with open(opts.out, "w") as f:
-            json.dump(result | {"rss_series": tally.rss}, f, indent=1)
+            json.dump(result | {"rss_series": tally.rss, "mlx_series": tally.mlx}, f, indent=1)
     grew = [r for r, m in result["memory"].items() if m["growth_after_warmup_pct"] >= opts.max_growth]
     return 0 if not result["errors"] and not grew else 1
 

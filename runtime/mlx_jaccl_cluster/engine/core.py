@@ -41,7 +41,7 @@ from ..structured import Grammars
 from . import fastpath
 from .loader import LoadedModel, ModelError, load_model
 from .probe import LinkProbe, run_step
-from .prompt_cache import PromptCache, kv_bytes_per_token
+from .prompt_cache import PromptCache, held_bytes, kv_bytes_per_token
 from .sampling import GrammarMask, make_processors, make_sampler
 
 log = logging.getLogger("mjc.engine")
@@ -73,7 +73,8 @@ def _direct_dispatch(batch: list[tuple[Ticket, object]]) -> None:
 
 
 def memory_stats() -> dict:
-    """This rank's MLX memory and process RSS, in bytes (sent with every heartbeat)."""
+    """This rank's MLX memory, the part of it its prompt cache holds, and process RSS, in
+    bytes (sent with every heartbeat)."""
     rss = 0
     try:
         with open("/proc/self/statm") as f:
@@ -85,6 +86,7 @@ def memory_stats() -> dict:
         "active": mx.get_active_memory(),
         "peak": mx.get_peak_memory(),
         "cache": mx.get_cache_memory(),
+        "prompt_cache": held_bytes(),
         "rss": rss,
     }
 

@@ -22,6 +22,7 @@ of ordinary chats while the byte figure said a few MB. ``store`` evaluates the c
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import mlx.core as mx
@@ -29,6 +30,13 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 
 _KEY = "model"  # one model per process
 _DTYPE_BYTES = {"float32": 4, "float64": 8}  # anything else (bfloat16, float16) is 2
+_LIVE: weakref.WeakSet[PromptCache] = weakref.WeakSet()
+
+
+def held_bytes() -> int:
+    """Bytes of KV this process's prompt caches hold (its own shard; the heartbeat's
+    ``prompt_cache`` figure). Read from another thread: a stale figure is harmless."""
+    return sum(c.nbytes for c in list(_LIVE))
 
 
 def kv_bytes_per_token(config: dict) -> int | None:
@@ -55,6 +63,7 @@ class PromptCache:
         self._lru = LRUPromptCache(max_size=entries) if entries > 0 else None
         self.max_bytes = max_bytes
         self.token_bytes = token_bytes
+        _LIVE.add(self)
 
     def fetch(self, prompt: list[int]) -> tuple[list[Any] | None, int]:
         """A private copy of the best cache for ``prompt`` and how many of its first tokens
