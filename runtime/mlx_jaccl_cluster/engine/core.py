@@ -39,6 +39,7 @@ from ..settings import Settings
 from ..state import ClusterState
 from ..structured import Grammars
 from . import fastpath
+from .allocator import map_large_buffers
 from .loader import LoadedModel, ModelError, load_model
 from .probe import LinkProbe, run_step
 from .prompt_cache import PromptCache, held_bytes, kv_bytes_per_token
@@ -223,6 +224,7 @@ class Engine:
         # Without a limit MLX keeps every freed buffer for reuse, up to its memory limit: a
         # burst of long prompts would leave the process that much larger for good.
         mx.set_cache_limit(s.mlx_cache_limit)
+        map_large_buffers()  # and freed buffers leave the process (allocator.py)
         self.state.set("loading", f"loading {s.model}")
         started = time.perf_counter()
         self.loaded = load_model(s.model, s.parallel, group, s.mlx_backend, s.pipeline_split, s.generic_pipeline)
