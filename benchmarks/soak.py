@@ -196,10 +196,11 @@ async def soak(
     sample: float,
     max_body: int,
     seed: int,
+    timeout: float = 300,
 ) -> tuple[Tally, dict]:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     tally = Tally()
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as http:
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
         health = (await http.get("/health")).json()
         context_chars = 50_000
@@ -269,6 +270,9 @@ def main() -> int:
     parser.add_argument("--max-body", type=int, default=4 << 20, help="the server's max_body_bytes")
     parser.add_argument("--max-growth", type=float, default=5.0, help="RSS growth (%%) that fails the run")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--timeout", type=float, default=300, help="seconds a client waits for an answer (a timeout is an error)"
+    )
     parser.add_argument("--out", help="write the report as JSON here")
     opts = parser.parse_args()
     tally, info = asyncio.run(
@@ -283,6 +287,7 @@ def main() -> int:
             opts.sample,
             opts.max_body,
             opts.seed,
+            opts.timeout,
         )
     )
     result = report(tally, info, opts.warmup)
