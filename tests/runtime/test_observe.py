@@ -80,6 +80,25 @@ def test_heartbeat_memory_of_every_rank_reaches_rank_0(cluster):
     assert m[("mjc_ranks_up", ())] == 2 and m[("mjc_world_size", ())] == 2
 
 
+def test_each_rank_reports_what_its_prompt_cache_holds(cluster):
+    """A finished chat leaves an entry on every rank (its shard of the KV cache): the
+    heartbeat's prompt_cache figure shows it, as part of MLX's active memory."""
+    r = httpx.post(
+        cluster.url("/v1/chat/completions"),
+        headers=cluster.headers(),
+        json={"model": cluster.model_id, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    state = _wait_for(
+        lambda: (lambda s: s if all(x["memory"].get("prompt_cache") for x in s["ranks"]) else None)(_state(cluster))
+    )
+    assert state, _state(cluster)
+    for rank in state["ranks"]:
+        assert 0 < rank["memory"]["prompt_cache"] < rank["memory"]["active"], rank
+    assert _metrics(cluster)[("mjc_rank_memory_bytes", (("kind", "prompt_cache"), ("rank", "1")))] > 0
+
+
 def test_link_probe_measures_while_idle(cluster):
     first = _state(cluster)["link"]
     link = _wait_for(lambda: (lambda s: s if s["probes"] >= first["probes"] + 4 else None)(_state(cluster)["link"]))

@@ -7,7 +7,7 @@ import pytest
 from mlx_lm import load
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_jaccl_cluster.engine.prompt_cache import PromptCache, kv_bytes_per_token
+from mlx_jaccl_cluster.engine.prompt_cache import PromptCache, held_bytes, kv_bytes_per_token
 from mlx_jaccl_cluster.models.tiny import build_tiny_model
 
 
@@ -98,3 +98,32 @@ def test_the_per_token_figure_comes_from_the_config_or_is_unknown():
         == 2 * 2 * 4 * 8 * 2
     )
     assert kv_bytes_per_token({"model_type": "mystery"}) is None
+
+
+def test_a_stored_entry_holds_its_own_bytes_not_its_batch(model):
+    """BatchGenerator hands a finished sequence's cache out as a lazy copy of a slice of
+    the whole batch's KV buffers (every sequence, 256-token steps). Kept lazy, each entry
+    pins its batch's buffers: rank 0's RSS grew by hundreds of MB under a soak while the
+    byte figure said a few MB. Stored entries must own only their own tokens."""
+    from mlx_lm.generate import BatchGenerator
+
+    prompts = PromptCache(8)
+    mx.eval(model.parameters())
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    for round_ in range(4):
+        gen = BatchGenerator(model, completion_batch_size=8, prefill_batch_size=8)
+        gen.insert([[round_ * 8 + i + 1, 2, 3] for i in range(8)], max_tokens=[2 + i for i in range(8)])
+        finished = 0
+        while finished < 8:
+            for r in gen.next()[1]:  # as engine/core.py steps it
+                if r.finish_reason is not None:
+                    prompts.store(r.all_tokens, r.prompt_cache)
+                    finished += 1
+        gen.close()
+        del gen, r
+    mx.clear_cache()
+    held = mx.get_active_memory() - base
+    assert len(prompts) == 8 and prompts.nbytes < 1 << 20
+    assert held <= 2 * prompts.nbytes + (1 << 20), (held, prompts.nbytes)
+    assert held_bytes() >= prompts.nbytes  # the heartbeat's prompt_cache figure counts it

@@ -50,9 +50,10 @@ from ..settings import Settings
 from ..state import ClusterState
 from ..structured import Grammars
 from . import fastpath, prefill
+from .allocator import map_large_buffers
 from .link_probe import LinkProbe, run_step
 from .loader import LoadedModel, ModelError, load_model
-from .prompt_cache import PromptCache, kv_bytes_per_token
+from .prompt_cache import PromptCache, held_bytes, kv_bytes_per_token
 from .sampling import GrammarMask, make_processors, make_sampler
 from .single import Lone, can_join_batch, hand_over, take_uid
 
@@ -64,7 +65,8 @@ class Desync(Exception):
 
 
 def memory_stats() -> dict:
-    """This rank's MLX memory and process RSS, in bytes (sent with every heartbeat)."""
+    """This rank's MLX memory, the part of it its prompt cache holds, and process RSS, in
+    bytes (sent with every heartbeat)."""
     rss = 0
     try:
         with open("/proc/self/statm") as f:
@@ -76,6 +78,7 @@ def memory_stats() -> dict:
         "active": mx.get_active_memory(),
         "peak": mx.get_peak_memory(),
         "cache": mx.get_cache_memory(),
+        "prompt_cache": held_bytes(),
         "rss": rss,
     }
 
@@ -224,6 +227,7 @@ class Engine:
         # Without a limit MLX keeps every freed buffer for reuse, up to its memory limit: a
         # burst of long prompts would leave the process that much larger for good.
         mx.set_cache_limit(s.mlx_cache_limit)
+        map_large_buffers()  # and freed buffers leave the process (allocator.py)
         self.state.set("loading", f"loading {s.model}")
         started = time.perf_counter()
         self.loaded = load_model(s.model, s.parallel, group, s.mlx_backend, s.pipeline_split, s.generic_pipeline)
