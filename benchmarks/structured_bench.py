@@ -13,6 +13,10 @@ the two modes so that drift on a shared machine hits both alike.
     python benchmarks/structured_bench.py --tiny qwen2 --ranks 2 --clients 1 8 --rounds 5 \\
         --out /tmp/structured-bench.json
 
+On a GPU (``benchmarks/device/run.sh structured ...``): ``--shape 772m`` builds the llama
+of gpu_bench.py's preset of that name (the tiny tokenizer, 757 tokens, so the mask itself
+is cheaper than with a real vocabulary; docs/structured-output.md has the cost per row).
+
 A measuring script, not a test: it asserts nothing. docs/BENCHMARKS.md has the figures.
 """
 
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="an mlx-lm model folder")
     src.add_argument("--tiny", choices=["llama", "qwen2", "qwen3"], help="build the tiny random model of this arch")
+    src.add_argument("--shape", help="build gpu_bench.py's llama of this preset (772m, 3b, 8b, cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="with --shape")
     parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--parallel", choices=["tensor", "pipeline"], default="tensor")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
@@ -72,11 +78,22 @@ def main(argv: list[str] | None = None) -> int:
         from mlx_jaccl_cluster.models.tiny import build_tiny_model
 
         model = build_tiny_model(work / f"tiny-{opts.tiny}", arch=opts.tiny)
+    if opts.shape:
+        import gpu_bench
+
+        if opts.shape not in gpu_bench.SHAPES:
+            parser.error(f"--shape {opts.shape!r}: one of {', '.join(sorted(gpu_bench.SHAPES))}")
+        fields = ("hidden_size", "layers", "intermediate_size", "heads", "kv_heads")
+        model, _ = gpu_bench.build_model(
+            argparse.Namespace(model=None, shape=opts.shape, dtype=opts.dtype, **dict.fromkeys(fields)), work
+        )
     group = start_group(model, opts.ranks, work / "cluster", parallel=opts.parallel)
     results = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "model": str(model),
+        "shape": opts.shape,
+        "dtype": opts.dtype if opts.shape else None,
         "ranks": opts.ranks,
         "parallel": opts.parallel,
         "tokens": opts.tokens,

@@ -38,11 +38,11 @@ from ..generation import EngineUnavailable, ErrorEvent, GenerationRequest, Sampl
 from ..settings import Settings
 from ..state import ClusterState
 from ..structured import Grammars
-from . import fastpath
+from . import fastpath, grammar
 from .loader import LoadedModel, ModelError, load_model
 from .probe import LinkProbe, run_step
 from .prompt_cache import PromptCache, kv_bytes_per_token
-from .sampling import GrammarMask, make_processors, make_sampler
+from .sampling import make_processors, make_sampler
 
 log = logging.getLogger("mjc.engine")
 
@@ -107,6 +107,8 @@ class Engine:
         self.sampling_defaults: SamplingDefaults | None = None
         #: the model's llguidance tokenizer and grammar builder (structured output)
         self.grammars: Grammars | None = None
+        #: the constrained sequences' matchers, masked as one batch (engine/grammar.py)
+        self._masks: grammar.GrammarBatch | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Ticket]] = queue.SimpleQueue()
         self._tickets: dict[int, Ticket] = {}
         self._tickets_lock = threading.Lock()
@@ -237,11 +239,17 @@ class Engine:
         self.state.parallel, self.state.parallel_reason = layout.parallel, layout.reason
         self.sampling_defaults = SamplingDefaults.resolve(s.sampling_overrides, self.loaded.generation_config or {})
         tokenizer = self.loaded.tokenizer
-        self.grammars = Grammars(tokenizer, self.vocab_size, s.max_schema_bytes, s.max_schema_depth)
+        self.grammars = Grammars(
+            tokenizer, self.vocab_size, s.max_schema_bytes, s.max_schema_depth, s.schema_compile_timeout
+        )
         if self.grammars.unsupported:
             log.warning("structured output is off: %s", self.grammars.unsupported)
         self._prompts.token_bytes = kv_bytes_per_token(self.loaded.config)
         fastpath.install()
+        if self.grammars.lltokenizer is not None:
+            eos = sorted(tokenizer.eos_token_ids)
+            self._masks = grammar.GrammarBatch(self.grammars.lltokenizer, self.grammars.vocab_size, eos, s.max_batch)
+        grammar.install(self._masks)
         self._gen = BatchGenerator(
             self.loaded.model,
             stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
@@ -291,37 +299,38 @@ class Engine:
         assert self._gen is not None
         uids = []
         if inserts:
+            self._check_grammars(inserts)
             uids = self._gen.insert(
                 [r.prompt_tokens[k:] for r, (_, k) in zip(inserts, reused)],
                 caches=[cache for cache, _ in reused],
                 all_tokens=[r.prompt_tokens[:k] for r, (_, k) in zip(inserts, reused)],
                 max_tokens=[r.max_tokens for r in inserts],
                 samplers=[make_sampler(r.sampling) for r in inserts],
-                logits_processors=[make_processors(r.sampling, self._grammar_mask(r)) for r in inserts],
+                logits_processors=[make_processors(r.sampling) for r in inserts],
             )
             expected = list(range(self._next_uid, self._next_uid + len(inserts)))
             if uids != expected:
                 raise Desync(f"BatchGenerator gave uids {uids}, expected {expected}")
+            for uid, r in zip(uids, inserts):
+                if r.grammar is not None:
+                    self._masks.add(uid, r.grammar)
             self._next_uid += len(inserts)
             self._active.update(uids)
         if removes:
             self._gen.remove(removes)
             self._active.difference_update(removes)
+            if self._masks is not None:
+                self._masks.discard(removes)
         return uids
 
-    def _grammar_mask(self, request: GenerationRequest) -> GrammarMask | None:
-        if request.grammar is None:
-            return None
-        if self.grammars is None or self.grammars.lltokenizer is None:
+    def _check_grammars(self, inserts: list[GenerationRequest]) -> None:
+        if self._masks is None and any(r.grammar is not None for r in inserts):
             # rank 0 refuses such requests, so another rank got here only if its
             # environment differs (llguidance missing): out of step, not a bad request
             raise Desync(
                 f"rank {self.settings.rank} cannot build a grammar matcher: "
                 f"{self.grammars.unsupported if self.grammars else 'no model'}"
             )
-        return GrammarMask(
-            self.grammars.lltokenizer, request.grammar, self.grammars.vocab_size, sorted(self.tokenizer.eos_token_ids)
-        )
 
     def _step(self) -> list:
         """One generation step (decode plus at most one prefill chunk)."""
@@ -333,6 +342,8 @@ class Engine:
             if r.finish_reason is not None:
                 self._active.discard(r.uid)
                 self._prompts.store(r.all_tokens, r.prompt_cache)
+                if self._masks is not None:
+                    self._masks.discard((r.uid,))
         self._checksum = acc
         return responses
 
