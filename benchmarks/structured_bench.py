@@ -26,6 +26,7 @@ import argparse
 import datetime as _dt
 import json
 import platform
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -100,11 +101,19 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": opts.rounds,
         "runs": [],
     }
+
+    def stop(*_):  # MJC_BENCH_LIMIT (run.sh): keep what was measured
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         group.wait_ready(300)
         port = int(group.api.rsplit(":", 1)[1])
-        for constrained in (False, True):  # warm-up, and the schema is compiled once before timing
-            concurrent(port, body(group.model_id, opts.tokens, constrained), 1, 120, 600)
+        # warm-up at every batch size (a GPU compiles kernels per shape), and the schema is
+        # compiled once before timing
+        for n in opts.clients:
+            for constrained in (False, True):
+                concurrent(port, body(group.model_id, opts.tokens, constrained), n, 120, 600)
         for n in opts.clients:
             rows = {False: [], True: []}
             for _ in range(opts.rounds):
@@ -118,15 +127,24 @@ def main(argv: list[str] | None = None) -> int:
                 run[key] = {
                     "decode_tps_median": median([b["decode_tps_median"] for b in rows[constrained]]),
                     "aggregate_tps_median": median([b["aggregate_tps"] for b in rows[constrained]]),
+                    "decode_tps_rounds": [b["decode_tps_median"] for b in rows[constrained]],
+                    "aggregate_tps_rounds": [b["aggregate_tps"] for b in rows[constrained]],
                     "completion_tokens": [t for b in rows[constrained] for t in b["completion_tokens"]],
                 }
             for metric in ("decode_tps_median", "aggregate_tps_median"):
                 run[f"ratio_{metric}"] = run["schema"][metric] / run["plain"][metric]
+            # each round's schema run against the plain run just before it
+            run["paired_ratio_aggregate_median"] = median(
+                [s["aggregate_tps"] / p["aggregate_tps"] for p, s in zip(rows[False], rows[True])]
+            )
             results["runs"].append(run)
+    except KeyboardInterrupt:
+        results["interrupted"] = True
     finally:
         group.stop()
     print(
-        f"{'clients':>7} | {'plain tok/s (stream / all)':>26} | {'schema tok/s (stream / all)':>27} | ratio (stream / all)"
+        f"{'clients':>7} | {'plain tok/s (stream / all)':>26} | {'schema tok/s (stream / all)':>27} | "
+        "ratio (stream / all) | paired ratio (all)"
     )
     for run in results["runs"]:
         p, s = run["plain"], run["schema"]
@@ -134,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{run['clients']:>7} | {p['decode_tps_median']:>12.1f} / {p['aggregate_tps_median']:>11.1f} | "
             f"{s['decode_tps_median']:>13.1f} / {s['aggregate_tps_median']:>11.1f} | "
             f"{run['ratio_decode_tps_median']:.2f} / {run['ratio_aggregate_tps_median']:.2f}"
+            f"{'':>8} | {run['paired_ratio_aggregate_median']:.2f}"
         )
     if opts.out:
         opts.out.write_text(json.dumps(results, indent=2))
