@@ -4,7 +4,7 @@ The HTTP side (rank 0) turns a request's JSON schema, or its tools and ``tool_ch
 into one llguidance grammar and validates it against the model's tokenizer, so that a
 schema llguidance cannot enforce is a 400 naming the field and the keyword before
 anything reaches the engine. The grammar text then travels in the request's wire form,
-and every rank builds the same matcher from it (``engine/sampling.py``): the same
+and every rank builds the same matcher from it (``engine/grammar.py``): the same
 grammar, fed the same tokens, gives the same mask on every rank.
 
 No MLX here: llguidance and its tokenizer are plain CPU code.
