@@ -234,6 +234,8 @@ def test_the_batch_mask_allows_only_grammar_tokens(grammars, tokenizer):
     # a token the grammar refused (it cannot happen: it was masked) ends the row with EOS only
     out = batch.apply([10, 11, 12], mx.array([eos[0], 5, 0]), mx.zeros((3, vocab)))
     assert _allowed(out[2]) == set(eos)
+    out = batch.apply([10, 11, 12], mx.array([eos[0], 5, 1]), mx.zeros((3, vocab)))
+    assert _allowed(out[2]) == set(eos)  # and so it stays
     batch.discard([10, 12])
     plain = mx.zeros((3, vocab))
     assert batch.apply([10, 11, 12], mx.array([1, 2, 3]), plain) is plain  # nothing constrained: untouched

@@ -8,14 +8,22 @@ sampling, :meth:`GrammarBatch.apply`:
    CPU does the rest;
 2. reads the tokens sampled at the previous step, the forward's own input (mlx-lm reads
    them at the end of the same step anyway, so this adds no wait of its own);
-3. feeds each matcher its token and fills every row's mask in one call each
-   (``LLExecutor.consume_token_par``, ``fill_next_token_bitmask_par``: llguidance's
-   thread pool, without the GIL) into one preallocated bitmask;
+3. feeds each matcher its token and fills every row's mask straight into one
+   preallocated bitmask, holding the GIL (see below);
 4. masks the whole batch's logits with one expression (the bitmask goes to the device
    packed, 32 tokens a word, and is unpacked there): a forbidden token's logit is -inf.
 
 Rows without a grammar get an all-ones row, so a mixed batch is masked by the same one
 expression; a batch with no constrained row is left alone and costs nothing.
+
+Why not llguidance's parallel batch calls (``LLExecutor.consume_token_par``,
+``fill_next_token_bitmask_par``): they release the GIL, and getting it back waits for
+whichever thread took it meanwhile, up to Python's 5 ms switch interval when that thread
+is busy (the HTTP thread, streaming). Measured with a busy Python thread alongside, eight
+rows: 6-7 ms per parallel call against 70 µs (feeding) and 160 µs (filling) one matcher
+after another, which keeps the GIL; alone, both take about 100 µs. On a GPU the parallel
+version measured 0.84 (1 client) and 0.80 (8 clients) of unconstrained decoding
+(docs/BENCHMARKS.md).
 
 mlx-lm calls logits processors row by row (a slice, the processor, a concatenate) and a
 processor sees only its own row, so a batched mask cannot be one of them. :func:`install`
@@ -72,7 +80,6 @@ class GrammarBatch:
         self._tokenizer = lltokenizer
         self._vocab = vocab_size
         self._words = (vocab_size + 31) // 32
-        self._executor = llguidance.LLExecutor()
         # LLMatcher's constructor compiles the grammar (milliseconds, more for a large
         # one) without the GIL: done here, it overlaps the sequence's prefill instead of
         # stalling every other sequence's decoding. Only this thread touches _compiled.
@@ -129,31 +136,20 @@ class GrammarBatch:
             self._bitmask = np.full((n, self._words), -1, dtype=np.int32)
         bitmask = self._bitmask[:n]
         bitmask.fill(-1)
-        feed, fill = [], []
+        row_bytes = self._words * 4
         for i, row in enumerate(rows):
             if row is None:
                 continue
             if row.building is not None:
                 self._settle(row)
-            if row.failed:
-                continue
-            if row.started:
-                feed.append((i, row))
-            row.started = True
-        if feed:
-            done = self._executor.consume_token_par([(row.matcher, tokens[i]) for i, row in feed])
-            for (i, row), ok in zip(feed, done):
-                if not ok:
+            if not row.failed:
+                if row.started and not row.matcher.consume_token(tokens[i]):
                     self._fail(row, f"token {tokens[i]} refused: {row.matcher.get_error()}")
-        for i, row in enumerate(rows):
-            if row is None:
-                continue
+                row.started = True
             if row.failed:
                 bitmask[i] = self._eos_row
             else:
-                fill.append((row.matcher, i))
-        if fill:
-            self._executor.unsafe_compute_mask_ptr(fill, bitmask.ctypes.data, self._words * 4, n)
+                row.matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data + i * row_bytes, row_bytes)
         words = bitmask.view(np.uint32)
         if logits.shape[-1] > self._vocab:
             # Logits past the tokenizer's vocabulary (a model may pad its head): one more
