@@ -13,6 +13,10 @@ the two modes so that drift on a shared machine hits both alike.
     python benchmarks/structured_bench.py --tiny qwen2 --ranks 2 --clients 1 8 --rounds 5 \\
         --out /tmp/structured-bench.json
 
+On a GPU (``benchmarks/device/run.sh structured ...``): ``--shape 772m`` builds the llama
+of gpu_bench.py's preset of that name (the tiny tokenizer, 757 tokens, so the mask itself
+is cheaper than with a real vocabulary; docs/structured-output.md has the cost per row).
+
 A measuring script, not a test: it asserts nothing. docs/BENCHMARKS.md has the figures.
 """
 
@@ -22,6 +26,7 @@ import argparse
 import datetime as _dt
 import json
 import platform
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -58,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="an mlx-lm model folder")
     src.add_argument("--tiny", choices=["llama", "qwen2", "qwen3"], help="build the tiny random model of this arch")
+    src.add_argument("--shape", help="build gpu_bench.py's llama of this preset (772m, 3b, 8b, cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="with --shape")
     parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--parallel", choices=["tensor", "pipeline"], default="tensor")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
@@ -72,22 +79,41 @@ def main(argv: list[str] | None = None) -> int:
         from mlx_jaccl_cluster.models.tiny import build_tiny_model
 
         model = build_tiny_model(work / f"tiny-{opts.tiny}", arch=opts.tiny)
+    if opts.shape:
+        import gpu_bench
+
+        if opts.shape not in gpu_bench.SHAPES:
+            parser.error(f"--shape {opts.shape!r}: one of {', '.join(sorted(gpu_bench.SHAPES))}")
+        fields = ("hidden_size", "layers", "intermediate_size", "heads", "kv_heads")
+        model, _ = gpu_bench.build_model(
+            argparse.Namespace(model=None, shape=opts.shape, dtype=opts.dtype, **dict.fromkeys(fields)), work
+        )
     group = start_group(model, opts.ranks, work / "cluster", parallel=opts.parallel)
     results = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "model": str(model),
+        "shape": opts.shape,
+        "dtype": opts.dtype if opts.shape else None,
         "ranks": opts.ranks,
         "parallel": opts.parallel,
         "tokens": opts.tokens,
         "rounds": opts.rounds,
         "runs": [],
     }
+
+    def stop(*_):  # MJC_BENCH_LIMIT (run.sh): keep what was measured
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         group.wait_ready(300)
         port = int(group.api.rsplit(":", 1)[1])
-        for constrained in (False, True):  # warm-up, and the schema is compiled once before timing
-            concurrent(port, body(group.model_id, opts.tokens, constrained), 1, 120, 600)
+        # warm-up at every batch size (a GPU compiles kernels per shape), and the schema is
+        # compiled once before timing
+        for n in opts.clients:
+            for constrained in (False, True):
+                concurrent(port, body(group.model_id, opts.tokens, constrained), n, 120, 600)
         for n in opts.clients:
             rows = {False: [], True: []}
             for _ in range(opts.rounds):
@@ -101,15 +127,24 @@ def main(argv: list[str] | None = None) -> int:
                 run[key] = {
                     "decode_tps_median": median([b["decode_tps_median"] for b in rows[constrained]]),
                     "aggregate_tps_median": median([b["aggregate_tps"] for b in rows[constrained]]),
+                    "decode_tps_rounds": [b["decode_tps_median"] for b in rows[constrained]],
+                    "aggregate_tps_rounds": [b["aggregate_tps"] for b in rows[constrained]],
                     "completion_tokens": [t for b in rows[constrained] for t in b["completion_tokens"]],
                 }
             for metric in ("decode_tps_median", "aggregate_tps_median"):
                 run[f"ratio_{metric}"] = run["schema"][metric] / run["plain"][metric]
+            # each round's schema run against the plain run just before it
+            run["paired_ratio_aggregate_median"] = median(
+                [s["aggregate_tps"] / p["aggregate_tps"] for p, s in zip(rows[False], rows[True])]
+            )
             results["runs"].append(run)
+    except KeyboardInterrupt:
+        results["interrupted"] = True
     finally:
         group.stop()
     print(
-        f"{'clients':>7} | {'plain tok/s (stream / all)':>26} | {'schema tok/s (stream / all)':>27} | ratio (stream / all)"
+        f"{'clients':>7} | {'plain tok/s (stream / all)':>26} | {'schema tok/s (stream / all)':>27} | "
+        "ratio (stream / all) | paired ratio (all)"
     )
     for run in results["runs"]:
         p, s = run["plain"], run["schema"]
@@ -117,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{run['clients']:>7} | {p['decode_tps_median']:>12.1f} / {p['aggregate_tps_median']:>11.1f} | "
             f"{s['decode_tps_median']:>13.1f} / {s['aggregate_tps_median']:>11.1f} | "
             f"{run['ratio_decode_tps_median']:.2f} / {run['ratio_aggregate_tps_median']:.2f}"
+            f"{'':>8} | {run['paired_ratio_aggregate_median']:.2f}"
         )
     if opts.out:
         opts.out.write_text(json.dumps(results, indent=2))

@@ -5,6 +5,8 @@
 #   bash benchmarks/device/run.sh single [ARGS...]   # call 2: install, then gpu_bench.py single
 #   bash benchmarks/device/run.sh tp [ARGS...]       #         install, then gpu_bench.py tp
 #   bash benchmarks/device/run.sh interleave [ARGS...] #       long prompts among decoders
+#   bash benchmarks/device/run.sh structured [ARGS...] #       structured_bench.py (a JSON schema vs none;
+#                                                      #   needs llguidance's wheel in /tmp/mjc-wheels too)
 #
 # The device image has no internet and lacks mlx, mlx-lm, fastapi, uvicorn, pydantic...
 # Wheels travel in git-ignored folders named in `carry` (64 MiB a call):
@@ -53,4 +55,6 @@ python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_devic
 # writes what it measured), so that a run near the call's limit returns its figures.
 limit=()
 [ -n "${MJC_BENCH_LIMIT:-}" ] && limit=(timeout -s TERM -k 30 "$MJC_BENCH_LIMIT")
-"${limit[@]}" python3 benchmarks/gpu_bench.py "$stage" --out "$OUT/gpu-bench-$stage.json" "$@" 2> >(tee "$OUT/bench-$stage.log" >&2)
+bench=(benchmarks/gpu_bench.py "$stage")
+[ "$stage" = structured ] && bench=(benchmarks/structured_bench.py)
+"${limit[@]}" python3 "${bench[@]}" --out "$OUT/gpu-bench-$stage.json" "$@" 2> >(tee "$OUT/bench-$stage.log" >&2)

@@ -200,6 +200,12 @@ class Settings(BaseSettings):
     max_schema_depth: int = Field(
         32, ge=2, description="Deepest nesting of a JSON schema's own JSON (objects and arrays); deeper is a 400."
     )
+    schema_compile_timeout: float = Field(
+        0.8,
+        gt=0.0,
+        description="Seconds rank 0 may spend compiling one request's schema or tool grammar (on a compile "
+        "thread, never the event loop); longer is a 400 naming the field, and that schema is refused at once after.",
+    )
     keepalive_interval: float = Field(
         5.0, gt=0, description="Seconds between SSE keepalive comments while nothing is sent."
     )

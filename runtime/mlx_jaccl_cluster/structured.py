@@ -4,7 +4,7 @@ The HTTP side (rank 0) turns a request's JSON schema, or its tools and ``tool_ch
 into one llguidance grammar and validates it against the model's tokenizer, so that a
 schema llguidance cannot enforce is a 400 naming the field and the keyword before
 anything reaches the engine. The grammar text then travels in the request's wire form,
-and every rank builds the same matcher from it (``engine/sampling.py``): the same
+and every rank builds the same matcher from it (``engine/grammar.py``): the same
 grammar, fed the same tokens, gives the same mask on every rank.
 
 No MLX here: llguidance and its tokenizer are plain CPU code.
@@ -13,6 +13,10 @@ No MLX here: llguidance and its tokenizer are plain CPU code.
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 #: How generated JSON is laid out: ``{"a": 1, "b": [1, 2]}`` (json.dumps' default). No
@@ -20,6 +24,10 @@ from dataclasses import dataclass
 #: and every rank's output is the same bytes. The server's options override any
 #: ``x-guidance`` a client puts in its schema (which could, say, turn on ``lenient``).
 JSON_OPTIONS = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", ", "lenient": False}
+
+#: Grammars (or refusals) kept per request shape, so that a client sending the same schema
+#: again skips the compile (milliseconds, up to ``schema_compile_timeout``).
+GRAMMARS_KEPT = 64
 
 #: Tool-call families whose call is a JSON object ``{"name", "arguments"}`` between the
 #: start and end markers, with the text the family may write around the object (optional
@@ -67,12 +75,21 @@ class Grammars:
     ``tokenizer`` is mlx-lm's TokenizerWrapper; ``vocab_size`` the width of the model's
     logits (the mask covers every logit). When llguidance cannot take the tokenizer,
     ``unsupported`` says why and every request for structure gets a 400 saying so.
+
+    Every outcome (the grammar, or the error) is kept for the next request of the same
+    shape, with the seconds it took: one that took longer than ``compile_timeout`` (the
+    HTTP side stopped waiting for it) is refused at once from then on. Thread-safe.
     """
 
-    def __init__(self, tokenizer, vocab_size: int | None, max_bytes: int, max_depth: int):
+    def __init__(
+        self, tokenizer, vocab_size: int | None, max_bytes: int, max_depth: int, compile_timeout: float | None = None
+    ):
         self.tokenizer = tokenizer
         self.max_bytes = max_bytes
         self.max_depth = max_depth
+        self.compile_timeout = compile_timeout
+        self._kept: OrderedDict[str, tuple[str | None, StructuredError | None, float]] = OrderedDict()
+        self._lock = threading.Lock()
         self.lltokenizer = None
         self.unsupported: str | None = None
         try:
@@ -91,12 +108,23 @@ class Grammars:
         return self.lltokenizer.vocab_size
 
     # --- the grammars ------------------------------------------------------------
+    @staticmethod
+    def field(kind: str, param: str) -> str:
+        """The request field a ``response_format`` grammar's errors name."""
+        return f"{param}.json_schema.schema" if kind == "json_schema" else param
+
     def for_response_format(self, kind: str, schema: dict | None, param: str, reasoning_first: bool) -> str:
         """The grammar of ``response_format`` ``json_object`` (any object) or ``json_schema``."""
+        self._require_tokenizer(param)
+        key = json.dumps(["format", kind, schema, param, reasoning_first], default=str)
+        return self._kept_or_built(
+            key, self.field(kind, param), lambda: self._response_format(kind, schema, param, reasoning_first)
+        )
+
+    def _response_format(self, kind: str, schema: dict | None, param: str, reasoning_first: bool) -> str:
         from llguidance import LLMatcher
 
-        self._require_tokenizer(param)
-        field = f"{param}.json_schema.schema" if kind == "json_schema" else param
+        field = self.field(kind, param)
         body = {"type": "object"} if kind == "json_object" else schema
         if not reasoning_first:
             if not isinstance(body, dict):
@@ -126,6 +154,10 @@ class Grammars:
         ``why``: the request field that made a grammar necessary (named in errors).
         """
         self._require_tokenizer(why)
+        key = json.dumps(["tools", tools, choice, parallel, answer, reasoning_first, why], default=str)
+        return self._kept_or_built(key, why, lambda: self._tools(tools, choice, parallel, answer, reasoning_first, why))
+
+    def _tools(self, tools, choice, parallel: bool, answer, reasoning_first: bool, why: str) -> str:
         start, end, before, after, between = self._call_format(why)
         chosen = tools
         if isinstance(choice, dict):
@@ -182,6 +214,42 @@ class Grammars:
         return self._lark(lines, "tools")
 
     # --- helpers -----------------------------------------------------------------
+    def _kept_or_built(self, key: str, param: str, build: Callable[[], str]) -> str:
+        # (key order stays: it is the order the JSON is written in. A key far over the
+        # schema limit is a request that fails its size check, or many tools: not kept.)
+        keep = len(key) <= 4 * self.max_bytes
+        with self._lock:
+            kept = self._kept.get(key) if keep else None
+            if kept is not None:
+                self._kept.move_to_end(key)
+        if kept is None:
+            started = time.perf_counter()
+            grammar, error = None, None
+            try:
+                grammar = build()
+            except StructuredError as exc:
+                error = exc
+            kept = (grammar, error, time.perf_counter() - started)
+            if keep:
+                with self._lock:
+                    self._kept[key] = kept
+                    while len(self._kept) > GRAMMARS_KEPT:
+                        self._kept.popitem(last=False)
+        grammar, error, seconds = kept
+        if error is None and self.compile_timeout is not None and seconds > self.compile_timeout:
+            raise self.too_slow(param, seconds)
+        if error is not None:
+            raise error
+        return grammar
+
+    def too_slow(self, param: str, seconds: float | None = None) -> StructuredError:
+        took = f"took {seconds:.1f} s" if seconds is not None else "takes longer"
+        return StructuredError(
+            f"{param} {took} to compile, more than this server allows ({self.compile_timeout:g} s, setting "
+            "schema_compile_timeout); simplify it (fewer alternatives, numeric ranges and patterns)",
+            param,
+        )
+
     def _require_tokenizer(self, param: str) -> None:
         if self.lltokenizer is None:
             raise StructuredError(

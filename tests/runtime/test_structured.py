@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,15 @@ pytestmark = pytest.mark.slow
 
 GENERATION_CONFIG = {"temperature": 0.0, "top_p": 0.9, "top_k": 40}
 SETTINGS_TOP_P = "0.8"  # MJC_DEFAULT_TOP_P: the cluster overrides the file's top_p
+# MJC_SCHEMA_COMPILE_TIMEOUT: far above the milliseconds the schemas here take, far below
+# SLOW_SCHEMA's seconds (it takes 1-3 s on the test VM)
+COMPILE_TIMEOUT = 0.25
+SLOW_SCHEMA = {
+    "type": "object",
+    "properties": {
+        f"n{i}": {"type": "number", "minimum": -123456.789 * i, "maximum": 98765.4321 * i} for i in range(1, 560)
+    },
+}
 
 S = {"type": "string", "maxLength": 12}  # a bounded string
 ASK = [{"role": "user", "content": "Describe a person as JSON."}]
@@ -242,7 +252,7 @@ def cluster(request, model, tmp_path_factory):
         2,
         tmp_path_factory.mktemp(f"structured-{request.param}"),
         parallel=request.param,
-        env={"MJC_DEFAULT_TOP_P": SETTINGS_TOP_P},
+        env={"MJC_DEFAULT_TOP_P": SETTINGS_TOP_P, "MJC_SCHEMA_COMPILE_TIMEOUT": str(COMPILE_TIMEOUT)},
     ) as c:
         yield c
 
@@ -477,6 +487,62 @@ def test_bad_structure_requests_are_named_quickly(cluster, body, field, words):
     for word in words:
         assert word in error["message"], error
     assert elapsed < 1.0
+    assert _post(cluster, messages=ASK, max_tokens=4).status_code == 200  # still serving
+
+
+def test_schemas_compile_while_others_stream(cluster):
+    """While a reply streams, an invalid, a too large and a too slow schema each get a 400
+    naming the field, the first two in under a second, the slow one at its compile limit;
+    the stream keeps going meanwhile (the compile runs on its own thread) and the same slow
+    schema, sent again once its compile is over, is refused at once."""
+    arrivals: list[float] = []
+
+    def stream():
+        body = {"model": cluster.model_id, "messages": ASK, "max_tokens": 300, "temperature": 0, "stream": True}
+        with httpx.stream("POST", cluster.url("/v1/chat/completions"), json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    arrivals.append(time.perf_counter())
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    deadline = time.perf_counter() + 120
+    while len(arrivals) < 3 and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert len(arrivals) >= 3, "the stream never started"
+    field = "response_format.json_schema.schema"
+    for schema, words, limit in [
+        ({"type": "array", "uniqueItems": True}, ["uniqueItems"], 1.0),
+        ({"type": "object", "properties": {f"k{i}": {"description": "x" * 100} for i in range(700)}}, ["bytes"], 1.0),
+        (SLOW_SCHEMA, ["schema_compile_timeout"], COMPILE_TIMEOUT + 1.0),
+    ]:
+        started = time.perf_counter()
+        r = _post(cluster, messages=ASK, response_format=_schema_format(schema))
+        elapsed = time.perf_counter() - started
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == field and all(w in error["message"] for w in words), error
+        assert elapsed < limit, (words, elapsed)
+    slow_sent = started
+    # Once its compile has finished in the background, the same schema is refused at once,
+    # saying how long it took ("takes longer": timed out again; 429: both compile threads
+    # still busy with it).
+    deadline = time.perf_counter() + 90
+    while True:
+        time.sleep(3.0)
+        started = time.perf_counter()
+        r = _post(cluster, messages=ASK, response_format=_schema_format(SLOW_SCHEMA))
+        elapsed = time.perf_counter() - started
+        assert r.status_code in (400, 429), r.text
+        if "took" in r.json()["error"]["message"] or time.perf_counter() > deadline:
+            break
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == field, error
+    assert "schema_compile_timeout" in error["message"] and "took" in error["message"], error
+    assert elapsed < 1.0
+    assert any(slow_sent < t < slow_sent + 3.0 for t in arrivals), "no token arrived while the schema compiled"
+    streaming.join(timeout=300)
+    assert len(arrivals) > 3 and arrivals[-1] > slow_sent
     assert _post(cluster, messages=ASK, max_tokens=4).status_code == 200  # still serving
 
 

@@ -12,7 +12,8 @@ import pytest
 from llguidance import LLMatcher
 from mlx_lm import load
 
-from mlx_jaccl_cluster.engine.sampling import GrammarMask
+from mlx_jaccl_cluster.engine import grammar as grammar_hook
+from mlx_jaccl_cluster.engine.grammar import GrammarBatch
 from mlx_jaccl_cluster.models.scripted import build_scripted_model
 from mlx_jaccl_cluster.structured import Grammars, StructuredError, schema_depth
 
@@ -38,9 +39,13 @@ TIME = {
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    _, tok = load(str(build_scripted_model(tmp_path_factory.mktemp("m") / "scripted")))
-    return tok
+def loaded(tmp_path_factory):
+    return load(str(build_scripted_model(tmp_path_factory.mktemp("m") / "scripted")))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(loaded):
+    return loaded[1]
 
 
 @pytest.fixture(scope="module")
@@ -176,17 +181,105 @@ def test_unknown_call_format_and_no_tokenizer_are_refused(tokenizer):
     assert err.value.param == "response_format"
 
 
-def test_the_mask_allows_only_grammar_tokens(grammars, tokenizer):
+def test_outcomes_are_kept_and_slow_compiles_refused(tokenizer):
+    g = Grammars(tokenizer, None, max_bytes=4096, max_depth=8, compile_timeout=60.0)
+    ab = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}
+    ba = ab | {"properties": dict(reversed(ab["properties"].items()))}
+    first = g.for_response_format("json_schema", ab, "response_format", reasoning_first=False)
+    assert g.for_response_format("json_schema", ab, "response_format", reasoning_first=False) is first  # kept
+    # key order is the order the JSON is written in: another grammar
+    assert g.for_response_format("json_schema", ba, "response_format", reasoning_first=False) != first
+    for _ in range(2):  # the refusal is kept too
+        with pytest.raises(StructuredError, match="uniqueItems"):
+            g.for_response_format("json_schema", {"type": "array", "uniqueItems": True}, "response_format", False)
+    slow = Grammars(tokenizer, None, max_bytes=4096, max_depth=8, compile_timeout=1e-9)
+    for _ in range(2):
+        with pytest.raises(StructuredError, match="schema_compile_timeout") as err:
+            slow.for_tools([WEATHER], "required", True, None, reasoning_first=False)
+        assert err.value.param == "tool_choice"
+
+
+def _allowed(row) -> set[int]:
+    return {int(t) for t in np.flatnonzero(np.isfinite(np.array(row)))}
+
+
+def test_the_batch_mask_allows_only_grammar_tokens(grammars, tokenizer):
+    """Rows with a grammar get its mask, a row without one is left alone, logits wider
+    than the tokenizer are forbidden in constrained rows; at the end only EOS is left."""
     g = grammars.for_response_format("json_schema", {"enum": ["yes"]}, "response_format", reasoning_first=False)
+    g2 = grammars.for_response_format("json_schema", {"type": "integer"}, "response_format", reasoning_first=False)
+    eos = sorted(tokenizer.eos_token_ids)
     vocab = grammars.vocab_size + 5  # a model whose logits are wider than the tokenizer
-    mask = GrammarMask(grammars.lltokenizer, g, grammars.vocab_size, sorted(tokenizer.eos_token_ids))
-    prompt = mx.array(encode(tokenizer, "hi"))
-    out = mask(prompt, mx.zeros((1, vocab)))
-    allowed = set(np.flatnonzero(np.isfinite(np.array(out[0]))))
-    expected = {t for t in range(grammars.vocab_size) if LLMatcher(grammars.lltokenizer, g).validate_tokens([t]) == 1}
-    assert allowed == expected and allowed
-    # after the whole answer, only EOS
-    for t in encode(tokenizer, '"yes"'):
-        out = mask(mx.concatenate([prompt, mx.array([t])]), mx.zeros((1, vocab)))
-        prompt = mx.concatenate([prompt, mx.array([t])])
-    assert set(np.flatnonzero(np.isfinite(np.array(out[0])))) == set(tokenizer.eos_token_ids)
+    batch = GrammarBatch(grammars.lltokenizer, grammars.vocab_size, eos, rows=1)  # grows to 3
+    batch.add(10, g)
+    batch.add(12, g2)
+
+    def expected(grammar, prefix):
+        m = feed(grammars, grammar, prefix)
+        return {t for t in range(grammars.vocab_size) if m.validate_tokens([t]) == 1}
+
+    prompt = encode(tokenizer, "hi")[-1]
+    out = batch.apply([10, 11, 12], mx.array([[prompt]] * 3), mx.zeros((3, 1, vocab)))
+    assert out.shape == (3, 1, vocab)
+    assert _allowed(out[0, 0]) == expected(g, []) and _allowed(out[0, 0])
+    assert _allowed(out[1, 0]) == set(range(vocab))
+    assert _allowed(out[2, 0]) == expected(g2, []) != expected(g, [])
+    answer = encode(tokenizer, '"yes"')
+    digit = encode(tokenizer, "7")
+    for k, t in enumerate(answer):
+        out = batch.apply([10, 11, 12], mx.array([t, 0, digit[0] if k == 0 else 0]), mx.zeros((3, vocab)))
+        if k == 0:
+            assert _allowed(out[2]) == expected(g2, digit)
+    assert _allowed(out[0]) == set(eos)
+    # a token the grammar refused (it cannot happen: it was masked) ends the row with EOS only
+    out = batch.apply([10, 11, 12], mx.array([eos[0], 5, 0]), mx.zeros((3, vocab)))
+    assert _allowed(out[2]) == set(eos)
+    out = batch.apply([10, 11, 12], mx.array([eos[0], 5, 1]), mx.zeros((3, vocab)))
+    assert _allowed(out[2]) == set(eos)  # and so it stays
+    batch.discard([10, 12])
+    plain = mx.zeros((3, vocab))
+    assert batch.apply([10, 11, 12], mx.array([1, 2, 3]), plain) is plain  # nothing constrained: untouched
+    batch.close()
+
+
+def test_the_hook_masks_mlx_lm_batches(loaded, grammars, tokenizer):
+    """Through mlx-lm's BatchGenerator with the hook installed: the constrained rows of a
+    mixed batch write the enum and stop; the unconstrained row writes what it writes alone."""
+    from mlx_lm.generate import BatchGenerator
+
+    model, _ = loaded
+    g = grammars.for_response_format(
+        "json_schema", {"enum": ["yes", "no way"]}, "response_format", reasoning_first=False
+    )
+    eos = sorted(tokenizer.eos_token_ids)
+    batch = GrammarBatch(grammars.lltokenizer, grammars.vocab_size, eos)
+    grammar_hook.install(batch)
+    try:
+        gen = BatchGenerator(model, stop_tokens=[[t] for t in eos])
+        prompts = [encode(tokenizer, f"question {i}") for i in range(3)]
+        uids = gen.insert(prompts, max_tokens=[30, 12, 30])
+        batch.add(uids[0], g)
+        batch.add(uids[2], g)
+        out: dict[int, list[int]] = {u: [] for u in uids}
+        finish = {}
+        while len(finish) < 3:
+            for r in gen.next()[1]:
+                out[r.uid].append(r.token)
+                if r.finish_reason:
+                    finish[r.uid] = r.finish_reason
+                    batch.discard([r.uid])
+        gen.close()
+    finally:
+        grammar_hook.install(None)
+    for uid in (uids[0], uids[2]):
+        assert finish[uid] == "stop" and out[uid][-1] in eos
+        assert json.loads(tokenizer.decode(out[uid][:-1])) in ("yes", "no way")
+    assert len(batch) == 0
+    alone = BatchGenerator(model, stop_tokens=[[t] for t in eos])
+    (uid,) = alone.insert([prompts[1]], max_tokens=[12])
+    tokens = []
+    while not tokens or r.finish_reason is None:
+        for r in alone.next()[1]:
+            tokens.append(r.token)
+    alone.close()
+    assert out[uids[1]] == tokens

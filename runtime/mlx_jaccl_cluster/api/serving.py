@@ -7,6 +7,7 @@ Runs on the HTTP side (asyncio); talks to the engine only through ``generation.E
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import math
 import random
@@ -29,6 +30,11 @@ from .schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat, S
 
 KEEPALIVE = object()  # yielded while nothing was generated for keepalive_interval
 
+#: Threads that compile schemas and tool grammars (rank 0). A compile past
+#: schema_compile_timeout keeps its thread until llguidance returns; with every thread
+#: so held, further schemas get a 429 rather than wait behind them.
+SCHEMA_COMPILERS = 2
+
 
 def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
     """Server-sent events as every surface streams them (OpenAI, Anthropic, Responses): not
@@ -36,6 +42,15 @@ def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(
         events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
+
+
+@dataclass
+class GrammarJob:
+    """The grammar a request needs, still to be compiled (``build`` may raise
+    StructuredError); ``param`` is the field a refusal names."""
+
+    param: str
+    build: Callable[[], str]
 
 
 @dataclass
@@ -49,6 +64,7 @@ class Prepared:
     include_usage: bool
     channels: Channels | None = None  # chat replies with reasoning or tool calls
     cached_tokens: int = 0  # prompt tokens the engine took from its prompt cache
+    grammar_job: GrammarJob | None = None  # compiled by Serving.prepare into request.grammar
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -215,11 +231,15 @@ class Serving:
         # Chat templates and encoding run here, one at a time, never on the event loop:
         # a multi-megabyte prompt then delays other prompts, not /health or streaming.
         self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mjc-tokenize")
+        # Schemas compile on threads of their own (not the tokenizing thread: a slow schema
+        # then delays only other schemas), each bounded by schema_compile_timeout.
+        self._compiling = ThreadPoolExecutor(max_workers=SCHEMA_COMPILERS, thread_name_prefix="mjc-schema")
         self._max_token_chars: int | None = None
         self.service_s: float | None = None  # recent time a request spends in the batch (moving average)
 
     def close(self) -> None:
         self._tokenizing.shutdown(wait=False, cancel_futures=True)
+        self._compiling.shutdown(wait=False, cancel_futures=True)
 
     @property
     def model_id(self) -> str:
@@ -235,9 +255,49 @@ class Serving:
 
     # --- preparing ---------------------------------------------------------------
     async def prepare(self, prepare: Callable, body, **options) -> Prepared:
-        """Run ``prepare`` (prepare_chat, prepare_completion...) on the tokenizing thread."""
+        """Run ``prepare`` (prepare_chat, prepare_completion...) on the tokenizing thread,
+        then compile the grammar it asks for, if any, on a compile thread."""
         call = functools.partial(prepare, body, **options)
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, call)
+        prepared = await asyncio.get_running_loop().run_in_executor(self._tokenizing, call)
+        if prepared.grammar_job is not None:
+            grammar = await self._compile(prepared.grammar_job)
+            prepared.request = dataclasses.replace(prepared.request, grammar=grammar)
+            prepared.grammar_job = None
+        return prepared
+
+    async def _compile(self, job: GrammarJob) -> str:
+        """``job``'s grammar, or a 400 naming its field: it is invalid, or its compile ran
+        past schema_compile_timeout (counted from when a compile thread took it up; the
+        compile then finishes in the background and the same schema is refused at once
+        after). A 429 when every compile thread stayed busy for that long."""
+        limit = self.settings.schema_compile_timeout
+        started: list[float] = []
+
+        def run() -> str:
+            started.append(time.perf_counter())
+            return job.build()
+
+        future = asyncio.wrap_future(self._compiling.submit(run))
+        done, _ = await asyncio.wait({future}, timeout=limit)
+        if not done and started:
+            left = started[0] + limit - time.perf_counter()
+            done, _ = await asyncio.wait({future}, timeout=max(left, 0.0))
+        if not done:
+            future.cancel()  # a compile not yet started is dropped; a running one finishes
+            if not started:
+                raise APIError(
+                    429,
+                    f"every schema compiler ({SCHEMA_COMPILERS}) is busy with slow schemas; retry in a few seconds",
+                    param=job.param,
+                    code="schema_compilers_busy",
+                    headers={"Retry-After": str(max(1, math.ceil(limit)))},
+                )
+            error = self.engine.grammars.too_slow(job.param)
+            raise APIError(400, error.message, param=error.param, code="unsupported_schema")
+        try:
+            return future.result()
+        except StructuredError as exc:
+            raise APIError(400, exc.message, param=exc.param, code="unsupported_schema") from None
 
     @property
     def max_token_chars(self) -> int:
@@ -322,14 +382,17 @@ class Serving:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = req.max_completion_tokens or req.max_tokens
         initial = initial_state(tokenizer, prompt) if tools or tokenizer.has_thinking else "normal"
-        grammar = self._chat_grammar(req, tools, reasoning_first=initial == "reasoning")
-        prepared = self._prepared("chat", req, prompt, "messages", max_tokens, top, grammar, fill_context)
+        job = self._chat_grammar(req, tools, reasoning_first=initial == "reasoning")
+        prepared = self._prepared("chat", req, prompt, "messages", max_tokens, top, job, fill_context)
         if tools or tokenizer.has_thinking:
             prepared.channels = Channels(self.engine.text_machine, tokenizer, tools, initial)
         return prepared
 
-    def _chat_grammar(self, req: ChatCompletionRequest, tools: list[dict] | None, reasoning_first: bool) -> str | None:
-        """The grammar a chat reply must follow, or None when nothing constrains it.
+    def _chat_grammar(
+        self, req: ChatCompletionRequest, tools: list[dict] | None, reasoning_first: bool
+    ) -> GrammarJob | None:
+        """The grammar a chat reply must follow (to be compiled), or None when nothing
+        constrains it.
 
         With tools on offer, one grammar covers the call (forced by ``tool_choice``,
         checked for ``strict`` tools, one only with ``parallel_tool_calls: false``) and,
@@ -337,31 +400,29 @@ class Serving:
         free text). Without tools, the response_format's JSON."""
         fmt = req.response_format if req.response_format and req.response_format.constrained else None
         forced = req.forced_choice()
-        try:
-            if tools:
-                strict = any(t["function"].get("strict") for t in tools)
-                why = (
-                    "tool_choice"
-                    if forced
-                    else "response_format"
-                    if fmt
-                    else "tools"
-                    if strict
-                    else "parallel_tool_calls"
+        grammars = self.engine.grammars
+        if tools:
+            strict = any(t["function"].get("strict") for t in tools)
+            why = (
+                "tool_choice" if forced else "response_format" if fmt else "tools" if strict else "parallel_tool_calls"
+            )
+            if forced or fmt or strict or not req.parallel_tool_calls:
+                answer = self._format_schema(fmt) if fmt and not forced else None
+                parallel = req.parallel_tool_calls
+                return GrammarJob(
+                    why, lambda: grammars.for_tools(tools, forced or "auto", parallel, answer, reasoning_first, why)
                 )
-                if forced or fmt or strict or not req.parallel_tool_calls:
-                    answer = self._format_schema(fmt) if fmt and not forced else None
-                    return self.engine.grammars.for_tools(
-                        tools, forced or "auto", req.parallel_tool_calls, answer, reasoning_first, why
-                    )
-                return None
-            if fmt:
-                return self.engine.grammars.for_response_format(
-                    fmt.type, fmt.schema_body, "response_format", reasoning_first
-                )
-        except StructuredError as exc:
-            raise APIError(400, exc.message, param=exc.param, code="unsupported_schema") from None
+            return None
+        if fmt:
+            return self._format_job(fmt, reasoning_first)
         return None
+
+    def _format_job(self, fmt: ResponseFormat, reasoning_first: bool) -> GrammarJob:
+        grammars = self.engine.grammars
+        return GrammarJob(
+            grammars.field(fmt.type, "response_format"),
+            lambda: grammars.for_response_format(fmt.type, fmt.schema_body, "response_format", reasoning_first),
+        )
 
     @staticmethod
     def _format_schema(fmt: ResponseFormat) -> dict:
@@ -385,14 +446,9 @@ class Serving:
             prompt = list(req.prompt)
         if not prompt:
             raise APIError(400, "prompt encodes to no tokens", param="prompt")
-        grammar = None
         fmt = req.response_format
-        if fmt is not None and fmt.constrained:
-            try:
-                grammar = self.engine.grammars.for_response_format(fmt.type, fmt.schema_body, "response_format", False)
-            except StructuredError as exc:
-                raise APIError(400, exc.message, param=exc.param, code="unsupported_schema") from None
-        return self._prepared("completion", req, prompt, "prompt", req.max_tokens, req.logprobs, grammar, fill_context)
+        job = self._format_job(fmt, False) if fmt is not None and fmt.constrained else None
+        return self._prepared("completion", req, prompt, "prompt", req.max_tokens, req.logprobs, job, fill_context)
 
     def _prepared(
         self,
@@ -402,7 +458,7 @@ class Serving:
         prompt_field: str,
         max_tokens: int | None,
         top_logprobs: int | None,
-        grammar: str | None = None,
+        grammar_job: GrammarJob | None = None,
         fill_context: bool = False,
     ) -> Prepared:
         max_tokens = self.budget(max_tokens, prompt, prompt_field, fill_context)
@@ -429,10 +485,16 @@ class Serving:
             max_tokens=max_tokens,
             sampling=sampling,
             top_logprobs=top_logprobs,
-            grammar=grammar,
         )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Prepared(kind=kind, request=gen, stops=req.stop, stream=req.stream, include_usage=include_usage)
+        return Prepared(
+            kind=kind,
+            request=gen,
+            stops=req.stop,
+            stream=req.stream,
+            include_usage=include_usage,
+            grammar_job=grammar_job,
+        )
 
     def budget(self, requested: int | None, prompt: list[int], prompt_field: str, fill_context: bool) -> int:
         """The max_tokens a request runs with, decided here and nowhere else.

@@ -49,12 +49,12 @@ from ..generation import (
 from ..settings import Settings
 from ..state import ClusterState
 from ..structured import Grammars
-from . import fastpath, prefill
+from . import fastpath, grammar, prefill
 from .allocator import map_large_buffers
 from .link_probe import LinkProbe, run_step
 from .loader import LoadedModel, ModelError, load_model
 from .prompt_cache import PromptCache, held_bytes, kv_bytes_per_token
-from .sampling import GrammarMask, make_processors, make_sampler
+from .sampling import make_processors, make_sampler
 from .single import Lone, can_join_batch, hand_over, take_uid
 
 log = logging.getLogger("mjc.engine")
@@ -103,6 +103,8 @@ class Engine:
         self.sampling_defaults: SamplingDefaults | None = None
         #: the model's llguidance tokenizer and grammar builder (structured output)
         self.grammars: Grammars | None = None
+        #: the constrained sequences' matchers, masked as one batch (engine/grammar.py)
+        self._masks: grammar.GrammarBatch | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Ticket]] = queue.SimpleQueue()
         self._tickets: dict[int, Ticket] = {}
         self._tickets_lock = threading.Lock()
@@ -244,13 +246,19 @@ class Engine:
         self.state.parallel, self.state.parallel_reason = layout.parallel, layout.reason
         self.sampling_defaults = SamplingDefaults.resolve(s.sampling_overrides, self.loaded.generation_config or {})
         tokenizer = self.loaded.tokenizer
-        self.grammars = Grammars(tokenizer, self.vocab_size, s.max_schema_bytes, s.max_schema_depth)
+        self.grammars = Grammars(
+            tokenizer, self.vocab_size, s.max_schema_bytes, s.max_schema_depth, s.schema_compile_timeout
+        )
         if self.grammars.unsupported:
             log.warning("structured output is off: %s", self.grammars.unsupported)
         self._prompts.token_bytes = kv_bytes_per_token(self.loaded.config)
         fastpath.install()
         prefill.install()
         self._lone_ok = s.single_sequence and can_join_batch(self.loaded.model)
+        if self.grammars.lltokenizer is not None:
+            eos = sorted(tokenizer.eos_token_ids)
+            self._masks = grammar.GrammarBatch(self.grammars.lltokenizer, self.grammars.vocab_size, eos, s.max_batch)
+        grammar.install(self._masks)  # last: it wraps the step that fastpath installed
         self._gen = BatchGenerator(
             self.loaded.model,
             stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
@@ -298,6 +306,8 @@ class Engine:
         every rank knows alike (the step's inserts, the requests running, the settings)."""
         if not self._lone_ok or self._active or len(inserts) != 1:
             return False
+        if inserts[0].grammar is not None:  # grammar masks are applied in the batch step only
+            return False
         # a long prompt prefills in the batch, a chunk a step, so a request that arrives
         # meanwhile waits one chunk, not the whole prompt
         return len(inserts[0].prompt_tokens) - reused[0][1] <= self.settings.prefill_step_size
@@ -317,6 +327,8 @@ class Engine:
         """Apply one step's changes; identical on every rank."""
         assert self._gen is not None
         uids = []
+        if inserts:
+            self._check_grammars(inserts)
         if alone:
             (r,), ((cache, k),) = inserts, reused
             uids = [take_uid(self._gen)]
@@ -328,7 +340,7 @@ class Engine:
                 r.prompt_tokens[:k],
                 r.max_tokens,
                 self._sampler(r),
-                make_processors(r.sampling, self._grammar_mask(r)),
+                make_processors(r.sampling),
             )
         elif inserts:
             if self._lone is not None:  # a second request: the lone one joins the batch
@@ -340,12 +352,15 @@ class Engine:
                 all_tokens=[r.prompt_tokens[:k] for r, (_, k) in zip(inserts, reused)],
                 max_tokens=[r.max_tokens for r in inserts],
                 samplers=[self._sampler(r) for r in inserts],
-                logits_processors=[make_processors(r.sampling, self._grammar_mask(r)) for r in inserts],
+                logits_processors=[make_processors(r.sampling) for r in inserts],
             )
         if inserts:
             expected = list(range(self._next_uid, self._next_uid + len(inserts)))
             if uids != expected:
                 raise Desync(f"the engine gave uids {uids}, expected {expected}")
+            for uid, r in zip(uids, inserts):
+                if r.grammar is not None:
+                    self._masks.add(uid, r.grammar)
             self._next_uid += len(inserts)
             self._active.update(uids)
         if removes:
@@ -355,21 +370,18 @@ class Engine:
             if rest := [uid for uid in removes if uid != lone_uid]:
                 self._gen.remove(rest)
             self._active.difference_update(removes)
+            if self._masks is not None:
+                self._masks.discard(removes)
         return uids
 
-    def _grammar_mask(self, request: GenerationRequest) -> GrammarMask | None:
-        if request.grammar is None:
-            return None
-        if self.grammars is None or self.grammars.lltokenizer is None:
+    def _check_grammars(self, inserts: list[GenerationRequest]) -> None:
+        if self._masks is None and any(r.grammar is not None for r in inserts):
             # rank 0 refuses such requests, so another rank got here only if its
             # environment differs (llguidance missing): out of step, not a bad request
             raise Desync(
                 f"rank {self.settings.rank} cannot build a grammar matcher: "
                 f"{self.grammars.unsupported if self.grammars else 'no model'}"
             )
-        return GrammarMask(
-            self.grammars.lltokenizer, request.grammar, self.grammars.vocab_size, sorted(self.tokenizer.eos_token_ids)
-        )
 
     def _step(self) -> list:
         """One generation step (decode plus at most one prefill chunk), or the lone
@@ -387,6 +399,8 @@ class Engine:
             if r.finish_reason is not None:
                 self._active.discard(r.uid)
                 self._prompts.store(r.all_tokens, r.prompt_cache)
+                if self._masks is not None:
+                    self._masks.discard((r.uid,))
         self._checksum = acc
         return responses
 

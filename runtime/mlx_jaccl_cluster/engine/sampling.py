@@ -51,69 +51,13 @@ def make_sampler(params: SamplingParams) -> Sampler:
     return sampler
 
 
-def make_processors(params: SamplingParams, grammar_mask: GrammarMask | None = None) -> list:
-    """Logit bias and penalties, then the grammar's mask (last, so that nothing can lift a
-    token it forbids); an empty list when none were asked for."""
-    processors = make_logits_processors(
+def make_processors(params: SamplingParams) -> list:
+    """Logit bias and penalties; an empty list when none were asked for. (A grammar's mask
+    is no processor: engine/grammar.py masks the whole batch before these run, and none of
+    them can lift a -inf.)"""
+    return make_logits_processors(
         logit_bias=params.logit_bias or None,
         repetition_penalty=params.repetition_penalty,
         presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty,
     )
-    if grammar_mask is not None:
-        processors.append(grammar_mask)
-    return processors
-
-
-class GrammarMask:
-    """A logits processor that lets through only the tokens an llguidance grammar allows.
-
-    One per constrained sequence, on every rank: built from the same grammar text and fed
-    the same sampled tokens, every rank's matcher computes the same mask, so the ranks
-    keep picking the same token (the step checksum would catch a drift). mlx-lm calls it
-    once per decode step with the sequence's tokens so far; the first call sees the
-    prompt, each later one the token sampled since. When the grammar is complete only
-    EOS is allowed, so the sequence stops there; if the matcher fails (it should not:
-    every sampled token was allowed) it allows only EOS as well, and says so in the log.
-
-    The mask is computed on the CPU (llguidance, about 50 µs at a 128k vocabulary) and
-    applied with ``mx.where``, which runs on every MLX device (llguidance's own helper is
-    a Metal kernel). Reading the sampled token costs one sync per step for constrained
-    sequences only.
-    """
-
-    def __init__(self, lltokenizer, grammar: str, vocab_size: int, eos: list[int]):
-        import llguidance
-
-        self._matcher = llguidance.LLMatcher(lltokenizer, grammar, log_level=0)
-        self._vocab = vocab_size
-        self._eos = eos
-        self._started = False
-        self._failed = False
-        if self._matcher.is_error():
-            self._fail(self._matcher.get_error())
-
-    def _fail(self, why: str) -> None:
-        if not self._failed:
-            import logging
-
-            logging.getLogger("mjc.engine").warning("grammar matcher failed (%s); ending the sequence", why)
-        self._failed = True
-
-    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        import numpy as np
-
-        if self._started and not self._failed:
-            if not self._matcher.consume_token(int(tokens[-1].item())):
-                self._fail(self._matcher.get_error())
-        self._started = True
-        width = logits.shape[-1]
-        if self._failed:
-            allowed = np.zeros(width, dtype=bool)
-            allowed[[t for t in self._eos if t < width]] = True
-        else:
-            bits = np.unpackbits(np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-            allowed = np.zeros(width, dtype=bool)
-            n = min(width, self._vocab, bits.size)
-            allowed[:n] = bits[:n].astype(bool)
-        return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
