@@ -22,14 +22,15 @@ full context, also for sliding-window layers).
 from __future__ import annotations
 
 import json
-import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import stage_files
 from ..layout import LayoutError, choose, num_layers, text_config
+from . import manifest
 
 GiB = 1 << 30
 #: What a rank costs beyond weights and KV cache: Python, MLX, the tokenizer, the HTTP
@@ -38,7 +39,7 @@ RANK_OVERHEAD_BYTES = GiB // 2
 #: Share of physical memory a Mac's GPU may wire when iogpu.wired_limit_mb is unset
 #: (macOS's default working-set limit is about two thirds to three quarters of memory).
 DEFAULT_GPU_SHARE = 0.70
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER = stage_files.LAYER
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -349,8 +350,41 @@ def place_plan(
             env["MJC_PIPELINE_SPLIT"] = ",".join(str(n) for n in placement.split)
         else:
             env.pop("MJC_PIPELINE_SPLIT", None)
+    problems = list(placement.problems)
+    try:
+        files = machine_files(out, folder, config, placement)
+    except stage_files.StageFilesError as exc:
+        files, problems = {}, problems + [f"{ranks[0]}: model: {exc}"]
+    lines = []
+    for h in ranks:
+        out["hosts"][h].pop("model_files", None)
+        if h in files:
+            out["hosts"][h]["model_files"] = files[h]
+            if out["hosts"][h].get("primary", True):
+                lines.append(f"{h}: receives {len(files[h])} of the model's files (its stages' layers)")
     return {
         "plan": out,
-        "problems": placement.problems,
-        "summary": [f"{resolved}: {placement.reason}"] + summary(placement),
+        "problems": problems,
+        "summary": [f"{resolved}: {placement.reason}"] + summary(placement) + lines,
     }
+
+
+def machine_files(
+    plan: Mapping[str, Any], folder: Path, config: Mapping[str, Any], placement: Placement
+) -> dict[str, list[str]]:
+    """hostname -> the model files its machine must hold (stage_files.py), for pipeline
+    layouts of a model with a weight index; ranks that share a machine (ssh target and
+    install prefix, as the plan's ``primary``) share its folder, so each gets the union of
+    their stages. Empty (every node gets every file) for tensor layouts and one-file models."""
+    weight_map = stage_files.read_weight_map(folder)
+    if not placement.split or weight_map is None:
+        return {}
+    n = num_layers(dict(config))
+    every = [str(p.relative_to(folder)) for p in manifest.files(folder)]
+    stages: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    key = {}
+    for need in placement.ranks:
+        entry = plan["hosts"][need.host]
+        key[need.host] = (entry["ssh"], entry.get("prefix", ""))
+        stages.setdefault(key[need.host], []).append(need.layers)
+    return {h: stage_files.node_files(every, weight_map, n, stages[k]) for h, k in key.items()}
