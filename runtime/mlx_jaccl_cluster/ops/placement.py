@@ -11,8 +11,10 @@ memory (``mjc_node`` of readiness: physical memory, and on macOS the GPU wired l
   other ranks share the remaining layers in proportion to their usable memory, after each
   has paid for what every stage holds (embeddings, final norm, head) and its KV cache;
 - the fit check: each rank's bytes (its weights + the KV cache of ``max_batch`` sequences
-  of ``max_context`` tokens over its layers + a fixed runtime overhead) against its share
-  of its machine's usable memory. A rank that does not fit is a problem naming the host,
+  of ``max_context`` tokens over its layers + its share of the prompt cache, which keeps
+  finished sequences' KV cache up to ``prompt_cache_bytes`` of the whole model's, at most
+  ``prompt_cache_size`` sequences of ``max_context`` tokens + a fixed runtime overhead)
+  against its share of its machine's usable memory. A rank that does not fit is a problem naming the host,
   the shortfall in GiB and the fixes.
 
 The estimates are upper bounds where the model makes them so (every layer's KV cache at the
@@ -127,10 +129,11 @@ class RankNeed:
     kv: int
     available: int
     machine_ranks: int = 1
+    prompt_cache: int = 0
 
     @property
     def need(self) -> int:
-        return self.weights + self.kv + RANK_OVERHEAD_BYTES
+        return self.weights + self.kv + self.prompt_cache + RANK_OVERHEAD_BYTES
 
 
 @dataclass
@@ -179,12 +182,16 @@ def place(
     max_context: int | None = None,
     layers: Mapping[str, int | None] | None = None,
     machines: Mapping[str, str] | None = None,
+    prompt_cache_bytes: int = 0,
+    prompt_cache_size: int = 0,
 ) -> Placement:
     """Layout, split and fit of the model over ``ranks`` (hostnames in rank order).
 
     ``nodes``: hostname -> readiness facts (memory_bytes, system, wired_limit_mb);
     ``layers``: hostname -> explicit pipeline layer count (cluster_layers);
-    ``machines``: hostname -> machine key, so ranks sharing a machine share its memory.
+    ``machines``: hostname -> machine key, so ranks sharing a machine share its memory;
+    ``prompt_cache_bytes`` / ``prompt_cache_size``: the runtime's prompt cache bounds
+    (Settings), whose KV memory the ranks hold in proportion to their layers.
     """
     world = len(ranks)
     fp = footprint(config, sizes, max_context)
@@ -199,6 +206,7 @@ def place(
     available = [usable_memory(nodes.get(h, {})) // per_machine[machines[h]] for h in ranks]
     kv_per_layer = fp.kv_bytes_per_token_layer * fp.context * max_batch
     n = len(fp.layer_bytes)
+    cached = prompt_cache_total(fp, prompt_cache_bytes, prompt_cache_size)
     result = Placement(layout.parallel, layout.reason)
     explicit = {h: v for h, v in (layers or {}).items() if v is not None}
     if explicit and layout.parallel != "pipeline":
@@ -209,7 +217,7 @@ def place(
         ]
         return result
     if layout.parallel == "pipeline":
-        per_layer = (sum(fp.layer_bytes) / n) + kv_per_layer
+        per_layer = (sum(fp.layer_bytes) / n) + kv_per_layer + cached / n
         weights = [max(a - fp.shared_bytes - RANK_OVERHEAD_BYTES, 0) / per_layer for a in available]
         try:
             result.split = weighted_split(n, weights, [explicit.get(h) for h in ranks])
@@ -228,6 +236,7 @@ def place(
                     kv_per_layer * (end - start),
                     available[r],
                     per_machine[machines[h]],
+                    cached * (end - start) // n,
                 )
             )
             start = end
@@ -244,15 +253,29 @@ def place(
                     kv_per_layer * n // world,
                     available[r],
                     per_machine[machines[h]],
+                    cached // world,
                 )
             )
     for need in result.ranks:
         if need.need > need.available:
-            result.problems.append(_shortfall(need, result, fp, world, max_batch))
+            result.problems.append(_shortfall(need, result, fp, world, max_batch, prompt_cache_bytes))
     return result
 
 
-def _shortfall(need: RankNeed, placement: Placement, fp: Footprint, world: int, max_batch: int) -> str:
+def prompt_cache_total(fp: Footprint, prompt_cache_bytes: int, prompt_cache_size: int) -> int:
+    """Bytes of the whole model's KV cache the prompt cache may keep: ``prompt_cache_bytes``
+    (engine/prompt_cache.py counts tokens x the whole model's per-token KV size against it),
+    but never more than ``prompt_cache_size`` sequences of the full context; 0 bytes means
+    no byte bound, so the entry count alone bounds it."""
+    if prompt_cache_size <= 0:
+        return 0
+    by_entries = prompt_cache_size * fp.context * fp.kv_bytes_per_token_layer * len(fp.layer_bytes)
+    return min(prompt_cache_bytes, by_entries) if prompt_cache_bytes > 0 else by_entries
+
+
+def _shortfall(
+    need: RankNeed, placement: Placement, fp: Footprint, world: int, max_batch: int, prompt_cache_bytes: int = 0
+) -> str:
     short = (need.need - need.available) / GiB
     share = f" (its machine's usable memory shared by {need.machine_ranks} ranks)" if need.machine_ranks > 1 else ""
     what = f"layers {need.layers[0]}..{need.layers[1] - 1}" if need.layers else f"1/{world} of every layer"
@@ -265,9 +288,15 @@ def _shortfall(need: RankNeed, placement: Placement, fp: Footprint, world: int, 
         "a quantized model (mlx_lm.convert -q)",
         f"a smaller context or batch (cluster_runtime_settings max_context, now {fp.context}; max_batch, now {max_batch})",
     ]
+    if need.prompt_cache:
+        now = f"{prompt_cache_bytes / GiB:.2f} GiB" if prompt_cache_bytes else "0 (no byte bound)"
+        fixes.append(
+            f"a smaller prompt cache (cluster_runtime_settings prompt_cache_bytes, now {now}; or prompt_cache_size)"
+        )
     return (
         f"{need.host}: rank {need.rank} needs {need.need / GiB:.2f} GiB ({what}: weights {need.weights / GiB:.2f} GiB, "
-        f"KV cache {need.kv / GiB:.2f} GiB for {max_batch} x {fp.context} tokens, runtime "
+        f"KV cache {need.kv / GiB:.2f} GiB for {max_batch} x {fp.context} tokens, "
+        f"prompt cache {need.prompt_cache / GiB:.2f} GiB, runtime "
         f"{RANK_OVERHEAD_BYTES / GiB:.2f} GiB) but has {need.available / GiB:.2f} GiB{share}: "
         f"{short:.2f} GiB short. Fixes: {'; '.join(fixes)}"
     )
@@ -321,8 +350,9 @@ def place_plan(
             "problems": [f"{plan['ranks'][0]}: model: cannot read {folder} for placement: {exc}"],
             "summary": [],
         }
-    max_batch = int(runtime.get("max_batch", Settings.model_fields["max_batch"].default))
-    max_context = runtime.get("max_context", Settings.model_fields["max_context"].default)
+    defaults = {k: f.default for k, f in Settings.model_fields.items()}
+    max_batch = int(runtime.get("max_batch", defaults["max_batch"]))
+    max_context = runtime.get("max_context", defaults["max_context"])
     ranks = list(plan["ranks"])
     machines = {h: plan["hosts"][h]["ssh"] for h in ranks}
     facts = {h: dict(nodes.get(h) or {}) for h in ranks}
@@ -340,6 +370,8 @@ def place_plan(
         max_context,
         {h: v for h, v in layers.items() if v is not None},
         machines,
+        int(runtime.get("prompt_cache_bytes", defaults["prompt_cache_bytes"])),
+        int(runtime.get("prompt_cache_size", defaults["prompt_cache_size"])),
     )
     out = json.loads(json.dumps(plan))  # a deep copy of plain data
     resolved = placement.parallel if placement.parallel in ("tensor", "pipeline") else "tensor"
