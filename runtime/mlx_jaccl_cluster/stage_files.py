@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 INDEX = "model.safetensors.index.json"
@@ -60,6 +60,14 @@ def read_weight_map(folder: Path) -> dict[str, str] | None:
 def tied(weight_map: Mapping[str, str]) -> bool:
     """True when the index holds no separate head: the embedding computes the logits."""
     return not any(HEAD.search(name) and not LAYER.search(name) for name in weight_map)
+
+
+def stage_range(split: Sequence[int], rank: int, reverse: bool = False) -> tuple[int, int]:
+    """``[start, end)`` of ``rank``'s layers under ``split`` (layers per rank). The generic
+    split gives rank 0 the first layers; mlx-lm's ``PipelineMixin.pipeline()`` runs the split
+    in reverse (``reverse``): rank r takes the layers after those of ranks r+1...size-1."""
+    start = sum(split[rank + 1 :]) if reverse else sum(split[:rank])
+    return start, start + split[rank]
 
 
 def stage_weight_files(weight_map: Mapping[str, str], n_layers: int, start: int, end: int) -> set[str]:

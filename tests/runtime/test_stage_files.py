@@ -22,22 +22,23 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["What is the capital of France?", "def add(a, b):"]
 
 
-def shares(model: Path, split: list[int], root: Path) -> list[Path]:
-    """One folder per rank holding only what its stage needs (as the model role syncs it)."""
+def shares(model: Path, split: list[int], root: Path, reverse: bool = False) -> list[Path]:
+    """One folder per rank holding only what its stage needs (as the model role syncs it);
+    ``reverse``: mlx-lm's PipelineMixin order (rank 0 runs the last layers)."""
     import json
 
     config = json.loads((model / "config.json").read_text())
     weight_map = stage_files.read_weight_map(model)
     every = [str(p.relative_to(model)) for p in files(model)]
-    out, start = [], 0
-    for rank, n in enumerate(split):
-        keep = stage_files.node_files(every, weight_map, num_layers(config), [(start, start + n)])
+    out = []
+    for rank in range(len(split)):
+        stage = stage_files.stage_range(split, rank, reverse)
+        keep = stage_files.node_files(every, weight_map, num_layers(config), [stage])
         folder = root / f"rank{rank}" / model.name
         folder.mkdir(parents=True)
         for rel in keep:
             shutil.copy2(model / rel, folder / rel)
         out.append(folder)
-        start += n
     return out
 
 
@@ -55,8 +56,8 @@ def per_rank_cluster(folders: list[Path], workdir: Path, split: list[int]) -> Cl
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage-files")
     built = {}
-    for name, tie in (("untied", False), ("tied", True)):
-        built[name] = build_tiny_model(root / name, arch="mistral", tie_word_embeddings=tie)
+    for name, arch, tie in (("untied", "mistral", False), ("tied", "mistral", True), ("native", "qwen2", False)):
+        built[name] = build_tiny_model(root / name, arch=arch, tie_word_embeddings=tie)
         reshard(built[name], 4)
     return built
 
@@ -101,5 +102,27 @@ def test_a_share_without_a_file_it_needs_is_refused_naming_it(models, tmp_path):
         log = cluster.log(1)
         assert "lacks weight files named in its index that this rank needs (this rank's layers 4..5)" in log
         assert "model-00003-of-00004.safetensors" in log and "re-sync" in log
+    finally:
+        cluster.stop()
+
+
+def test_mlx_lm_pipeline_ranks_serve_their_reversed_shares(models, tmp_path):
+    """qwen2 has mlx-lm's own pipeline(), which runs the split in reverse: rank 0 holds the
+    last layers (and no embedding file), rank 1 the first; each serves from that share."""
+    model, split = models["native"], [4, 2]
+    folders = shares(model, split, tmp_path / "nodes", reverse=True)
+    held = [sorted(p.name for p in f.glob("*.safetensors")) for f in folders]
+    assert held == [
+        ["model-00002-of-00004.safetensors", "model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors"],
+        ["model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors", "model-00004-of-00004.safetensors"],
+    ]
+    cluster = per_rank_cluster(folders, tmp_path / "c", split)
+    try:
+        assert cluster.wait_ready()["ranks_up"] == 2
+        assert "mlx-lm pipeline(), layers 2..5 of 6 (split [4, 2]), from this node's share" in cluster.log(0)
+        assert "mlx-lm pipeline(), layers 0..1 of 6 (split [4, 2]), from this node's share" in cluster.log(1)
+        messages = [{"role": "user", "content": PROMPTS[0]}]
+        got = cluster.chat(PROMPTS[0], max_tokens=16)["choices"][0]["message"]["content"]
+        assert got == reference_text(model, messages=messages, max_tokens=16)
     finally:
         cluster.stop()

@@ -171,3 +171,30 @@ def test_a_cut_manifest_verifies_the_share_and_flags_other_weight_files(sharded,
     (issue,) = manifest.problems(node, cut)
     assert issue.startswith("model-00001-of-00004.safetensors: not this node's share")
     assert manifest.problems(node, full)  # the whole-model manifest names what the share lacks
+
+
+def test_mlx_lm_pipeline_order_is_reversed_and_a_class_of_its_own_gets_every_file(tmp_path):
+    from mlx_jaccl_cluster.models.tiny import build_tiny_model, reshard
+    from mlx_jaccl_cluster.ops.placement import place
+
+    assert stage_files.stage_range([4, 2], 0) == (0, 4) and stage_files.stage_range([4, 2], 1) == (4, 6)
+    assert stage_files.stage_range([4, 2], 0, reverse=True) == (2, 6)  # PipelineMixin: rank 0 runs the last
+    assert stage_files.stage_range([4, 2], 1, reverse=True) == (0, 2)
+    qwen2 = build_tiny_model(tmp_path / "qwen2", arch="qwen2")
+    reshard(qwen2, 4)
+    nodes = {h: {"system": "Linux", "memory_bytes": 8 * GiB} for h in "ab"}
+    plan = plan_of(["a", "b"])
+    plan["hosts"]["a"]["layers"], plan["hosts"]["b"]["layers"] = 4, 2
+    out = place_plan(plan, str(qwen2), nodes, "pipeline", {"max_batch": 1})
+    assert "rank 0 a: layers 2..5" in "\n".join(out["summary"]) and "rank 1 b: layers 0..1" in "\n".join(out["summary"])
+    files = {h: [f for f in out["plan"]["hosts"][h]["model_files"] if f.endswith(".safetensors")] for h in "ab"}
+    assert files["a"] == [f"model-0000{i}-of-00004.safetensors" for i in (2, 3, 4)]
+    assert files["b"] == [f"model-0000{i}-of-00004.safetensors" for i in (1, 2, 4)]
+    # generic_pipeline: our own split, forward order
+    generic = place_plan(plan, str(qwen2), nodes, "pipeline", {"max_batch": 1, "generic_pipeline": True})
+    assert "rank 0 a: layers 0..3" in "\n".join(generic["summary"])
+    # qwen3_next defines its own pipeline(): its order is not known here, so every file goes
+    config = {"model_type": "qwen3_next", "num_hidden_layers": 4, "num_attention_heads": 4}
+    sizes = {f"model.layers.{i}.w": 1000 for i in range(4)} | {"model.embed_tokens.weight": 10}
+    own = place(["a", "b"], config, sizes, nodes, "pipeline", max_batch=1, max_context=16)
+    assert own.split == [2, 2] and not own.layers_known

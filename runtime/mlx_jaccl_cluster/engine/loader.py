@@ -20,7 +20,7 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from .. import stage_files
 from ..generation import SAMPLING_DEFAULTS
-from ..layout import Layout, LayoutError, choose, num_layers
+from ..layout import Layout, LayoutError, choose, mixin_pipeline, num_layers
 from . import pipeline
 
 
@@ -214,8 +214,10 @@ def _pipeline_load(
     lazily, so only this rank's layers (plus embeddings, norm, head) are ever read."""
     n = num_layers(config) or 0
     split = pipeline.check_split(split or pipeline.even_split(n, group.size()), n, group.size())
-    stage = pipeline.layer_range(split, group.rank())
-    if check_weight_files(folder, config, stage):
+    native = layout.native_pipeline and not generic
+    # mlx-lm's PipelineMixin runs the split in reverse (rank 0: the last layers)
+    reverse = native and mixin_pipeline(str(config.get("model_type")))
+    if check_weight_files(folder, config, stage_files.stage_range(split, group.rank(), reverse)):
         # This node holds only its share: load what is there, the rest is never evaluated.
         model, loaded_config = mlx_lm_load_model(folder, lazy=True, strict=False)
         tokenizer = load_tokenizer(folder, eos_token_ids=loaded_config.get("eos_token_id"))
@@ -226,20 +228,16 @@ def _pipeline_load(
     layers = pipeline.layer_list(model)
     if len(layers) != n:
         raise ModelError(f"{folder}: config.json names {n} layers but the model has {len(layers)}; re-sync the model")
-    native = getattr(getattr(model, "model", None), "pipeline", None)
-    if (
-        not generic
-        and layout.native_pipeline
-        and native is not None
-        and "split" in inspect.signature(native).parameters
-    ):
-        native(group, split=split)
-        start = model.model.start_idx
-        span = (start, model.model.end_idx)
+    own = getattr(getattr(model, "model", None), "pipeline", None)
+    if native and own is not None and "split" in inspect.signature(own).parameters:
+        own(group, split=split)
+        span = (model.model.start_idx, model.model.end_idx)
         how = "mlx-lm pipeline()"
     else:
         span = pipeline.install(model, group, split)
         how = "generic split"
+    if partial:  # the layers this rank really runs: their files must be here (else random weights)
+        check_weight_files(folder, config, span)
     if partial and span[0] > 0:
         _stand_in_embeddings(model, folder)
     mx.eval(model.parameters())

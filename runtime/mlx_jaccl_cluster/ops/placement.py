@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import stage_files
-from ..layout import LayoutError, choose, num_layers, text_config
+from ..layout import LayoutError, choose, mixin_pipeline, num_layers, text_config
 from . import manifest
 
 GiB = 1 << 30
@@ -143,6 +143,9 @@ class Placement:
     split: list[int] = field(default_factory=list)
     ranks: list[RankNeed] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: each rank's layers are known here (the generic split, or mlx-lm's PipelineMixin, which
+    #: runs the split in reverse); False for a class with its own pipeline(): every file then
+    layers_known: bool = True
 
 
 def weighted_split(n_layers: int, weights: list[float], fixed: list[int | None]) -> list[int]:
@@ -184,6 +187,7 @@ def place(
     machines: Mapping[str, str] | None = None,
     prompt_cache_bytes: int = 0,
     prompt_cache_size: int = 0,
+    generic: bool = False,
 ) -> Placement:
     """Layout, split and fit of the model over ``ranks`` (hostnames in rank order).
 
@@ -191,7 +195,8 @@ def place(
     ``layers``: hostname -> explicit pipeline layer count (cluster_layers);
     ``machines``: hostname -> machine key, so ranks sharing a machine share its memory;
     ``prompt_cache_bytes`` / ``prompt_cache_size``: the runtime's prompt cache bounds
-    (Settings), whose KV memory the ranks hold in proportion to their layers.
+    (Settings), whose KV memory the ranks hold in proportion to their layers; ``generic``:
+    the generic split even where mlx-lm's class has its own pipeline() (Settings).
     """
     world = len(ranks)
     fp = footprint(config, sizes, max_context)
@@ -208,6 +213,9 @@ def place(
     n = len(fp.layer_bytes)
     cached = prompt_cache_total(fp, prompt_cache_bytes, prompt_cache_size)
     result = Placement(layout.parallel, layout.reason)
+    native = layout.native_pipeline and not generic
+    reverse = native and mixin_pipeline(str(config.get("model_type")))
+    result.layers_known = not native or reverse
     explicit = {h: v for h, v in (layers or {}).items() if v is not None}
     if explicit and layout.parallel != "pipeline":
         result.problems += [
@@ -224,9 +232,8 @@ def place(
         except ValueError as exc:
             result.problems.append(f"{ranks[0]}: cluster_layers: {exc}; make them sum to {n} or leave some unset")
             return result
-        start = 0
         for r, h in enumerate(ranks):
-            end = start + result.split[r]
+            start, end = stage_files.stage_range(result.split, r, reverse)
             result.ranks.append(
                 RankNeed(
                     h,
@@ -239,7 +246,6 @@ def place(
                     cached * (end - start) // n,
                 )
             )
-            start = end
     else:
         # tensor: mlx-lm's shard() splits the layers' projections; embeddings, norms and
         # the head stay whole on every rank.
@@ -372,6 +378,7 @@ def place_plan(
         machines,
         int(runtime.get("prompt_cache_bytes", defaults["prompt_cache_bytes"])),
         int(runtime.get("prompt_cache_size", defaults["prompt_cache_size"])),
+        bool(runtime.get("generic_pipeline", defaults["generic_pipeline"])),
     )
     out = json.loads(json.dumps(plan))  # a deep copy of plain data
     resolved = placement.parallel if placement.parallel in ("tensor", "pipeline") else "tensor"
@@ -409,7 +416,7 @@ def machine_files(
     install prefix, as the plan's ``primary``) share its folder, so each gets the union of
     their stages. Empty (every node gets every file) for tensor layouts and one-file models."""
     weight_map = stage_files.read_weight_map(folder)
-    if not placement.split or weight_map is None:
+    if not placement.split or not placement.layers_known or weight_map is None:
         return {}
     n = num_layers(dict(config))
     every = [str(p.relative_to(folder)) for p in manifest.files(folder)]
