@@ -5,6 +5,7 @@
 #   bash benchmarks/device/run.sh single [ARGS...]   # call 2: install, then gpu_bench.py single
 #   bash benchmarks/device/run.sh tp [ARGS...]       #         install, then gpu_bench.py tp
 #   bash benchmarks/device/run.sh interleave [ARGS...] #       long prompts among decoders
+#   bash benchmarks/device/run.sh layout [ARGS...]   #         benchmarks/layout_bench.py (e.g. --backend nccl)
 #
 # The device image has no internet and lacks mlx, mlx-lm, fastapi, uvicorn, pydantic...
 # Wheels travel in git-ignored folders named in `carry` (64 MiB a call):
@@ -53,4 +54,8 @@ python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_devic
 # writes what it measured), so that a run near the call's limit returns its figures.
 limit=()
 [ -n "${MJC_BENCH_LIMIT:-}" ] && limit=(timeout -s TERM -k 30 "$MJC_BENCH_LIMIT")
+if [ "$stage" = layout ]; then  # benchmarks/layout_bench.py: the layouts through our API (pipeline vs tensor)
+  "${limit[@]}" python3 benchmarks/layout_bench.py --out "$OUT/layout-bench.json" "$@" 2> >(tee "$OUT/bench-layout.log" >&2)
+  exit $?
+fi
 "${limit[@]}" python3 benchmarks/gpu_bench.py "$stage" --out "$OUT/gpu-bench-$stage.json" "$@" 2> >(tee "$OUT/bench-$stage.log" >&2)
