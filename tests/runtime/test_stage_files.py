@@ -97,8 +97,9 @@ def test_a_share_without_a_file_it_needs_is_refused_naming_it(models, tmp_path):
     (folders[1] / "model-00003-of-00004.safetensors").unlink()
     cluster = per_rank_cluster(folders, tmp_path / "c", split)
     try:
-        with pytest.raises(AssertionError):
-            cluster.wait_ready(timeout=60)
+        rank1 = cluster.procs[1]
+        rank1.wait(timeout=600)  # it stops at load (slow to start on a busy machine)
+        assert rank1.returncode != 0
         log = cluster.log(1)
         assert "lacks weight files named in its index that this rank needs (this rank's layers 4..5)" in log
         assert "model-00003-of-00004.safetensors" in log and "re-sync" in log
