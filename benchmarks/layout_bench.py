@@ -36,9 +36,8 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
-
-import httpx
 
 from mlx_jaccl_cluster.launch import start_group
 from mlx_jaccl_cluster.ops.apibench import stream_chat
@@ -51,6 +50,15 @@ def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _post(url: str, body: dict, timeout: float = 300) -> dict:
+    """POST JSON, return the JSON answer (stdlib: the GPU machines have no httpx)."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as r:
+        return json.loads(r.read())
 
 
 def _median(xs):
@@ -131,14 +139,13 @@ def bench_cluster(
             "max_tokens": 24,
             "temperature": 0,
         }
-        httpx.post(group.url("/v1/chat/completions"), json=body | {"max_tokens": 8}, timeout=300)
+        _post(group.url("/v1/chat/completions"), body | {"max_tokens": 8})
         q = []
         for _ in range(repeats):
             t = time.perf_counter()
-            r = httpx.post(group.url("/v1/chat/completions"), json=body, timeout=300)
-            r.raise_for_status()
+            reply = _post(group.url("/v1/chat/completions"), body)
             q.append(time.perf_counter() - t)
-        answer = r.json()["choices"][0]["message"]["content"]
+        answer = reply["choices"][0]["message"]["content"]
         long_body = {
             "model": group.model_id,
             "messages": [{"role": "user", "content": LONG}],
