@@ -20,6 +20,9 @@ Ranks are started directly (``mlx_jaccl_cluster.launch.start_group``, ring on lo
 
     python benchmarks/layout_bench.py --model /tmp/smollm2-q4 \\
         --layout inprocess --layout tensor:3 --layout pipeline:2 --repeats 5
+    # two GPUs (nccl, one a rank) on a built model with mlx-lm's own pipeline() (qwen2):
+    python benchmarks/layout_bench.py --backend nccl --build 'qwen2:{"hidden_size": 2048}' \\
+        --layout inprocess --layout tensor:2 --layout pipeline:2 --layout generic:2
 
 This is a measuring script, not a test.
 """
@@ -33,9 +36,8 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
-
-import httpx
 
 from mlx_jaccl_cluster.launch import start_group
 from mlx_jaccl_cluster.ops.apibench import stream_chat
@@ -48,6 +50,15 @@ def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _post(url: str, body: dict, timeout: float = 300) -> dict:
+    """POST JSON, return the JSON answer (stdlib: the GPU machines have no httpx)."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as r:
+        return json.loads(r.read())
 
 
 def _median(xs):
@@ -96,13 +107,27 @@ def bench_inprocess(model: Path, repeats: int, max_tokens: int) -> dict:
     }
 
 
-def bench_cluster(model: Path, parallel: str, world: int, split, repeats: int, max_tokens: int) -> dict:
+def backend_env(backend: str, world: int) -> dict:
+    """The ranks' environment for ``backend``: ring on loopback (start_group's default), or
+    nccl with one GPU a rank (mjc-rank pins its device from its rank)."""
+    if backend == "ring":
+        return {}
+    from mlx_jaccl_cluster.launch import free_ports
+
+    (port,) = free_ports(1)
+    return {"MJC_BACKEND": "nccl", "NCCL_HOST_IP": "127.0.0.1", "NCCL_PORT": str(port), "MLX_WORLD_SIZE": str(world)}
+
+
+def bench_cluster(
+    model: Path, parallel: str, world: int, split, repeats: int, max_tokens: int, backend: str = "ring"
+) -> dict:
     work = Path(tempfile.mkdtemp(prefix="mjc-layout-"))
     # a generous heartbeat: on a loaded 2-core machine a rank can stall for seconds while loading
     args = ("--heartbeat-misses", "30")
     if parallel == "generic":
         parallel, args = "pipeline", args + ("--generic-pipeline",)
-    group = start_group(model, world, work, parallel=parallel, split=split, args=args)
+    env = backend_env(backend, world)
+    group = start_group(model, world, work, parallel=parallel, split=split, args=args, env=env)
     try:
         t0 = time.perf_counter()
         health = group.wait_ready(300)
@@ -114,14 +139,13 @@ def bench_cluster(model: Path, parallel: str, world: int, split, repeats: int, m
             "max_tokens": 24,
             "temperature": 0,
         }
-        httpx.post(group.url("/v1/chat/completions"), json=body | {"max_tokens": 8}, timeout=300)
+        _post(group.url("/v1/chat/completions"), body | {"max_tokens": 8})
         q = []
         for _ in range(repeats):
             t = time.perf_counter()
-            r = httpx.post(group.url("/v1/chat/completions"), json=body, timeout=300)
-            r.raise_for_status()
+            reply = _post(group.url("/v1/chat/completions"), body)
             q.append(time.perf_counter() - t)
-        answer = r.json()["choices"][0]["message"]["content"]
+        answer = reply["choices"][0]["message"]["content"]
         long_body = {
             "model": group.model_id,
             "messages": [{"role": "user", "content": LONG}],
@@ -152,14 +176,40 @@ def bench_cluster(model: Path, parallel: str, world: int, split, repeats: int, m
             "ready_s": round(ready_s, 1),
             "parallel": health.get("parallel"),
             "reason": health.get("parallel_reason"),
+            "backend": backend,
         }
     finally:
         group.stop()
 
 
+def build(spec: str, dtype: str) -> Path:
+    """A random-weight model from ``ARCH:JSON`` (in a child process, so this one holds no
+    accelerator memory while the ranks run)."""
+    import subprocess
+
+    arch, _, shape = spec.partition(":")
+    out = Path(tempfile.mkdtemp(prefix="mjc-layout-model-")) / f"{arch}-{dtype}"
+    code = (
+        "import sys, json; from mlx_jaccl_cluster.models.tiny import build_tiny_model; "
+        "build_tiny_model(sys.argv[1], arch=sys.argv[2], dtype=sys.argv[3], **json.loads(sys.argv[4]))"
+    )
+    subprocess.run([sys.executable, "-c", code, str(out), arch, dtype, shape or "{}"], check=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--model", type=Path, help="an mlx-lm model folder (or --build)")
+    p.add_argument(
+        "--build",
+        metavar="ARCH:JSON",
+        help='build a random-weight model instead, e.g. qwen2:{"hidden_size": 2048, "num_hidden_layers": 28} '
+        "(models.tiny.build_tiny_model; --dtype sets its weights' type)",
+    )
+    p.add_argument("--dtype", default="bfloat16", help="dtype of a --build model")
+    p.add_argument(
+        "--backend", choices=("ring", "nccl"), default="ring", help="the ranks' backend (nccl: one GPU each)"
+    )
     p.add_argument(
         "--layout",
         action="append",
@@ -172,6 +222,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.build:
+        a.model = build(a.build, a.dtype)
+    elif a.model is None:
+        p.error("give --model or --build")
     rows = []
     for layout in a.layout:
         parts = layout.split(":")
@@ -179,7 +233,7 @@ def main(argv=None) -> int:
             row = bench_inprocess(a.model, a.repeats, a.max_tokens)
         else:
             split = [int(n) for n in parts[2].split(",")] if len(parts) > 2 else None
-            row = bench_cluster(a.model, parts[0], int(parts[1]), split, a.repeats, a.max_tokens)
+            row = bench_cluster(a.model, parts[0], int(parts[1]), split, a.repeats, a.max_tokens, a.backend)
         row = {"layout": layout, "model": a.model.name, **row}
         rows.append(row)
         print(json.dumps(row), flush=True)

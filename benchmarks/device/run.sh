@@ -7,6 +7,7 @@
 #   bash benchmarks/device/run.sh interleave [ARGS...] #       long prompts among decoders
 #   bash benchmarks/device/run.sh structured [ARGS...] #       structured_bench.py (a JSON schema vs none;
 #                                                      #   needs llguidance's wheel in /tmp/mjc-wheels too)
+#   bash benchmarks/device/run.sh layout [ARGS...]   #         benchmarks/layout_bench.py (e.g. --backend nccl)
 #
 # The device image has no internet and lacks mlx, mlx-lm, fastapi, uvicorn, pydantic...
 # Wheels travel in git-ignored folders named in `carry` (64 MiB a call):
@@ -56,5 +57,8 @@ python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_devic
 limit=()
 [ -n "${MJC_BENCH_LIMIT:-}" ] && limit=(timeout -s TERM -k 30 "$MJC_BENCH_LIMIT")
 bench=(benchmarks/gpu_bench.py "$stage")
+out="$OUT/gpu-bench-$stage.json"
 [ "$stage" = structured ] && bench=(benchmarks/structured_bench.py)
-"${limit[@]}" python3 "${bench[@]}" --out "$OUT/gpu-bench-$stage.json" "$@" 2> >(tee "$OUT/bench-$stage.log" >&2)
+# layout: benchmarks/layout_bench.py, the layouts through our API (pipeline vs tensor)
+[ "$stage" = layout ] && bench=(benchmarks/layout_bench.py) && out="$OUT/layout-bench.json"
+"${limit[@]}" python3 "${bench[@]}" --out "$out" "$@" 2> >(tee "$OUT/bench-$stage.log" >&2)

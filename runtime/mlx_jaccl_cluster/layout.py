@@ -78,6 +78,25 @@ def capabilities(model_type: str) -> tuple[bool, bool]:
     return shards, pipelines
 
 
+@functools.cache
+def mixin_pipeline(model_type: str) -> bool:
+    """True when mlx-lm's class for ``model_type`` gets ``pipeline()`` from mlx-lm's
+    ``PipelineMixin`` and defines none of its own: then rank r runs the layers *after* those
+    of ranks r+1.. (the mixin splits in reverse: rank 0 holds the last layers), which the
+    controller must know to give each node its layers' files (stage_files.stage_range)."""
+    root = _mlx_lm_dir()
+    path = root / "models" / f"{_remapping().get(model_type, model_type)}.py" if root else None
+    if path is None or not path.is_file():
+        return False
+    tree = ast.parse(path.read_text())
+    own = any(isinstance(n, ast.FunctionDef) and n.name == "pipeline" for n in ast.walk(tree))
+    mixin = any(
+        isinstance(n, ast.ClassDef) and any(getattr(b, "id", None) == "PipelineMixin" for b in n.bases)
+        for n in ast.walk(tree)
+    )
+    return mixin and not own
+
+
 def tensor_blockers(config: dict, world: int) -> list[str]:
     """Why tensor parallel over ``world`` ranks cannot take this model ([] when it can)."""
     text = text_config(config)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .generation import SAMPLING_DEFAULTS
@@ -38,6 +38,25 @@ def split_hostport(value: str, what: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{what} must look like HOST:PORT (got {value!r})")
     return host, int(port)
+
+
+#: Why kv_bits / kv_group_size (mlx-lm's quantized KV cache) cannot be set.
+KV_QUANTIZATION_REFUSED = (
+    "a quantized KV cache is not offered: mlx-lm 0.32.2's BatchGenerator cannot batch one (QuantizedKVCache "
+    "has no merge(), BatchGenerator takes no kv_bits) and every request here runs in a batch"
+)
+KV_QUANTIZATION_FIX = (
+    "Not offered: remove it; to fit a long context lower max_context or max_batch (the fit check sizes "
+    "the KV cache from both)"
+)
+
+
+def _refuse_kv_quantization(value: int | None) -> None:
+    if value is not None:
+        raise ValueError(KV_QUANTIZATION_REFUSED)
+
+
+NotOffered = Annotated[int | None, AfterValidator(_refuse_kv_quantization)]
 
 
 class Settings(BaseSettings):
@@ -137,9 +156,10 @@ class Settings(BaseSettings):
         "Default: the model's max_position_embeddings. The fit check sizes each rank's KV cache for "
         "max_batch sequences of this length.",
     )
-    # No kv_bits: mlx-lm 0.32.2's BatchGenerator cannot batch a quantized KV cache
-    # (QuantizedKVCache has no batch form), and every request here runs in a batch; lower
-    # max_context or max_batch to save memory (docs/runtime.md, Settings).
+    # Named so that setting them is refused with the reason (an unknown key would only say
+    # "not a setting", and the rank's environment would drop it silently).
+    kv_bits: NotOffered = Field(None, description=KV_QUANTIZATION_FIX)
+    kv_group_size: NotOffered = Field(None, description=KV_QUANTIZATION_FIX)
 
     # --- the API (rank 0) --------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Address the API binds on rank 0.")

@@ -94,3 +94,29 @@ def test_generic_split_equals_one_rank(arch, world, split, arch_models, cluster_
         assert cached >= one["usage"]["prompt_tokens"]
     assert two["choices"][0]["message"]["content"] == reference_text(model, second, max_tokens=16)
     assert cluster.health()[1]["ranks_up"] == world
+
+
+def test_eight_chats_reuse_their_caches_at_once(arch_models, cluster_factory):
+    """Eight chats over 3 ranks with an uneven split: the first turns decode together, then
+    the eight second turns decode together, each reusing its own first turn's KV cache on
+    every rank, and every answer equals in-process mlx-lm on one rank."""
+    model = arch_models["phi3"]
+    cluster = cluster_factory(model, 3, split=[3, 2, 1])
+    assert cluster.wait_ready()["parallel"] == "pipeline"
+    firsts = [[SYSTEM, {"role": "user", "content": p}] for p in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        ones = list(pool.map(lambda m: cluster.chat("", messages=m, max_tokens=12), firsts))
+    seconds = [
+        first
+        + [
+            {"role": "assistant", "content": one["choices"][0]["message"]["content"]},
+            {"role": "user", "content": "And the weather in Paris?"},
+        ]
+        for first, one in zip(firsts, ones)
+    ]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        twos = list(pool.map(lambda m: cluster.chat("", messages=m, max_tokens=12), seconds))
+    for first, one, second, two in zip(firsts, ones, seconds, twos):
+        assert one["choices"][0]["message"]["content"] == reference_text(model, first, max_tokens=12)
+        assert two["usage"]["prompt_tokens_details"]["cached_tokens"] >= one["usage"]["prompt_tokens"]
+        assert two["choices"][0]["message"]["content"] == reference_text(model, second, max_tokens=12)

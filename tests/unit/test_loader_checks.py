@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_jaccl_cluster.engine.loader import ModelError, check_split, read_config
+from mlx_jaccl_cluster.engine.loader import ModelError, check_split, check_weight_files, read_config
 
 
 def folder(tmp_path: Path, **files) -> Path:
@@ -30,10 +30,7 @@ def folder(tmp_path: Path, **files) -> Path:
         ({"config.json": "{}"}, ["no model_type"]),
         ({"model.safetensors": None}, ["no *.safetensors", "mlx_lm.convert"]),
         ({"tokenizer.json": None}, ["no tokenizer"]),
-        (
-            {"model.safetensors.index.json": json.dumps({"weight_map": {"a": "model-2.safetensors"}})},
-            ["model-2.safetensors"],
-        ),
+        ({"model.safetensors.index.json": "{not json"}, ["not a valid weight index", "re-fetch"]),
     ],
 )
 def test_bad_folders_are_named(tmp_path, files, words):
@@ -68,3 +65,23 @@ def test_auto_picks_pipeline_where_tensor_cannot_split(tmp_path):
     assert (two.parallel, two.native_pipeline) == ("pipeline", False)
     assert "num_attention_heads (9) is not divisible by 2" in two.reason
     assert check_split(config, "auto", 3).parallel == "tensor"
+
+
+def test_missing_weight_files_are_named_for_the_whole_model_or_the_stage(tmp_path):
+    index = {
+        "weight_map": {
+            "model.embed_tokens.weight": "model-1.safetensors",
+            "model.layers.0.w": "model-1.safetensors",
+            "model.layers.1.w": "model-2.safetensors",
+            "lm_head.weight": "model-2.safetensors",
+        }
+    }
+    d = folder(tmp_path, **{"model.safetensors.index.json": json.dumps(index), "model-2.safetensors": ""})
+    config = {**json.loads((d / "config.json").read_text()), "num_hidden_layers": 2}
+    with pytest.raises(ModelError, match="this rank needs: model-1.safetensors; re-sync"):
+        check_weight_files(d, config)  # tensor layouts and one rank need every file
+    with pytest.raises(ModelError, match=r"\(this rank's layers 0..0\): model-1.safetensors"):
+        check_weight_files(d, config, (0, 1))
+    assert check_weight_files(d, config, (1, 2)) is True  # the later stage's share is all there
+    (d / "model-1.safetensors").write_text("")
+    assert check_weight_files(d, config) is False

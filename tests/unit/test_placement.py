@@ -85,6 +85,50 @@ def test_a_rank_that_does_not_fit_is_named_with_its_shortfall_and_fixes(tiny):
     assert not place(["a", "b"], config, sizes, {"a": node(1), "b": node(0.51)}, max_batch=1, max_context=512).problems
 
 
+def test_the_prompt_cache_counts_and_a_rank_it_overflows_is_named(tiny):
+    config, sizes = tiny
+    fp = footprint(config, sizes, 2048)
+    nodes = {"a": node(0.8), "b": node(0.8)}
+    # weights, 2 x 2048 tokens of KV cache and the runtime (about 0.55 GiB) fit; the prompt cache's 1 GiB on top does not
+    base = place(["a", "b"], config, sizes, nodes, max_batch=2, max_context=2048)
+    assert not base.problems and all(r.prompt_cache == 0 for r in base.ranks)
+    full = fp.kv_bytes_per_token_layer * 12 * 2048  # one full-context sequence of the whole model
+    p = place(
+        ["a", "b"],
+        config,
+        sizes,
+        nodes,
+        max_batch=2,
+        max_context=2048,
+        prompt_cache_bytes=GiB,
+        prompt_cache_size=10**6,
+        layers={"a": 6, "b": 6},
+    )
+    assert [r.prompt_cache for r in p.ranks] == [GiB // 2, GiB // 2]  # each holds its layers' share
+    assert [r.need - b.need for r, b in zip(p.ranks, base.ranks)] == [GiB // 2, GiB // 2]
+    assert p.problems and all(m.startswith(("a: rank 0", "b: rank 1")) for m in p.problems)
+    msg = p.problems[0]
+    assert "prompt cache 0.50 GiB" in msg and "GiB short" in msg
+    assert "a smaller prompt cache (cluster_runtime_settings prompt_cache_bytes, now 1.00 GiB" in msg
+    # the entry count bounds it too: 3 sequences of the full context, whatever prompt_cache_bytes says
+    few = place(
+        ["a", "b"],
+        config,
+        sizes,
+        nodes,
+        max_batch=2,
+        max_context=2048,
+        prompt_cache_bytes=GiB,
+        prompt_cache_size=3,
+        layers={"a": 6, "b": 6},
+    )
+    assert sum(r.prompt_cache for r in few.ranks) == 3 * full and not few.problems
+    # no byte bound: the entry count alone; no entries: no prompt cache
+    from mlx_jaccl_cluster.ops.placement import prompt_cache_total
+
+    assert prompt_cache_total(fp, 0, 4) == 4 * full and prompt_cache_total(fp, GiB, 0) == 0
+
+
 def test_ranks_on_one_machine_share_its_memory(tiny):
     config, sizes = tiny
     nodes = {"r0": node(1.01), "r1": node(1.01)}

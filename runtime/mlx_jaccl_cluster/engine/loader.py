@@ -15,10 +15,12 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import make_text_state_machine
-from mlx_lm.utils import load, sharded_load
+from mlx_lm.utils import load, load_tokenizer, sharded_load
+from mlx_lm.utils import load_model as mlx_lm_load_model
 
+from .. import stage_files
 from ..generation import SAMPLING_DEFAULTS
-from ..layout import Layout, LayoutError, choose
+from ..layout import Layout, LayoutError, choose, mixin_pipeline, num_layers
 from . import pipeline
 
 
@@ -68,18 +70,65 @@ def read_config(folder: Path) -> dict:
         raise ModelError(f"{config_path} has no model_type; is this an mlx-lm model folder?")
     if not any(folder.glob("*.safetensors")):
         raise ModelError(f"{folder} holds no *.safetensors weights; re-sync or convert the model with mlx_lm.convert")
-    index_path = folder / "model.safetensors.index.json"
-    if index_path.is_file():
-        try:
-            files = set(json.loads(index_path.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
-            raise ModelError(f"{index_path} is not a valid weight index ({exc}); re-sync the model") from None
-        missing = sorted(f for f in files if not (folder / f).is_file())
-        if missing:
-            raise ModelError(f"{folder} lacks weight files named in its index: {', '.join(missing)}; re-sync the model")
+    try:
+        stage_files.read_weight_map(folder)
+    except stage_files.StageFilesError as exc:
+        raise ModelError(str(exc)) from None
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise ModelError(f"{folder} has no tokenizer (tokenizer.json / tokenizer.model); re-sync the model")
     return config
+
+
+def check_weight_files(folder: Path, config: dict, stage: tuple[int, int] | None = None) -> bool:
+    """The weight files this rank needs are all in ``folder``: every file of the weight
+    index, or for a pipeline ``stage`` (its ``[start, end)`` layers) only the stage's
+    share (stage_files.py: a node may hold just that). Returns True when the folder holds
+    less than the whole model; a missing needed file is a ModelError naming it."""
+    weight_map = stage_files.read_weight_map(folder)
+    if weight_map is None:
+        return False
+    every = set(weight_map.values())
+    if stage is None:
+        needed = every
+    else:
+        n = num_layers(config) or 0
+        try:
+            needed = stage_files.stage_weight_files(weight_map, n, *stage)
+        except ValueError as exc:
+            raise ModelError(f"{folder}: {exc}") from None
+    missing = sorted(f for f in needed if not (folder / f).is_file())
+    if missing:
+        share = f" (this rank's layers {stage[0]}..{stage[1] - 1})" if stage else ""
+        raise ModelError(
+            f"{folder} lacks weight files named in its index that this rank needs{share}: {', '.join(missing)}; "
+            "re-sync the model (site.yml copies each node its share)"
+        )
+    return any(not (folder / f).is_file() for f in every)
+
+
+def _stand_in_embeddings(model, folder: Path) -> list[str]:
+    """A later pipeline stage on a node without the embedding files: its embedding output
+    is never evaluated (the stage's first layer receives the hidden state instead), so the
+    embedding gets zero-stride stand-ins of the right shape that hold no memory. Refused
+    when the model has no separate head (tied: the embedding computes every rank's logits)."""
+    weight_map = stage_files.read_weight_map(folder) or {}
+    absent = sorted(f for f in stage_files.embedding_files(weight_map) if not (folder / f).is_file())
+    if not absent:
+        return []
+    names = {name for name, _ in model.named_modules()}
+    if stage_files.tied(weight_map) or not any(stage_files.HEAD.search(f"{n}.") for n in names):
+        raise ModelError(
+            f"{folder} lacks {', '.join(absent)}, which hold the embeddings this model's head is tied to; "
+            "re-sync the model (site.yml copies them to every stage of a tied model)"
+        )
+    stood_in = []
+    for name, module in model.named_modules():
+        if stage_files.EMBEDDING.search(f"{name}.") and not stage_files.LAYER.search(f"{name}."):
+            module.update(
+                {k: mx.broadcast_to(mx.zeros((), dtype=v.dtype), v.shape) for k, v in module.parameters().items()}
+            )
+            stood_in.append(name)
+    return stood_in
 
 
 #: What a sampling default in generation_config.json must be, and how to say it.
@@ -157,30 +206,44 @@ def _barrier(group, backend: str | None) -> None:
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=stream))
 
 
-def _pipeline_load(folder: Path, group, layout: Layout, split: list[int], backend: str | None, generic: bool = False):
+def _pipeline_load(
+    folder: Path, config: dict, group, layout: Layout, split: list[int], backend: str | None, generic: bool = False
+):
     """This rank's pipeline stage: mlx-lm's own ``pipeline()`` where the class has one
     (and takes a split), the generic split (engine/pipeline.py) otherwise. Weights load
     lazily, so only this rank's layers (plus embeddings, norm, head) are ever read."""
-    model, tokenizer = load(str(folder), lazy=True)
+    n = num_layers(config) or 0
+    split = pipeline.check_split(split or pipeline.even_split(n, group.size()), n, group.size())
+    native = layout.native_pipeline and not generic
+    # mlx-lm's PipelineMixin runs the split in reverse (rank 0: the last layers)
+    reverse = native and mixin_pipeline(str(config.get("model_type")))
+    if check_weight_files(folder, config, stage_files.stage_range(split, group.rank(), reverse)):
+        # This node holds only its share: load what is there, the rest is never evaluated.
+        model, loaded_config = mlx_lm_load_model(folder, lazy=True, strict=False)
+        tokenizer = load_tokenizer(folder, eos_token_ids=loaded_config.get("eos_token_id"))
+        partial = True
+    else:
+        model, tokenizer = load(str(folder), lazy=True)
+        partial = False
     layers = pipeline.layer_list(model)
-    split = pipeline.check_split(split or pipeline.even_split(len(layers), group.size()), len(layers), group.size())
-    native = getattr(getattr(model, "model", None), "pipeline", None)
-    if (
-        not generic
-        and layout.native_pipeline
-        and native is not None
-        and "split" in inspect.signature(native).parameters
-    ):
-        native(group, split=split)
-        start = model.model.start_idx
-        span = (start, model.model.end_idx)
+    if len(layers) != n:
+        raise ModelError(f"{folder}: config.json names {n} layers but the model has {len(layers)}; re-sync the model")
+    own = getattr(getattr(model, "model", None), "pipeline", None)
+    if native and own is not None and "split" in inspect.signature(own).parameters:
+        own(group, split=split)
+        span = (model.model.start_idx, model.model.end_idx)
         how = "mlx-lm pipeline()"
     else:
         span = pipeline.install(model, group, split)
         how = "generic split"
+    if partial:  # the layers this rank really runs: their files must be here (else random weights)
+        check_weight_files(folder, config, span)
+    if partial and span[0] > 0:
+        _stand_in_embeddings(model, folder)
     mx.eval(model.parameters())
     _barrier(group, backend)
-    return model, tokenizer, f"{how}, layers {span[0]}..{span[1] - 1} of {len(layers)} (split {split})"
+    share = ", from this node's share of the files" if partial else ""
+    return model, tokenizer, f"{how}, layers {span[0]}..{span[1] - 1} of {len(layers)} (split {split}){share}"
 
 
 def load_model(
@@ -201,13 +264,17 @@ def load_model(
     layout = check_split(config, parallel, world)
     detail = ""
     try:
+        if layout.parallel != "pipeline":
+            check_weight_files(folder, config)
         if world == 1:
             model, tokenizer = load(str(folder))
         elif layout.parallel == "tensor":
             with _collectives_on_gpu(backend):
                 model, tokenizer = sharded_load(str(folder), tensor_group=group)
         else:
-            model, tokenizer, detail = _pipeline_load(folder, group, layout, list(split or []), backend, generic)
+            model, tokenizer, detail = _pipeline_load(
+                folder, config, group, layout, list(split or []), backend, generic
+            )
     except pipeline.SplitError as exc:
         raise ModelError(str(exc)) from None
     except ValueError as exc:

@@ -295,3 +295,42 @@ def build_tiny_model(out_dir, arch: str = "llama", seed: int = 0, dtype: str = "
         tok.save(str(tmp / "tokenizer.json"))
         write_json(tmp / "tokenizer_config.json", tokenizer_config(cfg["max_position_embeddings"]))
     return out_dir
+
+
+def reshard(folder, n_files: int) -> list[str]:
+    """Rewrite ``folder``'s weights as ``n_files`` files of about equal size with a weight
+    index, in the order a converted checkpoint has them (embeddings, the layers in order,
+    then the final norm and head), so layers span files as in a large model's folder
+    (tests of per-stage files, stage_files.py). Returns the new file names."""
+    import mlx.core as mx
+
+    from ..stage_files import INDEX, LAYER
+
+    folder = Path(folder)
+    old = sorted(folder.glob("model*.safetensors"))
+    weights: dict = {}
+    for path in old:
+        weights.update(mx.load(str(path)))
+
+    def order(name: str):
+        found = LAYER.search(name)
+        return (1, int(found.group(1)), name) if found else (0 if "embed" in name else 2, 0, name)
+
+    names = sorted(weights, key=order)
+    total = sum(weights[n].nbytes for n in names)
+    names_of: list[list[str]] = [[] for _ in range(n_files)]
+    done = 0
+    for name in names:
+        names_of[min(n_files - 1, done * n_files // total)].append(name)
+        done += weights[name].nbytes
+    files = [f"model-{i + 1:05d}-of-{n_files:05d}.safetensors" for i in range(n_files)]
+    if any(not group for group in names_of):
+        raise ModelBuildError(f"{folder} has too few tensors for {n_files} files")
+    for path in old:
+        path.unlink()
+    weight_map = {}
+    for file, group in zip(files, names_of):
+        mx.save_safetensors(str(folder / file), {n: weights[n] for n in group}, metadata={"format": "mlx"})
+        weight_map.update(dict.fromkeys(group, file))
+    write_json(folder / INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    return files

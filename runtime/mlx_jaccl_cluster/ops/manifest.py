@@ -1,7 +1,9 @@
 """Model manifests: the size and sha256 of every file of a model folder.
 
 The controller writes one next to the model it fetched; each node checks its copy
-against it on the very path the runtime loads from. Hashing a large model takes
+against it on the very path the runtime loads from. A node that serves pipeline stages
+gets the manifest cut to its share (``of_files``: the whole model's file count); then a
+weight file outside the share is a problem too (an earlier layout's, which a sync removes). Hashing a large model takes
 minutes, so a successful check leaves a stamp (manifest digest + size and mtime of each
 file); later checks re-hash only when a file changed.
 
@@ -24,7 +26,8 @@ STAMP = ".mjc-verified"
 _SKIP = {MANIFEST, STAMP}
 
 
-def _files(folder: Path) -> list[Path]:
+def files(folder: Path) -> list[Path]:
+    """The model's files in ``folder`` (not this module's manifest and stamps)."""
     return sorted(
         p for p in folder.rglob("*") if p.is_file() and p.name not in _SKIP and not p.name.startswith(".mjc-")
     )
@@ -41,7 +44,7 @@ def sha256(path: Path) -> str:
 def build(folder: Path) -> dict:
     """Manifest of ``folder``: ``{"files": {relpath: {"size", "sha256"}}}``."""
     return {
-        "files": {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256(p)} for p in _files(folder)}
+        "files": {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256(p)} for p in files(folder)}
     }
 
 
@@ -72,6 +75,12 @@ def problems(folder: Path, manifest: dict, rehash: bool = True) -> list[str]:
             issues.append(f"{rel}: missing")
         elif path.stat().st_size != meta["size"]:
             issues.append(f"{rel}: {path.stat().st_size} bytes, expected {meta['size']}")
+    if "of_files" in manifest:  # one node's share of a pipeline split: nothing else of the model
+        issues += [
+            f"{rel}: not this node's share of the model (an earlier layout's); a sync removes it"
+            for rel in (str(p.relative_to(folder)) for p in files(folder))
+            if rel.endswith(".safetensors") and rel not in expected
+        ]
     if issues:
         return issues
     stamp_path = folder / STAMP
@@ -109,7 +118,7 @@ def is_current(folder: Path) -> bool:
         listed = set(manifest["files"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return listed == {str(p.relative_to(folder)) for p in _files(folder)} and not problems(folder, manifest)
+    return listed == {str(p.relative_to(folder)) for p in files(folder)} and not problems(folder, manifest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     for issue in issues:
         print(issue)
     if not issues:
-        print(f"{args.folder}: verified ({len(manifest['files'])} files)")
+        share = f" of the model's {manifest['of_files']}: this node's pipeline share" if "of_files" in manifest else ""
+        print(f"{args.folder}: verified ({len(manifest['files'])} files{share})")
     return 1 if issues else 0
 
 

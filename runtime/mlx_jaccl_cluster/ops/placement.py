@@ -11,8 +11,10 @@ memory (``mjc_node`` of readiness: physical memory, and on macOS the GPU wired l
   other ranks share the remaining layers in proportion to their usable memory, after each
   has paid for what every stage holds (embeddings, final norm, head) and its KV cache;
 - the fit check: each rank's bytes (its weights + the KV cache of ``max_batch`` sequences
-  of ``max_context`` tokens over its layers + a fixed runtime overhead) against its share
-  of its machine's usable memory. A rank that does not fit is a problem naming the host,
+  of ``max_context`` tokens over its layers + its share of the prompt cache, which keeps
+  finished sequences' KV cache up to ``prompt_cache_bytes`` of the whole model's, at most
+  ``prompt_cache_size`` sequences of ``max_context`` tokens + a fixed runtime overhead)
+  against its share of its machine's usable memory. A rank that does not fit is a problem naming the host,
   the shortfall in GiB and the fixes.
 
 The estimates are upper bounds where the model makes them so (every layer's KV cache at the
@@ -22,14 +24,15 @@ full context, also for sliding-window layers).
 from __future__ import annotations
 
 import json
-import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..layout import LayoutError, choose, num_layers, text_config
+from .. import stage_files
+from ..layout import LayoutError, choose, mixin_pipeline, num_layers, text_config
+from . import manifest
 
 GiB = 1 << 30
 #: What a rank costs beyond weights and KV cache: Python, MLX, the tokenizer, the HTTP
@@ -38,7 +41,7 @@ RANK_OVERHEAD_BYTES = GiB // 2
 #: Share of physical memory a Mac's GPU may wire when iogpu.wired_limit_mb is unset
 #: (macOS's default working-set limit is about two thirds to three quarters of memory).
 DEFAULT_GPU_SHARE = 0.70
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER = stage_files.LAYER
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -126,10 +129,11 @@ class RankNeed:
     kv: int
     available: int
     machine_ranks: int = 1
+    prompt_cache: int = 0
 
     @property
     def need(self) -> int:
-        return self.weights + self.kv + RANK_OVERHEAD_BYTES
+        return self.weights + self.kv + self.prompt_cache + RANK_OVERHEAD_BYTES
 
 
 @dataclass
@@ -139,6 +143,9 @@ class Placement:
     split: list[int] = field(default_factory=list)
     ranks: list[RankNeed] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: each rank's layers are known here (the generic split, or mlx-lm's PipelineMixin, which
+    #: runs the split in reverse); False for a class with its own pipeline(): every file then
+    layers_known: bool = True
 
 
 def weighted_split(n_layers: int, weights: list[float], fixed: list[int | None]) -> list[int]:
@@ -178,12 +185,18 @@ def place(
     max_context: int | None = None,
     layers: Mapping[str, int | None] | None = None,
     machines: Mapping[str, str] | None = None,
+    prompt_cache_bytes: int = 0,
+    prompt_cache_size: int = 0,
+    generic: bool = False,
 ) -> Placement:
     """Layout, split and fit of the model over ``ranks`` (hostnames in rank order).
 
     ``nodes``: hostname -> readiness facts (memory_bytes, system, wired_limit_mb);
     ``layers``: hostname -> explicit pipeline layer count (cluster_layers);
-    ``machines``: hostname -> machine key, so ranks sharing a machine share its memory.
+    ``machines``: hostname -> machine key, so ranks sharing a machine share its memory;
+    ``prompt_cache_bytes`` / ``prompt_cache_size``: the runtime's prompt cache bounds
+    (Settings), whose KV memory the ranks hold in proportion to their layers; ``generic``:
+    the generic split even where mlx-lm's class has its own pipeline() (Settings).
     """
     world = len(ranks)
     fp = footprint(config, sizes, max_context)
@@ -198,7 +211,11 @@ def place(
     available = [usable_memory(nodes.get(h, {})) // per_machine[machines[h]] for h in ranks]
     kv_per_layer = fp.kv_bytes_per_token_layer * fp.context * max_batch
     n = len(fp.layer_bytes)
+    cached = prompt_cache_total(fp, prompt_cache_bytes, prompt_cache_size)
     result = Placement(layout.parallel, layout.reason)
+    native = layout.native_pipeline and not generic
+    reverse = native and mixin_pipeline(str(config.get("model_type")))
+    result.layers_known = not native or reverse
     explicit = {h: v for h, v in (layers or {}).items() if v is not None}
     if explicit and layout.parallel != "pipeline":
         result.problems += [
@@ -208,16 +225,15 @@ def place(
         ]
         return result
     if layout.parallel == "pipeline":
-        per_layer = (sum(fp.layer_bytes) / n) + kv_per_layer
+        per_layer = (sum(fp.layer_bytes) / n) + kv_per_layer + cached / n
         weights = [max(a - fp.shared_bytes - RANK_OVERHEAD_BYTES, 0) / per_layer for a in available]
         try:
             result.split = weighted_split(n, weights, [explicit.get(h) for h in ranks])
         except ValueError as exc:
             result.problems.append(f"{ranks[0]}: cluster_layers: {exc}; make them sum to {n} or leave some unset")
             return result
-        start = 0
         for r, h in enumerate(ranks):
-            end = start + result.split[r]
+            start, end = stage_files.stage_range(result.split, r, reverse)
             result.ranks.append(
                 RankNeed(
                     h,
@@ -227,9 +243,9 @@ def place(
                     kv_per_layer * (end - start),
                     available[r],
                     per_machine[machines[h]],
+                    cached * (end - start) // n,
                 )
             )
-            start = end
     else:
         # tensor: mlx-lm's shard() splits the layers' projections; embeddings, norms and
         # the head stay whole on every rank.
@@ -243,15 +259,29 @@ def place(
                     kv_per_layer * n // world,
                     available[r],
                     per_machine[machines[h]],
+                    cached // world,
                 )
             )
     for need in result.ranks:
         if need.need > need.available:
-            result.problems.append(_shortfall(need, result, fp, world, max_batch))
+            result.problems.append(_shortfall(need, result, fp, world, max_batch, prompt_cache_bytes))
     return result
 
 
-def _shortfall(need: RankNeed, placement: Placement, fp: Footprint, world: int, max_batch: int) -> str:
+def prompt_cache_total(fp: Footprint, prompt_cache_bytes: int, prompt_cache_size: int) -> int:
+    """Bytes of the whole model's KV cache the prompt cache may keep: ``prompt_cache_bytes``
+    (engine/prompt_cache.py counts tokens x the whole model's per-token KV size against it),
+    but never more than ``prompt_cache_size`` sequences of the full context; 0 bytes means
+    no byte bound, so the entry count alone bounds it."""
+    if prompt_cache_size <= 0:
+        return 0
+    by_entries = prompt_cache_size * fp.context * fp.kv_bytes_per_token_layer * len(fp.layer_bytes)
+    return min(prompt_cache_bytes, by_entries) if prompt_cache_bytes > 0 else by_entries
+
+
+def _shortfall(
+    need: RankNeed, placement: Placement, fp: Footprint, world: int, max_batch: int, prompt_cache_bytes: int = 0
+) -> str:
     short = (need.need - need.available) / GiB
     share = f" (its machine's usable memory shared by {need.machine_ranks} ranks)" if need.machine_ranks > 1 else ""
     what = f"layers {need.layers[0]}..{need.layers[1] - 1}" if need.layers else f"1/{world} of every layer"
@@ -264,9 +294,15 @@ def _shortfall(need: RankNeed, placement: Placement, fp: Footprint, world: int, 
         "a quantized model (mlx_lm.convert -q)",
         f"a smaller context or batch (cluster_runtime_settings max_context, now {fp.context}; max_batch, now {max_batch})",
     ]
+    if need.prompt_cache:
+        now = f"{prompt_cache_bytes / GiB:.2f} GiB" if prompt_cache_bytes else "0 (no byte bound)"
+        fixes.append(
+            f"a smaller prompt cache (cluster_runtime_settings prompt_cache_bytes, now {now}; or prompt_cache_size)"
+        )
     return (
         f"{need.host}: rank {need.rank} needs {need.need / GiB:.2f} GiB ({what}: weights {need.weights / GiB:.2f} GiB, "
-        f"KV cache {need.kv / GiB:.2f} GiB for {max_batch} x {fp.context} tokens, runtime "
+        f"KV cache {need.kv / GiB:.2f} GiB for {max_batch} x {fp.context} tokens, "
+        f"prompt cache {need.prompt_cache / GiB:.2f} GiB, runtime "
         f"{RANK_OVERHEAD_BYTES / GiB:.2f} GiB) but has {need.available / GiB:.2f} GiB{share}: "
         f"{short:.2f} GiB short. Fixes: {'; '.join(fixes)}"
     )
@@ -320,8 +356,9 @@ def place_plan(
             "problems": [f"{plan['ranks'][0]}: model: cannot read {folder} for placement: {exc}"],
             "summary": [],
         }
-    max_batch = int(runtime.get("max_batch", Settings.model_fields["max_batch"].default))
-    max_context = runtime.get("max_context", Settings.model_fields["max_context"].default)
+    defaults = {k: f.default for k, f in Settings.model_fields.items()}
+    max_batch = int(runtime.get("max_batch", defaults["max_batch"]))
+    max_context = runtime.get("max_context", defaults["max_context"])
     ranks = list(plan["ranks"])
     machines = {h: plan["hosts"][h]["ssh"] for h in ranks}
     facts = {h: dict(nodes.get(h) or {}) for h in ranks}
@@ -339,6 +376,9 @@ def place_plan(
         max_context,
         {h: v for h, v in layers.items() if v is not None},
         machines,
+        int(runtime.get("prompt_cache_bytes", defaults["prompt_cache_bytes"])),
+        int(runtime.get("prompt_cache_size", defaults["prompt_cache_size"])),
+        bool(runtime.get("generic_pipeline", defaults["generic_pipeline"])),
     )
     out = json.loads(json.dumps(plan))  # a deep copy of plain data
     resolved = placement.parallel if placement.parallel in ("tensor", "pipeline") else "tensor"
@@ -349,8 +389,41 @@ def place_plan(
             env["MJC_PIPELINE_SPLIT"] = ",".join(str(n) for n in placement.split)
         else:
             env.pop("MJC_PIPELINE_SPLIT", None)
+    problems = list(placement.problems)
+    try:
+        files = machine_files(out, folder, config, placement)
+    except stage_files.StageFilesError as exc:
+        files, problems = {}, problems + [f"{ranks[0]}: model: {exc}"]
+    lines = []
+    for h in ranks:
+        out["hosts"][h].pop("model_files", None)
+        if h in files:
+            out["hosts"][h]["model_files"] = files[h]
+            if out["hosts"][h].get("primary", True):
+                lines.append(f"{h}: receives {len(files[h])} of the model's files (its stages' layers)")
     return {
         "plan": out,
-        "problems": placement.problems,
-        "summary": [f"{resolved}: {placement.reason}"] + summary(placement),
+        "problems": problems,
+        "summary": [f"{resolved}: {placement.reason}"] + summary(placement) + lines,
     }
+
+
+def machine_files(
+    plan: Mapping[str, Any], folder: Path, config: Mapping[str, Any], placement: Placement
+) -> dict[str, list[str]]:
+    """hostname -> the model files its machine must hold (stage_files.py), for pipeline
+    layouts of a model with a weight index; ranks that share a machine (ssh target and
+    install prefix, as the plan's ``primary``) share its folder, so each gets the union of
+    their stages. Empty (every node gets every file) for tensor layouts and one-file models."""
+    weight_map = stage_files.read_weight_map(folder)
+    if not placement.split or not placement.layers_known or weight_map is None:
+        return {}
+    n = num_layers(dict(config))
+    every = [str(p.relative_to(folder)) for p in manifest.files(folder)]
+    stages: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    key = {}
+    for need in placement.ranks:
+        entry = plan["hosts"][need.host]
+        key[need.host] = (entry["ssh"], entry.get("prefix", ""))
+        stages.setdefault(key[need.host], []).append(need.layers)
+    return {h: stage_files.node_files(every, weight_map, n, stages[k]) for h, k in key.items()}
