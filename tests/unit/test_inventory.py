@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
-from mlx_jaccl_cluster.ops.inventory import GROUP, cluster_plan, validate_cluster
+from mlx_jaccl_cluster.ops.checks import validate_cluster
+from mlx_jaccl_cluster.ops.plan import cluster_plan
+from mlx_jaccl_cluster.ops.schema import GROUP
 
 Hosts = dict[str, dict[str, Any]]
 Inventory = tuple[Hosts, dict[str, Any]]
