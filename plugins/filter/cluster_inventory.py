@@ -14,6 +14,7 @@ into every host's variables); a host that sets one differently is reported.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Mapping
@@ -59,12 +60,26 @@ def mjc_validate_cluster(
 ) -> list[str]:
     """Problems of the inventory as ``host: field: message — fix`` strings.
 
+    ``model_config``: the model's config.json; by default read from the model's folder on
+    the controller when it is there (the model-vs-layout checks).
     ``sources``: ``ansible-inventory --list --export`` output, so that a value set by another
     group is blamed on that group.
     """
     plain = _plain_hosts(hosts)
-    problems = checks.validate_cluster(plain, _group_vars(plain, group), model_config, sources)
+    group_vars = _group_vars(plain, group)
+    if model_config is None:
+        model_config = _model_config(plan.controller_model_dir(group_vars))
+    problems = checks.validate_cluster(plain, group_vars, model_config, sources)
     return [str(p) for p in problems]
+
+
+def _model_config(folder: str | None) -> dict[str, Any] | None:
+    """The model's config.json on the controller, once fetched (None before: its checks wait)."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:  # type: ignore[arg-type]
+            return json.load(f)
+    except (TypeError, OSError, ValueError):
+        return None
 
 
 def mjc_group_overrides(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any] | None = None) -> list[str]:
@@ -73,11 +88,14 @@ def mjc_group_overrides(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[s
     return checks.group_overrides(plain, _group_vars(plain, group))
 
 
-def mjc_cluster_plan(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The cluster plan (see ``mlx_jaccl_cluster.ops.plan.cluster_plan``)."""
+def mjc_cluster_plan(
+    hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any] | None = None, name: str | None = None
+) -> dict[str, Any]:
+    """The cluster plan (see ``mlx_jaccl_cluster.ops.plan.cluster_plan``); ``name``: the
+    cluster's name when the inventory sets no ``cluster_name`` (its folder's name)."""
     plain = _plain_hosts(hosts)
     try:
-        return plan.cluster_plan(plain, _group_vars(plain, group))
+        return plan.cluster_plan(plain, _group_vars(plain, group), name)
     except ValueError as exc:
         raise AnsibleFilterError(str(exc)) from None
 

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from ansible_run import ANSIBLE_PLAYBOOK, ROOT, run_playbook
+from ansible_run import ROOT, ansible_playbook, run_playbook
 
 from mlx_jaccl_cluster.ops import mac_hygiene, macos
 
@@ -642,22 +642,16 @@ def play(mac: dict, entry: str, *flags: str) -> int:
         "ansible_python_interpreter": sys.executable,
         "ansible_become": False,
         "mjc_node": {"system": "Darwin"},
-        "cluster_rdma": [None, "rdma_en4"],
-        "cluster_install_prefix": str(mac["tmp"] / "prefix"),
+        "mac_hygiene_rdma_devices": [None, "rdma_en4"],
+        "mac_hygiene_prefix": str(mac["tmp"] / "prefix"),
         "mac_hygiene_power_enabled": True,
         "mac_hygiene_thunderbolt_network_enabled": True,
         "__mac_hygiene_group": "root",
         "__mac_hygiene_launchd_dir": str(mac["tmp"] / "LaunchDaemons"),
     }
-    proc = subprocess.run(
-        [str(ANSIBLE_PLAYBOOK), "-i", "localhost,", str(mac["tmp"] / "play.yml"), "-e", json.dumps(extra), *flags],
-        cwd=ROOT,
-        env=mac["env"],
-        capture_output=True,
-        text=True,
-        timeout=180,
+    proc = ansible_playbook(
+        mac["tmp"] / "play.yml", *flags, inventory="localhost,", extra=extra, env=mac["env"], timeout=180
     )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     recap = next(line for line in proc.stdout.splitlines() if line.startswith("localhost") and "changed=" in line)
     return int(recap.split("changed=")[1].split()[0])
 

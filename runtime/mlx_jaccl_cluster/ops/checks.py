@@ -26,10 +26,13 @@ from .schema import (
     HOST_DEFAULTS,
     JACCL_BACKENDS,
     MAX_THUNDERBOLT_PORTS,
+    MLX_EXTRAS,
     MODEL_SOURCES,
     NODE_KEYS,
     PARALLEL_MODES,
+    REMOVED_KEYS,
     RUNTIME_OWNED,
+    SECRET_KEYS,
     SERVICE_MANAGERS,
     UNIT_NAME,
     Problem,
@@ -44,7 +47,7 @@ from .schema import (
 # --- group variables and the model ---------------------------------------------------------
 
 
-MODEL_PATH_EXAMPLE = "/opt/mlx-jaccl-cluster/models/SmolLM2-135M-Instruct"
+MODEL_PATH_EXAMPLE = f"{GROUP_DEFAULTS['cluster_install_prefix']}/models/SmolLM2-135M-Instruct"
 # Group variable -> its check, called as check(where, variables, key).
 GROUP_CHECKS: dict[str, Callable[[str, Mapping[str, Any], str], Problem | None]] = {
     "cluster_backend": partial(fields.choice, options=BACKENDS),
@@ -58,9 +61,13 @@ GROUP_CHECKS: dict[str, Callable[[str, Mapping[str, Any], str], Problem | None]]
     "cluster_api_host": lambda host, variables, key: (
         fields.text(host, variables, key, "127.0.0.1") or fields.bind_problem(host, variables)
     ),
-    "cluster_api_key": lambda host, variables, key: fields.api_key_problem(host, variables),
-    "cluster_api_allow_open": lambda host, variables, key: fields.bool_problem(host, variables, key),
-    "cluster_service_user": partial(fields.optional_text, example="admin"),
+    "cluster_api_key": fields.secret_problem,
+    "cluster_secret": fields.secret_problem,
+    "cluster_api_allow_open": fields.bool_problem,
+    "cluster_name": fields.name_problem,
+    "cluster_controller_cache": fields.controller_path_problem,
+    "cluster_mlx_extra": partial(fields.choice, options=MLX_EXTRAS),
+    "cluster_uninstall_models": fields.flag_problem,
     "cluster_api_port": fields.port,
     "cluster_control_port": fields.port,
     "cluster_coordinator_port": fields.port,
@@ -138,6 +145,18 @@ def _group_problems(group: Mapping[str, Any]) -> list[Problem]:
     return [p for p in found if p]
 
 
+def _removed_problems(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any]) -> list[Problem]:
+    """Variables the project no longer reads (REMOVED_KEYS): named once for the group when
+    every host has it (group_vars), else for each host that sets it."""
+    found = []
+    for key, fix in REMOVED_KEYS.items():
+        setters = [name for name, variables in hosts.items() if key in variables]
+        if key in group or (setters and len(setters) == len(hosts)):
+            setters = [GROUP]
+        found += [Problem(where, key, "is set but no longer used", fix) for where in setters]
+    return found
+
+
 def _differs(variables: Mapping[str, Any], group: Mapping[str, Any], key: str) -> bool:
     """Whether a host sets group variable ``key`` to something other than the group's value."""
     return variables.get(key) is not None and setting(variables, key) != setting(group, key)
@@ -191,7 +210,7 @@ def _override_problems(
             if key in NODE_KEYS or not _differs(variables, group, key):
                 continue
             value = setting(variables, key)
-            secret = key == "cluster_api_key"
+            secret = key in SECRET_KEYS
             mine = "a different value (not shown)" if secret else describe(value)
             theirs = "" if secret else f" but {describe(setting(group, key))} for the group"
             where = value_sources(sources, name, key, value) or [f"host {name}"]
@@ -651,7 +670,8 @@ def validate_cluster(
     """
     backend = setting(group, "cluster_backend")
     backend = backend if backend in BACKENDS else None
-    found = _group_problems(group) + _override_problems(hosts, group, sources) + _rank_problems(hosts)
+    found = _group_problems(group) + _removed_problems(hosts, group)
+    found += _override_problems(hosts, group, sources) + _rank_problems(hosts)
     rank_order_known = not any(p.field in ("cluster_rank", "hosts") for p in found)
     for name, variables in hosts.items():
         found += _host_problems(name, variables, backend) + _node_key_problems(name, variables, group)

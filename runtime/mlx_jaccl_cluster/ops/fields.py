@@ -14,8 +14,10 @@ from typing import Any
 from .schema import (
     API_KEY_MIN_LENGTH,
     GROUP,
+    GROUP_DEFAULTS,
     HOSTNAME,
     MAKE_API_KEY,
+    UNIT_NAME,
     WILDCARD_BINDS,
     Problem,
     choices,
@@ -189,25 +191,72 @@ def bind_problem(host: str, variables: Mapping[str, Any]) -> Problem | None:
     )
 
 
-def api_key_problem(host: str, variables: Mapping[str, Any]) -> Problem | None:
+def secret_problem(host: str, variables: Mapping[str, Any], key: str) -> Problem | None:
     """A string of at least API_KEY_MIN_LENGTH characters, or empty. Never echoes the value: it is a secret."""
-    value = setting(variables, "cluster_api_key")
-    make = f"make one with `{MAKE_API_KEY}` and keep it in a vault (ansible-vault encrypt_string KEY --name cluster_api_key)"
+    value = setting(variables, key)
+    make = f"make one with `{MAKE_API_KEY}` and keep it in a vault (ansible-vault encrypt_string VALUE --name {key})"
     if not isinstance(value, str):
         return Problem(
             host,
-            "cluster_api_key",
+            key,
             f"is a {type(value).__name__}, not a string (value not shown)",
-            f'quote it, or "" for no key; {make}',
+            f'quote it, or "" for {"no key" if key == "cluster_api_key" else "one generated on the controller"}; {make}',
         )
     if value and len(value) < API_KEY_MIN_LENGTH:
         return Problem(
             host,
-            "cluster_api_key",
-            f"has {len(value)} characters; a key needs at least {API_KEY_MIN_LENGTH} (value not shown)",
+            key,
+            f"has {len(value)} characters; it needs at least {API_KEY_MIN_LENGTH} (value not shown)",
             make,
         )
     return None
+
+
+def flag_problem(host: str, variables: Mapping[str, Any], key: str) -> Problem | None:
+    """A boolean, or the words ``-e key=value`` gives (true/false, yes/no)."""
+    if as_flag(setting(variables, key)) is not None:
+        return None
+    return Problem(
+        host,
+        key,
+        f"is {describe(setting(variables, key))}; it must be true or false",
+        f"write {key}: true or {key}: false (or -e {key}=true)",
+    )
+
+
+def as_flag(value: Any) -> bool | None:
+    """``value`` as a boolean (True, "true", "yes", ...); None when it is not one."""
+    if isinstance(value, bool):
+        return value
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    return words.get(value.strip().lower()) if isinstance(value, str) else None
+
+
+def name_problem(host: str, variables: Mapping[str, Any], key: str) -> Problem | None:
+    """An optional name that becomes part of a file name on the controller."""
+    value = variables.get(key)
+    if value is None or (isinstance(value, str) and UNIT_NAME.match(value)):
+        return None
+    return Problem(
+        host,
+        key,
+        f"is {describe(value)}; it names the cluster's files on the controller",
+        f"use letters, digits, '.', '_' or '-', e.g. {key}: my-cluster, or remove it (the inventory folder's name)",
+    )
+
+
+def controller_path_problem(host: str, variables: Mapping[str, Any], key: str) -> Problem | None:
+    """A folder on the controller: absolute, or under ``~``."""
+    problem = text(host, variables, key, GROUP_DEFAULTS[key])
+    value = setting(variables, key)
+    if problem is None and not value.startswith(("/", "~")):
+        return Problem(
+            host,
+            key,
+            f"is {value!r}, a relative path",
+            f"give an absolute path on the controller (or one under ~), e.g. {key}: {GROUP_DEFAULTS[key]}",
+        )
+    return problem
 
 
 def open_api_problems(group: Mapping[str, Any]) -> list[Problem]:

@@ -8,15 +8,20 @@ values from the plan, never from ``cluster_*`` variables again.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from .checks import validate_cluster
+from .fields import as_flag, is_loopback
+from .macos import MIN_MACOS
 from .rdma import rdma_matrix
 from .schema import (
     BACKEND_FILES,
     CLUSTER_SECRET_FILE,
+    GROUP,
     JACCL_BACKENDS,
+    SECRET_KEYS,
     WILDCARD_BINDS,
     node_setting,
     ordered_hosts,
@@ -121,8 +126,8 @@ def _rank_entry(
         "prefix": prefix,
         "etc_dir": etc_dir,
         "python": node_setting(group, variables, "cluster_python"),
-        "service_user": node_setting(group, variables, "cluster_service_user"),
         "service_manager": node_setting(group, variables, "cluster_service_manager"),
+        "model_path": env["MJC_MODEL"],
         "env": env,
         "files": files,
         "argv": [f"{prefix}/venv/bin/mjc-rank"],
@@ -130,22 +135,47 @@ def _rank_entry(
     }
 
 
-def _api_url(group: Mapping[str, Any], ordered: list[tuple[str, Mapping[str, Any]]]) -> str:
-    """Where the controller reaches rank 0's API (its ssh target when the API binds a wildcard)."""
-    host = setting(group, "cluster_api_host")
-    if host in WILDCARD_BINDS:
-        host = ssh_target(*ordered[0])
-    return f"http://{host}:{setting(group, 'cluster_api_port')}"
+def _api_urls(group: Mapping[str, Any], ordered: list[tuple[str, Mapping[str, Any]]]) -> tuple[str, str]:
+    """Where rank 0's API answers: from the controller, and from rank 0's own machine.
+
+    A wildcard bind (WILDCARD_BINDS) answers the controller at rank 0's ssh target and rank 0
+    itself at 127.0.0.1; a loopback bind answers only on rank 0's machine, at 127.0.0.1.
+    """
+    host, port = setting(group, "cluster_api_host"), setting(group, "cluster_api_port")
+    wildcard = host in WILDCARD_BINDS
+    remote = ssh_target(*ordered[0]) if wildcard else host
+    local = "127.0.0.1" if wildcard or (is_loopback(host) and ":" not in host) else host
+    remote_url, local_url = (f"http://[{h}]:{port}" if ":" in h else f"http://{h}:{port}" for h in (remote, local))
+    return remote_url, local_url
 
 
-def cluster_plan(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any]) -> dict[str, Any]:
+def controller_model_dir(group: Mapping[str, Any]) -> str | None:
+    """The model's folder on the controller: ``cluster_model_local_path`` for a local model,
+    else ``<controller cache>/models/<name>``; None while the name is unknown."""
+    if setting(group, "cluster_model_source") == "local":
+        return setting(group, "cluster_model_local_path")
+    name = setting(group, "cluster_model_name")
+    cache = setting(group, "cluster_controller_cache")
+    if not isinstance(name, str) or not name or not isinstance(cache, str):
+        return None
+    return f"{os.path.expanduser(cache)}/models/{name}"
+
+
+def cluster_plan(
+    hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any], name: str | None = None
+) -> dict[str, Any]:
     """The one rendered fact every role reads; ValueError lists the problems of a bad inventory.
 
     ``ranks``: hostnames in rank order; ``hosts``: hostname -> rank entry (rank, ssh, ips,
-    unit_name, prefix, etc_dir, python, service_user, service_manager, env, files relative to
-    ``<prefix>/etc/``, argv, primary: first rank on its machine); plus ``hostfile``
-    (mlx.launch object form), ``world_size``, ``backend``, ``parallel``, ``control`` and
-    ``api_url``.
+    unit_name, prefix, etc_dir, python, service_manager, model_path, env, files relative to
+    ``<prefix>/etc/``, argv, layers, primary: first rank on its machine); plus ``hostfile``
+    (mlx.launch object form), ``world_size``, ``backend``, ``parallel``, ``control``,
+    ``api_url`` (from the controller), ``local_api_url`` (on rank 0's machine), ``model``
+    (source, name, repo, local_path, dir: its folder on the controller), ``name``
+    (``cluster_name``, else ``name``: the inventory folder's), ``controller_cache``,
+    ``mlx_extra``, ``uninstall_models``, ``runtime_settings``, ``cluster_secret`` (the
+    inventory's, "" to generate one), ``sensitive`` (it holds a secret: no_log) and
+    ``macos_min`` (the oldest macOS with RDMA over Thunderbolt).
     """
     problems = validate_cluster(hosts, group)
     if problems:
@@ -160,12 +190,29 @@ def cluster_plan(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any
         machine = (entry["ssh"], entry["prefix"])
         entry["primary"] = machine not in seen
         seen.add(machine)
+    api_url, local_api_url = _api_urls(group, ordered)
     return {
         "world_size": len(ordered),
         "backend": backend,
         "parallel": setting(group, "cluster_parallel"),
         "control": f"{_first_ips(ordered)[0]}:{setting(group, 'cluster_control_port')}",
-        "api_url": _api_url(group, ordered),
+        "api_url": api_url,
+        "local_api_url": local_api_url,
+        "name": setting(group, "cluster_name") or name or GROUP,
+        "model": {
+            "source": setting(group, "cluster_model_source"),
+            "name": setting(group, "cluster_model_name"),
+            "repo": setting(group, "cluster_model_repo") or "",
+            "local_path": setting(group, "cluster_model_local_path") or "",
+            "dir": controller_model_dir(group),  # on the controller
+        },
+        "controller_cache": os.path.expanduser(setting(group, "cluster_controller_cache")),
+        "mlx_extra": setting(group, "cluster_mlx_extra"),
+        "uninstall_models": as_flag(setting(group, "cluster_uninstall_models")),
+        "runtime_settings": runtime_settings(group),
+        "cluster_secret": setting(group, "cluster_secret"),
+        "sensitive": any(setting(group, key) for key in SECRET_KEYS),
+        "macos_min": ".".join(map(str, MIN_MACOS)),
         "hostfile": launch_hostfile(backend, ordered),
         "ranks": [name for name, _ in ordered],
         "hosts": entries,

@@ -215,9 +215,9 @@ def rdma_problems(ordered: list[tuple[str, Mapping[str, Any]]], backend: str) ->
     return found
 
 
-def _plain_cell(cell: Any) -> Any:
+def plain_cell(cell: Any) -> Any:
     return list(cell) if isinstance(cell, list) else cell
 
 
 def rdma_matrix(ordered: list[tuple[str, Mapping[str, Any]]]) -> list[list[Any]]:
-    return [[_plain_cell(cell) for cell in v["cluster_rdma"]] for _, v in ordered]
+    return [[plain_cell(cell) for cell in v["cluster_rdma"]] for _, v in ordered]

@@ -2,8 +2,9 @@
 
 Every ``cluster_*`` variable the roles use is named here once with its default
 (:data:`GROUP_DEFAULTS`, :data:`HOST_DEFAULTS`); :func:`setting` reads a value or its default,
-so no other file repeats a default. :class:`Problem` is what the checks
-(:mod:`.checks`) report. Pure standard library: this runs on the controller.
+so no other file repeats a default; the roles read them only through the plan
+(:mod:`.plan`). :class:`Problem` is what the checks (:mod:`.checks`) report. Runs on the
+controller (standard library and the runtime's pydantic ``Settings``, never MLX).
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..settings import Settings
+
 GROUP = "mlx_cluster"
 BACKENDS = ("jaccl", "jaccl-ring", "ring", "nccl")
 PARALLEL_MODES = ("auto", "tensor", "pipeline")  # layout.PARALLEL_CHOICES
 MODEL_SOURCES = ("smollm2", "hf", "local")
 SERVICE_MANAGERS = ("auto", "launchd", "systemd", "supervisord")
+MLX_EXTRAS = ("auto", "cpu", "cuda13", "metal")  # the mlx wheel's extra (python_env)
 JACCL_BACKENDS = ("jaccl", "jaccl-ring")
 COORDINATOR_BACKENDS = ("jaccl", "jaccl-ring", "nccl")
 
@@ -38,17 +42,27 @@ GROUP_DEFAULTS: dict[str, Any] = {
     "cluster_model_source": None,
     "cluster_model_repo": None,
     "cluster_model_local_path": None,
+    # A cluster serves its network (rank 0 started by hand binds Settings.api_host, 127.0.0.1);
+    # a non-loopback bind needs cluster_api_key or cluster_api_allow_open (fields.open_api_problems).
     "cluster_api_host": "0.0.0.0",
-    "cluster_api_port": 8080,
+    "cluster_api_port": Settings.model_fields["api_port"].default,  # the rank's own default
     "cluster_api_key": "",
     "cluster_api_allow_open": False,  # serve a non-loopback bind without a key, on purpose
+    "cluster_secret": "",  # the control channel's secret; "" -> generated once on the controller
     "cluster_control_port": 32400,
     "cluster_coordinator_port": 32323,
     "cluster_install_prefix": "/opt/mlx-jaccl-cluster",
-    "cluster_service_user": "",
     "cluster_service_manager": "auto",
     "cluster_python": "/usr/bin/python3",
     "cluster_runtime_settings": None,  # a mapping of mjc-rank settings, e.g. {max_batch: 16}
+    "cluster_name": None,  # names the cluster's files on the controller; None: the inventory folder's name
+    "cluster_controller_cache": "~/.cache/mlx-jaccl-cluster",  # models, wheelhouses, secrets
+    "cluster_mlx_extra": "auto",  # auto: cpu on Linux, Metal on macOS
+    "cluster_uninstall_models": False,  # uninstall also deletes the model (-e key=true gives a string)
+}
+# Variables the project no longer reads: preflight names them so none is silently ignored.
+REMOVED_KEYS = {
+    "cluster_service_user": "the ranks run as the account Ansible logs in as (ansible_user): remove it",
 }
 HOST_DEFAULTS: dict[str, Any] = {
     "cluster_rank": None,
@@ -61,14 +75,14 @@ HOST_DEFAULTS: dict[str, Any] = {
     "cluster_thunderbolt_ports": None,  # Thunderbolt ports of this Mac; None: the most any Mac has
     "cluster_layers": None,  # pipeline layers of this rank (ops/placement.py); None: by memory
 }
-INVENTORY_KEYS = (*GROUP_DEFAULTS, *HOST_DEFAULTS)
+INVENTORY_KEYS = (*GROUP_DEFAULTS, *HOST_DEFAULTS, *REMOVED_KEYS)
+SECRET_KEYS = ("cluster_api_key", "cluster_secret")  # never shown in a message
 # Group variables a host may set for itself (paths and users differ between machines, e.g.
 # "/Users/{{ ansible_user }}/..."); every other group variable must be the same on all ranks.
 NODE_KEYS = (
     "cluster_install_prefix",
     "cluster_model_path",
     "cluster_python",
-    "cluster_service_user",
     "cluster_service_manager",
 )
 
@@ -106,7 +120,7 @@ def setting(variables: Mapping[str, Any], key: str) -> Any:
     """``variables[key]``, or the schema default when it is missing or null."""
     value = variables.get(key)
     if value is None:
-        default = GROUP_DEFAULTS[key] if key in GROUP_DEFAULTS else HOST_DEFAULTS[key]
+        default = GROUP_DEFAULTS[key] if key in GROUP_DEFAULTS else HOST_DEFAULTS.get(key)
         return list(default) if isinstance(default, tuple) else default
     return value
 
