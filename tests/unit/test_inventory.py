@@ -632,7 +632,7 @@ def test_a_secret_is_never_shown() -> None:
 def test_plan_names_the_values_roles_read_once() -> None:
     """Roles read these from the plan, never from cluster_* (prefix, caches, name, model, URLs)."""
     hosts, group = local_ring()
-    plan = cluster_plan(hosts, group, name="lab")
+    plan = cluster_plan(hosts, group, default_name="lab")
     assert plan["name"] == "lab"  # the inventory folder's name, given by preflight
     assert plan["controller_cache"] == str(Path.home() / ".cache" / "mlx-jaccl-cluster")
     assert plan["model"]["dir"] == f"{plan['controller_cache']}/models/SmolLM2-135M-Instruct"
@@ -650,7 +650,7 @@ def test_plan_names_the_values_roles_read_once() -> None:
         cluster_model_source="local",
         cluster_model_local_path="/data/smol",
     )
-    plan = cluster_plan(hosts, group, name="lab")
+    plan = cluster_plan(hosts, group, default_name="lab")
     assert (plan["name"], plan["controller_cache"], plan["uninstall_models"]) == ("prod", "/srv/cache", True)
     assert plan["model"]["dir"] == "/data/smol" and plan["sensitive"] is True
 

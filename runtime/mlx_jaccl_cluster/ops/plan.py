@@ -162,7 +162,7 @@ def controller_model_dir(group: Mapping[str, Any]) -> str | None:
 
 
 def cluster_plan(
-    hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any], name: str | None = None
+    hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any], default_name: str | None = None
 ) -> dict[str, Any]:
     """The one rendered fact every role reads; ValueError lists the problems of a bad inventory.
 
@@ -172,7 +172,7 @@ def cluster_plan(
     (mlx.launch object form), ``world_size``, ``backend``, ``parallel``, ``control``,
     ``api_url`` (from the controller), ``local_api_url`` (on rank 0's machine), ``model``
     (source, name, repo, local_path, dir: its folder on the controller), ``name``
-    (``cluster_name``, else ``name``: the inventory folder's), ``controller_cache``,
+    (``cluster_name``, else ``default_name``: the inventory folder's), ``controller_cache``,
     ``mlx_extra``, ``uninstall_models``, ``runtime_settings``, ``cluster_secret`` (the
     inventory's, "" to generate one), ``sensitive`` (it holds a secret: no_log) and
     ``macos_min`` (the oldest macOS with RDMA over Thunderbolt).
@@ -198,7 +198,7 @@ def cluster_plan(
         "control": f"{_first_ips(ordered)[0]}:{setting(group, 'cluster_control_port')}",
         "api_url": api_url,
         "local_api_url": local_api_url,
-        "name": setting(group, "cluster_name") or name or GROUP,
+        "name": setting(group, "cluster_name") or default_name or GROUP,
         "model": {
             "source": setting(group, "cluster_model_source"),
             "name": setting(group, "cluster_model_name"),
