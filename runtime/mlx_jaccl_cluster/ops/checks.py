@@ -65,7 +65,12 @@ GROUP_CHECKS: dict[str, Callable[[str, Mapping[str, Any], str], Problem | None]]
     "cluster_secret": fields.secret_problem,
     "cluster_api_allow_open": fields.bool_problem,
     "cluster_name": fields.name_problem,
-    "cluster_controller_cache": fields.controller_path_problem,
+    "cluster_controller_cache": partial(
+        fields.abs_path,
+        example=GROUP_DEFAULTS["cluster_controller_cache"],
+        on="the controller (or one under ~)",
+        roots=("/", "~"),
+    ),
     "cluster_mlx_extra": partial(fields.choice, options=MLX_EXTRAS),
     "cluster_uninstall_models": fields.flag_problem,
     "cluster_api_port": fields.port,

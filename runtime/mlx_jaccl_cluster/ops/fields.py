@@ -14,7 +14,6 @@ from typing import Any
 from .schema import (
     API_KEY_MIN_LENGTH,
     GROUP,
-    GROUP_DEFAULTS,
     HOSTNAME,
     MAKE_API_KEY,
     UNIT_NAME,
@@ -87,12 +86,20 @@ def optional_text(host: str, variables: Mapping[str, Any], key: str, example: st
     return None
 
 
-def abs_path(host: str, variables: Mapping[str, Any], key: str, example: str) -> Problem | None:
+def abs_path(
+    host: str,
+    variables: Mapping[str, Any],
+    key: str,
+    example: str,
+    on: str = "the nodes",
+    roots: tuple[str, ...] = ("/",),
+) -> Problem | None:
+    """A required path starting with one of ``roots`` (absolute; a controller path may use ``~``)."""
     problem = text(host, variables, key, example)
     value = setting(variables, key)
-    if problem is None and not value.startswith("/"):
+    if problem is None and not value.startswith(roots):
         return Problem(
-            host, key, f"is {value!r}, a relative path", f"give an absolute path on the nodes, e.g. {key}: {example}"
+            host, key, f"is {value!r}, a relative path", f"give an absolute path on {on}, e.g. {key}: {example}"
         )
     return problem
 
@@ -243,20 +250,6 @@ def name_problem(host: str, variables: Mapping[str, Any], key: str) -> Problem |
         f"is {describe(value)}; it names the cluster's files on the controller",
         f"use letters, digits, '.', '_' or '-', e.g. {key}: my-cluster, or remove it (the inventory folder's name)",
     )
-
-
-def controller_path_problem(host: str, variables: Mapping[str, Any], key: str) -> Problem | None:
-    """A folder on the controller: absolute, or under ``~``."""
-    problem = text(host, variables, key, GROUP_DEFAULTS[key])
-    value = setting(variables, key)
-    if problem is None and not value.startswith(("/", "~")):
-        return Problem(
-            host,
-            key,
-            f"is {value!r}, a relative path",
-            f"give an absolute path on the controller (or one under ~), e.g. {key}: {GROUP_DEFAULTS[key]}",
-        )
-    return problem
 
 
 def open_api_problems(group: Mapping[str, Any]) -> list[Problem]:
