@@ -331,12 +331,19 @@ PLAYBOOK = """
     - {root}/roles/mac_hygiene/defaults/main.yml
     - {root}/roles/mac_hygiene/vars/main.yml
   tasks:
-    - name: Render the LaunchDaemon and its script
+    - name: Render the script
       ansible.builtin.template:
-        src: "{root}/roles/mac_hygiene/templates/thunderbolt-network.{{{{ item }}}}.j2"
-        dest: "{out}/thunderbolt-network.{{{{ item }}}}"
+        src: "{root}/roles/mac_hygiene/templates/thunderbolt-network.sh.j2"
+        dest: "{out}/thunderbolt-network.sh"
         mode: "0600"
-      loop: [plist, sh]
+
+    - name: Render the LaunchDaemon (the launchd template shared with the service role)
+      ansible.builtin.template:
+        src: "{root}/templates/launchd.plist.j2"
+        dest: "{out}/thunderbolt-network.plist"
+        mode: "0600"
+      vars:
+        launchd_job: "{{{{ __mac_hygiene_launchd_job }}}}"
 """
 
 
@@ -357,8 +364,8 @@ def daemon(tmp_path_factory) -> Path:
     return render(
         tmp_path_factory.mktemp("daemon"),
         {
-            "cluster_rdma": [None, "rdma_en4", ["rdma_en3", "rdma_en5"]],
-            "cluster_install_prefix": "/Users/admin/mlx-jaccl-cluster",
+            "mac_hygiene_rdma_devices": [None, "rdma_en4", ["rdma_en3", "rdma_en5"]],
+            "mac_hygiene_prefix": "/Users/admin/mlx-jaccl-cluster",
         },
     )
 
@@ -388,7 +395,14 @@ def test_the_launchdaemon_runs_the_script_with_the_inventory_ports_at_boot(daemo
 
 @pytest.mark.playbook  # renders the role with ansible-playbook
 def test_interval_zero_means_at_boot_only(tmp_path):
-    out = render(tmp_path, {"cluster_rdma": ["rdma_en4", None], "mac_hygiene_thunderbolt_network_interval": 0})
+    out = render(
+        tmp_path,
+        {
+            "mac_hygiene_rdma_devices": ["rdma_en4", None],
+            "mac_hygiene_prefix": "/opt/mjc",
+            "mac_hygiene_thunderbolt_network_interval": 0,
+        },
+    )
     plist = plistlib.loads((out / "thunderbolt-network.plist").read_bytes())
     assert "StartInterval" not in plist and plist["RunAtLoad"] is True
     assert plist["ProgramArguments"][-2:] == ["bridge0", "en4"]
