@@ -12,11 +12,14 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 INTERVAL ?= 5
 LINES ?= 40
-# rank 0's URL (path $(1)), from the inventory through playbooks/url.yml
-url = $$($(PLAYBOOK) playbooks/url.yml -e url_path=$(1) | sed -n 's/.*MJC_URL=\([^"]*\).*/\1/p')
-# per host: its prefix and its rank's unit name, as the inventory sets them
-HOST_PREFIX := {{ cluster_install_prefix | default("/opt/mlx-jaccl-cluster") }}
-HOST_UNIT := {{ cluster_unit_name | default("mlx-jaccl-cluster") }}
+# one value of the cluster plan ($(1): api_url, controller_cache...), through playbooks/plan.yml
+plan = $$($(PLAYBOOK) playbooks/plan.yml -e plan_key=$(1) | sed -n 's/.*MJC_PLAN=\([^"]*\).*/\1/p')
+# rank 0's URL from the controller, with path $(1)
+url = $(call plan,api_url)$(1)
+# per host (ad-hoc commands): its rank's entry in the plan, rendered by the same filter as preflight's
+NODE := (dict(groups.mlx_cluster | zip(groups.mlx_cluster | map("extract", hostvars))) | mjc_cluster_plan).hosts[inventory_hostname]
+HOST_PREFIX := {{ $(NODE).prefix }}
+HOST_UNIT := {{ $(NODE).unit_name }}
 MLX_EXTRA := $(if $(filter Darwin,$(shell uname -s)),,[cpu])
 
 .DEFAULT_GOAL := help
@@ -67,10 +70,10 @@ download: venv ## fetch MODEL=org/name from Hugging Face into the controller cac
 	  -e cluster_model_name=$(notdir $(MODEL))
 
 models-local: venv ## models in the controller cache, with their sizes
-	@du -sh $${MJC_CACHE:-$$HOME/.cache/mlx-jaccl-cluster}/models/*/ 2>/dev/null || echo "no models in the controller cache yet"
+	@c=$(call plan,controller_cache); du -sh "$$c"/models/*/ 2>/dev/null || echo "no models in the controller cache ($$c) yet"
 
 models-check: venv ## every node's model against its manifest
-	$(ANSIBLE) mlx_cluster -m ansible.builtin.command -a '$(HOST_PREFIX)/venv/bin/python -m mlx_jaccl_cluster.ops.manifest verify {{ cluster_model_path }} --manifest $(HOST_PREFIX)/etc/model-manifest.json'
+	$(ANSIBLE) mlx_cluster -m ansible.builtin.command -a '$(HOST_PREFIX)/venv/bin/python -m mlx_jaccl_cluster.ops.manifest verify {{ $(NODE).model_path }} --manifest $(HOST_PREFIX)/etc/model-manifest.json'
 
 dashboard: venv ## print rank 0's /dashboard URL (and open it where a browser is)
 	@u=$(call url,/dashboard); echo "$$u"; \

@@ -14,18 +14,19 @@ into every host's variables); a host that sets one differently is reported.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Mapping
 from typing import Any
 
 try:
-    from mlx_jaccl_cluster.ops import inventory
+    from mlx_jaccl_cluster.ops import checks, plan, schema
 except ImportError:  # not installed on the controller: use the repository's copy
     sys.path.insert(
         0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "runtime"))
     )
-    from mlx_jaccl_cluster.ops import inventory
+    from mlx_jaccl_cluster.ops import checks, plan, schema
 
 from ansible.errors import AnsibleFilterError
 
@@ -35,7 +36,7 @@ def _plain_hosts(hosts: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, 
     if not isinstance(hosts, Mapping):
         raise AnsibleFilterError(f"expected a mapping of hostname -> host variables, got {type(hosts).__name__}")
     return {
-        str(name): {key: variables[key] for key in inventory.INVENTORY_KEYS if key in variables}
+        str(name): {key: variables[key] for key in schema.INVENTORY_KEYS if key in variables}
         for name, variables in hosts.items()
     }
 
@@ -43,10 +44,10 @@ def _plain_hosts(hosts: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, 
 def _group_vars(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any] | None) -> dict[str, Any]:
     """The group variables: as given, else the value most hosts see (the first host's on a tie)."""
     if group is not None:
-        return {key: group[key] for key in inventory.GROUP_DEFAULTS if key in group}
+        return {key: group[key] for key in schema.GROUP_DEFAULTS if key in group}
     derived = {}
-    for key in inventory.GROUP_DEFAULTS:
-        values = [inventory.setting(variables, key) for variables in hosts.values()]
+    for key in schema.GROUP_DEFAULTS:
+        values = [schema.setting(variables, key) for variables in hosts.values()]
         derived[key] = max(values, key=lambda v: sum(repr(other) == repr(v) for other in values), default=None)
     return derived
 
@@ -59,25 +60,42 @@ def mjc_validate_cluster(
 ) -> list[str]:
     """Problems of the inventory as ``host: field: message — fix`` strings.
 
+    ``model_config``: the model's config.json; by default read from the model's folder on
+    the controller when it is there (the model-vs-layout checks).
     ``sources``: ``ansible-inventory --list --export`` output, so that a value set by another
     group is blamed on that group.
     """
     plain = _plain_hosts(hosts)
-    problems = inventory.validate_cluster(plain, _group_vars(plain, group), model_config, sources)
+    group_vars = _group_vars(plain, group)
+    if model_config is None:
+        model_config = _model_config(plan.controller_model_dir(group_vars))
+    problems = checks.validate_cluster(plain, group_vars, model_config, sources)
     return [str(p) for p in problems]
+
+
+def _model_config(folder: str | None) -> dict[str, Any] | None:
+    """The model's config.json on the controller, once fetched (None before: its checks wait)."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:  # type: ignore[arg-type]
+            return json.load(f)
+    except (TypeError, OSError, ValueError):
+        return None
 
 
 def mjc_group_overrides(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any] | None = None) -> list[str]:
     """``host: key`` for each group variable some host sees differently from the others."""
     plain = _plain_hosts(hosts)
-    return inventory.group_overrides(plain, _group_vars(plain, group))
+    return checks.group_overrides(plain, _group_vars(plain, group))
 
 
-def mjc_cluster_plan(hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The cluster plan (see ``mlx_jaccl_cluster.ops.inventory.cluster_plan``)."""
+def mjc_cluster_plan(
+    hosts: Mapping[str, Mapping[str, Any]], group: Mapping[str, Any] | None = None, name: str | None = None
+) -> dict[str, Any]:
+    """The cluster plan (see ``mlx_jaccl_cluster.ops.plan.cluster_plan``); ``name``: the
+    cluster's name when the inventory sets no ``cluster_name`` (its folder's name)."""
     plain = _plain_hosts(hosts)
     try:
-        return inventory.cluster_plan(plain, _group_vars(plain, group))
+        return plan.cluster_plan(plain, _group_vars(plain, group), name)
     except ValueError as exc:
         raise AnsibleFilterError(str(exc)) from None
 

@@ -1,6 +1,7 @@
 """Ansible filters that read macOS tool output and check a node's RDMA readiness.
 
-Thin wrappers over ``mlx_jaccl_cluster.ops.macos``; a parse error becomes an
+Thin wrappers over ``mlx_jaccl_cluster.ops.macos`` (parsers, readiness) and
+``mlx_jaccl_cluster.ops.mac_hygiene`` (what mac_hygiene changes); a parse error becomes an
 ``AnsibleFilterError`` naming what was wrong. In a play::
 
     devinfo: "{{ __ibv_devinfo.stdout | mjc_parse_ibv_devinfo }}"
@@ -16,12 +17,12 @@ from collections.abc import Callable
 from typing import Any
 
 try:
-    from mlx_jaccl_cluster.ops import macos
+    from mlx_jaccl_cluster.ops import mac_hygiene, macos
 except ImportError:  # not installed on the controller: use the repository's copy
     sys.path.insert(
         0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "runtime"))
     )
-    from mlx_jaccl_cluster.ops import macos
+    from mlx_jaccl_cluster.ops import mac_hygiene, macos
 
 from ansible.errors import AnsibleFilterError
 
@@ -46,16 +47,16 @@ FILTERS: dict[str, Callable[..., Any]] = {
     "mjc_check_disk_free": macos.check_disk_free,
     # mac_hygiene role: pmset and the Thunderbolt network
     "mjc_parse_pmset": macos.parse_pmset,
-    "mjc_pmset_changes": macos.pmset_changes,
-    "mjc_pmset_unsupported": macos.pmset_unsupported,
-    "mjc_pmset_argv": macos.pmset_argv,
-    "mjc_pmset_record": macos.pmset_record,
-    "mjc_pmset_restore": macos.pmset_restore,
+    "mjc_pmset_changes": mac_hygiene.pmset_changes,
+    "mjc_pmset_unsupported": mac_hygiene.pmset_unsupported,
+    "mjc_pmset_argv": mac_hygiene.pmset_argv,
+    "mjc_pmset_record": mac_hygiene.pmset_record,
+    "mjc_pmset_restore": mac_hygiene.pmset_restore,
     "mjc_parse_ifconfig_status_by_iface": macos.parse_ifconfig_status_by_iface,
     "mjc_rdma_interfaces": macos.rdma_interfaces,
-    "mjc_thunderbolt_network_plan": macos.thunderbolt_network_plan,
-    "mjc_thunderbolt_network_record": macos.thunderbolt_network_record,
-    "mjc_thunderbolt_network_restore": macos.thunderbolt_network_restore,
+    "mjc_thunderbolt_network_plan": mac_hygiene.thunderbolt_network_plan,
+    "mjc_thunderbolt_network_record": mac_hygiene.thunderbolt_network_record,
+    "mjc_thunderbolt_network_restore": mac_hygiene.thunderbolt_network_restore,
 }
 
 

@@ -24,7 +24,6 @@ import argparse
 import datetime as _dt
 import itertools
 import json
-import math
 import os
 import platform
 import socket
@@ -33,6 +32,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from .ops.apibench import percentile
 
 KB, MB = 1024, 1024 * 1024
 DEFAULT_SIZES = [4 * KB, 16 * KB, 64 * KB, 256 * KB, 1 * MB, 4 * MB, 16 * MB, 64 * MB, 256 * MB]
@@ -51,13 +52,6 @@ def parse_size(text: str) -> int:
 def iterations(nbytes: int, budget_bytes: int, least: int, most: int) -> int:
     """Iterations for one round of one size: about ``budget_bytes`` moved, within [least, most]."""
     return max(least, min(most, budget_bytes // nbytes))
-
-
-def percentile(samples: list[float], q: float) -> float:
-    """The ``q``-th percentile (0..100) of ``samples``, nearest rank."""
-    ordered = sorted(samples)
-    index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
-    return ordered[index]
 
 
 def summary(samples: list[float], nbytes: int | None = None) -> dict:

@@ -1,5 +1,5 @@
 """How a model is split over the ranks: one decision, made the same way on the controller
-(the plan, ``ops/inventory.py``) and on every rank (``engine/loader.py``).
+(the plan, ``ops/plan.py``) and on every rank (``engine/loader.py``).
 
 No MLX here: what a model class can do is read from the installed mlx-lm's source (a
 ``shard`` method: tensor parallel; ``pipeline``: mlx-lm's own pipeline split), so the

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import yaml
-from local_cluster import ROOT
+from ansible_run import ROOT
 
 from mlx_jaccl_cluster.launch import free_ports
 

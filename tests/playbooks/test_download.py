@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-from mlx_jaccl_cluster.models.tiny import build_tiny_model
+from ansible_run import ansible_playbook
 
-ROOT = Path(__file__).resolve().parents[2]
-PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
+from mlx_jaccl_cluster.models.tiny import build_tiny_model
 
 
 def _download(tmp_path: Path, extra: dict) -> subprocess.CompletedProcess:
@@ -19,13 +17,7 @@ def _download(tmp_path: Path, extra: dict) -> subprocess.CompletedProcess:
         "cluster_install_prefix": str(tmp_path / "prefix"),
         "cluster_controller_cache": str(tmp_path / "cache"),
     }
-    return subprocess.run(
-        [str(PLAYBOOK), "-i", "inventory/local", "playbooks/download.yml", "-e", json.dumps(extra)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return ansible_playbook("playbooks/download.yml", inventory="inventory/local", extra=extra, rcs=None)
 
 
 def test_a_model_is_fetched_on_the_controller_only(tmp_path):

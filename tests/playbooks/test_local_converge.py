@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from local_cluster import changed, converge
+from ansible_run import changed
+from local_cluster import converge
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from local_cluster import PLAYBOOK, ROOT, changed, converge, playbook
+from ansible_run import ROOT, changed, playbook_argv
+from local_cluster import converge, playbook
 
 pytestmark = pytest.mark.slow
 
@@ -120,19 +121,17 @@ def test_link_bench_with_a_lost_rank_ends_fast_names_it_and_restores_the_service
     (without the watchdog a silent rank keeps them in a collective until the 30-minute task
     timeout), the playbook fails, the group serves again."""
     inv, prefix, api = cluster
-    long_sweep = json.dumps(
-        {
-            "bench_sizes": ["16M"],
-            "bench_rounds": 1000,
-            "bench_budget": "1G",
-            "bench_latency_iters": 50,
-            "bench_gather_sizes": [],
-            "bench_pairs_enabled": False,
-            "bench_results_dir": str(tmp_path),
-        }
-    )
+    long_sweep = {
+        "bench_sizes": ["16M"],
+        "bench_rounds": 1000,
+        "bench_budget": "1G",
+        "bench_latency_iters": 50,
+        "bench_gather_sizes": [],
+        "bench_pairs_enabled": False,
+        "bench_results_dir": str(tmp_path),
+    }
     run = subprocess.Popen(
-        [str(PLAYBOOK), "-i", str(inv), "playbooks/bench.yml", "-e", long_sweep],
+        playbook_argv("playbooks/bench.yml", inventory=inv, extra=long_sweep),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

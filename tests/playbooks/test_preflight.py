@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
+from ansible_run import ansible_playbook
 
 CASES = [
     ("duplicate ranks", {"cluster_rank": 0}, ["rank1: cluster_rank", "which rank0 already has", "own cluster_rank"]),
@@ -32,13 +28,7 @@ SECRETS = ["Zq9-shortkey"]  # never printed, whatever the verbosity
 def test_bad_inventory_stops_in_preflight_with_nothing_changed(tmp_path, name, extra, words):
     prefix = tmp_path / "prefix"
     extra = extra | {"cluster_install_prefix": str(prefix), "cluster_controller_cache": str(tmp_path / "cache")}
-    proc = subprocess.run(
-        [str(PLAYBOOK), "-i", "inventory/local", "site.yml", "-e", json.dumps(extra)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = ansible_playbook("site.yml", inventory="inventory/local", extra=extra, rcs=None, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
     assert "Preflight | every host and group setting is valid" in out
@@ -57,9 +47,7 @@ def site_with_model(tmp_path: Path, config: dict, group_vars: dict) -> tuple[int
     model.mkdir()
     (model / "config.json").write_text(json.dumps(config))
     inventory = two_rank_inventory(tmp_path, model, group_vars)
-    proc = subprocess.run(
-        [str(PLAYBOOK), "-i", str(inventory), "site.yml"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    proc = ansible_playbook("site.yml", inventory=inventory, rcs=None, timeout=120)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -135,9 +123,7 @@ def test_a_value_set_by_a_second_group_is_blamed_on_that_group(tmp_path):
     inventory = two_rank_inventory(
         tmp_path, tmp_path / "smol", {}, {"fast": {"hosts": {"r1": None}, "vars": {"cluster_api_port": 9000}}}
     )
-    proc = subprocess.run(
-        [str(PLAYBOOK), "-i", str(inventory), "site.yml"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    proc = ansible_playbook("site.yml", inventory=inventory, rcs=None, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "r1: cluster_api_port: is the number 9000 on this host (set by group fast)" in out, out[-3000:]

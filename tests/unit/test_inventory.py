@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
-from mlx_jaccl_cluster.ops.inventory import GROUP, cluster_plan, validate_cluster
+from mlx_jaccl_cluster.ops.checks import validate_cluster
+from mlx_jaccl_cluster.ops.plan import cluster_plan
+from mlx_jaccl_cluster.ops.schema import GROUP
 
 Hosts = dict[str, dict[str, Any]]
 Inventory = tuple[Hosts, dict[str, Any]]
@@ -303,6 +305,17 @@ BAD = [
          "(no quotes)"),
     case("pipeline-more-ranks-than-layers", local_ring, group_set(cluster_parallel="pipeline"), GROUP, "cluster_parallel",
          "at most 2 hosts", model_config={"num_hidden_layers": 2}),
+    case("secret-short", two_macs, group_set(cluster_secret="abc123"), GROUP, "cluster_secret", "openssl rand -hex 24"),
+    case("mlx-extra-unknown", two_macs, group_set(cluster_mlx_extra="rocm"), GROUP, "cluster_mlx_extra", "cuda13"),
+    case("uninstall-models-not-a-flag", two_macs, group_set(cluster_uninstall_models="maybe"), GROUP,
+         "cluster_uninstall_models", "-e cluster_uninstall_models=true"),
+    case("controller-cache-relative", two_macs, group_set(cluster_controller_cache="cache"), GROUP,
+         "cluster_controller_cache", "absolute path on the controller"),
+    case("cluster-name-a-path", two_macs, group_set(cluster_name="a/b"), GROUP, "cluster_name", "my-cluster"),
+    case("service-user-removed", two_macs, group_set(cluster_service_user="admin"), GROUP, "cluster_service_user",
+         "ansible_user"),
+    case("service-user-removed-on-one-host", two_macs, host_set("mac2", cluster_service_user="admin"), "mac2",
+         "cluster_service_user", "ansible_user"),
 ]
 # fmt: on
 
@@ -606,3 +619,63 @@ def test_filter_takes_hostvars_with_group_vars_merged_in(filters: dict[str, Call
         "mac2: cluster_api_port: is the number 9000 on this host but the number 8080 for the group — "
         "set cluster_api_port once in group_vars/mlx_cluster and remove it from host mac2"
     ]
+
+
+def test_a_secret_is_never_shown() -> None:
+    hosts, group = two_macs()
+    group["cluster_secret"] = "short-secret"
+    hosts["mac2"]["cluster_secret"] = "another-secret-0123456789"
+    listing = "\n".join(map(str, validate_cluster(hosts, group)))
+    assert "cluster_secret" in listing and "short-secret" not in listing and "another-secret" not in listing
+
+
+def test_plan_names_the_values_roles_read_once() -> None:
+    """Roles read these from the plan, never from cluster_* (prefix, caches, name, model, URLs)."""
+    hosts, group = local_ring()
+    plan = cluster_plan(hosts, group, default_name="lab")
+    assert plan["name"] == "lab"  # the inventory folder's name, given by preflight
+    assert plan["controller_cache"] == str(Path.home() / ".cache" / "mlx-jaccl-cluster")
+    assert plan["model"]["dir"] == f"{plan['controller_cache']}/models/SmolLM2-135M-Instruct"
+    assert (plan["mlx_extra"], plan["uninstall_models"], plan["sensitive"]) == ("auto", False, False)
+    assert plan["macos_min"] == "26.2" and plan["runtime_settings"] == {}
+    entry = plan["hosts"]["rank0"]
+    assert (entry["prefix"], entry["python"], entry["service_manager"]) == (PREFIX, "/usr/bin/python3", "auto")
+    assert entry["model_path"] == entry["env"]["MJC_MODEL"] == MODEL["cluster_model_path"]
+    assert "service_user" not in entry
+    group.update(
+        cluster_name="prod",
+        cluster_controller_cache="/srv/cache",
+        cluster_uninstall_models="true",  # -e cluster_uninstall_models=true gives a string
+        cluster_secret="0123456789abcdef0123",
+        cluster_model_source="local",
+        cluster_model_local_path="/data/smol",
+    )
+    plan = cluster_plan(hosts, group, default_name="lab")
+    assert (plan["name"], plan["controller_cache"], plan["uninstall_models"]) == ("prod", "/srv/cache", True)
+    assert plan["model"]["dir"] == "/data/smol" and plan["sensitive"] is True
+
+
+@pytest.mark.parametrize(
+    ("bind", "remote", "local"),
+    [
+        ("0.0.0.0", "http://mac1.local:8080", "http://127.0.0.1:8080"),
+        ("::", "http://mac1.local:8080", "http://127.0.0.1:8080"),
+        ("127.0.0.1", "http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("localhost", "http://localhost:8080", "http://127.0.0.1:8080"),
+        ("192.168.1.14", "http://192.168.1.14:8080", "http://192.168.1.14:8080"),
+        ("::1", "http://[::1]:8080", "http://[::1]:8080"),
+    ],
+)
+def test_where_rank_0_answers_is_derived_once(bind, remote, local) -> None:
+    """api_url: from the controller (a wildcard bind is reached at rank 0's ssh target);
+    local_api_url: on rank 0's machine (the service role's /health wait and smoke question)."""
+    hosts, group = two_macs()
+    plan = cluster_plan(hosts, group | {"cluster_api_host": bind})
+    assert (plan["api_url"], plan["local_api_url"]) == (remote, local)
+
+
+def test_the_api_port_default_is_the_runtime_settings_own() -> None:
+    from mlx_jaccl_cluster.ops.schema import GROUP_DEFAULTS
+    from mlx_jaccl_cluster.settings import Settings
+
+    assert GROUP_DEFAULTS["cluster_api_port"] == Settings.model_fields["api_port"].default

@@ -9,7 +9,8 @@ import inspect
 
 import pytest
 
-from mlx_jaccl_cluster.ops.inventory import GROUP, validate_cluster
+from mlx_jaccl_cluster.ops.checks import validate_cluster
+from mlx_jaccl_cluster.ops.schema import GROUP
 from mlx_jaccl_cluster.settings import KV_QUANTIZATION_REFUSED, Settings
 
 

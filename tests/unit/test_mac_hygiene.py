@@ -27,9 +27,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from ansible_run import ANSIBLE_PLAYBOOK, ROOT, run_playbook
+from ansible_run import ROOT, ansible_playbook, run_playbook
 
-from mlx_jaccl_cluster.ops import macos
+from mlx_jaccl_cluster.ops import mac_hygiene, macos
 
 CAPTURES = Path(__file__).parent / "captures" / "macos"
 WANTED = {"sleep": 0, "disksleep": 0, "autorestart": 1, "womp": 1}  # the role's default
@@ -89,7 +89,7 @@ def test_pmset_rejects_a_setting_before_any_section():
 
 
 def test_a_mac_mini_as_shipped_needs_sleep_disksleep_and_autorestart():
-    changes = macos.pmset_changes(pmset("pmset_custom_macmini.txt"), WANTED)
+    changes = mac_hygiene.pmset_changes(pmset("pmset_custom_macmini.txt"), WANTED)
     assert [(c["source"], c["flag"], c["name"], c["from"], c["to"]) for c in changes] == [
         ("AC Power", "-c", "sleep", "1", "0"),
         ("AC Power", "-c", "disksleep", "10", "0"),
@@ -98,16 +98,16 @@ def test_a_mac_mini_as_shipped_needs_sleep_disksleep_and_autorestart():
 
 
 def test_nothing_differs_once_applied():
-    assert macos.pmset_changes(pmset("pmset_custom_macmini_hygiene.txt"), WANTED) == []
+    assert mac_hygiene.pmset_changes(pmset("pmset_custom_macmini_hygiene.txt"), WANTED) == []
 
 
 def test_values_compare_as_pmset_prints_them():
     current = {"AC Power": {"womp": "1", "sleep": "0"}}
-    assert macos.pmset_changes(current, {"womp": True, "sleep": "0"}) == []
+    assert mac_hygiene.pmset_changes(current, {"womp": True, "sleep": "0"}) == []
 
 
 def test_a_laptop_changes_every_power_source_it_lists():
-    changes = macos.pmset_changes(pmset("pmset_custom_macbookpro.txt"), WANTED)
+    changes = mac_hygiene.pmset_changes(pmset("pmset_custom_macbookpro.txt"), WANTED)
     assert {(c["source"], c["name"]) for c in changes} == {
         ("Battery Power", "sleep"),
         ("Battery Power", "disksleep"),
@@ -119,40 +119,40 @@ def test_a_laptop_changes_every_power_source_it_lists():
 
 def test_a_setting_a_power_source_does_not_list_is_unsupported_not_changed():
     current = pmset("pmset_custom_macbookpro.txt")
-    assert macos.pmset_unsupported(current, WANTED) == ["AC Power: autorestart", "Battery Power: autorestart"]
-    assert not any(c["name"] == "autorestart" for c in macos.pmset_changes(current, WANTED))
-    assert macos.pmset_unsupported(pmset("pmset_custom_macmini.txt"), WANTED) == []
+    assert mac_hygiene.pmset_unsupported(current, WANTED) == ["AC Power: autorestart", "Battery Power: autorestart"]
+    assert not any(c["name"] == "autorestart" for c in mac_hygiene.pmset_changes(current, WANTED))
+    assert mac_hygiene.pmset_unsupported(pmset("pmset_custom_macmini.txt"), WANTED) == []
 
 
 def test_changes_need_the_power_sources_of_pmset_g_custom():
     with pytest.raises(ValueError, match="pmset -g custom"):
-        macos.pmset_changes(pmset("pmset_g_macmini.txt"), WANTED)
+        mac_hygiene.pmset_changes(pmset("pmset_g_macmini.txt"), WANTED)
 
 
 @pytest.mark.parametrize("wanted", [{"Sleep On Power Button": 0}, {"sleep; reboot": 0}, {"sleep": "0 womp 1"}])
 def test_names_and_values_pmset_does_not_take_are_refused(wanted):
     with pytest.raises(ValueError):
-        macos.pmset_changes(pmset("pmset_custom_macmini.txt"), wanted)
+        mac_hygiene.pmset_changes(pmset("pmset_custom_macmini.txt"), wanted)
 
 
 def test_one_pmset_command_per_power_source():
-    changes = macos.pmset_changes(pmset("pmset_custom_macbookpro.txt"), WANTED)
-    assert macos.pmset_argv(changes) == [
+    changes = mac_hygiene.pmset_changes(pmset("pmset_custom_macbookpro.txt"), WANTED)
+    assert mac_hygiene.pmset_argv(changes) == [
         ["pmset", "-c", "sleep", "0", "disksleep", "0"],
         ["pmset", "-b", "sleep", "0", "disksleep", "0", "womp", "1"],
     ]
 
 
 def test_no_change_no_command():
-    assert macos.pmset_argv([]) == []
+    assert mac_hygiene.pmset_argv([]) == []
 
 
 # --------------------------------------------------------------------------- record and restore
 
 
 def test_the_record_keeps_the_value_before_the_first_change():
-    first = macos.pmset_changes(pmset("pmset_custom_macmini.txt"), WANTED)
-    state = macos.pmset_record(None, first)
+    first = mac_hygiene.pmset_changes(pmset("pmset_custom_macmini.txt"), WANTED)
+    state = mac_hygiene.pmset_record(None, first)
     assert state == {
         "AC Power": {
             "sleep": {"before": "1", "set": "0"},
@@ -161,17 +161,17 @@ def test_the_record_keeps_the_value_before_the_first_change():
         }
     }
     # someone set sleep to 5 by hand; the next run sets it back to 0: "before" is still 1
-    again = macos.pmset_changes({"AC Power": {"sleep": "5", "womp": "0"}}, WANTED)
-    state = json.loads(json.dumps(macos.pmset_record(state, again)))  # as it goes through the state file
+    again = mac_hygiene.pmset_changes({"AC Power": {"sleep": "5", "womp": "0"}}, WANTED)
+    state = json.loads(json.dumps(mac_hygiene.pmset_record(state, again)))  # as it goes through the state file
     assert state["AC Power"]["sleep"] == {"before": "1", "set": "0"}
     assert state["AC Power"]["womp"] == {"before": "0", "set": "1"}
 
 
 def test_uninstall_puts_back_exactly_what_the_role_changed():
-    state = macos.pmset_record(None, macos.pmset_changes(pmset("pmset_custom_macmini.txt"), WANTED))
-    restore = macos.pmset_restore(state, pmset("pmset_custom_macmini_hygiene.txt"))
+    state = mac_hygiene.pmset_record(None, mac_hygiene.pmset_changes(pmset("pmset_custom_macmini.txt"), WANTED))
+    restore = mac_hygiene.pmset_restore(state, pmset("pmset_custom_macmini_hygiene.txt"))
     assert restore["left"] == []
-    assert macos.pmset_argv(restore["changes"]) == [
+    assert mac_hygiene.pmset_argv(restore["changes"]) == [
         ["pmset", "-c", "sleep", "1", "disksleep", "10", "autorestart", "0"]
     ]
 
@@ -179,24 +179,24 @@ def test_uninstall_puts_back_exactly_what_the_role_changed():
 def test_uninstall_leaves_a_setting_someone_changed_since():
     state = {"AC Power": {"sleep": {"before": "1", "set": "0"}, "disksleep": {"before": "10", "set": "0"}}}
     now = {"AC Power": {"sleep": "30", "disksleep": "0"}}
-    restore = macos.pmset_restore(state, now)
+    restore = mac_hygiene.pmset_restore(state, now)
     assert [(c["name"], c["to"]) for c in restore["changes"]] == [("disksleep", "10")]
     assert restore["left"] == ["AC Power: sleep is 30 now, not the 0 this role set; left as it is (it was 1 before)"]
 
 
 def test_uninstall_skips_what_is_already_back():
     state = {"AC Power": {"sleep": {"before": "1", "set": "0"}}}
-    assert macos.pmset_restore(state, {"AC Power": {"sleep": "1"}}) == {"changes": [], "left": []}
+    assert mac_hygiene.pmset_restore(state, {"AC Power": {"sleep": "1"}}) == {"changes": [], "left": []}
 
 
 def test_uninstall_names_a_power_source_that_is_gone():
     state = {"UPS Power": {"sleep": {"before": "1", "set": "0"}}}
-    restore = macos.pmset_restore(state, pmset("pmset_custom_macmini.txt"))
+    restore = mac_hygiene.pmset_restore(state, pmset("pmset_custom_macmini.txt"))
     assert restore["changes"] == [] and "UPS Power: sleep is not listed" in restore["left"][0]
 
 
 def test_uninstall_with_nothing_recorded_does_nothing():
-    assert macos.pmset_restore(None, pmset("pmset_custom_macmini.txt")) == {"changes": [], "left": []}
+    assert mac_hygiene.pmset_restore(None, pmset("pmset_custom_macmini.txt")) == {"changes": [], "left": []}
 
 
 # --------------------------------------------------------------------------- Thunderbolt ports
@@ -231,7 +231,7 @@ def test_link_status_per_interface():
 
 def test_a_cabled_port_in_the_bridge_leaves_it_and_asks_for_an_ipv4():
     members, ipv4, status = bridged()
-    assert macos.thunderbolt_network_plan(["en4"], members, ipv4, status) == {
+    assert mac_hygiene.thunderbolt_network_plan(["en4"], members, ipv4, status) == {
         "leave_bridge": ["en4"],
         "need_ipv4": ["en4"],
         "missing": [],
@@ -240,7 +240,7 @@ def test_a_cabled_port_in_the_bridge_leaves_it_and_asks_for_an_ipv4():
 
 def test_a_port_without_a_link_leaves_the_bridge_but_asks_for_nothing_yet():
     members, ipv4, status = bridged()
-    assert macos.thunderbolt_network_plan(["en2"], members, ipv4, status) == {
+    assert mac_hygiene.thunderbolt_network_plan(["en2"], members, ipv4, status) == {
         "leave_bridge": ["en2"],
         "need_ipv4": [],
         "missing": [],
@@ -249,26 +249,30 @@ def test_a_port_without_a_link_leaves_the_bridge_but_asks_for_nothing_yet():
 
 def test_a_ready_port_needs_nothing():
     ipv4 = macos.parse_ifconfig_ipv4_by_iface(capture("ifconfig_all.txt"))
-    assert macos.thunderbolt_network_plan(["en4"], [], ipv4) == {"leave_bridge": [], "need_ipv4": [], "missing": []}
+    assert mac_hygiene.thunderbolt_network_plan(["en4"], [], ipv4) == {
+        "leave_bridge": [],
+        "need_ipv4": [],
+        "missing": [],
+    }
 
 
 def test_a_port_this_mac_lacks_is_missing():
     members, ipv4, status = bridged()
-    assert macos.thunderbolt_network_plan(["en4", "en7"], members, ipv4, status)["missing"] == ["en7"]
+    assert mac_hygiene.thunderbolt_network_plan(["en4", "en7"], members, ipv4, status)["missing"] == ["en7"]
 
 
 def test_the_plan_never_names_a_port_it_was_not_given():
     members, ipv4, status = bridged()
-    plan = macos.thunderbolt_network_plan(["en4"], members, ipv4, status)
+    plan = mac_hygiene.thunderbolt_network_plan(["en4"], members, ipv4, status)
     assert {p for names in plan.values() for p in names} <= {"en4"}
 
 
 def test_the_record_is_each_port_before_the_first_change():
     members, ipv4, _ = bridged()
-    state = macos.thunderbolt_network_record(None, ["en4"], "bridge0", members, ipv4)
+    state = mac_hygiene.thunderbolt_network_record(None, ["en4"], "bridge0", members, ipv4)
     assert state == {"bridge": "bridge0", "interfaces": {"en4": {"bridge_member": True, "ipv4": []}}}
     # later: en4 is out with an address, en2 is added to the inventory
-    later = macos.thunderbolt_network_record(
+    later = mac_hygiene.thunderbolt_network_record(
         state, ["en4", "en2"], "bridge0", ["en2", "en3"], {**ipv4, "en4": ["169.254.10.20"]}
     )
     assert later["interfaces"]["en4"] == {"bridge_member": True, "ipv4": []}
@@ -285,7 +289,7 @@ def test_uninstall_gives_back_the_address_and_rejoins_only_former_members():
         },
     }
     now = {"en4": ["169.254.10.20"], "en5": ["169.254.3.4"], "en6": ["10.0.0.6"]}
-    assert macos.thunderbolt_network_restore(state, ["en2", "en3"], now) == {
+    assert mac_hygiene.thunderbolt_network_restore(state, ["en2", "en3"], now) == {
         "release_ipv4": ["en4", "en5"],
         "rejoin_bridge": ["en4"],
         "left": [],
@@ -294,7 +298,7 @@ def test_uninstall_gives_back_the_address_and_rejoins_only_former_members():
 
 def test_uninstall_leaves_ports_as_they_are_when_nothing_changed_them():
     state = {"bridge": "bridge0", "interfaces": {"en4": {"bridge_member": True, "ipv4": []}}}
-    assert macos.thunderbolt_network_restore(state, ["en2", "en4"], {"en4": []}) == {
+    assert mac_hygiene.thunderbolt_network_restore(state, ["en2", "en4"], {"en4": []}) == {
         "release_ipv4": [],
         "rejoin_bridge": [],
         "left": [],
@@ -303,17 +307,17 @@ def test_uninstall_leaves_ports_as_they_are_when_nothing_changed_them():
 
 def test_uninstall_says_when_the_bridge_is_gone():
     state = {"bridge": "bridge0", "interfaces": {"en4": {"bridge_member": True, "ipv4": []}}}
-    restore = macos.thunderbolt_network_restore(state, [], {"en4": []}, bridge_present=False)
+    restore = mac_hygiene.thunderbolt_network_restore(state, [], {"en4": []}, bridge_present=False)
     assert restore["rejoin_bridge"] == [] and "bridge0, which does not exist now" in restore["left"][0]
 
 
 def test_the_round_trip_puts_the_mac_back_as_shipped():
     members, ipv4, status = bridged()
-    state = macos.thunderbolt_network_record(None, ["en4"], "bridge0", members, ipv4)
-    plan = macos.thunderbolt_network_plan(["en4"], members, ipv4, status)
+    state = mac_hygiene.thunderbolt_network_record(None, ["en4"], "bridge0", members, ipv4)
+    plan = mac_hygiene.thunderbolt_network_plan(["en4"], members, ipv4, status)
     after_members = [m for m in members if m not in plan["leave_bridge"]]
     after_ipv4 = {**ipv4, **{p: ["169.254.10.20"] for p in plan["need_ipv4"]}}
-    restore = macos.thunderbolt_network_restore(state, after_members, after_ipv4)
+    restore = mac_hygiene.thunderbolt_network_restore(state, after_members, after_ipv4)
     assert (restore["release_ipv4"], restore["rejoin_bridge"]) == (["en4"], ["en4"])
 
 
@@ -327,12 +331,19 @@ PLAYBOOK = """
     - {root}/roles/mac_hygiene/defaults/main.yml
     - {root}/roles/mac_hygiene/vars/main.yml
   tasks:
-    - name: Render the LaunchDaemon and its script
+    - name: Render the script
       ansible.builtin.template:
-        src: "{root}/roles/mac_hygiene/templates/thunderbolt-network.{{{{ item }}}}.j2"
-        dest: "{out}/thunderbolt-network.{{{{ item }}}}"
+        src: "{root}/roles/mac_hygiene/templates/thunderbolt-network.sh.j2"
+        dest: "{out}/thunderbolt-network.sh"
         mode: "0600"
-      loop: [plist, sh]
+
+    - name: Render the LaunchDaemon (the launchd template shared with the service role)
+      ansible.builtin.template:
+        src: "{root}/templates/launchd.plist.j2"
+        dest: "{out}/thunderbolt-network.plist"
+        mode: "0600"
+      vars:
+        launchd_job: "{{{{ __mac_hygiene_launchd_job }}}}"
 """
 
 
@@ -353,8 +364,8 @@ def daemon(tmp_path_factory) -> Path:
     return render(
         tmp_path_factory.mktemp("daemon"),
         {
-            "cluster_rdma": [None, "rdma_en4", ["rdma_en3", "rdma_en5"]],
-            "cluster_install_prefix": "/Users/admin/mlx-jaccl-cluster",
+            "mac_hygiene_rdma_devices": [None, "rdma_en4", ["rdma_en3", "rdma_en5"]],
+            "mac_hygiene_prefix": "/Users/admin/mlx-jaccl-cluster",
         },
     )
 
@@ -384,7 +395,14 @@ def test_the_launchdaemon_runs_the_script_with_the_inventory_ports_at_boot(daemo
 
 @pytest.mark.playbook  # renders the role with ansible-playbook
 def test_interval_zero_means_at_boot_only(tmp_path):
-    out = render(tmp_path, {"cluster_rdma": ["rdma_en4", None], "mac_hygiene_thunderbolt_network_interval": 0})
+    out = render(
+        tmp_path,
+        {
+            "mac_hygiene_rdma_devices": ["rdma_en4", None],
+            "mac_hygiene_prefix": "/opt/mjc",
+            "mac_hygiene_thunderbolt_network_interval": 0,
+        },
+    )
     plist = plistlib.loads((out / "thunderbolt-network.plist").read_bytes())
     assert "StartInterval" not in plist and plist["RunAtLoad"] is True
     assert plist["ProgramArguments"][-2:] == ["bridge0", "en4"]
@@ -638,22 +656,16 @@ def play(mac: dict, entry: str, *flags: str) -> int:
         "ansible_python_interpreter": sys.executable,
         "ansible_become": False,
         "mjc_node": {"system": "Darwin"},
-        "cluster_rdma": [None, "rdma_en4"],
-        "cluster_install_prefix": str(mac["tmp"] / "prefix"),
+        "mac_hygiene_rdma_devices": [None, "rdma_en4"],
+        "mac_hygiene_prefix": str(mac["tmp"] / "prefix"),
         "mac_hygiene_power_enabled": True,
         "mac_hygiene_thunderbolt_network_enabled": True,
         "__mac_hygiene_group": "root",
         "__mac_hygiene_launchd_dir": str(mac["tmp"] / "LaunchDaemons"),
     }
-    proc = subprocess.run(
-        [str(ANSIBLE_PLAYBOOK), "-i", "localhost,", str(mac["tmp"] / "play.yml"), "-e", json.dumps(extra), *flags],
-        cwd=ROOT,
-        env=mac["env"],
-        capture_output=True,
-        text=True,
-        timeout=180,
+    proc = ansible_playbook(
+        mac["tmp"] / "play.yml", *flags, inventory="localhost,", extra=extra, env=mac["env"], timeout=180
     )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     recap = next(line for line in proc.stdout.splitlines() if line.startswith("localhost") and "changed=" in line)
     return int(recap.split("changed=")[1].split()[0])
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_jaccl_cluster.ops import macos
+from mlx_jaccl_cluster.ops import mac_hygiene, macos
 
 CAPTURES = Path(__file__).parent / "captures" / "macos"
 PLUGIN = Path(__file__).parents[2] / "plugins" / "filter" / "macos_rdma.py"
@@ -447,6 +447,7 @@ def test_filter_plugin_exposes_every_public_function_once():
     filters = plugin.FilterModule().filters()
     assert sorted(f.__name__ for f in filters.values()) == sorted(
         name
-        for name, value in vars(macos).items()
-        if callable(value) and not name.startswith("_") and getattr(value, "__module__", None) == macos.__name__
+        for module in (macos, mac_hygiene)
+        for name, value in vars(module).items()
+        if callable(value) and not name.startswith("_") and getattr(value, "__module__", None) == module.__name__
     )

@@ -1,6 +1,6 @@
 """The service files the service role renders, checked the way each manager would read them.
 
-launchd cannot run here: the plist is rendered by the real role template from the
+launchd cannot run here: the plist is rendered by the real (shared) template from the
 example 2-Mac inventory and validated with plistlib. The systemd unit goes through
 `systemd-analyze verify`; the supervisord program through supervisor's own parser.
 """
@@ -34,7 +34,16 @@ PLAYBOOK = """
         src: "{root}/roles/service/templates/{{{{ item }}}}.j2"
         dest: "{out}/{{{{ inventory_hostname }}}}.{{{{ item }}}}"
         mode: "0600"
-      loop: [rank.plist, rank.service, rank.supervisor.conf]
+      loop: [rank.service, rank.supervisor.conf]
+      delegate_to: localhost
+
+    - name: Render its launchd agent (the template shared with mac_hygiene)
+      ansible.builtin.template:
+        src: "{root}/templates/launchd.plist.j2"
+        dest: "{out}/{{{{ inventory_hostname }}}}.rank.plist"
+        mode: "0600"
+      vars:
+        launchd_job: "{{{{ __service_launchd_job }}}}"
       delegate_to: localhost
 """
 

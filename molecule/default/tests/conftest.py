@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import sys
 import time
@@ -29,6 +28,9 @@ import testinfra
 from testinfra.utils.ansible_runner import AnsibleRunner
 
 REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO / "tests"))  # the tests' one ansible-playbook helper
+from ansible_run import ansible_playbook  # noqa: E402
+
 GROUP = "mlx_cluster"
 UNIT = "mlx-jaccl-cluster"  # cluster_unit_name's default: one rank per lab host
 LOG_LINES = 40
@@ -79,10 +81,7 @@ class Lab:
             "MOLECULE_EPHEMERAL_DIRECTORY": str(self.ephemeral),
             **(env or {}),
         }
-        argv = [str(Path(sys.executable).with_name("ansible-playbook")), "-i", self.inventory, *args, playbook]
-        return subprocess.run(
-            argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env}
-        )
+        return ansible_playbook(playbook, *args, inventory=self.inventory, rcs=None, timeout=timeout, env=env)
 
 
 @functools.cache

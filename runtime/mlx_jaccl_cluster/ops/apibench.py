@@ -20,6 +20,7 @@ import argparse
 import datetime as _dt
 import http.client
 import json
+import math
 import os
 import statistics
 import sys
@@ -27,7 +28,12 @@ import threading
 import time
 import urllib.parse
 
-from ..bench import percentile
+
+def percentile(samples: list[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of ``samples``, nearest rank (``mjc-bench`` uses it too)."""
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
+    return ordered[index]
 
 
 def median(xs):

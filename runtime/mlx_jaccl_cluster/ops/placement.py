@@ -364,7 +364,7 @@ def place_plan(
     facts = {h: dict(nodes.get(h) or {}) for h in ranks}
     for f in facts.values():
         f["wired_limit_mb"] = parse_wired_limit(str(f.get("wired_limit_mb_raw", "")))
-    if layers is None:  # the plan's own cluster_layers (ops/inventory.py)
+    if layers is None:  # the plan's own cluster_layers (ops/plan.py)
         layers = {h: plan["hosts"][h].get("layers") for h in ranks}
     placement = place(
         ranks,

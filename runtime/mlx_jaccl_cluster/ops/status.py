@@ -1,6 +1,6 @@
 """The cluster at a glance: every node's probe and rank 0's /health -> one table and a verdict.
 
-``playbooks/status.yml`` gathers :mod:`mlx_jaccl_cluster.ops.probe` output from every rank
+``playbooks/status.yml`` gathers :mod:`mlx_jaccl_cluster.ops.node_probe` output from every rank
 and rank 0's ``/health`` into one JSON document, then runs on the controller::
 
     python -m mlx_jaccl_cluster.ops.status --input status.json

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_jaccl_cluster.ops import macos, manifest, probe
+from mlx_jaccl_cluster.ops import macos, manifest, node_probe
 
 CAPTURES = Path(__file__).parent / "captures"
 
@@ -27,35 +27,38 @@ def capture(name: str) -> str:
     ],
 )
 def test_ps_etime(text, seconds):
-    assert probe.parse_etime(text) == seconds
+    assert node_probe.parse_etime(text) == seconds
 
 
 def test_supervisor_running_and_stopped():
-    assert probe.parse_supervisor_status(capture("ops/supervisorctl_status_running.txt")) == {
+    assert node_probe.parse_supervisor_status(capture("ops/supervisorctl_status_running.txt")) == {
         "state": "RUNNING",
         "pid": 23536,
     }
-    assert probe.parse_supervisor_status(capture("ops/supervisorctl_status_stopped.txt")) == {
+    assert node_probe.parse_supervisor_status(capture("ops/supervisorctl_status_stopped.txt")) == {
         "state": "STOPPED",
         "pid": None,
     }
-    assert probe.parse_supervisor_status("unix:///x/run/supervisor.sock no such file\n")["state"] == "unknown"
+    assert node_probe.parse_supervisor_status("unix:///x/run/supervisor.sock no such file\n")["state"] == "unknown"
 
 
 def test_systemctl_show():
-    assert probe.parse_systemctl_show(capture("ops/systemctl_show_running.txt")) == {
+    assert node_probe.parse_systemctl_show(capture("ops/systemctl_show_running.txt")) == {
         "state": "active/running",
         "pid": 4242,
     }
-    assert probe.parse_systemctl_show(capture("ops/systemctl_show_not_found.txt")) == {
+    assert node_probe.parse_systemctl_show(capture("ops/systemctl_show_not_found.txt")) == {
         "state": "not-installed",
         "pid": None,
     }
 
 
 def test_launchctl_print_reads_the_top_level_state_and_pid():
-    assert probe.parse_launchctl_print(capture("ops/launchctl_print_running.txt")) == {"state": "running", "pid": 812}
-    assert probe.parse_launchctl_print(capture("ops/launchctl_print_waiting.txt")) == {
+    assert node_probe.parse_launchctl_print(capture("ops/launchctl_print_running.txt")) == {
+        "state": "running",
+        "pid": 812,
+    }
+    assert node_probe.parse_launchctl_print(capture("ops/launchctl_print_waiting.txt")) == {
         "state": "not running",
         "pid": None,
     }
@@ -83,24 +86,24 @@ def test_model_state_verifies_against_the_manifest(tmp_path):
 
     wanted.write_text(json.dumps(manifest.build(model)))
     before = sorted(p.name for p in model.iterdir())
-    state = probe.model_state(str(model), str(wanted))  # never verified on this node: status does not hash
+    state = node_probe.model_state(str(model), str(wanted))  # never verified on this node: status does not hash
     assert not state["verified"] and "make models-check" in state["problems"][0]
     assert sorted(p.name for p in model.iterdir()) == before  # and writes nothing
     assert manifest.problems(model, json.loads(wanted.read_text())) == []  # what site.yml / models-check do
-    assert probe.model_state(str(model), str(wanted)) == {"present": True, "verified": True, "problems": []}
+    assert node_probe.model_state(str(model), str(wanted)) == {"present": True, "verified": True, "problems": []}
     (model / "config.json").write_text('{"changed": true}')
-    state = probe.model_state(str(model), str(wanted))
+    state = node_probe.model_state(str(model), str(wanted))
     assert state["present"] and not state["verified"] and state["problems"]
-    assert probe.model_state(str(tmp_path / "gone"), str(wanted))["present"] is False
+    assert node_probe.model_state(str(tmp_path / "gone"), str(wanted))["present"] is False
 
 
 def test_supervisord_without_its_config_is_not_installed(tmp_path):
-    state = probe.service_state("supervisord", "rank0", str(tmp_path), "")
+    state = node_probe.service_state("supervisord", "rank0", str(tmp_path), "")
     assert state == {"state": "not-installed", "pid": None, "running": False, "uptime_s": None}
 
 
 def test_the_probe_runs_here(tmp_path):
-    info = probe.platform_info()
+    info = node_probe.platform_info()
     assert info["system"] and info["memory_bytes"] > 0 and info["cpus"] >= 1
-    assert probe.versions(str(tmp_path))["mlx-jaccl-cluster"]
-    assert probe.disk_free(str(tmp_path / "not" / "yet")) > 0
+    assert node_probe.versions(str(tmp_path))["mlx-jaccl-cluster"]
+    assert node_probe.disk_free(str(tmp_path / "not" / "yet")) > 0

@@ -3,7 +3,7 @@
 Run on the node with the cluster venv's Python (so the versions are the ones the ranks
 import)::
 
-    PREFIX/venv/bin/python -m mlx_jaccl_cluster.ops.probe --manager systemd \\
+    PREFIX/venv/bin/python -m mlx_jaccl_cluster.ops.node_probe --manager systemd \\
         --unit mlx-jaccl-cluster-rank0 --prefix PREFIX --model PATH --manifest PATH
 
 The parsers of ``supervisorctl status``, ``systemctl show``, ``launchctl print`` and
@@ -212,7 +212,7 @@ def collect(opts: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mlx_jaccl_cluster.ops.probe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mlx_jaccl_cluster.ops.node_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--manager", required=True, choices=["supervisord", "systemd", "launchd"])
     p.add_argument("--unit", required=True)
     p.add_argument("--label", default="", help="launchd label")
