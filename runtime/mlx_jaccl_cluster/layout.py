@@ -121,9 +121,15 @@ class Layout:
     native_pipeline: bool = False  # mlx-lm's own pipeline() (else the generic split)
 
 
-def choose(config: dict, world: int, requested: str = "auto") -> Layout:
+# MLX backends without point-to-point send/recv (measured on mlx 0.32.4: "Send/Recv has no
+# CUDA implementation"; docs/BENCHMARKS.md): every pipeline split needs them.
+NO_SEND_RECV = {"nccl": "MLX's nccl backend has no send/recv, which every pipeline split needs"}
+
+
+def choose(config: dict, world: int, requested: str = "auto", backend: str | None = None) -> Layout:
     """The split for ``config`` over ``world`` ranks; ``requested`` is the setting
-    (auto / tensor / pipeline). Raises :class:`LayoutError` for one that cannot work."""
+    (auto / tensor / pipeline), ``backend`` the MLX backend (None: not known, any).
+    Raises :class:`LayoutError` for one that cannot work."""
     if requested not in PARALLEL_CHOICES:
         raise LayoutError(f"parallel must be one of {', '.join(PARALLEL_CHOICES)} (got {requested!r})")
     model_type = str(config.get("model_type"))
@@ -131,16 +137,26 @@ def choose(config: dict, world: int, requested: str = "auto") -> Layout:
     if world == 1:
         return Layout("none", "one rank: the whole model in one process")
     blockers = tensor_blockers(config, world)
+    no_pipeline = NO_SEND_RECV.get(backend or "")
+    if no_pipeline and requested == "pipeline":
+        raise LayoutError(f"pipeline cannot run on {backend}: {no_pipeline}; use parallel=tensor or auto")
+    if no_pipeline and requested == "auto" and (not shards or blockers):
+        why = "it has no shard() in mlx-lm" if not shards else "; ".join(blockers)
+        raise LayoutError(
+            f"no split of {model_type} over {world} ranks runs on {backend}: tensor parallel cannot take it "
+            f"({why}) and {no_pipeline}; use a model that tensor parallel splits, or another backend"
+        )
     if requested == "tensor":
+        other = f"({no_pipeline})" if no_pipeline else "or use parallel=pipeline or auto"
         if not shards:
             raise LayoutError(
                 f"model_type {model_type!r} has no tensor-parallel split in mlx-lm (no shard()); "
-                "use parallel=pipeline or auto"
+                f"use a model that has one {other}"
             )
         if blockers:
             raise LayoutError(
                 f"tensor parallel over {world} ranks cannot split this model: {'; '.join(blockers)}; it splits "
-                f"over {tensor_world_sizes(config)} ranks, or use parallel=pipeline or auto"
+                f"over {tensor_world_sizes(config)} ranks, {other}"
             )
         return Layout("tensor", "requested")
     if requested == "pipeline":

@@ -4,9 +4,7 @@ prompt cache counts (here it is what overflows)."""
 
 from __future__ import annotations
 
-import subprocess
-
-from local_cluster import PLAYBOOK, ROOT
+from ansible_run import ansible_playbook
 from test_preflight import two_rank_inventory
 
 from mlx_jaccl_cluster.models.tiny import build_tiny_model
@@ -26,9 +24,7 @@ def test_a_prompt_cache_that_does_not_fit_is_refused_before_any_host_changes(tmp
             "cluster_python": "{{ ansible_playbook_python }}",
         },
     )
-    proc = subprocess.run(
-        [str(PLAYBOOK), "-i", str(inventory), "site.yml"], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    proc = ansible_playbook("site.yml", inventory=inventory, rcs=None, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "The model does not fit as placed; nothing was changed" in out, out[-3000:]

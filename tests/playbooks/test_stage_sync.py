@@ -14,7 +14,8 @@ import subprocess
 import httpx
 import pytest
 import yaml
-from local_cluster import ROOT, playbook
+from ansible_run import ROOT
+from local_cluster import playbook
 
 from mlx_jaccl_cluster.launch import free_ports
 from mlx_jaccl_cluster.models.tiny import build_tiny_model, reshard

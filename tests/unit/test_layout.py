@@ -56,6 +56,21 @@ def test_requested_tensor_that_cannot_work_is_refused_with_the_fix():
         choose(cfg("llama"), 2, "data")
 
 
+def test_nccl_cannot_run_a_pipeline_so_auto_takes_tensor_or_refuses():
+    """MLX's nccl backend has no send/recv (measured, docs/BENCHMARKS.md): no pipeline there."""
+    assert choose(cfg("llama"), 2, "auto", "nccl").parallel == "tensor"
+    assert choose(cfg("llama"), 2, "tensor", "nccl").parallel == "tensor"
+    with pytest.raises(LayoutError, match=r"pipeline cannot run on nccl: .*send/recv.*parallel=tensor or auto"):
+        choose(cfg("qwen2"), 2, "pipeline", "nccl")
+    with pytest.raises(LayoutError, match=r"no split of phi3 over 2 ranks runs on nccl.*no shard\(\)"):
+        choose(cfg("phi3"), 2, "auto", "nccl")
+    with pytest.raises(LayoutError, match=r"num_attention_heads \(9\).*\(MLX's nccl backend has no send/recv"):
+        choose(cfg("llama", heads=9, kv=3), 2, "tensor", "nccl")
+    # ring and jaccl implement send/recv: pipeline as before
+    assert choose(cfg("phi3"), 2, "auto", "ring").parallel == "pipeline"
+    assert choose(cfg("qwen2"), 2, "pipeline", "jaccl").parallel == "pipeline"
+
+
 def test_num_layers_reads_nested_and_renamed_fields():
     assert num_layers(cfg("llama", layers=30)) == 30
     assert num_layers({"text_config": {"num_hidden_layers": 26}}) == 26

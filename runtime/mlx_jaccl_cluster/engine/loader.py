@@ -170,11 +170,11 @@ def read_generation_config(folder: Path) -> dict:
     return found
 
 
-def check_split(config: dict, parallel: str, world_size: int) -> Layout:
-    """The layout (``layout.choose``) for this model, group size and setting; a split the
-    model cannot take is a :class:`ModelError` naming the numbers involved."""
+def check_split(config: dict, parallel: str, world_size: int, backend: str | None = None) -> Layout:
+    """The layout (``layout.choose``) for this model, group size, setting and backend; a split
+    the model (or the backend) cannot take is a :class:`ModelError` naming the numbers involved."""
     try:
-        return choose(config, world_size, parallel)
+        return choose(config, world_size, parallel, backend)
     except LayoutError as exc:
         raise ModelError(str(exc)) from None
 
@@ -261,7 +261,7 @@ def load_model(
     config = read_config(folder)
     generation_config = read_generation_config(folder)
     world = group.size() if group is not None else 1
-    layout = check_split(config, parallel, world)
+    layout = check_split(config, parallel, world, backend)
     detail = ""
     try:
         if layout.parallel != "pipeline":

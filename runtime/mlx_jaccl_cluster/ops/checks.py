@@ -266,9 +266,10 @@ def _model_problems(group: Mapping[str, Any], world_size: int, model_config: Map
     from ..layout import LayoutError, choose, num_layers
 
     try:
-        layout = choose(dict(model_config), world_size, parallel)
+        layout = choose(dict(model_config), world_size, parallel, setting(group, "cluster_backend"))
     except LayoutError as exc:
-        return [Problem(GROUP, "cluster_parallel", f"is {parallel}: {exc}", "set cluster_parallel: auto")]
+        fix = "set cluster_parallel: auto" if parallel != "auto" else "the message names what can split it"
+        return [Problem(GROUP, "cluster_parallel", f"is {parallel}: {exc}", fix)]
     layers = num_layers(dict(model_config))
     if layout.parallel == "pipeline" and layers is not None and layers < world_size:
         return [

@@ -188,6 +188,7 @@ def place(
     prompt_cache_bytes: int = 0,
     prompt_cache_size: int = 0,
     generic: bool = False,
+    backend: str | None = None,
 ) -> Placement:
     """Layout, split and fit of the model over ``ranks`` (hostnames in rank order).
 
@@ -196,12 +197,13 @@ def place(
     ``machines``: hostname -> machine key, so ranks sharing a machine share its memory;
     ``prompt_cache_bytes`` / ``prompt_cache_size``: the runtime's prompt cache bounds
     (Settings), whose KV memory the ranks hold in proportion to their layers; ``generic``:
-    the generic split even where mlx-lm's class has its own pipeline() (Settings).
+    the generic split even where mlx-lm's class has its own pipeline() (Settings);
+    ``backend``: the MLX backend (some cannot run a pipeline: ``layout.choose``).
     """
     world = len(ranks)
     fp = footprint(config, sizes, max_context)
     try:
-        layout = choose(dict(config), world, parallel)
+        layout = choose(dict(config), world, parallel, backend)
     except LayoutError as exc:
         return Placement(parallel, "", problems=[f"{ranks[0]}: cluster_parallel: {exc}"])
     machines = machines or {h: h for h in ranks}
@@ -379,6 +381,7 @@ def place_plan(
         int(runtime.get("prompt_cache_bytes", defaults["prompt_cache_bytes"])),
         int(runtime.get("prompt_cache_size", defaults["prompt_cache_size"])),
         bool(runtime.get("generic_pipeline", defaults["generic_pipeline"])),
+        plan.get("backend"),
     )
     out = json.loads(json.dumps(plan))  # a deep copy of plain data
     resolved = placement.parallel if placement.parallel in ("tensor", "pipeline") else "tensor"
