@@ -44,7 +44,6 @@ FILTERS: dict[str, Callable[..., Any]] = {
     "mjc_active_rdma_devices": macos.active_rdma_devices,
     "mjc_paired_interface": macos.paired_interface,
     "mjc_check_node_rdma": macos.check_node_rdma,
-    "mjc_check_disk_free": macos.check_disk_free,
     # mac_hygiene role: pmset and the Thunderbolt network
     "mjc_parse_pmset": macos.parse_pmset,
     "mjc_pmset_changes": mac_hygiene.pmset_changes,

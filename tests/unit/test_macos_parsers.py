@@ -419,24 +419,6 @@ def test_inventory_row_with_null_and_per_cable_lists_is_accepted():
     assert check(wanted=[None, ["rdma_en4", "rdma_en4"]]) == []
 
 
-# --------------------------------------------------------------------------- disk
-
-
-def test_disk_with_room_has_no_problem():
-    assert macos.check_disk_free(20 * 10**9, 12 * 10**9, "/opt/mlx-jaccl-cluster/models") == []
-
-
-def test_disk_without_room_names_the_path_and_the_shortfall():
-    assert macos.check_disk_free(3_200_000_000, "12000000000", "/opt/mlx-jaccl-cluster/models") == [
-        "/opt/mlx-jaccl-cluster/models: 3.2 GB free but 12.0 GB needed — free 8.8 GB there or put it on a larger volume"
-    ]
-
-
-def test_disk_shortfall_uses_a_readable_unit():
-    [problem] = macos.check_disk_free(1000, 2_500_000, "/opt/x")
-    assert "1.0 KB free but 2.5 MB needed — free 2.5 MB" in problem
-
-
 # --------------------------------------------------------------------------- Ansible filters
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -90,7 +91,8 @@ def test_model_state_verifies_against_the_manifest(tmp_path):
     assert not state["verified"] and "make models-check" in state["problems"][0]
     assert sorted(p.name for p in model.iterdir()) == before  # and writes nothing
     assert manifest.problems(model, json.loads(wanted.read_text())) == []  # what site.yml / models-check do
-    assert node_probe.model_state(str(model), str(wanted)) == {"present": True, "verified": True, "problems": []}
+    whole = {"present": True, "verified": True, "problems": [], "share": None, "label": None}
+    assert node_probe.model_state(str(model), str(wanted)) == whole
     (model / "config.json").write_text('{"changed": true}')
     state = node_probe.model_state(str(model), str(wanted))
     assert state["present"] and not state["verified"] and state["problems"]
@@ -107,3 +109,32 @@ def test_the_probe_runs_here(tmp_path):
     assert info["system"] and info["memory_bytes"] > 0 and info["cpus"] >= 1
     assert node_probe.versions(str(tmp_path))["mlx-jaccl-cluster"]
     assert node_probe.disk_free(str(tmp_path / "not" / "yet")) > 0
+
+
+def test_model_state_names_a_nodes_share_and_the_file_it_lacks(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model-00002-of-00004.safetensors", "model-00003-of-00004.safetensors"):
+        (model / name).write_text(name)
+    share = manifest.node_manifest(
+        manifest.build(model), ["config.json", "model-00003-of-00004.safetensors"], [[6, 12]]
+    )
+    share["of_files"] = 7
+    (model / "model-00002-of-00004.safetensors").unlink()  # another node's file: gone after a sync
+    wanted = tmp_path / "manifest.json"
+    wanted.write_text(json.dumps(share))
+    assert manifest.problems(model, share) == []  # what the model role does after a copy
+    state = node_probe.model_state(str(model), str(wanted))
+    assert state == {
+        "present": True,
+        "verified": True,
+        "problems": [],
+        "share": {"files": 2, "of_files": 7, "layers": [[6, 12]]},
+        "label": "share 2 of 7 files (layers 6-11)",
+    }
+    (model / "model-00003-of-00004.safetensors").unlink()
+    state = node_probe.model_state(str(model), str(wanted))
+    assert not state["verified"] and state["problems"] == ["model-00003-of-00004.safetensors: missing"]
+    assert state["label"] == "share 2 of 7 files (layers 6-11)"
+    gone = node_probe.model_state(str(tmp_path / "gone"), str(wanted))
+    assert not gone["present"] and gone["label"] == "share 2 of 7 files (layers 6-11)"

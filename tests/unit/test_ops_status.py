@@ -150,3 +150,23 @@ def test_the_command_exits_1_when_unhealthy(tmp_path):
             [sys.executable, "-m", "mlx_jaccl_cluster.ops.status", "--input", str(path)], capture_output=True, text=True
         )
         assert proc.returncode == rc, proc.stdout + proc.stderr
+
+
+def test_a_node_holding_a_pipeline_share_says_so_and_a_file_it_lacks_is_named():
+    doc = copy.deepcopy(HEALTHY)
+    label = "share 3 of 7 files (layers 0-11)"
+    doc["nodes"]["rank1"]["probe"]["model"] |= {
+        "share": {"files": 3, "of_files": 7, "layers": [[0, 12]]},
+        "label": label,
+    }
+    text, problems = status.evaluate(doc)
+    assert problems == []
+    row = next(line for line in text.splitlines() if line.split()[:2] == ["1", "rank1"])
+    assert f"{label}, verified" in row
+    doc["nodes"]["rank1"]["probe"]["model"] |= {
+        "verified": False,
+        "problems": ["model-00003-of-00007.safetensors: missing"],
+    }
+    text, problems = status.evaluate(doc)
+    assert f"{label}, MISMATCH" in text
+    assert problems == [f"rank1: model not verified: model-00003-of-00007.safetensors: missing ({label})"]

@@ -186,3 +186,65 @@ def test_place_plan_renders_the_split_into_every_rank(tmp_path):
     assert place_plan(plan, str(folder), nodes, "auto", {}, {"m2": 5})["plan"]["split"] == [1, 5]
     missing = place_plan(plan, str(tmp_path / "nowhere"), nodes, "auto")
     assert "cannot read" in missing["problems"][0]
+
+
+# --------------------------------------------------------------------------- disk
+
+
+def _model_manifest(n_files=4, file_gib=10):
+    """A Llama-70B-like folder: ``n_files`` weight files of ``file_gib`` GiB, an index, config."""
+    files = {f"model-{i:05d}-of-{n_files:05d}.safetensors": {"size": file_gib * GiB} for i in range(1, n_files + 1)}
+    return {"files": files | {"model.safetensors.index.json": {"size": 100_000}, "config.json": {"size": 1_000}}}
+
+
+def _disk(free_gib, present=None, prefix_dev=1, prefix_free_gib=None):
+    return {
+        "prefix": {"path": "/Users/me/mjc", "dev": prefix_dev, "free": int((prefix_free_gib or free_gib) * GiB)},
+        "model": {"path": "/Users/me/mjc", "dev": 1, "free": int(free_gib * GiB)},
+        "present": present or {},
+    }
+
+
+def test_a_small_mac_holding_its_quarter_passes_and_one_that_cannot_is_named():
+    from mlx_jaccl_cluster.ops.manifest import node_manifest
+    from mlx_jaccl_cluster.ops.placement import disk_problems
+
+    whole = _model_manifest()
+    quarter = node_manifest(whole, ["config.json", "model-00002-of-00004.safetensors"], [[20, 40]])
+    headroom = 2 * GiB
+    # 15 GiB free: a quarter (10 GiB) + headroom fits; the whole model (40 GiB) would not
+    assert disk_problems("mini", _disk(15), quarter, headroom) == []
+    [whole_problem] = disk_problems("mini", _disk(15), whole, headroom)
+    assert whole_problem.startswith(
+        "mini: /Users/me/mjc has 15.00 GiB free but needs 42.00 GiB (the whole model, 6 files"
+    )
+    assert "cluster_parallel: pipeline" in whole_problem
+    [problem] = disk_problems("mini", _disk(11), quarter, str(headroom))  # Ansible may render it as a string
+    assert problem == (
+        "mini: /Users/me/mjc has 11.00 GiB free but needs 12.00 GiB (share 2 of 6 files (layers 20-39): 10.00 GiB "
+        "still to copy of 10.00 GiB, + 2.00 GiB for the venv and wheels): 1.00 GiB short. Fixes: free 1.00 GiB "
+        "there; put cluster_install_prefix and cluster_model_path on a larger volume; fewer layers on this node "
+        "(cluster_layers) and more on a node with room; more ranks; a smaller (quantized) model"
+    )
+
+
+def test_files_already_in_place_need_no_room_and_two_volumes_are_checked_apart():
+    from mlx_jaccl_cluster.ops.placement import disk_problems
+
+    whole = _model_manifest()
+    # a second run: the copy is there (same sizes), so only the headroom must be free
+    present = {rel: meta["size"] for rel, meta in whole["files"].items()}
+    assert disk_problems("m", _disk(3, present), whole, 2 * GiB) == []
+    present["model-00001-of-00004.safetensors"] = 5  # a truncated file is copied again
+    assert "10.00 GiB still to copy of 40.00 GiB" in disk_problems("m", _disk(3, present), whole, 2 * GiB)[0]
+    # the model on its own volume: each is checked against its own free space
+    assert disk_problems("m", _disk(41, prefix_dev=2, prefix_free_gib=3), whole, 2 * GiB) == []
+    [short] = disk_problems("m", _disk(41, prefix_dev=2, prefix_free_gib=1), whole, 2 * GiB)
+    assert "has 1.00 GiB free but needs 2.00 GiB (2.00 GiB for the venv and wheels)" in short
+    one_file = {"files": {"model.safetensors": {"size": 3 * GiB}}}  # no index: a pipeline would not help
+    [problem] = disk_problems("m", _disk(1), one_file, 0)
+    assert "cluster_parallel" not in problem and "cluster_layers" not in problem
+    assert "has 1.00 GiB free but needs 3.00 GiB" in problem
+    assert disk_problems("m", _disk(0.5), {"files": {}}, 1 << 20) == []  # before the model is known
+    [small] = disk_problems("m", _disk(0.001), {"files": {}}, 100 << 20)
+    assert "has 1.0 MiB free but needs 100.0 MiB" in small

@@ -133,7 +133,8 @@ def test_the_plan_gives_each_pipeline_node_its_files(sharded):
     assert weights(a) == [f"model-0000{i}-of-00004.safetensors" for i in (1, 2, 4)]
     assert weights(b) == [f"model-0000{i}-of-00004.safetensors" for i in (2, 3, 4)]
     assert "config.json" in b and "tokenizer.json" in b
-    assert any("receives" in line for line in out["summary"])
+    assert [out["plan"]["hosts"][h]["model_layers"] for h in ("a", "b")] == [[[0, 3]], [[3, 6]]]
+    assert "b: receives 8 of the model's files (layers 3-5)" in out["summary"]
     # two ranks on one machine (same ssh target and prefix) share one folder: the union
     shared = place_plan(plan_of(["a", "b", "c"], {"c": "a"}), str(sharded), nodes, "auto", {"max_batch": 1})["plan"]
     assert shared["hosts"]["a"]["model_files"] == shared["hosts"]["c"]["model_files"]
@@ -141,6 +142,11 @@ def test_the_plan_gives_each_pipeline_node_its_files(sharded):
     a_stage = stage_files.stage_weight_files(wm, 6, 0, split[0])
     c_stage = stage_files.stage_weight_files(wm, 6, 6 - split[2], 6)
     assert set(weights(shared["hosts"]["a"]["model_files"])) == a_stage | c_stage != c_stage
+    assert (
+        shared["hosts"]["a"]["model_layers"]
+        == [[0, split[0]], [6 - split[2], 6]]
+        == shared["hosts"]["c"]["model_layers"]
+    )
 
 
 def test_tensor_layouts_and_one_file_models_get_every_file(sharded, tmp_path):
@@ -153,7 +159,7 @@ def test_tensor_layouts_and_one_file_models_get_every_file(sharded, tmp_path):
         set(reshard_free["hosts"][h]["model_files"]) >= {"model.safetensors", "config.json"} for h in "ab"
     )
     tensor = place_plan(plan_of(["a", "b"]), str(llama), nodes, "tensor", {"max_batch": 1})["plan"]
-    assert all("model_files" not in tensor["hosts"][h] for h in "ab")
+    assert all("model_files" not in tensor["hosts"][h] and "model_layers" not in tensor["hosts"][h] for h in "ab")
 
 
 def test_a_cut_manifest_verifies_the_share_and_flags_other_weight_files(sharded, tmp_path):

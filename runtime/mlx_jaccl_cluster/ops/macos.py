@@ -473,27 +473,6 @@ def check_node_rdma(
     return problems + _speed_messages(names, tb_links or [])
 
 
-def _size(n_bytes: int) -> str:
-    """Decimal units as Finder shows them: ``3_200_000_000`` -> ``"3.2 GB"``, ``512`` -> ``"512 B"``."""
-    value, unit = float(n_bytes), "B"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(value) < 1000 or unit == "TB":
-            break
-        value /= 1000
-    return f"{n_bytes} B" if unit == "B" else f"{value:.1f} {unit}"
-
-
-def check_disk_free(free_bytes: int | str, needed_bytes: int | str, path: str) -> list[str]:
-    """A problem when ``path`` has less than ``needed_bytes`` free (``[]`` when it fits)."""
-    free, needed = int(free_bytes), int(needed_bytes)
-    if free >= needed:
-        return []
-    return [
-        f"{path}: {_size(free)} free but {_size(needed)} needed — free {_size(needed - free)} there "
-        f"or put it on a larger volume"
-    ]
-
-
 # --------------------------------------------------------------------------- link speed
 
 _WIDTH = re.compile(r"^(\d+)X$", re.IGNORECASE)

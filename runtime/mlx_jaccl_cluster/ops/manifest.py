@@ -2,8 +2,10 @@
 
 The controller writes one next to the model it fetched; each node checks its copy
 against it on the very path the runtime loads from. A node that serves pipeline stages
-gets the manifest cut to its share (``of_files``: the whole model's file count); then a
-weight file outside the share is a problem too (an earlier layout's, which a sync removes). Hashing a large model takes
+gets the manifest cut to its share (:func:`node_manifest`: ``of_files``, the whole model's
+file count, and ``layers``, the layers its ranks run); then a weight file outside the share
+is a problem too (an earlier layout's, which a sync removes), and every report names the
+share (:func:`share_label`: "share 3 of 7 files (layers 0-11)"). Hashing a large model takes
 minutes, so a successful check leaves a stamp (manifest digest + size and mtime of each
 file); later checks re-hash only when a file changed.
 
@@ -46,6 +48,49 @@ def build(folder: Path) -> dict:
     return {
         "files": {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256(p)} for p in files(folder)}
     }
+
+
+def node_manifest(manifest: dict, files: list[str] | None, layers: list[list[int]] | None = None) -> dict:
+    """What one node's copy is checked against: ``manifest`` itself when the node holds every
+    file (``files`` None: tensor layouts, one-file models), else the manifest cut to ``files``
+    (the plan's ``model_files``) with ``of_files`` (the whole model's count) and ``layers``
+    (the plan's ``model_layers``: ``[start, end)`` of each stage the node's ranks run)."""
+    if files is None:
+        return manifest
+    wanted = set(files)
+    cut: dict = {
+        "files": {rel: meta for rel, meta in manifest["files"].items() if rel in wanted},
+        "of_files": len(manifest["files"]),
+    }
+    if layers:
+        cut["layers"] = [list(stage) for stage in layers]
+    return cut
+
+
+def share_bytes(manifest: dict) -> int:
+    """Bytes of the files a (node) manifest lists: what that node's disk must hold."""
+    return sum(int(meta["size"]) for meta in manifest.get("files", {}).values())
+
+
+def layer_ranges(layers: list[list[int]] | None) -> str:
+    """``[[0, 6], [6, 12], [20, 24]]`` (``[start, end)`` stages) -> ``"0-11, 20-23"``."""
+    merged: list[list[int]] = []
+    for start, end in sorted(tuple(stage) for stage in layers or []):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return ", ".join(f"{s}-{e - 1}" if e - s > 1 else f"{s}" for s, e in merged)
+
+
+def share_label(manifest: dict) -> str | None:
+    """``"share 3 of 7 files (layers 0-11)"`` for a node's cut manifest; None for the whole model."""
+    if "of_files" not in manifest:
+        return None
+    ranges = layer_ranges(manifest.get("layers"))
+    return f"share {len(manifest.get('files', {}))} of {manifest['of_files']} files" + (
+        f" (layers {ranges})" if ranges else ""
+    )
 
 
 def digest(manifest: dict) -> str:
@@ -154,9 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     issues = problems(args.folder, manifest)
     for issue in issues:
         print(issue)
-    if not issues:
-        share = f" of the model's {manifest['of_files']}: this node's pipeline share" if "of_files" in manifest else ""
-        print(f"{args.folder}: verified ({len(manifest['files'])} files{share})")
+    what = share_label(manifest) or f"the whole model, {len(manifest['files'])} files"
+    print(f"{args.folder}: {what}, " + (f"NOT verified ({len(issues)} problem(s) above)" if issues else "verified"))
     return 1 if issues else 0
 
 

@@ -160,16 +160,25 @@ def rdma_ports() -> list[dict[str, Any]]:
 
 
 def model_state(path: str, manifest_path: str) -> dict[str, Any]:
-    """Whether the model folder is there and matches the manifest the controller wrote."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return {"present": False, "verified": False, "problems": [f"{path} is missing"]}
+    """Whether the model folder is there and matches the manifest the controller wrote; for a
+    node that holds a pipeline share, ``share``: ``{"files", "of_files", "layers"}`` (its
+    manifest's count, the whole model's, its stages' ``[start, end)``) and ``label``
+    (``"share 3 of 7 files (layers 0-11)"``); both None for a whole copy."""
     try:
         wanted = json.loads(Path(manifest_path).read_text())
     except (OSError, ValueError) as exc:
-        return {"present": True, "verified": False, "problems": [f"no manifest: {exc}"]}
-    problems = manifest.problems(folder, wanted, rehash=False)  # status changes nothing and hashes nothing
-    return {"present": True, "verified": not problems, "problems": problems[:5]}
+        wanted, unreadable = None, f"no manifest: {exc}"
+    share = label = None
+    if isinstance(wanted, dict) and "of_files" in wanted:
+        share = {"files": len(wanted.get("files", {})), "of_files": wanted["of_files"], "layers": wanted.get("layers")}
+        label = manifest.share_label(wanted)
+    state: dict[str, Any] = {"share": share, "label": label}
+    if not Path(path).is_dir():
+        return state | {"present": False, "verified": False, "problems": [f"{path} is missing"]}
+    if wanted is None:
+        return state | {"present": True, "verified": False, "problems": [unreadable]}
+    problems = manifest.problems(Path(path), wanted, rehash=False)  # status changes nothing and hashes nothing
+    return state | {"present": True, "verified": not problems, "problems": problems[:5]}
 
 
 def versions(prefix: str) -> dict[str, Any]:

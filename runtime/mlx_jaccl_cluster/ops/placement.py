@@ -310,6 +310,60 @@ def _shortfall(
     )
 
 
+def _amount(n_bytes: int) -> str:
+    """GiB as the fit check prints them; MiB below one GiB (a small share reads as more than 0.00)."""
+    return f"{n_bytes / GiB:.2f} GiB" if abs(n_bytes) >= GiB else f"{n_bytes / (1 << 20):.1f} MiB"
+
+
+def disk_problems(
+    host: str, disk: Mapping[str, Any], node_manifest: Mapping[str, Any], headroom: int | str
+) -> list[str]:
+    """Whether a node's disk takes what it will hold: the files of its manifest (its share of
+    a pipeline, the whole model otherwise: ``manifest.node_manifest``) that are not already
+    in place with their size, plus ``headroom`` (venv and wheels) on the install prefix.
+
+    ``disk`` is readiness's probe of the node: ``prefix`` and ``model`` (each ``{"path",
+    "dev", "free"}``: the deepest existing folder of the install prefix / the model path, its
+    device and free bytes) and ``present`` (relative path -> size of the files already in the
+    model folder). When both are on one device, one total is checked against it. A problem
+    names the host, the GiB needed and free, and the fixes."""
+    headroom = int(headroom)
+    files = node_manifest.get("files", {})
+    present = disk.get("present") or {}
+    missing = {rel: int(meta["size"]) for rel, meta in files.items() if present.get(rel) != meta["size"]}
+    to_copy = sum(missing.values())
+    label = manifest.share_label(dict(node_manifest))
+    what = label or f"the whole model, {len(files)} files"
+    model, prefix = disk["model"], disk["prefix"]
+    parts = [
+        (
+            model,
+            to_copy,
+            f"{what}: {_amount(to_copy)} still to copy of {_amount(manifest.share_bytes(dict(node_manifest)))}",
+        )
+    ]
+    if prefix["dev"] == model["dev"]:
+        parts[0] = (model, to_copy + headroom, parts[0][2] + f", + {_amount(headroom)} for the venv and wheels")
+    else:
+        parts.append((prefix, headroom, f"{_amount(headroom)} for the venv and wheels"))
+    if label:
+        fixes = ["fewer layers on this node (cluster_layers) and more on a node with room", "more ranks"]
+    elif stage_files.INDEX in files:
+        fixes = ["cluster_parallel: pipeline (each node then receives only the files of its layers)"]
+    else:
+        fixes = []
+    found = []
+    for where, need, why in parts:
+        free = int(where["free"])
+        if need > free:
+            found.append(
+                f"{host}: {where['path']} has {_amount(free)} free but needs {_amount(need)} ({why}): "
+                f"{_amount(need - free)} short. Fixes: free {_amount(need - free)} there; put cluster_install_prefix "
+                f"and cluster_model_path on a larger volume; " + "; ".join(fixes + ["a smaller (quantized) model"])
+            )
+    return found
+
+
 def summary(placement: Placement) -> list[str]:
     """One line per rank, for the plan's log."""
     return [
@@ -397,18 +451,39 @@ def place_plan(
         files = machine_files(out, folder, config, placement)
     except stage_files.StageFilesError as exc:
         files, problems = {}, problems + [f"{ranks[0]}: model: {exc}"]
+    stages = machine_layers(out, placement)
     lines = []
     for h in ranks:
         out["hosts"][h].pop("model_files", None)
+        out["hosts"][h].pop("model_layers", None)
         if h in files:
             out["hosts"][h]["model_files"] = files[h]
+            out["hosts"][h]["model_layers"] = stages[h]
             if out["hosts"][h].get("primary", True):
-                lines.append(f"{h}: receives {len(files[h])} of the model's files (its stages' layers)")
+                lines.append(
+                    f"{h}: receives {len(files[h])} of the model's files (layers {manifest.layer_ranges(stages[h])})"
+                )
     return {
         "plan": out,
         "problems": problems,
         "summary": [f"{resolved}: {placement.reason}"] + summary(placement) + lines,
     }
+
+
+def _machine(plan: Mapping[str, Any], host: str) -> tuple[str, str]:
+    """Ranks with the same ssh target and install prefix share one model folder (the plan's ``primary``)."""
+    entry = plan["hosts"][host]
+    return entry["ssh"], entry.get("prefix", "")
+
+
+def machine_layers(plan: Mapping[str, Any], placement: Placement) -> dict[str, list[list[int]]]:
+    """hostname -> ``[start, end)`` of every pipeline stage its machine's folder serves (the
+    plan's ``model_layers``; what ``make status`` names beside the files)."""
+    stages: dict[tuple[str, str], list[list[int]]] = {}
+    for need in placement.ranks:
+        if need.layers:
+            stages.setdefault(_machine(plan, need.host), []).append(list(need.layers))
+    return {need.host: sorted(stages.get(_machine(plan, need.host), [])) for need in placement.ranks}
 
 
 def machine_files(
@@ -423,10 +498,5 @@ def machine_files(
         return {}
     n = num_layers(dict(config))
     every = [str(p.relative_to(folder)) for p in manifest.files(folder)]
-    stages: dict[tuple[str, str], list[tuple[int, int]]] = {}
-    key = {}
-    for need in placement.ranks:
-        entry = plan["hosts"][need.host]
-        key[need.host] = (entry["ssh"], entry.get("prefix", ""))
-        stages.setdefault(key[need.host], []).append(need.layers)
-    return {h: stage_files.node_files(every, weight_map, n, stages[k]) for h, k in key.items()}
+    stages = machine_layers(plan, placement)
+    return {h: stage_files.node_files(every, weight_map, n, [tuple(s) for s in stages[h]]) for h in stages}

@@ -67,9 +67,10 @@ def _rdma_cell(ports: list[dict]) -> str:
 
 
 def _model_cell(model: dict) -> str:
-    if not model["present"]:
-        return "missing"
-    return "verified" if model["verified"] else "MISMATCH"
+    """``verified`` / ``MISMATCH`` / ``missing``, after the node's pipeline share when it
+    holds one: ``share 3 of 7 files (layers 0-11), verified``."""
+    state = "missing" if not model["present"] else "verified" if model["verified"] else "MISMATCH"
+    return f"{model['label']}, {state}" if model.get("label") else state
 
 
 def node_row(host: str, node: dict) -> list[Any]:
@@ -105,7 +106,8 @@ def node_problems(host: str, node: dict) -> list[str]:
     if not service["running"]:
         found.append(f"{host}: rank {node['rank']} is not running ({service['manager']} says {service['state']})")
     if not probe["model"]["verified"]:
-        found.append(f"{host}: model not verified: {'; '.join(probe['model']['problems']) or 'missing'}")
+        share = f" ({probe['model']['label']})" if probe["model"].get("label") else ""
+        found.append(f"{host}: model not verified: {'; '.join(probe['model']['problems']) or 'missing'}{share}")
     for port in probe["rdma"]:
         if port["state"] != "PORT_ACTIVE" and port["device"] in node.get("rdma_devices", []):
             found.append(f"{host}: {port['device']} is {port['state']}, not PORT_ACTIVE (check the cable)")
