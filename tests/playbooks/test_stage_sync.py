@@ -113,6 +113,9 @@ def test_each_machine_receives_and_serves_only_its_share(two_machines):
     assert answer(api) == expected_answer(model)
     status = playbook(inv, "playbooks/status.yml").stdout
     assert status.count("verified") >= 2 and "ranks up 2/2" in status
+    # each node says it holds a share, and which (make status)
+    assert "share 9 of 9 files (layers 0-3), verified" in status, status
+    assert "share 7 of 9 files (layers 4-5), verified" in status, status
 
     # the split moves: machine0 keeps layers 0-1 (files 1, 2, 4) and loses file 3;
     # machine1 serves layers 2-5 and receives file 2
@@ -120,6 +123,7 @@ def test_each_machine_receives_and_serves_only_its_share(two_machines):
     playbook(inv, "site.yml")
     assert weights(tmp, 0) == [FILES[0], FILES[1], FILES[3]] and weights(tmp, 1) == FILES[1:]
     assert verify(tmp, 0).returncode == 0 and verify(tmp, 1).returncode == 0
+    assert "share 8 of 9 files (layers 0-1), verified" in verify(tmp, 0).stdout
     assert answer(api) == expected_answer(model)
     # converging again copies nothing: the shares are in place and verified (the service may
     # still be settling after the restart the new split caused, so only the model is judged)
