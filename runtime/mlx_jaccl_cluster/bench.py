@@ -33,6 +33,7 @@ import threading
 import time
 from pathlib import Path
 
+from .layout import NO_SEND_RECV
 from .ops.apibench import percentile
 
 KB, MB = 1024, 1024 * 1024
@@ -293,24 +294,36 @@ def _pair_sweep(group, opts) -> list[dict]:
     ]
 
 
+def pairs_not_timed(backend: str, world: int, wanted: bool) -> str | None:
+    """Why the asked-for send/recv pairs cannot be timed: a backend without point-to-point
+    send/recv (nccl, ``layout.NO_SEND_RECV``) would fail the whole sweep on the first pair,
+    so the sweep says so instead. None when they are timed (or not asked for)."""
+    return NO_SEND_RECV.get(backend) if wanted and world > 1 else None
+
+
 def link_sweep(group, opts, log=lambda _msg: None) -> dict:
     """Every measurement of one run, as rank 0 reports it."""
     from .engine import collectives
 
     started = time.time()
+    backend = os.environ.get("MJC_BACKEND", "ring")
+    pairs_skipped = pairs_not_timed(backend, group.size(), opts.pairs)
+    if pairs_skipped:
+        log(f"send/recv pairs skipped: {pairs_skipped}")
     latency = summary(collectives.all_sum_latency(group, opts.latency_iters))
     log(f"latency 1-element all_sum: median {latency['median_s'] * 1e6:.1f} us, p99 {latency['p99_s'] * 1e6:.1f} us")
     result = {
         "kind": "link",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "world_size": group.size(),
-        "backend": os.environ.get("MJC_BACKEND", "ring"),
+        "backend": backend,
         "host": socket.gethostname(),
         "machine": platform.machine(),
         "latency": latency,
         "all_sum": _all_sum_sweep(group, opts, log),
         "all_gather": _all_gather_sweep(group, opts) if opts.gather_sizes else [],
-        "pairs": _pair_sweep(group, opts) if opts.pairs and group.size() > 1 else [],
+        "pairs": _pair_sweep(group, opts) if opts.pairs and group.size() > 1 and not pairs_skipped else [],
+        "pairs_skipped": pairs_skipped,
     }
     result["seconds"] = round(time.time() - started, 1)
     return result

@@ -107,7 +107,9 @@ def test_each_machine_receives_and_serves_only_its_share(two_machines):
     assert sorted(f for f in node["files"] if f.endswith(".safetensors")) == FILES[2:]
     assert {"config.json", "tokenizer.json"} <= set(node["files"]) and node["of_files"] > len(node["files"])
     check = verify(tmp, 1)
-    assert check.returncode == 0 and "share 7 of 9 files (layers 4-5), verified" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and "share 7 of 9 files (layers 4-5), verified" in check.stdout, (
+        check.stdout + check.stderr
+    )
     health = httpx.get(f"http://127.0.0.1:{api}/health", timeout=10).json()
     assert health["status"] == "ok" and health["parallel"] == "pipeline" and health["ranks_up"] == 2
     assert answer(api) == expected_answer(model)

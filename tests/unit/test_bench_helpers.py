@@ -37,3 +37,11 @@ def test_percentile_and_summary():
     assert s["peak_gbps"] == pytest.approx(8.0) and s["median_gbps"] == pytest.approx(4.0)
     assert s["avg_gbps"] == pytest.approx(8e6 / (0.007 / 3) / 1e9)
     assert "avg_gbps" not in bench.summary([0.001])
+
+
+def test_a_backend_without_send_recv_skips_the_pairs_and_says_why():
+    """nccl has no send/recv (layout.NO_SEND_RECV): `make bench` on an nccl inventory must not
+    fail its whole sweep on the first pair (bench_pairs_enabled is on by default)."""
+    assert "send/recv" in bench.pairs_not_timed("nccl", 2, True)
+    assert bench.pairs_not_timed("ring", 2, True) is None and bench.pairs_not_timed("jaccl", 4, True) is None
+    assert bench.pairs_not_timed("nccl", 2, False) is None and bench.pairs_not_timed("nccl", 1, True) is None

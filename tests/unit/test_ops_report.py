@@ -80,6 +80,13 @@ def test_a_slow_pair_and_overhead_are_pointed_out():
     assert f"{pair['src']}->{pair['dst']}" in notes[1] and "cable" in notes[1]
 
 
+def test_pairs_a_backend_could_not_time_are_a_finding():
+    result = copy.deepcopy(LINK) | {"backend": "nccl", "pairs": [], "pairs_skipped": "no send/recv on nccl"}
+    for size in result["all_sum"]:
+        size["overhead_pct"] = 1.0
+    assert report.link_findings(result) == ["send/recv pairs not timed on nccl: no send/recv on nccl"]
+
+
 def test_write_report_link_writes_four_files(tmp_path):
     printed, paths = report.write_report(LINK, tmp_path / "run", link_gbps=80.0, label="lab")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["link.csv", "link.json", "link.md", "link.png"]

@@ -139,6 +139,8 @@ def link_findings(result: dict, slow_pair_ratio: float = 0.5) -> list[str]:
                 f"all_sum {human_bytes(r['bytes'])}: median {r['overhead_pct']:+.1f}% against the bare loop "
                 f"(limit {OVERHEAD_LIMIT_PCT:.0f}%: a noisy machine, or rerun with more --rounds)"
             )
+    if result.get("pairs_skipped"):
+        notes.append(f"send/recv pairs not timed on {result.get('backend')}: {result['pairs_skipped']}")
     speeds = [p["median_gbps"] for p in result.get("pairs", []) if p.get("median_gbps")]
     if len(speeds) > 1:
         best = max(speeds)
