@@ -343,6 +343,8 @@ def test_a_lone_constrained_sequence_keeps_its_grammar_into_the_batch(loaded, gr
         uid = take_uid(gen)
         masks.add(uid, g)  # still building while the prompt prefills
         lone = Lone(gen, uid, prompt, make_prompt_cache(model), [], 80, greedy_sampler, [], masks)
+        masks._join()
+        assert masks._rows[uid].ahead  # the next mask was filled on the mask thread
         alone = [lone.step() for _ in range(len(reference[0]))]
         assert [s.token for s in alone] == reference[0]
         assert alone[-1].finish_reason == "stop"
@@ -383,3 +385,43 @@ def test_a_constrained_request_may_go_alone(tmp_path, monkeypatch):
     assert engine._goes_alone([constrained], [(None, 0)])
     assert not engine._goes_alone([GenerationRequest(list(range(40)), 16, grammar="%json {}")], [(None, 0)])
     assert not engine._goes_alone([constrained, GenerationRequest([4], 16)], [(None, 0), (None, 0)])
+
+
+def test_masks_filled_ahead_are_the_masks_filled_in_the_step(grammars, tokenizer):
+    """ahead() (the mask thread, while the engine thread builds the next forward) feeds
+    the same tokens and fills the same masks as apply() does on its own; a row that is
+    new, or that the mask thread did not see, is filled in the step; a finished row is
+    not fed again (EOS only) and no matcher fails."""
+    g = grammars.for_response_format("json_schema", {"enum": ["yes", "no way"]}, "response_format", False)
+    eos = sorted(tokenizer.eos_token_ids)
+    vocab = grammars.vocab_size
+    batch = GrammarBatch(grammars.lltokenizer, vocab, eos, rows=2)
+    batch.add(1, g)
+    batch.add(2, g)
+    prompt = encode(tokenizer, "hi")[-1]
+    answer = encode(tokenizer, '"yes"') + [eos[0]]
+
+    def expected(prefix):
+        m = feed(grammars, g, prefix)
+        return {t for t in range(vocab) if m.validate_tokens([t]) == 1}
+
+    out = batch.apply([1, 2], mx.array([prompt, prompt]), mx.zeros((2, vocab)))
+    assert _allowed(out[0]) == _allowed(out[1]) == expected([])  # (the mask may be narrower later:
+    # llguidance allows the canonical tokenization of a fixed string, validate_tokens any)
+    for k, t in enumerate(answer[:-1]):
+        batch.ahead([1], mx.array([t]))  # row 1 ahead, row 2 in the step
+        batch._join()
+        assert batch._rows[1].ahead and not batch._rows[2].ahead
+        # row 1's input is ignored (its token was fed ahead): a wrong one changes nothing
+        out = batch.apply([1, 2], mx.array([0, t]), mx.zeros((2, vocab)))
+        allowed = _allowed(out[0])
+        assert allowed == _allowed(out[1]) and answer[k + 1] in allowed
+        assert allowed <= (expected(answer[: k + 1]) | set(eos))
+    assert _allowed(out[0]) == set(eos)
+    batch.ahead([1, 2], mx.array([eos[0], eos[0]]))  # the grammar ends: stopped
+    batch._join()
+    batch.ahead([1, 2], mx.array([5, 5]))  # a step past the end: not fed, EOS only
+    out = batch.apply([1, 2], mx.array([5, 5]), mx.zeros((2, vocab)))
+    assert _allowed(out[0]) == _allowed(out[1]) == set(eos)
+    assert not any(row.failed for row in batch._rows.values())
+    batch.close()

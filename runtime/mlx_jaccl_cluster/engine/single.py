@@ -126,6 +126,8 @@ class Lone:
         sampled = self.sampler(logits)
         logprobs = logits[0] if self._logprobs else None
         mx.async_eval(sampled, *([logprobs] if logprobs is not None else []))
+        if self.masks is not None:
+            self.masks.ahead([self.uid], sampled)  # the next mask, while this thread goes on
         return sampled, logprobs
 
     def step(self) -> Response:
