@@ -202,7 +202,7 @@ class GrammarBatch:
         # The mask thread waits on an array of its own: the engine thread goes on using
         # ``sampled`` (the next forward's input) and MLX arrays are not shared across
         # threads safely; this one only the mask thread reads.
-        copy = sampled + 0
+        copy = sampled.reshape(-1) + 0
         mx.async_eval(copy)
         self._job = self._filler.submit(self._fill_ahead, rows, copy)
 
