@@ -338,6 +338,67 @@ def test_completions_take_a_schema_too(cluster):
     jsonschema.validate(json.loads(r.json()["choices"][0]["text"]), schema)
 
 
+#: long enough that a second request can arrive while it decodes
+LONG = {
+    "type": "object",
+    "properties": {
+        "story": {"type": "string", "minLength": 120, "maxLength": 140},
+        "scores": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "maxItems": 4},
+    },
+    "required": ["story", "scores"],
+    "additionalProperties": False,
+}
+
+
+def test_a_lone_request_handed_over_mid_json_stays_valid(cluster):
+    """A constrained request that arrives to an idle engine runs on the single-sequence
+    path (masked there); a second request arriving while it streams moves it into the
+    batch mid-JSON, matcher and all: both replies parse and validate, on every layout."""
+    r = _post(cluster, messages=ASK, max_tokens=300, temperature=0, response_format=_schema_format(LONG))
+    assert r.status_code == 200, r.text
+    alone = r.json()["choices"][0]
+    assert alone["finish_reason"] == "stop", alone
+    jsonschema.validate(json.loads(alone["message"]["content"]), LONG)
+
+    events: list = []
+
+    def stream():
+        body = {
+            "model": cluster.model_id,
+            "messages": ASK,
+            "max_tokens": 300,
+            "temperature": 0,
+            "stream": True,
+            "response_format": _schema_format(LONG),
+        }
+        with httpx.stream("POST", cluster.url("/v1/chat/completions"), json=body, timeout=120) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append((time.monotonic(), json.loads(line[6:])))
+
+    runner = threading.Thread(target=stream)
+    runner.start()
+    deadline = time.monotonic() + 120
+    while len(events) < 4:
+        assert time.monotonic() < deadline and runner.is_alive(), "the streamed request gave no tokens"
+        time.sleep(0.005)
+    joined_at = time.monotonic()
+    second = _post(
+        cluster, messages=ASK, max_tokens=200, temperature=1.0, seed=3, response_format=_schema_format(SCHEMAS[0])
+    )
+    runner.join(120)
+    assert not runner.is_alive()
+    assert second.status_code == 200, second.text
+    jsonschema.validate(json.loads(second.json()["choices"][0]["message"]["content"]), SCHEMAS[0])
+    assert events[-1][0] > joined_at, "the second request must have arrived while the first decoded"
+    chunks = [c for _, c in events if c.get("choices")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert text == alone["message"]["content"]  # greedy: the hand-over changed no token
+    jsonschema.validate(json.loads(text), LONG)
+
+
 def test_cut_off_json_ends_with_length(cluster):
     r = _post(cluster, messages=ASK, max_tokens=3, temperature=0, response_format=_schema_format(SCHEMAS[0]))
     choice = r.json()["choices"][0]

@@ -283,3 +283,145 @@ def test_the_hook_masks_mlx_lm_batches(loaded, grammars, tokenizer):
             tokens.append(r.token)
     alone.close()
     assert out[uids[1]] == tokens
+
+
+LONE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 6, "maxLength": 12},
+        "tags": {"type": "array", "items": {"enum": ["x", "yy"]}, "minItems": 2, "maxItems": 3},
+    },
+    "required": ["name", "tags"],
+    "additionalProperties": False,
+}
+
+
+def test_a_lone_constrained_sequence_keeps_its_grammar_into_the_batch(loaded, grammars, tokenizer):
+    """The single-sequence path masks with the engine's GrammarBatch: alone to the end, or
+    handed to the batch mid-JSON with another constrained request joining, the sequence
+    gives the tokens the batch alone gives it, and they are the schema's JSON."""
+    import jsonschema
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.sample_utils import greedy_sampler
+
+    from mlx_jaccl_cluster.engine.single import Lone, hand_over, take_uid
+
+    model, _ = loaded
+    g = grammars.for_response_format("json_schema", LONE_SCHEMA, "response_format", reasoning_first=False)
+    g2 = grammars.for_response_format("json_schema", {"enum": ["yes", "no way"]}, "response_format", False)
+    eos = sorted(tokenizer.eos_token_ids)
+    prompt, other = encode(tokenizer, "question 0"), encode(tokenizer, "question 1")
+    masks = GrammarBatch(grammars.lltokenizer, grammars.vocab_size, eos)
+    grammar_hook.install(masks)
+
+    def generator():
+        return BatchGenerator(model, stop_tokens=[[t] for t in eos], prefill_step_size=4)
+
+    def drain(gen, out):
+        while gen._generation_batch.uids or gen._prompt_batch.uids or gen._unprocessed_sequences:
+            for r in gen.next()[1]:
+                out.setdefault(r.uid, []).append(r.token)
+                if r.finish_reason:
+                    masks.discard([r.uid])
+
+    try:
+        # the batch alone: the reference
+        gen = generator()
+        uids = gen.insert([prompt, other], max_tokens=[80, 80])
+        masks.add(uids[0], g)
+        masks.add(uids[1], g2)
+        reference: dict[int, list[int]] = {}
+        drain(gen, reference)
+        gen.close()
+        assert reference[0][-1] in eos
+        jsonschema.validate(json.loads(tokenizer.decode(reference[0][:-1])), LONE_SCHEMA)
+        assert len(reference[0]) > 8
+
+        # alone to the end
+        gen = generator()
+        uid = take_uid(gen)
+        masks.add(uid, g)  # still building while the prompt prefills
+        lone = Lone(gen, uid, prompt, make_prompt_cache(model), [], 80, greedy_sampler, [], masks)
+        masks._join()
+        assert masks._rows[uid].ahead  # the next mask was filled on the mask thread
+        alone = [lone.step() for _ in range(len(reference[0]))]
+        assert [s.token for s in alone] == reference[0]
+        assert alone[-1].finish_reason == "stop"
+        masks.discard([uid])
+        gen.close()
+
+        # handed over mid-JSON (after 1 and after 5 tokens), a constrained request joining
+        for k in (1, 5):
+            gen = generator()
+            uid = take_uid(gen)
+            masks.add(uid, g)
+            lone = Lone(gen, uid, prompt, make_prompt_cache(model), [], 80, greedy_sampler, [], masks)
+            got = {uid: [lone.step().token for _ in range(k)]}
+            hand_over(gen, lone)
+            (joined,) = gen.insert([other], max_tokens=[80])
+            masks.add(joined, g2)
+            drain(gen, got)
+            gen.close()
+            assert got == reference, f"handed over after {k} tokens"
+    finally:
+        grammar_hook.install(None)
+        masks.close()
+    assert len(masks) == 0
+
+
+def test_a_constrained_request_may_go_alone(tmp_path, monkeypatch):
+    """The engine's choice of the single-sequence path no longer looks at the grammar."""
+    from mlx_jaccl_cluster.engine.core import Engine
+    from mlx_jaccl_cluster.generation import GenerationRequest
+    from mlx_jaccl_cluster.settings import Settings
+    from mlx_jaccl_cluster.state import ClusterState
+
+    monkeypatch.delenv("MLX_HOSTFILE", raising=False)
+    settings = Settings(model=tmp_path, world_size=1, rank=0, prefill_step_size=16)
+    engine = Engine(settings, ClusterState(1, "ring", "m"), None, lambda *a: None)
+    engine._lone_ok = True  # what start-up sets for a model whose caches can join a batch
+    constrained = GenerationRequest([1, 2, 3], 16, grammar="%json {}")
+    assert engine._goes_alone([constrained], [(None, 0)])
+    assert not engine._goes_alone([GenerationRequest(list(range(40)), 16, grammar="%json {}")], [(None, 0)])
+    assert not engine._goes_alone([constrained, GenerationRequest([4], 16)], [(None, 0), (None, 0)])
+
+
+def test_masks_filled_ahead_are_the_masks_filled_in_the_step(grammars, tokenizer):
+    """ahead() (the mask thread, while the engine thread builds the next forward) feeds
+    the same tokens and fills the same masks as apply() does on its own; a row that is
+    new, or that the mask thread did not see, is filled in the step; a finished row is
+    not fed again (EOS only) and no matcher fails."""
+    g = grammars.for_response_format("json_schema", {"enum": ["yes", "no way"]}, "response_format", False)
+    eos = sorted(tokenizer.eos_token_ids)
+    vocab = grammars.vocab_size
+    batch = GrammarBatch(grammars.lltokenizer, vocab, eos, rows=2)
+    batch.add(1, g)
+    batch.add(2, g)
+    prompt = encode(tokenizer, "hi")[-1]
+    answer = encode(tokenizer, '"yes"') + [eos[0]]
+
+    def expected(prefix):
+        m = feed(grammars, g, prefix)
+        return {t for t in range(vocab) if m.validate_tokens([t]) == 1}
+
+    out = batch.apply([1, 2], mx.array([prompt, prompt]), mx.zeros((2, vocab)))
+    assert _allowed(out[0]) == _allowed(out[1]) == expected([])  # (the mask may be narrower later:
+    # llguidance allows the canonical tokenization of a fixed string, validate_tokens any)
+    for k, t in enumerate(answer[:-1]):
+        batch.ahead([1], mx.array([t]))  # row 1 ahead, row 2 in the step
+        batch._join()
+        assert batch._rows[1].ahead and not batch._rows[2].ahead
+        # row 1's input is ignored (its token was fed ahead): a wrong one changes nothing
+        out = batch.apply([1, 2], mx.array([0, t]), mx.zeros((2, vocab)))
+        allowed = _allowed(out[0])
+        assert allowed == _allowed(out[1]) and answer[k + 1] in allowed
+        assert allowed <= (expected(answer[: k + 1]) | set(eos))
+    assert _allowed(out[0]) == set(eos)
+    batch.ahead([1, 2], mx.array([eos[0], eos[0]]))  # the grammar ends: stopped
+    batch._join()
+    batch.ahead([1, 2], mx.array([5, 5]))  # a step past the end: not fed, EOS only
+    out = batch.apply([1, 2], mx.array([5, 5]), mx.zeros((2, vocab)))
+    assert _allowed(out[0]) == _allowed(out[1]) == set(eos)
+    assert not any(row.failed for row in batch._rows.values())
+    batch.close()

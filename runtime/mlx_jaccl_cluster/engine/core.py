@@ -306,8 +306,6 @@ class Engine:
         every rank knows alike (the step's inserts, the requests running, the settings)."""
         if not self._lone_ok or self._active or len(inserts) != 1:
             return False
-        if inserts[0].grammar is not None:  # grammar masks are applied in the batch step only
-            return False
         # a long prompt prefills in the batch, a chunk a step, so a request that arrives
         # meanwhile waits one chunk, not the whole prompt
         return len(inserts[0].prompt_tokens) - reused[0][1] <= self.settings.prefill_step_size
@@ -332,6 +330,7 @@ class Engine:
         if alone:
             (r,), ((cache, k),) = inserts, reused
             uids = [take_uid(self._gen)]
+            self._add_grammars(uids, inserts)  # before the prefill: the matcher builds meanwhile
             self._lone = Lone(
                 self._gen,
                 uids[0],
@@ -341,6 +340,7 @@ class Engine:
                 r.max_tokens,
                 self._sampler(r),
                 make_processors(r.sampling),
+                self._masks if r.grammar is not None else None,
             )
         elif inserts:
             if self._lone is not None:  # a second request: the lone one joins the batch
@@ -354,13 +354,11 @@ class Engine:
                 samplers=[self._sampler(r) for r in inserts],
                 logits_processors=[make_processors(r.sampling) for r in inserts],
             )
+            self._add_grammars(uids, inserts)
         if inserts:
             expected = list(range(self._next_uid, self._next_uid + len(inserts)))
             if uids != expected:
                 raise Desync(f"the engine gave uids {uids}, expected {expected}")
-            for uid, r in zip(uids, inserts):
-                if r.grammar is not None:
-                    self._masks.add(uid, r.grammar)
             self._next_uid += len(inserts)
             self._active.update(uids)
         if removes:
@@ -373,6 +371,13 @@ class Engine:
             if self._masks is not None:
                 self._masks.discard(removes)
         return uids
+
+    def _add_grammars(self, uids: list[int], inserts: list[GenerationRequest]) -> None:
+        """Start building the matchers of the constrained inserts (rows keyed by uid, so a
+        lone sequence keeps its row when it joins the batch)."""
+        for uid, r in zip(uids, inserts):
+            if r.grammar is not None:
+                self._masks.add(uid, r.grammar)
 
     def _check_grammars(self, inserts: list[GenerationRequest]) -> None:
         if self._masks is None and any(r.grammar is not None for r in inserts):

@@ -1,25 +1,33 @@
 """Grammar masks for the whole batch at once, filled while the model's forward runs.
 
 Each constrained sequence has one llguidance matcher, built from the grammar text in its
-request (the same text on every rank). Once per decode step, between the forward and the
-sampling, :meth:`GrammarBatch.apply`:
+request (the same text on every rank). The mask of step n+1 needs the token sampled at
+step n, and the token of step n+1 needs that mask, so the chain per token is: token n
+known -> feed it, fill the mask -> sample n+1. Two threads share the work:
 
-1. starts the forward (``mx.async_eval`` of the logits): the device works on it while the
-   CPU does the rest;
-2. reads the tokens sampled at the previous step, the forward's own input (mlx-lm reads
-   them at the end of the same step anyway, so this adds no wait of its own);
-3. feeds each matcher its token and fills every row's mask straight into one
-   preallocated bitmask, holding the GIL (see below);
-4. masks the whole batch's logits with one expression (the bitmask goes to the device
-   packed, 32 tokens a word, and is unpacked there): a forbidden token's logit is -inf.
+- **the mask thread** (``mjc-mask``, :meth:`GrammarBatch.ahead`): as soon as a step has
+  queued its sampling, it waits for those tokens (without the GIL), feeds each
+  constrained row's matcher its token and fills the row's next mask, while the engine
+  thread delivers the step's tokens, takes new requests and builds and queues the next
+  forward (Python work that, on a GPU, bounds the step);
+- **the engine thread**, once per decode step, between the forward and the sampling
+  (:meth:`GrammarBatch.apply`): starts the forward (``mx.async_eval`` of the logits),
+  joins the mask thread's job, fills in the step any row the mask thread did not see (a
+  new row: its first mask; the prompt's last token is not fed), and masks the whole
+  batch's logits with one expression (the bitmask goes to the device packed, 32 tokens a
+  word, and is unpacked there): a forbidden token's logit is -inf.
+
+The mask thread never touches an array the engine thread uses: it waits on a copy of the
+sampled tokens queued for it (``sampled + 0``), and rows are only read after its job is
+joined. A row that has finished (its matcher stopped) is not fed again: EOS only.
 
 Rows without a grammar get an all-ones row, so a mixed batch is masked by the same one
 expression; a batch with no constrained row is left alone and costs nothing.
 
-Why not llguidance's parallel batch calls (``LLExecutor.consume_token_par``,
-``fill_next_token_bitmask_par``): they release the GIL, and getting it back waits for
-whichever thread took it meanwhile, up to Python's 5 ms switch interval when that thread
-is busy (the HTTP thread, streaming). Measured with a busy Python thread alongside, eight
+Matcher by matcher, not with llguidance's parallel batch calls (``LLExecutor``'s
+``consume_token_par``, ``fill_next_token_bitmask_par``): they release the GIL, and
+getting it back waits for whichever thread took it meanwhile, up to Python's 5 ms switch
+interval when that thread is busy (the HTTP thread, streaming). Measured with a busy Python thread alongside, eight
 rows: 6-7 ms per parallel call against 70 µs (feeding) and 160 µs (filling) one matcher
 after another, which keeps the GIL; alone, both take about 100 µs. On a GPU the parallel
 version measured 0.84 (1 client) and 0.80 (8 clients) of unconstrained decoding
@@ -28,12 +36,15 @@ version measured 0.84 (1 client) and 0.80 (8 clients) of unconstrained decoding
 mlx-lm calls logits processors row by row (a slice, the processor, a concatenate) and a
 processor sees only its own row, so a batched mask cannot be one of them. :func:`install`
 wraps ``GenerationBatch._step`` instead: while a batch with constrained rows steps, its
-model call is followed by :meth:`GrammarBatch.apply`. A step loop of our own calls
-``apply`` itself between its forward and its sampling.
+model call is followed by :meth:`GrammarBatch.apply`, and the step by
+:meth:`GrammarBatch.ahead`. The single-sequence path (``single.py``) calls both itself,
+around its sampling; rows are keyed by uid, so a sequence keeps its row (matcher, mask
+filled ahead) when it moves from there into the batch.
 
 Lockstep: every rank builds the same matchers and feeds them the same tokens, so every
-rank computes the same masks and samples the same token; nothing is broadcast (the step
-checksum still catches a drift, as for any other cause).
+rank computes the same masks and samples the same token; which thread fills a mask, and
+when, changes nothing, since a mask depends on the tokens already chosen only. Nothing is
+broadcast (the step checksum still catches a drift, as for any other cause).
 """
 
 from __future__ import annotations
@@ -54,16 +65,19 @@ COMPILED_KEPT = 32
 
 
 class _Row:
-    """One constrained sequence: its matcher (being built, then built) and whether it has
-    seen its first step (whose input is the prompt's last token, not a sampled one)."""
+    """One constrained sequence: its matcher (being built, then built), whether it has
+    seen its first step (whose input is the prompt's last token, not a sampled one), and
+    the next step's mask when the mask thread has filled it ahead (its token already fed)."""
 
-    __slots__ = ("building", "matcher", "started", "failed")
+    __slots__ = ("building", "matcher", "started", "failed", "next_mask", "ahead")
 
-    def __init__(self, building: Future):
+    def __init__(self, building: Future, words: int):
         self.building: Future | None = building
         self.matcher = None
         self.started = False
         self.failed = False
+        self.next_mask = np.empty(words, dtype=np.int32)
+        self.ahead = False
 
 
 class GrammarBatch:
@@ -85,6 +99,10 @@ class GrammarBatch:
         # stalling every other sequence's decoding. Only this thread touches _compiled.
         self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mjc-grammar")
         self._compiled: OrderedDict[str, object] = OrderedDict()
+        # Feeds each row the token just sampled for it and fills its next mask, while the
+        # engine thread goes on (see ahead()); one job at a time, joined before any read.
+        self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mjc-mask")
+        self._job: Future | None = None
         self._rows: dict[int, _Row] = {}
         self._bitmask = np.full((max(rows, 1), self._words), -1, dtype=np.int32)
         eos_row = np.zeros(self._words, dtype=np.uint32)
@@ -97,7 +115,7 @@ class GrammarBatch:
     # --- membership (the engine thread) -------------------------------------------
     def add(self, uid: int, grammar: str) -> None:
         """Start building ``uid``'s matcher; it is needed at its first decode step."""
-        self._rows[uid] = _Row(self._builder.submit(self._build, grammar))
+        self._rows[uid] = _Row(self._builder.submit(self._build, grammar), self._words)
 
     def _build(self, grammar: str):
         pristine = self._compiled.get(grammar)
@@ -121,6 +139,7 @@ class GrammarBatch:
 
     def close(self) -> None:
         self._builder.shutdown(wait=False, cancel_futures=True)
+        self._filler.shutdown(wait=False, cancel_futures=True)
 
     # --- the step -----------------------------------------------------------------
     def apply(self, uids: list[int], inputs: mx.array, logits: mx.array) -> mx.array:
@@ -130,7 +149,8 @@ class GrammarBatch:
         if not any(rows):
             return logits
         mx.async_eval(logits)  # the forward runs while the masks are filled
-        tokens = inputs.reshape(-1).tolist()
+        self._join()
+        tokens = None
         n = len(uids)
         if self._bitmask.shape[0] < n:
             self._bitmask = np.full((n, self._words), -1, dtype=np.int32)
@@ -140,12 +160,13 @@ class GrammarBatch:
         for i, row in enumerate(rows):
             if row is None:
                 continue
-            if row.building is not None:
-                self._settle(row)
-            if not row.failed:
-                if row.started and not row.matcher.consume_token(tokens[i]):
-                    self._fail(row, f"token {tokens[i]} refused: {row.matcher.get_error()}")
-                row.started = True
+            if row.ahead:  # filled by the mask thread while the engine thread went on
+                bitmask[i] = row.next_mask
+                row.ahead = False
+                continue
+            if tokens is None:  # a new row, or one the mask thread did not see
+                tokens = inputs.reshape(-1).tolist()
+            self._feed(row, tokens[i])
             if row.failed:
                 bitmask[i] = self._eos_row
             else:
@@ -157,6 +178,56 @@ class GrammarBatch:
             past = np.array([0 if row is not None else 0xFFFFFFFF for row in rows], dtype=np.uint32)
             words = np.concatenate([words, past[:, None]], axis=1)
         return self._masked(logits, mx.array(words))
+
+    def _feed(self, row: _Row, token: int) -> None:
+        """Feed ``row`` its previous token (none at its first step) and settle its matcher."""
+        if row.building is not None:
+            self._settle(row)
+        if not row.failed:
+            if row.started and not row.matcher.consume_token(token):
+                self._fail(row, f"token {token} refused: {row.matcher.get_error()}")
+            row.started = True
+
+    def ahead(self, uids: list[int], sampled: mx.array) -> None:
+        """Start the next step's masks now: ``sampled`` (queued, not yet computed) holds the
+        token each row of ``uids`` will feed its next forward. The mask thread waits for it,
+        feeds each constrained row's matcher and fills its next mask, while the engine
+        thread delivers this step's tokens and builds and queues the next forward; the next
+        :meth:`apply` joins it. The masks depend on the chosen tokens only, so every rank
+        computes the same ones, whichever thread and whenever."""
+        rows = [self._rows.get(uid) for uid in uids]
+        if not any(row is not None and row.started for row in rows):
+            return
+        self._join()
+        # The mask thread waits on an array of its own: the engine thread goes on using
+        # ``sampled`` (the next forward's input) and MLX arrays are not shared across
+        # threads safely; this one only the mask thread reads.
+        copy = sampled.reshape(-1) + 0
+        mx.async_eval(copy)
+        self._job = self._filler.submit(self._fill_ahead, rows, copy)
+
+    def _fill_ahead(self, rows: list[_Row | None], sampled: mx.array) -> None:
+        tokens = sampled.tolist()  # waits for the device, without the GIL
+        row_bytes = self._words * 4
+        for row, token in zip(rows, tokens):
+            if row is None or not row.started:
+                continue
+            if not row.failed and row.matcher.is_stopped():
+                # finished: the engine drops it after this step; EOS only if it steps again
+                row.next_mask[:] = self._eos_row
+            else:
+                self._feed(row, token)
+                if row.failed:
+                    row.next_mask[:] = self._eos_row
+                else:
+                    row.matcher.unsafe_compute_mask_ptr(row.next_mask.ctypes.data, row_bytes)
+            row.ahead = True
+
+    def _join(self) -> None:
+        """Wait for the mask thread's job (rows are only read after it)."""
+        if self._job is not None:
+            job, self._job = self._job, None
+            job.result()
 
     def _settle(self, row: _Row) -> None:
         try:
@@ -218,6 +289,8 @@ def _step(self):
 
     self.model = masked_model
     try:
-        return _original_step(self)
+        out = _original_step(self)
     finally:
         self.model = model
+    grammar.ahead(uids, self._next_tokens)
+    return out

@@ -15,6 +15,12 @@ own batch would have after a step: the cache holds every token fed so far
 context, stop matcher and token count carry over. So the sequence goes on from where it
 was, and its tokens are the ones the batch engine would give.
 
+A constrained sequence (structured output, a forced tool call) is masked by the
+engine's ``GrammarBatch`` (``grammar.py``) for its uid, between the forward and the
+sampling, the same call and the same order (mask, then logits processors) as in the batch
+step. The row is keyed by uid and the uid survives the hand-over, so the matcher goes on
+from where it was: the batch step then feeds it the pending token, as it would have.
+
 The engine decides when to use it from the step's contents only (``core.py``), so every
 rank takes the same path at the same step; the STEP frame says which, and followers check.
 
@@ -33,6 +39,7 @@ from mlx_lm.generate import BatchGenerator, GenerationBatch, _merge_caches
 from mlx_lm.models.cache import TokenBuffer, make_prompt_cache
 
 from .fastpath import needs_logprobs, needs_normalised
+from .grammar import GrammarBatch
 
 #: like ``generate_step``: give freed buffers back to MLX's allocator this often
 _CLEAR_EVERY = 256
@@ -69,6 +76,7 @@ class Lone:
         max_tokens: int,
         sampler,
         processors: list,
+        masks: GrammarBatch | None = None,
     ):
         if not prompt:
             raise ValueError(f"sequence {uid} has an empty prompt")
@@ -82,6 +90,7 @@ class Lone:
         self.max_tokens = max_tokens
         self.sampler = sampler
         self.processors = tuple(processors)
+        self.masks = masks
         self.stop_sequences = gen._default_stop_sequences
         self.matcher = self.stop_sequences.matcher()
         self.fallback_sampler = gen.sampler
@@ -104,6 +113,10 @@ class Lone:
     def _forward(self, inputs: mx.array) -> tuple[mx.array, mx.array | None]:
         """Feed ``inputs`` (one token, or the prompt's last) and queue the next sample."""
         logits = self.model(inputs[None], cache=self.cache)[:, -1, :]
+        if self.masks is not None:
+            # the batch's own masking (a no-op for a uid without a grammar); its row keeps
+            # the matcher across the hand-over, which keeps the uid
+            logits = self.masks.apply([self.uid], inputs, logits)
         if self.processors:
             context = self.context.update_and_fetch(inputs)
             for processor in self.processors:
@@ -113,6 +126,8 @@ class Lone:
         sampled = self.sampler(logits)
         logprobs = logits[0] if self._logprobs else None
         mx.async_eval(sampled, *([logprobs] if logprobs is not None else []))
+        if self.masks is not None:
+            self.masks.ahead([self.uid], sampled)  # the next mask, while this thread goes on
         return sampled, logprobs
 
     def step(self) -> Response:
