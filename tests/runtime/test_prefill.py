@@ -80,3 +80,64 @@ def _kv(length):
     c = KVCache()
     c.update_and_fetch(mx.ones((1, 1, length, 4)), mx.ones((1, 1, length, 4)))
     return c
+
+
+def test_the_step_token_budget_keeps_decoders_going_and_tokens_unchanged(tiny_llama):
+    """prefill.Budgeted: while long prompts prefill, every step still decodes every running
+    sequence, runs at most the budget (decode rows + waiting prompts x their chunk), and
+    two waiting prompts share it; each sequence's tokens are those of the unchunked path
+    (mlx-lm's generator prefilling each prompt in one piece) and of stream_generate.
+    Counted in steps, not time."""
+    from mlx_lm import load, stream_generate
+    from mlx_lm.generate import BatchGenerator
+
+    from mlx_jaccl_cluster.engine import fastpath, prefill
+
+    model, tokenizer = load(str(tiny_llama))
+    fastpath.install()
+    prefill.install()
+    n, budget = 48, 24
+    decoders = [tokenizer.encode(p) for p in (PROMPTS[0], PROMPTS[2])]
+    long_prompt = tokenizer.encode(" ".join(PROMPTS[1:] * 4))
+    medium = tokenizer.encode(PROMPTS[3])
+    assert len(long_prompt) > 6 * budget and len(medium) > budget
+    prompts = decoders + [long_prompt, medium]
+    ref = [[r.token for r in stream_generate(model, tokenizer, p, max_tokens=n)] for p in prompts]
+    stops = [[t] for t in sorted(tokenizer.eos_token_ids)]
+
+    def run(gen):
+        """Two decoders from step 0; the long and the medium prompt arrive together at step 3."""
+        got: dict[int, list[int]] = {}
+        steps = []
+        gen.insert(decoders, max_tokens=[n, n])
+        for step in range(1000):
+            if step == 3:
+                gen.insert([long_prompt, medium], max_tokens=[n, n])
+            _, responses = gen.next()
+            for r in responses:
+                got.setdefault(r.uid, []).append(r.token)
+            steps.append(({r.uid for r in responses}, getattr(gen, "last_step", None)))
+            if step > 3 and not (gen._generation_batch.uids or gen._prompt_batch.uids or gen._unprocessed_sequences):
+                break
+        return got, steps
+
+    whole, _ = run(BatchGenerator(model, stop_tokens=stops, completion_batch_size=8, prefill_step_size=4096))
+    gen = prefill.Budgeted(
+        model, step_token_budget=budget, stop_tokens=stops, completion_batch_size=8, prefill_step_size=16
+    )
+    got, steps = run(gen)
+    assert got == whole == {uid: ref[uid] for uid in range(4)}
+
+    first_token = {uid: next(i for i, (uids, _) in enumerate(steps) if uid in uids) for uid in (2, 3)}
+    # the long prompt took many steps, and every one of them decoded both decoders
+    prefilling = range(3, first_token[2])
+    assert len(prefilling) >= len(long_prompt) // budget
+    for i in prefilling:
+        uids, (rows, chunks) = steps[i]
+        assert {0, 1} <= uids, f"step {i}: a decoder got no token while the long prompt prefilled"
+        assert rows + len(chunks) * max(chunks, default=0) <= budget, f"step {i} ran {rows} rows + chunks {chunks}"
+    # while both waited, they shared the budget
+    shared = [steps[i][1] for i in range(3, first_token[3]) if len(steps[i][1][1]) == 2]
+    assert shared and all(max(chunks) <= (budget - rows) // 2 for rows, chunks in shared)
+    # a full decode batch leaves each waiting prompt a token a step: it never starves
+    assert gen.prefill_share(budget + 5, 3) == 1 and gen.prefill_share(4, 2) == (budget - 4) // 2

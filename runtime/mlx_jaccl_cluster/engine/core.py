@@ -259,8 +259,9 @@ class Engine:
             eos = sorted(tokenizer.eos_token_ids)
             self._masks = grammar.GrammarBatch(self.grammars.lltokenizer, self.grammars.vocab_size, eos, s.max_batch)
         grammar.install(self._masks)  # last: it wraps the step that fastpath installed
-        self._gen = BatchGenerator(
+        self._gen = prefill.Budgeted(
             self.loaded.model,
+            step_token_budget=s.step_token_budget,
             stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
             completion_batch_size=s.max_batch,
             prefill_batch_size=min(s.max_batch, 8),
@@ -308,9 +309,9 @@ class Engine:
             return False
         if inserts[0].grammar is not None:  # grammar masks are applied in the batch step only
             return False
-        # a long prompt prefills in the batch, a chunk a step, so a request that arrives
-        # meanwhile waits one chunk, not the whole prompt
-        return len(inserts[0].prompt_tokens) - reused[0][1] <= self.settings.prefill_step_size
+        # a long prompt prefills in the batch, a budget a step, so a request that arrives
+        # meanwhile waits one step, not the whole prompt
+        return len(inserts[0].prompt_tokens) - reused[0][1] <= self.settings.step_token_budget
 
     @staticmethod
     def _sampler(request: GenerationRequest):
@@ -384,8 +385,8 @@ class Engine:
             )
 
     def _step(self) -> list:
-        """One generation step (decode plus at most one prefill chunk), or the lone
-        sequence's step."""
+        """One generation step (the decode rows plus prompt chunks within the step token
+        budget: prefill.Budgeted), or the lone sequence's step."""
         assert self._gen is not None
         if self._lone is not None:
             responses = [self._lone.step()]
