@@ -774,8 +774,8 @@ def inproc_figures(r: dict, k: int) -> dict:
 
 def run_interleave(opts, model: Path, workdir: Path, res: dict) -> list[System]:
     """7 clients decode (--decoders, --tokens each); an 8th sends a --long-tokens prompt once
-    they all decode; the same 7 alone for comparison. The runtime at each --runtime-step-sizes
-    (MJC_PREFILL_STEP_SIZE), mlx_lm.server, and mlx-lm's BatchGenerator in-process at each
+    they all decode; the same 7 alone for comparison. The runtime at each --runtime-budgets
+    (MJC_STEP_TOKEN_BUDGET) and --runtime-step-sizes (MJC_PREFILL_STEP_SIZE), mlx_lm.server, and mlx-lm's BatchGenerator in-process at each
     --step-sizes. Rounds alternate quiet and loaded."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
@@ -810,6 +810,17 @@ def run_interleave(opts, model: Path, workdir: Path, res: dict) -> list[System]:
             )
             closers.append(o.close)
             systems.append(System(f"runtime prefill_step_size {size}", "ours", o, o.model_id, prompts))
+        for budget in opts.runtime_budgets:
+            o = Ours(
+                f"runtime-budget{budget}",
+                model,
+                workdir,
+                opts.ranks,
+                opts.backend,
+                env={"MJC_STEP_TOKEN_BUDGET": str(budget)} | (nccl_env(opts.ranks) if opts.backend == "nccl" else {}),
+            )
+            closers.append(o.close)
+            systems.append(System(f"runtime step_token_budget {budget}", "ours", o, o.model_id, prompts))
         for spec in opts.runtime_env:  # NAME:VAR=VALUE[,VAR=VALUE...]: the runtime with other settings
             name, _, pairs = spec.partition(":")
             extra = dict(kv.split("=", 1) for kv in pairs.split(",") if kv)
@@ -1406,11 +1417,20 @@ def main() -> int:
         help="interleave: in-process BatchGenerator prefill_step_size values",
     )
     ap.add_argument(
-        "--runtime-step-sizes",
+        "--runtime-budgets",
         type=int,
         nargs="*",
         default=[512, 2048],
-        help="interleave: the runtime's MJC_PREFILL_STEP_SIZE values (512 is its default)",
+        help="interleave: the runtime's MJC_STEP_TOKEN_BUDGET values (tokens a step runs: decoders + prefill; "
+        "512 is its default)",
+    )
+    ap.add_argument(
+        "--runtime-step-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="interleave: the runtime's MJC_PREFILL_STEP_SIZE values (the largest forward piece of a chunk; "
+        "before step_token_budget it was the chunk per waiting prompt and step)",
     )
     ap.add_argument(
         "--runtime-env",
