@@ -409,8 +409,15 @@ class Engine:
         # BatchGenerator runs its steps on its own stream; the small reads below
         # (logprobs) stay on this thread's default stream so they never wait behind
         # the step it has already queued.
+        # A step's tokens go to the HTTP side after the next STEP frame is out: the followers
+        # wait for that frame to queue their next step, and handing tokens over wakes the
+        # HTTP thread, which then competes for the GIL and the cores while this thread sends.
         probe = LinkProbe(self.settings, self.state.link) if self._group is not None else None
+        pending: list | None = None
         while True:
+            if pending is not None and not self._active:  # nothing runs next: hand them over now
+                self._deliver(pending)
+                pending = None
             wait = probe.wait() if probe is not None and not self._active else None
             inserts, removes = self._collect(block=not self._active, timeout=wait)
             if not inserts and not removes and not self._active:
@@ -432,6 +439,9 @@ class Engine:
                         alone=alone,
                     )
                 )
+            if pending is not None:
+                self._deliver(pending)
+                pending = None
             uids = self._apply([t.request for t in inserts], removes, reused, alone)
             with self._tickets_lock:
                 now = time.perf_counter()
@@ -442,7 +452,7 @@ class Engine:
                 for uid in removes:
                     self._tickets.pop(uid, None)
             if self._active:
-                self._deliver(self._step())
+                pending = self._step()
 
     def _collect(self, block: bool, timeout: float | None = None) -> tuple[list[Ticket], list[int]]:
         """Drain the inbox: new tickets to insert and uids to remove (waiting at most
