@@ -552,24 +552,26 @@ def run_tp(opts, model: Path, workdir: Path, res: dict) -> list[System]:
     systems: list[System] = []
     closers = []
     try:
-        one = Ours("runtime-1", model, workdir, 1, "ring")
-        closers.append(one.close)
-        many = Ours(f"runtime-{opts.ranks}", model, workdir, opts.ranks, opts.backend)
-        closers.append(many.close)
         prompts = rb.model_prompts(model)
         res["prompts"] = {"kind": "distinct", "tokens": prompts.length, "first": prompts.take(0, 2)}
-        systems = [
-            System("1 rank", "ours", one, one.model_id, prompts),
-            System(f"{opts.ranks} ranks {opts.backend}", "ours", many, many.model_id, prompts),
-        ]
+        if not opts.skip_one_rank:
+            one = Ours("runtime-1", model, workdir, 1, "ring")
+            closers.append(one.close)
+            systems.append(System("1 rank", "ours", one, one.model_id, prompts))
+        many = Ours(f"runtime-{opts.ranks}", model, workdir, opts.ranks, opts.backend)
+        closers.append(many.close)
+        split = System(f"{opts.ranks} ranks {opts.backend}", "ours", many, many.model_id, prompts)
+        systems.append(split)
         if not opts.skip_inproc:
             # mlx-lm in-process on the same splits (stream_generate / BatchGenerator): what MLX
             # itself gets from the split, and the same numerics as the runtime's ranks
-            opts1 = copy.copy(opts)
-            opts1.ranks = 1
-            (workdir / "inproc-1").mkdir(exist_ok=True)
-            base1 = Baseline(opts1, model, workdir / "inproc-1")
-            closers.append(base1.close)
+            if not opts.skip_one_rank:
+                opts1 = copy.copy(opts)
+                opts1.ranks = 1
+                (workdir / "inproc-1").mkdir(exist_ok=True)
+                base1 = Baseline(opts1, model, workdir / "inproc-1")
+                closers.append(base1.close)
+                systems.append(System("in-process 1 rank", "inproc", base1))
             env = {"MJC_BENCH_BACKEND": opts.backend}
             if opts.backend == "nccl":
                 from mlx_jaccl_cluster.launch import free_ports
@@ -582,10 +584,7 @@ def run_tp(opts, model: Path, workdir: Path, res: dict) -> list[System]:
             (workdir / "inproc-n").mkdir(exist_ok=True)
             basen = Baseline(opts, model, workdir / "inproc-n", env=env)
             closers.append(basen.close)
-            systems += [
-                System("in-process 1 rank", "inproc", base1),
-                System(f"in-process {opts.ranks} ranks {opts.backend}", "inproc", basen),
-            ]
+            systems.append(System(f"in-process {opts.ranks} ranks {opts.backend}", "inproc", basen))
         for s in systems:
             t0 = time.monotonic()
             try:
@@ -596,9 +595,9 @@ def run_tp(opts, model: Path, workdir: Path, res: dict) -> list[System]:
                 res.setdefault("logs", {})[s.name] = sys_logs(s)
                 rb.log(s.error)
         nxt = rounds(systems, opts)
-        if opts.profile and systems[1].error is None:
+        if opts.profile and split.error is None:
             rb.log(f"py-spy on ranks 0 and 1 ({opts.ranks} ranks) for {opts.profile} s of 1-client traffic")
-            res["profile"] = {systems[1].name: profile(opts, systems[1], [0, 1], opts.out.parent, "tp", nxt)}
+            res["profile"] = {split.name: profile(opts, split, [0, 1], opts.out.parent, "tp", nxt)}
         for s in systems:
             if s.error and s.name not in res.get("logs", {}):
                 res.setdefault("logs", {})[s.name] = sys_logs(s)
@@ -774,8 +773,8 @@ def inproc_figures(r: dict, k: int) -> dict:
 
 def run_interleave(opts, model: Path, workdir: Path, res: dict) -> list[System]:
     """7 clients decode (--decoders, --tokens each); an 8th sends a --long-tokens prompt once
-    they all decode; the same 7 alone for comparison. The runtime at each --runtime-step-sizes
-    (MJC_PREFILL_STEP_SIZE), mlx_lm.server, and mlx-lm's BatchGenerator in-process at each
+    they all decode; the same 7 alone for comparison. The runtime at each --runtime-budgets
+    (MJC_STEP_TOKEN_BUDGET) and --runtime-step-sizes (MJC_PREFILL_STEP_SIZE), mlx_lm.server, and mlx-lm's BatchGenerator in-process at each
     --step-sizes. Rounds alternate quiet and loaded."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
@@ -810,6 +809,17 @@ def run_interleave(opts, model: Path, workdir: Path, res: dict) -> list[System]:
             )
             closers.append(o.close)
             systems.append(System(f"runtime prefill_step_size {size}", "ours", o, o.model_id, prompts))
+        for budget in opts.runtime_budgets:
+            o = Ours(
+                f"runtime-budget{budget}",
+                model,
+                workdir,
+                opts.ranks,
+                opts.backend,
+                env={"MJC_STEP_TOKEN_BUDGET": str(budget)} | (nccl_env(opts.ranks) if opts.backend == "nccl" else {}),
+            )
+            closers.append(o.close)
+            systems.append(System(f"runtime step_token_budget {budget}", "ours", o, o.model_id, prompts))
         for spec in opts.runtime_env:  # NAME:VAR=VALUE[,VAR=VALUE...]: the runtime with other settings
             name, _, pairs = spec.partition(":")
             extra = dict(kv.split("=", 1) for kv in pairs.split(",") if kv)
@@ -1376,6 +1386,9 @@ def main() -> int:
     )
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--skip-inproc", action="store_true", help="tp, interleave: no in-process mlx-lm baselines")
+    ap.add_argument(
+        "--skip-one-rank", action="store_true", help="tp: only the split (runtime and in-process), no 1-rank systems"
+    )
     ap.add_argument("--skip-cached", action="store_true", help="single: no repeated-prompt (cache-on) rows")
     ap.add_argument(
         "--peer-prompt-cache",
@@ -1406,11 +1419,20 @@ def main() -> int:
         help="interleave: in-process BatchGenerator prefill_step_size values",
     )
     ap.add_argument(
-        "--runtime-step-sizes",
+        "--runtime-budgets",
         type=int,
         nargs="*",
         default=[512, 2048],
-        help="interleave: the runtime's MJC_PREFILL_STEP_SIZE values (512 is its default)",
+        help="interleave: the runtime's MJC_STEP_TOKEN_BUDGET values (tokens a step runs: decoders + prefill; "
+        "512 is its default)",
+    )
+    ap.add_argument(
+        "--runtime-step-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="interleave: the runtime's MJC_PREFILL_STEP_SIZE values (the largest forward piece of a chunk; "
+        "before step_token_budget it was the chunk per waiting prompt and step)",
     )
     ap.add_argument(
         "--runtime-env",

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         "model_id": settings.served_model_id,
         "max_batch": settings.max_batch,
         "prefill_step_size": settings.prefill_step_size,
+        "step_token_budget": settings.step_token_budget,
         "prompt_cache_size": settings.prompt_cache_size,
         "version": __version__,
     }

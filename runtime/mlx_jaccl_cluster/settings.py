@@ -122,7 +122,20 @@ class Settings(BaseSettings):
     model: Path = Field(..., description="Folder of an mlx-lm model (config.json, *.safetensors, tokenizer).")
     model_id: str | None = Field(None, description="Name served by /v1/models (default: the folder name).")
     max_batch: int = Field(8, ge=1, description="Sequences decoded together.")
-    prefill_step_size: int = Field(512, ge=16, description="Prompt tokens processed per step.")
+    step_token_budget: int = Field(
+        512,
+        ge=2,
+        description="Most tokens one engine step runs: the sequences it decodes plus prompt chunks of the "
+        "waiting prompts, which share what is left (engine/prefill.py). Smaller: decoders wait less while a "
+        "long prompt prefills, the long prompt waits more for its first token. A lone request whose prompt "
+        "fits it starts on the single-sequence path. Must exceed max_batch.",
+    )
+    prefill_step_size: int = Field(
+        512,
+        ge=16,
+        description="Largest piece of a prompt chunk one forward pass runs (bounds a prefill's activation "
+        "memory); how many prompt tokens a step takes is step_token_budget.",
+    )
     single_sequence: bool = Field(
         True,
         description="Run a request that arrives to an idle engine on mlx-lm's single-sequence path "
@@ -293,6 +306,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"pipeline_split {self.pipeline_split} has {len(self.pipeline_split)} entries for "
                 f"{self.world_size} ranks; give one layer count per rank"
+            )
+        if self.step_token_budget <= self.max_batch:
+            raise ValueError(
+                f"step_token_budget ({self.step_token_budget}) must be larger than max_batch ({self.max_batch}): "
+                "a step decodes up to max_batch sequences and prefills with the rest of the budget; raise "
+                "MJC_STEP_TOKEN_BUDGET or lower MJC_MAX_BATCH"
             )
         if self.pipeline_split and self.parallel == "tensor":
             raise ValueError("pipeline_split is set but parallel=tensor; drop the split or use parallel=pipeline/auto")

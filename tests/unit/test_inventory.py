@@ -266,6 +266,8 @@ BAD = [
          "cluster_runtime_settings.request_timeout", "Seconds a request may run"),
     case("runtime-setting-bad-choice", two_macs, group_set(cluster_runtime_settings={"log_level": "loud"}), GROUP,
          "cluster_runtime_settings.log_level", "fits"),
+    case("runtime-setting-budget-below-batch", two_macs, group_set(cluster_runtime_settings={"max_batch": 600}), GROUP,
+         "cluster_runtime_settings.step_token_budget", "raise step_token_budget above 600"),
     case("runtime-settings-per-host", two_macs, host_set("mac2", cluster_runtime_settings={"max_batch": 4}), "mac2",
          "cluster_runtime_settings", "group_vars/mlx_cluster"),
     # addresses: syntax, and uniqueness across machines

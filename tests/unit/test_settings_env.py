@@ -57,3 +57,11 @@ def test_the_control_channel_takes_its_timing_defaults_from_settings(cls):
         ("log_every", "rendezvous_log_every"),
     ]:
         assert params[arg].default == Settings.default(field) == Settings.model_fields[field].default
+
+
+def test_a_step_token_budget_that_leaves_no_prefill_is_refused_naming_both_fields(tmp_path):
+    with pytest.raises(ValueError, match=r"step_token_budget \(8\) must be larger than max_batch \(8\)"):
+        Settings(_cli_parse_args=[], model=tmp_path, step_token_budget=8, max_batch=8)
+    s = Settings(_cli_parse_args=[], model=tmp_path, step_token_budget=9, max_batch=8)
+    assert s.step_token_budget == 9
+    assert Settings.default("step_token_budget") > Settings.default("max_batch")

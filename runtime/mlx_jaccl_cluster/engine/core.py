@@ -259,8 +259,9 @@ class Engine:
             eos = sorted(tokenizer.eos_token_ids)
             self._masks = grammar.GrammarBatch(self.grammars.lltokenizer, self.grammars.vocab_size, eos, s.max_batch)
         grammar.install(self._masks)  # last: it wraps the step that fastpath installed
-        self._gen = BatchGenerator(
+        self._gen = prefill.Budgeted(
             self.loaded.model,
+            step_token_budget=s.step_token_budget,
             stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
             completion_batch_size=s.max_batch,
             prefill_batch_size=min(s.max_batch, 8),
@@ -306,9 +307,9 @@ class Engine:
         every rank knows alike (the step's inserts, the requests running, the settings)."""
         if not self._lone_ok or self._active or len(inserts) != 1:
             return False
-        # a long prompt prefills in the batch, a chunk a step, so a request that arrives
-        # meanwhile waits one chunk, not the whole prompt
-        return len(inserts[0].prompt_tokens) - reused[0][1] <= self.settings.prefill_step_size
+        # a long prompt prefills in the batch, a budget a step, so a request that arrives
+        # meanwhile waits one step, not the whole prompt
+        return len(inserts[0].prompt_tokens) - reused[0][1] <= self.settings.step_token_budget
 
     @staticmethod
     def _sampler(request: GenerationRequest):
@@ -389,8 +390,8 @@ class Engine:
             )
 
     def _step(self) -> list:
-        """One generation step (decode plus at most one prefill chunk), or the lone
-        sequence's step."""
+        """One generation step (the decode rows plus prompt chunks within the step token
+        budget: prefill.Budgeted), or the lone sequence's step."""
         assert self._gen is not None
         if self._lone is not None:
             responses = [self._lone.step()]
@@ -413,8 +414,15 @@ class Engine:
         # BatchGenerator runs its steps on its own stream; the small reads below
         # (logprobs) stay on this thread's default stream so they never wait behind
         # the step it has already queued.
+        # A step's tokens go to the HTTP side after the next STEP frame is out: the followers
+        # wait for that frame to queue their next step, and handing tokens over wakes the
+        # HTTP thread, which then competes for the GIL and the cores while this thread sends.
         probe = LinkProbe(self.settings, self.state.link) if self._group is not None else None
+        pending: list | None = None
         while True:
+            if pending is not None and not self._active:  # nothing runs next: hand them over now
+                self._deliver(pending)
+                pending = None
             wait = probe.wait() if probe is not None and not self._active else None
             inserts, removes = self._collect(block=not self._active, timeout=wait)
             if not inserts and not removes and not self._active:
@@ -436,6 +444,9 @@ class Engine:
                         alone=alone,
                     )
                 )
+            if pending is not None:
+                self._deliver(pending)
+                pending = None
             uids = self._apply([t.request for t in inserts], removes, reused, alone)
             with self._tickets_lock:
                 now = time.perf_counter()
@@ -446,7 +457,7 @@ class Engine:
                 for uid in removes:
                     self._tickets.pop(uid, None)
             if self._active:
-                self._deliver(self._step())
+                pending = self._step()
 
     def _collect(self, block: bool, timeout: float | None = None) -> tuple[list[Ticket], list[int]]:
         """Drain the inbox: new tickets to insert and uids to remove (waiting at most

@@ -1,10 +1,23 @@
-"""Prefill chunks queued with the decode step, and the batch cache's left padding on the host.
+"""Prefill scheduled by a per-step token budget, chunks queued with the decode step, and the
+batch cache's left padding on the host.
 
-mlx-lm's ``BatchGenerator`` already interleaves a long prompt with decoding: each step
-decodes every running sequence and then prefills at most ``prefill_step_size`` tokens of
-each waiting prompt (``Settings.prefill_step_size``, the per-step budget). What made
-those steps slow on a GPU (docs/BENCHMARKS.md, "Long prompts among decoders") was not the
-chunk's work but three waits for the GPU queue on the host:
+**The per-step token budget** (``Settings.step_token_budget``). mlx-lm's ``BatchGenerator``
+interleaves a long prompt with decoding, but sizes each step's prefill by
+``prefill_step_size`` *per waiting prompt*: eight waiting prompts make a step of eight
+chunks, and the step's cost does not depend on how many sequences it also decodes. So
+decoders among long prefills got steps several times slower than a decode step
+(docs/BENCHMARKS.md, "Long prompts among decoders"). ``Budgeted`` is mlx-lm's generator
+whose step runs the decode rows (the running sequences, and the prompts that start
+decoding in that step) plus at most ``budget - decode rows`` prompt tokens, shared evenly
+by the waiting prompts (padded to the longest chunk, as mlx-lm pads; every waiting prompt
+advances by at least one token, so none starves when decoders fill the budget). The
+split comes from the generator's own state, the same on every rank after the same STEP
+frames, so every rank runs the same chunks; nothing travels for it. ``prefill_step_size``
+keeps mlx-lm's other meaning: the largest piece one forward pass of a chunk runs (the
+memory of a prefill's activations).
+
+**Chunks queued, padding on the host.** What made those steps slow on a GPU was also
+three waits for the GPU queue on the host:
 
 - ``PromptProcessingBatch.prompt`` evaluates every chunk synchronously (``mx.eval`` of all
   cache states) and then empties MLX's buffer cache (``mx.clear_cache``), so the decode
@@ -18,14 +31,16 @@ step queues its own next step, and the cache keeps a host copy of its left paddi
 ``filter`` and ``extract`` read instead of the array. MLX keeps freed buffers up to
 ``Settings.mlx_cache_limit``, which bounds what skipping ``clear_cache`` holds. Results
 are unchanged: the same operations run in the same order; only when the host waits for
-them moves. Patched methods are mlx-lm 0.32.2's (pinned), each re-stated below with the
-change; ``install`` is idempotent and every rank runs it.
+them moves. Patched methods (and ``Budgeted._next``) are mlx-lm 0.32.2's (pinned), each
+re-stated below with the change; ``install`` is idempotent and every rank runs it.
 """
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
-from mlx_lm.generate import PromptProcessingBatch, _right_pad_prompts
+from mlx_lm.generate import BatchGenerator, PromptProcessingBatch, _right_pad_prompts
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 _orig_init = BatchKVCache.__init__
@@ -135,6 +150,96 @@ def _prompt(self, tokens):
         for c in self.prompt_cache:
             c.finalize()
         mx.async_eval([c.state for c in self.prompt_cache])
+
+
+class Budgeted(BatchGenerator):
+    """mlx-lm's ``BatchGenerator`` whose steps keep to a token budget (see the module doc).
+
+    ``last_step`` is what the latest ``next()`` ran: (decode rows, each waiting prompt's
+    chunk), for tests and for anyone reading the schedule; the step runs decode rows +
+    prompts x the longest chunk tokens (chunks are padded to the longest)."""
+
+    def __init__(self, model, *, step_token_budget: int, **kwargs):
+        super().__init__(model, **kwargs)
+        if step_token_budget < 1:
+            raise ValueError(f"step_token_budget must be at least 1, got {step_token_budget}")
+        self.step_token_budget = step_token_budget
+        self.last_step: tuple[int, tuple[int, ...]] = (0, ())
+
+    def prefill_share(self, decode_rows: int, prompt_rows: int) -> int:
+        """Prompt tokens each of ``prompt_rows`` waiting prompts gets in a step that also
+        decodes ``decode_rows`` sequences (at least one, so no prompt starves)."""
+        return max(1, (self.step_token_budget - decode_rows) // prompt_rows) if prompt_rows else 0
+
+    def _next(self):
+        # mlx-lm 0.32.2 BatchGenerator._next, with each prompt's chunk from the budget
+        # instead of prefill_step_size per prompt
+        generation_responses = []
+        prompt_responses = []
+        decode_rows = len(self._generation_batch)
+        if decode_rows > 0:
+            tic = time.perf_counter()
+            generation_responses = self._generation_batch.next()
+            self._counters.decode_time += time.perf_counter() - tic
+            self._counters.generation_tokens += len(generation_responses)
+            self._counters.generation_steps += 1
+            if self._counters.generation_steps % 512 == 0:
+                mx.clear_cache()
+
+        if len(self._generation_batch) >= self.completion_batch_size:
+            self.last_step = (decode_rows, ())
+            return prompt_responses, generation_responses
+
+        n = min(
+            self.prefill_batch_size - len(self._prompt_batch),
+            self.completion_batch_size - len(self._generation_batch),
+            len(self._unprocessed_sequences),
+        )
+        if n > 0:
+            self._prompt_batch.extend(self._make_batch(n))
+
+        keep = []
+        split = []
+        for i, seq in enumerate(self._currently_processing):
+            segments = seq[0]
+            if len(segments) == 1 and len(segments[0]) == 1:
+                split.append(i)
+            else:
+                keep.append(i)
+
+        if split:
+            last_inputs = [self._currently_processing[i][0][0] for i in split]
+            progress = [(self._currently_processing[i][2],) * 2 for i in split]
+            self._currently_processing = [self._currently_processing[i] for i in keep]
+            # a GenerationBatch runs its first decode step as it is made: rows of this step
+            gen_batch = self._prompt_batch.split(split).generate(last_inputs)
+            decode_rows += len(gen_batch)
+            for i, p in enumerate(progress):
+                prompt_responses.append(PromptProcessingBatch.Response(gen_batch.uids[i], p, True, True))
+            self._generation_batch.extend(gen_batch)
+
+        share = self.prefill_share(decode_rows, len(self._currently_processing))
+        prompts = []
+        for i, seq in enumerate(self._currently_processing):
+            response = PromptProcessingBatch.Response(self._prompt_batch.uids[i], 0, False, False)
+            segments = seq[0]
+            n = min(len(segments[0]), share)
+            prompts.append(segments[0][:n])
+            segments[0] = segments[0][n:]
+            if len(segments[0]) == 0:
+                segments.pop(0)
+                response.end_of_segment = True
+            seq[1] += len(prompts[-1])
+            response.progress = (seq[1], seq[2])
+            prompt_responses.append(response)
+
+        self._counters.prompt_tokens += sum(len(p) for p in prompts)
+        self.last_step = (decode_rows, tuple(len(p) for p in prompts))
+        tic = time.perf_counter()
+        self._prompt_batch.prompt(prompts)
+        self._counters.prompt_time += time.perf_counter() - tic
+
+        return prompt_responses, generation_responses
 
 
 def install() -> None:

@@ -123,6 +123,19 @@ def _runtime_settings_problems(group: Mapping[str, Any]) -> list[Problem]:
                     f"give a value that fits: {info.description or name}",
                 )
             )
+    if not found:  # the one rule across two settings (Settings checks it again at start-up)
+        budget = value.get("step_token_budget", Settings.default("step_token_budget"))
+        batch = value.get("max_batch", Settings.default("max_batch"))
+        if budget <= batch:
+            found.append(
+                Problem(
+                    GROUP,
+                    f"{key}.step_token_budget",
+                    f"is {budget}, not more than max_batch ({batch}): a step decodes up to max_batch sequences "
+                    "and prefills with the rest",
+                    f"raise step_token_budget above {batch} or lower max_batch",
+                )
+            )
     return found
 
 
