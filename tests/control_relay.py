@@ -74,7 +74,11 @@ class Relay:
                 follower, _ = self.server.accept()
             except OSError:
                 return
-            leader = socket.create_connection(self.upstream)
+            try:
+                leader = socket.create_connection(self.upstream)
+            except OSError:  # rank 0 not listening yet: the follower retries, as it would
+                follower.close()
+                continue
             self._socks += [follower, leader]
             self._out = {TO_FOLLOWER: follower, TO_LEADER: leader}
             for src, dst, direction in ((leader, follower, TO_FOLLOWER), (follower, leader, TO_LEADER)):
