@@ -108,7 +108,7 @@ def relayed():
     """Rank 0, a relay in the middle, and a follower that connects to the relay; the group
     is formed through it. Yields (leader, follower, relay, leader_lost, follower_lost)."""
     leader_lost, follower_lost = Lost(), Lost()
-    beat = dict(heartbeat_interval=0.2, heartbeat_misses=5)
+    beat = dict(heartbeat_interval=0.5, heartbeat_misses=10)  # a loaded machine never misses: the refusal is the loss
     leader = Leader(("127.0.0.1", 0), 2, ["127.0.0.1"], CONFIG, secret=SECRET, on_lost=leader_lost, **beat)
     leader.start()
     assert leader._server is not None
