@@ -9,9 +9,10 @@ interleaved rounds of the same run, so the report can show that the bench adds n
 
 Rank 0 writes one JSON document (``--out``, or stdout); other ranks only take part.
 
-A collective whose peer died can wait forever, so a watchdog runs beside MLX (plain TCP on
-rank 0's control address, free while the service is stopped): every rank joins it before
-the MLX group forms and sends a heartbeat each second. When a rank's connection drops or it
+A collective whose peer died can wait forever, so a watchdog runs beside MLX (on rank 0's
+control address, free while the service is stopped, authenticated and sealed with the
+cluster secret like the control channel): every rank joins it before the MLX group forms
+and sends a heartbeat each second. When a rank's connection drops or it
 misses heartbeats for ``--peer-timeout`` seconds, every survivor exits (status 3) naming
 the lost rank, instead of hanging until the playbook's task timeout.
 
@@ -26,6 +27,7 @@ import itertools
 import json
 import os
 import platform
+import select
 import socket
 import statistics
 import sys
@@ -33,6 +35,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import cluster
 from .layout import NO_SEND_RECV
 from .ops.apibench import percentile
 
@@ -94,21 +97,42 @@ LOST_EXIT = 3  # the exit status of a rank that gave up on a lost peer
 class Watchdog:
     """Heartbeats between rank 0 and every other rank, beside MLX; exits the process on a lost peer.
 
-    Rank 0 listens on ``address``; rank ``r`` connects and says ``r hostname``. Each side sends
-    one byte a second. A closed connection (the peer's process is gone) or ``timeout`` seconds
-    of silence (its host is gone) makes this rank print who was lost and ``os._exit``: rank 0
-    leaving closes every follower's connection, so the followers leave too.
+    Rank 0 listens on ``address`` and accepts only ``allowed_ips``; every connection first
+    proves the cluster secret both ways (the control channel's own handshake,
+    :func:`cluster.prove_to_follower`), then rank ``r`` says ``r hostname`` and each side
+    sends a heartbeat a second, every frame sealed as on the control channel. A closed
+    connection (the peer's process is gone), ``timeout`` seconds of silence (its host is
+    gone) or a frame that fails its check makes this rank print who was lost and
+    ``os._exit``; rank 0 first tells the followers who it lost, so they name it too. A
+    process without the secret can neither join nor end the sweep by speaking.
     """
 
     def __init__(
-        self, rank: int, world: int, address: str, timeout: float = 10.0, join_timeout: float = 120.0, exit=os._exit
+        self,
+        rank: int,
+        world: int,
+        address: str,
+        timeout: float = 10.0,
+        join_timeout: float = 120.0,
+        exit=os._exit,
+        *,
+        secret: bytes,
+        allowed_ips: list[str] | None = None,
     ) -> None:
         host, _, port = address.rpartition(":")
         self.rank, self.world, self.addr = rank, world, (host, int(port))
         self.timeout, self.join_timeout, self._exit = timeout, join_timeout, exit
+        self.secret = secret
+        self.allowed_ips = set(allowed_ips or [host])
         self.peers: dict[int, str] = {}  # rank -> hostname, as they joined
         self.conns: list[socket.socket] = []  # one per watched peer
+        self._seals: dict[socket.socket, tuple[cluster.Seal, threading.Lock]] = {}
         self._stopped = threading.Event()
+
+    def _send(self, conn: socket.socket, kind: int, payload: bytes = b"") -> None:
+        seal, lock = self._seals[conn]
+        with lock:
+            cluster.send_frame(conn, kind, payload, seal)
 
     def lost(self, why: str) -> None:
         if self._stopped.is_set():
@@ -120,7 +144,7 @@ class Watchdog:
         if self.rank == 0:  # tell the followers who was lost, so they name it too (not just "rank 0")
             for conn in self.conns:
                 try:
-                    conn.sendall(f"!{why}\n".encode())
+                    self._send(conn, cluster.FAIL, why.encode())
                 except OSError:
                     pass
         self._exit(LOST_EXIT)
@@ -146,6 +170,21 @@ class Watchdog:
         else:
             self._follow()
 
+    def _admit(self, conn: socket.socket, ip: str) -> tuple[int, str, cluster.Seal] | None:
+        """(rank, hostname, seal) of a rank that proved the secret and said who it is, or None."""
+        conn.settimeout(cluster.HANDSHAKE_TIMEOUT)
+        try:
+            seal = cluster.prove_to_follower(conn, self.secret)
+            kind, payload = cluster.recv_frame(conn, cluster.AUTH_FRAME_MAX, seal)
+            rank, _, host = payload.decode().partition(" ")
+            if kind != cluster.HELLO or not 0 < int(rank) < self.world or int(rank) in self.peers:
+                raise ValueError(f"not a rank this sweep waits for: {payload[:40]!r}")
+        except (cluster.AuthFailed, cluster.ChannelClosed, OSError, ValueError) as exc:
+            print(f"[mjc-bench] dropped a watchdog connection from {ip}: {exc}", file=sys.stderr, flush=True)
+            conn.close()
+            return None
+        return int(rank), host or "?", seal
+
     def _lead(self) -> None:
         server = socket.create_server(self.addr, reuse_port=False)
         server.settimeout(1.0)
@@ -157,16 +196,18 @@ class Watchdog:
                 self.lost(f"rank(s) {missing} did not join within {self.join_timeout:.0f} s")
                 return
             try:
-                conn, _ = server.accept()
+                conn, (ip, *_) = server.accept()
             except TimeoutError:
                 continue
-            conn.settimeout(self.timeout)
-            try:
-                rank, _, host = conn.makefile("r").readline().strip().partition(" ")
-                conns[int(rank)] = conn
-                self.peers[int(rank)] = host or "?"
-            except (OSError, ValueError):
+            if ip not in self.allowed_ips:
+                print(f"[mjc-bench] refused a watchdog connection from {ip}: not a configured peer", file=sys.stderr)
                 conn.close()
+                continue
+            joined = self._admit(conn, ip)
+            if joined is not None:
+                rank, host, seal = joined
+                conns[rank], self.peers[rank] = conn, host
+                self._seals[conn] = (seal, threading.Lock())
         server.close()
         for rank, conn in conns.items():
             self._watch(conn, f"rank {rank} ({self.peers[rank]})")
@@ -176,49 +217,51 @@ class Watchdog:
         while True:
             try:
                 conn = socket.create_connection(self.addr, timeout=self.timeout)
+                conn.settimeout(cluster.HANDSHAKE_TIMEOUT)
+                seal = cluster.prove_to_leader(conn, self.secret)
                 break
-            except OSError as exc:
+            except (cluster.AuthFailed, cluster.ChannelClosed, OSError) as exc:
                 if time.monotonic() > deadline:
                     self.lost(
-                        f"rank 0 at {self.addr[0]}:{self.addr[1]} did not answer within "
-                        f"{self.join_timeout:.0f} s ({exc})"
+                        f"rank 0 at {self.addr[0]}:{self.addr[1]} did not answer and prove the cluster secret "
+                        f"within {self.join_timeout:.0f} s ({exc})"
                     )
                     return
                 time.sleep(0.5)
-        conn.sendall(f"{self.rank} {socket.gethostname()}\n".encode())
+        self._seals[conn] = (seal, threading.Lock())
+        self._send(conn, cluster.HELLO, f"{self.rank} {socket.gethostname()}".encode())
         self._watch(conn, f"rank 0 ({self.addr[0]})")
 
     def _watch(self, conn: socket.socket, who: str) -> None:
         self.conns.append(conn)
+        conn.settimeout(self.timeout)  # a frame that starts must end within it
+        seal, _ = self._seals[conn]
 
         def beat() -> None:
             while not self._stopped.wait(1.0):
                 try:
-                    conn.sendall(b".")
+                    self._send(conn, cluster.BEAT)
                 except OSError:
                     break
 
         def listen() -> None:
-            notice = b""
             while not self._stopped.is_set():
                 try:
-                    data = conn.recv(4096)
-                except TimeoutError:
-                    self.lost(f"{who} sent no heartbeat for {self.timeout:.0f} s (its host is down or unreachable)")
+                    if not select.select([conn], [], [], self.timeout)[0]:
+                        self.lost(f"{who} sent no heartbeat for {self.timeout:.0f} s (its host is down or unreachable)")
+                        return
+                    kind, payload = cluster.recv_frame(conn, cluster.HELLO_FRAME_MAX, seal)
+                except cluster.FrameRefused as exc:
+                    self.lost(f"refused a frame from {who} ({exc})")
                     return
-                except OSError as exc:
-                    data = b""
-                    if not notice:
+                except (cluster.ChannelClosed, OSError, ValueError) as exc:
+                    if "connection closed" in str(exc):
+                        self.lost(f"lost {who}: its connection closed (the process died or was killed)")
+                    else:
                         self.lost(f"lost {who}: {exc}")
-                        return
-                if b"!" in data or notice:  # rank 0 names the rank it lost
-                    notice += data[data.index(b"!") + 1 :] if not notice else data
-                    if b"\n" in notice or not data:
-                        self.lost(f"{who} reports: " + notice.split(b"\n")[0].decode(errors="replace"))
-                        return
-                    continue
-                if not data:
-                    self.lost(f"lost {who}: its connection closed (the process died or was killed)")
+                    return
+                if kind == cluster.FAIL:  # rank 0 names the rank it lost
+                    self.lost(f"{who} reports: " + payload.decode(errors="replace"))
                     return
 
         for target in (beat, listen):
@@ -357,7 +400,20 @@ def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
     rank, world = int(os.environ.get("MLX_RANK", "0")), int(os.environ.get("MLX_WORLD_SIZE", "1"))
     control = os.environ.get("MJC_CONTROL")
-    watchdog = Watchdog(rank, world, control, opts.peer_timeout, opts.join_timeout) if control and world > 1 else None
+    watchdog = None
+    if control and world > 1:
+        from .settings import Settings
+
+        settings = Settings()  # the service's own environment: its secret and peer addresses
+        watchdog = Watchdog(
+            rank,
+            world,
+            control,
+            opts.peer_timeout,
+            opts.join_timeout,
+            secret=settings.secret(),
+            allowed_ips=settings.peer_ips,
+        )
     if watchdog:
         watchdog.start()  # before the MLX group: a rank that never comes is named too
     group = init_group()

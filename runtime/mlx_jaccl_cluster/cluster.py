@@ -33,10 +33,18 @@ address and open only to the configured peers. It carries, in order:
    reads whatever rank 0 sent (keeping STEP frames for the engine, in order), so liveness
    never depends on the engine thread coming back.
 
-Frames are ``>BI`` (kind, length) followed by the payload; each read states the largest
-frame it accepts (``AUTH_FRAME_MAX`` before authentication, ``HELLO_FRAME_MAX`` for HELLO,
-``MAX_FRAME`` after). Frames after the handshake are not signed or encrypted: the control
-link is the cluster's private network (docs/runtime.md, "Security"). No MLX here.
+Frames (``encode_frame`` / ``recv_frame``, the one place their layout is written) are
+``>BI`` (kind, length) and the body. The handshake's two frames (CHALLENGE, PROOF) are
+bare; every frame after it, both ways, is **sealed** (``Seal``): its body is an 8-byte
+sequence number (its own counter per direction, from 0), the payload, and a 16-byte tag,
+HMAC-SHA256 truncated, over header, sequence and payload, under a key of this connection
+and direction derived from the secret and both challenges. A frame whose tag is wrong
+(forged, altered, from another connection or the other direction), whose sequence is not
+the next one (replayed, reordered, dropped) or whose length is over the limit is refused
+(``FrameRefused``): the receiver drops the connection and treats the peer as lost. Each
+read states the largest payload it accepts (``AUTH_FRAME_MAX`` before authentication,
+``HELLO_FRAME_MAX`` for HELLO, ``MAX_FRAME`` after). Frames are not encrypted: prompts
+cross the control link in clear (docs/runtime.md, "Security"). No MLX here.
 """
 
 from __future__ import annotations
@@ -61,7 +69,9 @@ from .settings import Settings
 log = logging.getLogger("mjc.cluster")
 
 HELLO, REJECT, GO, READY, FAIL, BEAT, STEP, CHALLENGE, PROOF = range(1, 10)
-_HEADER = struct.Struct(">BI")
+_HEADER = struct.Struct(">BI")  # kind, body length
+_SEQ = struct.Struct(">Q")  # a sealed frame's sequence number
+TAG_BYTES = 16  # HMAC-SHA256 truncated to 128 bits: a forger gets one guess per connection
 MAX_FRAME = 64 << 20  # a STEP frame with a full batch of long prompts is a few MB
 HELLO_FRAME_MAX = 64 << 10
 AUTH_FRAME_MAX = 256
@@ -81,8 +91,67 @@ class AuthFailed(Exception):
     """The other end does not hold the cluster secret (or said something else)."""
 
 
-def send_frame(sock: socket.socket, kind: int, payload: bytes = b"") -> None:
-    sock.sendall(_HEADER.pack(kind, len(payload)) + payload)
+class FrameRefused(ChannelClosed):
+    """A frame failed its check (tag, sequence or length); the connection is dropped."""
+
+
+class Seal:
+    """The signing of one authenticated connection's frames, from one end's side.
+
+    Each direction has its own key, HMAC(secret, label | direction | both challenges), so
+    a frame is good on this connection and in this direction only, and its own sequence
+    counter, so a replayed or reordered frame is refused even with a good tag. Not
+    thread-safe: the callers already serialise sends (a send lock) and reads (one reader).
+    """
+
+    def __init__(self, secret: bytes, role: bytes, leader_nonce: bytes, follower_nonce: bytes):
+        other = b"follower" if role == b"leader" else b"leader"
+        self._send = hmac.new(_derive(secret, role, leader_nonce, follower_nonce), digestmod=hashlib.sha256)
+        self._recv = hmac.new(_derive(secret, other, leader_nonce, follower_nonce), digestmod=hashlib.sha256)
+        self.sent = 0  # sequence number of the next frame sent
+        self.received = 0  # sequence number the next frame read must carry
+
+    @staticmethod
+    def _tag(mac: hmac.HMAC, head: bytes, payload: bytes) -> bytes:
+        h = mac.copy()  # the keyed state, copied: no per-frame key setup
+        h.update(head)
+        h.update(payload)
+        return h.digest()[:TAG_BYTES]
+
+    def seal(self, kind: int, payload: bytes) -> bytes:
+        """The whole frame: header, sequence, payload, tag."""
+        head = _HEADER.pack(kind, _SEQ.size + len(payload) + TAG_BYTES) + _SEQ.pack(self.sent)
+        self.sent += 1
+        return head + payload + self._tag(self._send, head, payload)
+
+    def open(self, header: bytes, body: bytes) -> bytes:
+        """The payload of a sealed frame whose header and body were read; FrameRefused if
+        its tag is wrong or its sequence is not the next one."""
+        if len(body) < _SEQ.size + TAG_BYTES:
+            raise FrameRefused(f"a frame of {len(body)} bytes cannot hold a sequence number and tag")
+        head, payload, tag = header + body[: _SEQ.size], body[_SEQ.size : -TAG_BYTES], body[-TAG_BYTES:]
+        if not hmac.compare_digest(tag, self._tag(self._recv, head, payload)):
+            raise FrameRefused("bad tag: the frame was forged, altered, or signed for another connection")
+        (seq,) = _SEQ.unpack(body[: _SEQ.size])
+        if seq != self.received:
+            raise FrameRefused(f"sequence {seq} where {self.received} was due: a replayed or reordered frame")
+        self.received += 1
+        return payload
+
+
+def _derive(secret: bytes, sender: bytes, leader_nonce: bytes, follower_nonce: bytes) -> bytes:
+    """The key of the frames ``sender`` sends on the connection of these two challenges."""
+    label = b"mjc-control-v1|frames|" + sender + b"|"
+    return hmac.new(secret, label + leader_nonce + follower_nonce, hashlib.sha256).digest()
+
+
+def encode_frame(kind: int, payload: bytes = b"", seal: Seal | None = None) -> bytes:
+    """One frame as it goes on the wire: bare (the handshake) or sealed (everything after)."""
+    return seal.seal(kind, payload) if seal is not None else _HEADER.pack(kind, len(payload)) + payload
+
+
+def send_frame(sock: socket.socket, kind: int, payload: bytes = b"", seal: Seal | None = None) -> None:
+    sock.sendall(encode_frame(kind, payload, seal))
 
 
 def _proof(secret: bytes, role: bytes, leader_nonce: bytes, follower_nonce: bytes) -> bytes:
@@ -96,8 +165,9 @@ def _expect(sock: socket.socket, kind: int, size: int) -> bytes:
     return payload
 
 
-def prove_to_follower(sock: socket.socket, secret: bytes) -> None:
-    """Rank 0's half of the handshake; AuthFailed if the peer cannot prove the secret."""
+def prove_to_follower(sock: socket.socket, secret: bytes) -> Seal:
+    """Rank 0's half of the handshake; AuthFailed if the peer cannot prove the secret.
+    Returns the seal of every frame after it."""
     mine = os.urandom(NONCE_BYTES)
     send_frame(sock, CHALLENGE, mine)
     answer = _expect(sock, PROOF, NONCE_BYTES + 32)
@@ -105,15 +175,18 @@ def prove_to_follower(sock: socket.socket, secret: bytes) -> None:
     if not hmac.compare_digest(proof, _proof(secret, b"follower", mine, theirs)):
         raise AuthFailed("wrong proof of the cluster secret")
     send_frame(sock, PROOF, _proof(secret, b"leader", mine, theirs))
+    return Seal(secret, b"leader", mine, theirs)
 
 
-def prove_to_leader(sock: socket.socket, secret: bytes) -> None:
-    """A follower's half of the handshake; AuthFailed if rank 0 cannot prove the secret."""
+def prove_to_leader(sock: socket.socket, secret: bytes) -> Seal:
+    """A follower's half of the handshake; AuthFailed if rank 0 cannot prove the secret.
+    Returns the seal of every frame after it."""
     theirs = _expect(sock, CHALLENGE, NONCE_BYTES)
     mine = os.urandom(NONCE_BYTES)
     send_frame(sock, PROOF, mine + _proof(secret, b"follower", theirs, mine))
     if not hmac.compare_digest(_expect(sock, PROOF, 32), _proof(secret, b"leader", theirs, mine)):
         raise AuthFailed("wrong proof of the cluster secret")
+    return Seal(secret, b"follower", theirs, mine)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -130,11 +203,16 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def recv_frame(sock: socket.socket, limit: int = MAX_FRAME) -> tuple[int, bytes]:
-    kind, length = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-    if length > limit:
-        raise ChannelClosed(f"frame of {length} bytes is larger than the {limit} allowed here")
-    return kind, _recv_exact(sock, length) if length else b""
+def recv_frame(sock: socket.socket, limit: int = MAX_FRAME, seal: Seal | None = None) -> tuple[int, bytes]:
+    """The next frame's kind and payload (at most ``limit`` bytes): bare, or checked and
+    opened with ``seal``. FrameRefused when it fails a check, ChannelClosed at the end."""
+    header = _recv_exact(sock, _HEADER.size)
+    kind, length = _HEADER.unpack(header)
+    overhead = 0 if seal is None else _SEQ.size + TAG_BYTES
+    if length > limit + overhead:
+        raise FrameRefused(f"frame of {length - overhead} bytes is larger than the {limit} allowed here")
+    body = _recv_exact(sock, length) if length else b""
+    return kind, body if seal is None else seal.open(header, body)
 
 
 def _drop(sock: socket.socket) -> None:
@@ -174,11 +252,12 @@ class PeerInfo:
     last_seen: float = field(default_factory=time.monotonic)
     stats: dict = field(default_factory=dict)
     ready: bool = False
+    seal: Seal | None = None
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, kind: int, payload: bytes = b"") -> None:
         with self.send_lock:
-            send_frame(self.sock, kind, payload)
+            send_frame(self.sock, kind, payload, self.seal)
 
 
 class _Liveness:
@@ -307,19 +386,22 @@ class Leader:
         _tune(sock)
         sock.settimeout(HANDSHAKE_TIMEOUT)
         try:
-            prove_to_follower(sock, self.secret)
+            seal = prove_to_follower(sock, self.secret)
         except (AuthFailed, ChannelClosed, OSError) as exc:
             log.warning("dropped control connection from %s: it did not prove the cluster secret (%s)", ip, exc)
             self._release(sock)
             _drop(sock)
             return
+        why = "no HELLO in time"
         try:
-            kind, payload = recv_frame(sock, HELLO_FRAME_MAX)
+            kind, payload = recv_frame(sock, HELLO_FRAME_MAX, seal)
             hello = json.loads(payload) if kind == HELLO else None
+        except FrameRefused as exc:
+            hello, why = None, f"refused its HELLO frame: {exc}"
         except (ChannelClosed, OSError, ValueError):
             hello = None
         if not self._release(sock) or not isinstance(hello, dict) or not isinstance(hello.get("rank"), int):
-            log.warning("dropped control connection from %s: no valid HELLO in time", ip)
+            log.warning("dropped control connection from %s: %s", ip, why if hello is None else "invalid HELLO")
             _drop(sock)
             return
         sock.settimeout(None)
@@ -328,11 +410,11 @@ class Leader:
         if reason:
             log.error("rejected rank %s from %s: %s", rank, ip, reason)
             try:
-                send_frame(sock, REJECT, reason.encode())
+                send_frame(sock, REJECT, reason.encode(), seal)
             finally:
                 sock.close()
             return
-        peer = PeerInfo(rank=rank, address=ip, sock=sock, host=str(hello.get("host") or ip))
+        peer = PeerInfo(rank=rank, address=ip, sock=sock, host=str(hello.get("host") or ip), seal=seal)
         with self._lock:
             self.peers[rank] = peer
             self._lock.notify_all()
@@ -388,7 +470,7 @@ class Leader:
     def _read_loop(self, peer: PeerInfo) -> None:
         try:
             while True:
-                kind, payload = recv_frame(peer.sock)
+                kind, payload = recv_frame(peer.sock, seal=peer.seal)
                 peer.last_seen = time.monotonic()
                 if kind == BEAT:
                     peer.stats = json.loads(payload) if payload else {}
@@ -403,14 +485,19 @@ class Leader:
                     self.live.lose(self._fail)
                     return
         except ChannelClosed as exc:
+            _drop(peer.sock)
             with self._lock:
                 formed = self._formed
                 if not formed and self.peers.get(peer.rank) is peer:
                     del self.peers[peer.rank]
-            if formed:
-                self.live.lose(f"rank {peer.rank} ({peer.address}) disconnected: {exc}")
+            if isinstance(exc, FrameRefused):
+                what = f"refused a frame from rank {peer.rank} ({peer.address}) and dropped its connection: {exc}"
             else:
-                log.warning("rank %d left before the group formed; waiting for it again", peer.rank)
+                what = f"rank {peer.rank} ({peer.address}) disconnected: {exc}"
+            if formed:
+                self.live.lose(what)
+            else:
+                log.warning("%s; waiting for rank %d again", what, peer.rank)
 
     def _beat(self) -> None:
         payload = _dumps(self.stats())
@@ -495,6 +582,7 @@ class Follower:
         #: held by whichever thread reads the socket (the engine thread, or the heartbeat's drain)
         self._read_lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._seal: Seal | None = None
         self._send_lock = threading.Lock()
         self._last_seen = time.monotonic()
 
@@ -514,7 +602,7 @@ class Follower:
             _tune(sock)
             sock.settimeout(HANDSHAKE_TIMEOUT)
             try:
-                prove_to_leader(sock, self.secret)
+                seal = prove_to_leader(sock, self.secret)
             except (AuthFailed, ChannelClosed, OSError) as exc:
                 now = time.monotonic()
                 if now - last_log >= self.log_every or isinstance(exc, AuthFailed):
@@ -530,10 +618,14 @@ class Follower:
                 continue
             sock.settimeout(None)
             try:
-                send_frame(
-                    sock, HELLO, _dumps({"rank": self.rank, "config": self.config, "host": socket.gethostname()})
-                )
-                kind, payload = recv_frame(sock)
+                hello = {"rank": self.rank, "config": self.config, "host": socket.gethostname()}
+                send_frame(sock, HELLO, _dumps(hello), seal)
+                kind, payload = recv_frame(sock, seal=seal)
+            except FrameRefused as exc:
+                log.warning("refused a frame from rank 0 at %s during rendezvous (%s); reconnecting", self._peer, exc)
+                _drop(sock)
+                time.sleep(0.5)
+                continue
             except (ChannelClosed, OSError) as exc:
                 log.info("rank 0 closed the connection during rendezvous (%s); retrying", exc)
                 sock.close()
@@ -545,7 +637,7 @@ class Follower:
             if kind != GO:
                 sock.close()
                 raise Rejected(f"unexpected frame {kind} from rank 0 during rendezvous")
-            self._sock = sock
+            self._sock, self._seal = sock, seal
             self._last_seen = time.monotonic()
             self.live.run_every_interval(self._beat, "mjc-beat")
             log.info("rank %d joined the group at %s:%d", self.rank, *self.control)
@@ -554,7 +646,7 @@ class Follower:
     def _send(self, kind: int, payload: bytes = b"") -> None:
         assert self._sock is not None
         with self._send_lock:
-            send_frame(self._sock, kind, payload)
+            send_frame(self._sock, kind, payload, self._seal)
 
     def ready(self) -> None:
         self._send(READY)
@@ -564,6 +656,17 @@ class Follower:
             self._send(FAIL, reason.encode())
         except OSError:
             pass
+
+    @property
+    def _peer(self) -> str:
+        return f"{self.control[0]}:{self.control[1]}"
+
+    def _read_failed(self, exc: Exception) -> None:
+        """Reading from rank 0 failed: a refused frame or a closed socket; lose rank 0, once."""
+        if isinstance(exc, FrameRefused):
+            self._lose(f"refused a frame from rank 0 at {self._peer} and dropped the connection: {exc}")
+        else:
+            self._lose(f"rank 0 {self._peer} disconnected: {exc}")
 
     def _lose(self, reason: str) -> None:
         """Rank 0 is gone: report it once and close the socket, which wakes an engine
@@ -580,7 +683,7 @@ class Follower:
         while select.select([self._sock], [], [], 0)[0]:
             self._sock.settimeout(self.live.deadline)
             try:
-                kind, payload = recv_frame(self._sock)
+                kind, payload = recv_frame(self._sock, seal=self._seal)
             finally:
                 self._sock.settimeout(None)
             self._last_seen = time.monotonic()
@@ -594,7 +697,7 @@ class Follower:
             try:
                 self._drain()
             except (ChannelClosed, OSError, ValueError) as exc:
-                self._lose(f"rank 0 {self.control[0]}:{self.control[1]} disconnected: {exc}")
+                self._read_failed(exc)
                 return
             finally:
                 self._read_lock.release()
@@ -618,9 +721,9 @@ class Follower:
                 if self.live.lost:
                     raise ChannelClosed(self.live.lost_reason or "rank 0 lost")
                 try:
-                    kind, payload = recv_frame(self._sock)
+                    kind, payload = recv_frame(self._sock, seal=self._seal)
                 except ChannelClosed as exc:
-                    self._lose(f"rank 0 {self.control[0]}:{self.control[1]} disconnected: {exc}")
+                    self._read_failed(exc)
                     raise ChannelClosed(self.live.lost_reason or str(exc)) from None
                 self._last_seen = time.monotonic()
                 if kind == STEP:

@@ -1,20 +1,27 @@
 """mjc-bench's watchdog: a rank whose process dies, or whose host goes silent, is named by the
-survivors, which give up instead of waiting in a collective forever (real TCP on loopback)."""
+survivors, which give up instead of waiting in a collective forever (real TCP on loopback);
+a process without the cluster secret can neither join the sweep nor end it."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
 from mlx_jaccl_cluster.bench import LOST_EXIT, Watchdog
 from mlx_jaccl_cluster.launch import free_ports
 
+SECRET = b"the-cluster-secret-0123456789"
+
 
 def pair(timeout: float = 5.0):
     """A joined rank 0 and rank 1; each records its exit status instead of leaving the test process."""
     (port,) = free_ports(1)
     exits: dict[int, list[int]] = {0: [], 1: []}
-    dogs = [Watchdog(r, 2, f"127.0.0.1:{port}", timeout=timeout, join_timeout=20, exit=exits[r].append) for r in (0, 1)]
+    dogs = [
+        Watchdog(r, 2, f"127.0.0.1:{port}", timeout=timeout, join_timeout=20, exit=exits[r].append, secret=SECRET)
+        for r in (0, 1)
+    ]
     leader = threading.Thread(target=dogs[0].start)
     leader.start()
     dogs[1].start()
@@ -53,7 +60,7 @@ def test_a_silent_rank_is_named_after_the_timeout(capsys):
 def test_a_rank_that_never_joins_is_named(capsys):
     (port,) = free_ports(1)
     exits: list[int] = []
-    Watchdog(0, 3, f"127.0.0.1:{port}", join_timeout=1, exit=exits.append).start()
+    Watchdog(0, 3, f"127.0.0.1:{port}", join_timeout=1, exit=exits.append, secret=SECRET).start()
     assert exits == [LOST_EXIT]
     assert "rank(s) 1, 2 did not join within 1 s" in capsys.readouterr().err
 
@@ -70,7 +77,10 @@ def test_followers_name_the_rank_that_rank_0_lost(capsys):
     """Rank 2 watches only rank 0; when rank 0 loses rank 1 it tells rank 2 who it was."""
     (port,) = free_ports(1)
     exits: dict[int, list[int]] = {0: [], 1: [], 2: []}
-    dogs = [Watchdog(r, 3, f"127.0.0.1:{port}", timeout=5, join_timeout=20, exit=exits[r].append) for r in range(3)]
+    dogs = [
+        Watchdog(r, 3, f"127.0.0.1:{port}", timeout=5, join_timeout=20, exit=exits[r].append, secret=SECRET)
+        for r in range(3)
+    ]
     leader = threading.Thread(target=dogs[0].start)
     leader.start()
     dogs[1].start()
@@ -81,3 +91,52 @@ def test_followers_name_the_rank_that_rank_0_lost(capsys):
     assert wait(lambda: exits[0] == [LOST_EXIT] and exits[2] == [LOST_EXIT]), exits
     err = capsys.readouterr().err
     assert "rank 2: rank 0 (127.0.0.1) reports: lost rank 1" in err, err
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_process_without_the_secret_cannot_join_or_end_the_sweep(capsys):
+    """It connects first and says what a rank says; rank 0 drops it and waits for the real
+    rank 1, and the impostor closing its connection is no loss."""
+    (port,) = free_ports(1)
+    exits: dict[int, list[int]] = {0: [], 1: []}
+    dogs = [
+        Watchdog(r, 2, f"127.0.0.1:{port}", timeout=5, join_timeout=20, exit=exits[r].append, secret=SECRET)
+        for r in (0, 1)
+    ]
+    leader = threading.Thread(target=dogs[0].start)
+    leader.start()
+    impostor = Watchdog(1, 2, f"127.0.0.1:{port}", join_timeout=2, exit=lambda _: None, secret=b"a-guess-" * 4)
+    assert wait(lambda: _listening(port))
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)  # the old protocol: a line, then beats
+    raw.sendall(b"1 impostor\n" + b"." * 16)
+    impostor.start()  # the handshake with a wrong secret: refused, it gives up after its join timeout
+    dogs[1].start()
+    leader.join(20)
+    assert dogs[0].peers == {1: socket.gethostname()}
+    raw.close()
+    time.sleep(1.5)
+    assert exits == {0: [], 1: []}
+    err = capsys.readouterr().err
+    assert "dropped a watchdog connection from 127.0.0.1" in err
+    dogs[0].stop()
+    dogs[1].stop()
+
+
+def test_a_connection_from_an_unconfigured_address_is_refused(capsys):
+    (port,) = free_ports(1)
+    exits: list[int] = []
+    leader = Watchdog(
+        0, 2, f"127.0.0.1:{port}", join_timeout=2, exit=exits.append, secret=SECRET, allowed_ips=["10.9.9.9"]
+    )
+    t = threading.Thread(target=leader.start)
+    t.start()
+    Watchdog(1, 2, f"127.0.0.1:{port}", join_timeout=2, exit=lambda _: None, secret=SECRET).start()
+    t.join(10)
+    assert exits == [LOST_EXIT]
+    err = capsys.readouterr().err
+    assert "refused a watchdog connection from 127.0.0.1: not a configured peer" in err
+    assert "rank(s) 1 did not join within 2 s" in err

@@ -210,15 +210,17 @@ def test_duplicate_and_out_of_range_ranks_are_rejected():
     def hello(rank):
         s = socket.create_connection(("127.0.0.1", port))
         s.settimeout(2)
-        prove_to_leader(s, SECRET)
-        send_frame(s, HELLO, _dumps({"rank": rank, "config": CONFIG}))
-        return s
+        seal = prove_to_leader(s, SECRET)
+        send_frame(s, HELLO, _dumps({"rank": rank, "config": CONFIG}), seal)
+        return s, seal
 
-    first = hello(1)
+    first, _ = hello(1)
     wait_for(lambda: leader.missing_ranks() == [2])
-    kind, payload = recv_frame(hello(1))
+    s, seal = hello(1)
+    kind, payload = recv_frame(s, seal=seal)
     assert kind == REJECT and b"already connected" in payload
-    kind, payload = recv_frame(hello(7))
+    s, seal = hello(7)
+    kind, payload = recv_frame(s, seal=seal)
     assert kind == REJECT and b"not a follower rank" in payload
     first.close()
 
