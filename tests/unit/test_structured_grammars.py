@@ -378,7 +378,7 @@ def test_a_constrained_request_may_go_alone(tmp_path, monkeypatch):
     from mlx_jaccl_cluster.state import ClusterState
 
     monkeypatch.delenv("MLX_HOSTFILE", raising=False)
-    settings = Settings(model=tmp_path, world_size=1, rank=0, prefill_step_size=16)
+    settings = Settings(model=tmp_path, world_size=1, rank=0, step_token_budget=16)
     engine = Engine(settings, ClusterState(1, "ring", "m"), None, lambda *a: None)
     engine._lone_ok = True  # what start-up sets for a model whose caches can join a batch
     constrained = GenerationRequest([1, 2, 3], 16, grammar="%json {}")
