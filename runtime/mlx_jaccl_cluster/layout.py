@@ -98,10 +98,16 @@ def mixin_pipeline(model_type: str) -> bool:
 
 
 def tensor_blockers(config: dict, world: int) -> list[str]:
-    """Why tensor parallel over ``world`` ranks cannot take this model ([] when it can)."""
+    """Why tensor parallel over ``world`` ranks cannot take this model ([] when it can).
+    mlx-lm's ``shard()`` splits the attention by heads and the MLP by its hidden width, so
+    each must divide by ``world`` (else the rank fails at load: "Cannot shard the output")."""
     text = text_config(config)
     heads = text.get("num_attention_heads")
-    counts = {"num_attention_heads": heads, "num_key_value_heads": text.get("num_key_value_heads", heads)}
+    counts = {
+        "num_attention_heads": heads,
+        "num_key_value_heads": text.get("num_key_value_heads", heads),
+        "intermediate_size": text.get("intermediate_size"),
+    }
     return [
         f"{name} ({value}) is not divisible by {world}"
         for name, value in counts.items()
@@ -162,6 +168,6 @@ def choose(config: dict, world: int, requested: str = "auto", backend: str | Non
     if requested == "pipeline":
         return Layout("pipeline", "requested", native_pipeline=pipelines)
     if shards and not blockers:
-        return Layout("tensor", f"auto: {model_type} shards in mlx-lm and its heads divide by {world}")
+        return Layout("tensor", f"auto: {model_type} shards in mlx-lm and its heads and MLP divide by {world}")
     why = "has no shard() in mlx-lm" if not shards else "; ".join(blockers)
     return Layout("pipeline", f"auto: {model_type} {why}", native_pipeline=pipelines)

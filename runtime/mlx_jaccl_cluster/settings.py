@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     parallel: Parallel = Field(
         "auto",
         description="How the model is split over the ranks: tensor (mlx-lm's shard()), pipeline (contiguous runs "
-        "of layers), or auto: tensor when the model shards and its heads divide by the world size, pipeline "
+        "of layers), or auto: tensor when the model shards and its heads and MLP width divide by the world size, pipeline "
         "otherwise (engine/layout.py; /health says which and why).",
     )
     pipeline_split: Annotated[list[int], NoDecode] = Field(

@@ -7,13 +7,14 @@ from mlx_jaccl_cluster.engine.pipeline import SplitError, check_split, even_spli
 from mlx_jaccl_cluster.layout import LayoutError, capabilities, choose, num_layers
 
 
-def cfg(model_type, heads=6, kv=6, layers=6):
-    return {
+def cfg(model_type, heads=6, kv=6, layers=6, mlp=None):
+    config = {
         "model_type": model_type,
         "num_attention_heads": heads,
         "num_key_value_heads": kv,
         "num_hidden_layers": layers,
     }
+    return config | ({"intermediate_size": mlp} if mlp else {})
 
 
 def test_capabilities_are_read_from_the_installed_mlx_lm():
@@ -28,12 +29,15 @@ def test_capabilities_are_read_from_the_installed_mlx_lm():
 @pytest.mark.parametrize(
     "config, world, parallel, words",
     [
-        (cfg("llama"), 2, "tensor", "shards in mlx-lm and its heads divide by 2"),
+        (cfg("llama"), 2, "tensor", "shards in mlx-lm and its heads and MLP divide by 2"),
         (cfg("llama", heads=9, kv=3), 2, "pipeline", "num_attention_heads (9) is not divisible by 2"),
         (cfg("llama", heads=9, kv=3), 3, "tensor", "divide by 3"),
         (cfg("phi3"), 2, "pipeline", "phi3 has no shard() in mlx-lm"),
         (cfg("qwen2", heads=7, kv=7), 2, "pipeline", "num_key_value_heads (7)"),
         (cfg("llama"), 1, "none", "one rank"),
+        # heads divide by 3 but mlx-lm's shard() cannot split a 2048-wide MLP three ways
+        (cfg("qwen2", heads=12, kv=6, mlp=2048), 3, "pipeline", "intermediate_size (2048) is not divisible by 3"),
+        (cfg("qwen2", heads=12, kv=6, mlp=2048), 2, "tensor", "heads and MLP divide by 2"),
         ({"model_type": "gemma3", "text_config": cfg("gemma3_text", heads=4, kv=1)}, 2, "pipeline", "no shard()"),
     ],
 )
