@@ -3,8 +3,10 @@ that leave. The server must refuse each cheaply, in its own error shape, and kee
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
+import urllib.parse
 
 import httpx
 import pytest
@@ -106,6 +108,26 @@ def test_a_chunked_body_is_capped_while_it_arrives(cluster):
     )
     assert r.status_code == 413, r.text
     assert _error(r)["code"] == "request_too_large"
+
+
+def test_a_client_that_sends_its_whole_oversized_body_reads_the_413(cluster):
+    """A plain client writes the whole body before it reads the answer. The server reads and
+    drops the excess before answering, so the client gets the 413, not a connection reset
+    (32 MiB: more than loopback's socket buffers can hold unread)."""
+    body = b"x" * (32 * MAX_BODY)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    api = urllib.parse.urlsplit(cluster.url("/"))
+    with socket.create_connection((api.hostname, api.port), timeout=60) as sock:
+        sock.sendall(head + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status, _, rest = answer.partition(b"\r\n")
+    assert status.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert b"request_too_large" in rest
 
 
 def test_the_key_is_checked_before_the_body_is_read(cluster):

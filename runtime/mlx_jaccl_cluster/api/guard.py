@@ -8,7 +8,11 @@ Plain ASGI, outside FastAPI's routing, for two reasons:
   the body is read.
 - **The body is capped while it arrives.** A ``Content-Length`` over ``max_body_bytes``
   is refused at once; a chunked body is read only up to the cap, then refused. Either
-  way the answer is 413 naming the limit, and nothing larger is ever held.
+  way the answer is 413 naming the limit, and nothing larger is ever held. The rest of
+  an oversized body is read and thrown away first (at most ``DRAIN_FACTOR`` times the cap,
+  for at most ``DRAIN_SECONDS``): a server that closes while the client is still sending
+  makes the client's TCP stack see a reset, and the 413 is lost with it (the "lingering
+  close" of web servers). A body declared larger than that bound is not read at all.
 
 Repeated wrong keys from one address are slowed down (``KeyThrottle``): after
 ``api_key_failures`` of them, each further one blocks that address for a doubling time
@@ -19,6 +23,7 @@ addresses is bounded (``KEY_TABLE_SIZE``, least recently seen dropped first).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import math
 import time
@@ -32,6 +37,8 @@ KEY_TABLE_SIZE = 4096  # addresses remembered (about 100 bytes each)
 PUBLIC_PATHS = ("/health", "/dashboard", "/openapi.json")  # open like /health: no cluster data
 PUBLIC_PREFIXES = ("/dashboard/static/",)
 BODY_METHODS = ("POST", "PUT", "PATCH")
+DRAIN_FACTOR = 64  # an oversized body is read and dropped up to this many times max_body_bytes
+DRAIN_SECONDS = 10.0  # ... and for at most this long, so that the client can read the 413
 
 
 class KeyThrottle:
@@ -139,6 +146,8 @@ class Guard:
             code="request_too_large",
         )
         if declared.isdigit() and int(declared) > self.max_body:
+            if int(declared) <= self.max_body * DRAIN_FACTOR:
+                await _drain(receive, self.max_body * DRAIN_FACTOR)
             return too_large
         chunks, size = [], 0
         while True:
@@ -148,6 +157,8 @@ class Guard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
+                if message.get("more_body", False):
+                    await _drain(receive, self.max_body * DRAIN_FACTOR - size)
                 return too_large
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -158,9 +169,26 @@ class Guard:
         self.record(scope, error)
         headers = dict(error.headers or {})
         if error.status == 413:
-            headers["Connection"] = "close"  # the rest of the body is never read
+            headers["Connection"] = "close"  # the rest of the body may be unread (see _drain)
         error.headers = headers
         await shaped_response(self.shapes, scope["path"], error)(scope, receive, send)
+
+
+async def _drain(receive, limit: int) -> None:
+    """Read and drop the rest of a body: until it ends, the client leaves, ``limit`` bytes
+    or ``DRAIN_SECONDS`` pass, whichever comes first."""
+    deadline = time.monotonic() + DRAIN_SECONDS
+    while limit > 0:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), left)
+        except asyncio.TimeoutError:
+            return
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
+        limit -= len(message.get("body", b""))
 
 
 def _header(scope, name: bytes) -> str:
