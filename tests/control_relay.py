@@ -22,6 +22,18 @@ Tamper = Callable[[str, bytes], list[bytes]]
 TO_FOLLOWER, TO_LEADER = "to_follower", "to_leader"
 
 
+class Lost:
+    """An ``on_lost`` callback that records why a channel lost its peer, and when."""
+
+    def __init__(self):
+        self.reasons: list[str] = []
+        self.event = threading.Event()
+
+    def __call__(self, reason: str) -> None:
+        self.reasons.append(reason)
+        self.event.set()
+
+
 def _read_frame(sock: socket.socket) -> bytes | None:
     def exact(n: int) -> bytes | None:
         data = b""

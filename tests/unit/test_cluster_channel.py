@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from control_relay import Lost
 
 from mlx_jaccl_cluster.cluster import (
     AUTH_FRAME_MAX,
@@ -48,16 +49,6 @@ def wait_for(condition, timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"not met within {timeout} s"
         time.sleep(0.01)
-
-
-class Lost:
-    def __init__(self):
-        self.reasons: list[str] = []
-        self.event = threading.Event()
-
-    def __call__(self, reason: str) -> None:
-        self.reasons.append(reason)
-        self.event.set()
 
 
 def _pair(interval=0.1, misses=3, config=CONFIG):

@@ -12,7 +12,7 @@ import os
 import threading
 
 import pytest
-from control_relay import TO_FOLLOWER, TO_LEADER, Relay
+from control_relay import TO_FOLLOWER, TO_LEADER, Lost, Relay
 
 from mlx_jaccl_cluster.cluster import (
     _HEADER,
@@ -93,16 +93,6 @@ def test_a_frame_for_another_direction_connection_or_secret_is_refused():
 
 
 # --- a man in the middle on a real connection ----------------------------------------
-class Lost:
-    def __init__(self):
-        self.reasons: list[str] = []
-        self.event = threading.Event()
-
-    def __call__(self, reason: str) -> None:
-        self.reasons.append(reason)
-        self.event.set()
-
-
 @pytest.fixture
 def relayed():
     """Rank 0, a relay in the middle, and a follower that connects to the relay; the group
