@@ -215,12 +215,15 @@ class Watchdog:
     def _follow(self) -> None:
         deadline = time.monotonic() + self.join_timeout
         while True:
+            conn = None
             try:
                 conn = socket.create_connection(self.addr, timeout=self.timeout)
                 conn.settimeout(cluster.HANDSHAKE_TIMEOUT)
                 seal = cluster.prove_to_leader(conn, self.secret)
                 break
             except (cluster.AuthFailed, cluster.ChannelClosed, OSError) as exc:
+                if conn is not None:
+                    conn.close()
                 if time.monotonic() > deadline:
                     self.lost(
                         f"rank 0 at {self.addr[0]}:{self.addr[1]} did not answer and prove the cluster secret "

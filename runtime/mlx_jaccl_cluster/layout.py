@@ -107,6 +107,7 @@ def tensor_blockers(config: dict, world: int) -> list[str]:
         "num_attention_heads": heads,
         "num_key_value_heads": text.get("num_key_value_heads", heads),
         "intermediate_size": text.get("intermediate_size"),
+        "moe_intermediate_size": text.get("moe_intermediate_size"),  # the experts' width (qwen3_moe...)
     }
     return [
         f"{name} ({value}) is not divisible by {world}"

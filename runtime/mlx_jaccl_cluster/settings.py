@@ -59,6 +59,17 @@ def _refuse_kv_quantization(value: int | None) -> None:
 NotOffered = Annotated[int | None, AfterValidator(_refuse_kv_quantization)]
 
 
+def step_budget_problem(budget: int, max_batch: int) -> str | None:
+    """The one rule across two settings (checked by Settings and by preflight): why a step
+    token budget cannot work with ``max_batch``, or None."""
+    if budget > max_batch:
+        return None
+    return (
+        f"step_token_budget ({budget}) must be larger than max_batch ({max_batch}): a step decodes up to "
+        "max_batch sequences and prefills with the rest of the budget"
+    )
+
+
 class Settings(BaseSettings):
     """Everything one rank needs. ``mjc-rank --help`` lists every field."""
 
@@ -307,12 +318,9 @@ class Settings(BaseSettings):
                 f"pipeline_split {self.pipeline_split} has {len(self.pipeline_split)} entries for "
                 f"{self.world_size} ranks; give one layer count per rank"
             )
-        if self.step_token_budget <= self.max_batch:
-            raise ValueError(
-                f"step_token_budget ({self.step_token_budget}) must be larger than max_batch ({self.max_batch}): "
-                "a step decodes up to max_batch sequences and prefills with the rest of the budget; raise "
-                "MJC_STEP_TOKEN_BUDGET or lower MJC_MAX_BATCH"
-            )
+        problem = step_budget_problem(self.step_token_budget, self.max_batch)
+        if problem:
+            raise ValueError(f"{problem}; raise MJC_STEP_TOKEN_BUDGET or lower MJC_MAX_BATCH")
         if self.pipeline_split and self.parallel == "tensor":
             raise ValueError("pipeline_split is set but parallel=tensor; drop the split or use parallel=pipeline/auto")
         return self

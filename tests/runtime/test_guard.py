@@ -130,6 +130,22 @@ def test_a_client_that_sends_its_whole_oversized_body_reads_the_413(cluster):
     assert b"request_too_large" in rest
 
 
+def test_a_client_that_waits_to_continue_gets_the_413_without_sending_its_body(cluster):
+    """curl sends "Expect: 100-continue" with large bodies and waits: the server answers the
+    413 at once and never asks for the body (no "100 Continue", nothing uploaded)."""
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {8 * MAX_BODY}\r\nExpect: 100-continue\r\n\r\n"
+    ).encode()
+    api = urllib.parse.urlsplit(cluster.url("/"))
+    with socket.create_connection((api.hostname, api.port), timeout=60) as sock:
+        sock.sendall(head)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+
+
 def test_the_key_is_checked_before_the_body_is_read(cluster):
     # an unauthenticated client learns nothing about the body: too large, or not JSON, it is 401
     r = httpx.post(cluster.url("/v1/chat/completions"), content=b"{" * (MAX_BODY * 2), timeout=60)

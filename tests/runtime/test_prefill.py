@@ -196,5 +196,5 @@ def test_a_long_prompt_among_decoders_on_two_ranks_keeps_to_the_budget(cluster_f
     assert "".join(x for _, x in long_out) == expected_long
     during = sum(1 for v in got.values() for t, _ in v if sent < t < long_out[0][0])
     # the long prompt takes n_long / budget steps or more, each with a token for both
-    # decoders; a few are enough to show that they were not held for the whole prefill
-    assert during >= 4, f"{during} decoder tokens while a {n_long}-token prompt prefilled"
+    # decoders (a timing view; the in-process test above counts the steps themselves)
+    assert during >= n_long // budget, f"{during} decoder tokens while a {n_long}-token prompt prefilled"

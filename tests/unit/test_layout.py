@@ -38,6 +38,12 @@ def test_capabilities_are_read_from_the_installed_mlx_lm():
         # heads divide by 3 but mlx-lm's shard() cannot split a 2048-wide MLP three ways
         (cfg("qwen2", heads=12, kv=6, mlp=2048), 3, "pipeline", "intermediate_size (2048) is not divisible by 3"),
         (cfg("qwen2", heads=12, kv=6, mlp=2048), 2, "tensor", "heads and MLP divide by 2"),
+        (
+            cfg("qwen3_moe", heads=12, kv=6, mlp=1536) | {"moe_intermediate_size": 200},
+            3,
+            "pipeline",
+            "moe_intermediate_size (200) is not divisible by 3",
+        ),
         ({"model_type": "gemma3", "text_config": cfg("gemma3_text", heads=4, kv=1)}, 2, "pipeline", "no shard()"),
     ],
 )

@@ -97,6 +97,10 @@ def test_model_state_verifies_against_the_manifest(tmp_path):
     state = node_probe.model_state(str(model), str(wanted))
     assert state["present"] and not state["verified"] and state["problems"]
     assert node_probe.model_state(str(tmp_path / "gone"), str(wanted))["present"] is False
+    for junk in ("null", "[1, 2]", "not json"):  # a damaged manifest is a problem named, not a crash
+        wanted.write_text(junk)
+        state = node_probe.model_state(str(model), str(wanted))
+        assert not state["verified"] and "manifest" in state["problems"][0], state
 
 
 def test_supervisord_without_its_config_is_not_installed(tmp_path):

@@ -145,8 +145,11 @@ class Guard:
             "send a smaller request or raise MJC_MAX_BODY_BYTES on rank 0",
             code="request_too_large",
         )
+        # a client that sent "Expect: 100-continue" waits for the answer before it sends
+        # the body: reading (draining) would invite the upload it has not started
+        drain = _header(scope, b"expect").lower() != "100-continue"
         if declared.isdigit() and int(declared) > self.max_body:
-            if int(declared) <= self.max_body * DRAIN_FACTOR:
+            if drain and int(declared) <= self.max_body * DRAIN_FACTOR:
                 await _drain(receive, self.max_body * DRAIN_FACTOR)
             return too_large
         chunks, size = [], 0
@@ -157,7 +160,7 @@ class Guard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                if message.get("more_body", False):
+                if drain and message.get("more_body", False):
                     await _drain(receive, self.max_body * DRAIN_FACTOR - size)
                 return too_large
             chunks.append(chunk)

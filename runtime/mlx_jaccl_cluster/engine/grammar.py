@@ -133,6 +133,8 @@ class GrammarBatch:
     def discard(self, uids) -> None:
         for uid in uids:
             self._rows.pop(uid, None)
+        if not self._rows:  # the last constrained row left: its mask job ends here, and so
+            self._join()  # does any error of it (not on the next constrained request)
 
     def __len__(self) -> int:
         return len(self._rows)

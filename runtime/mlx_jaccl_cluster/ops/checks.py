@@ -97,7 +97,7 @@ def _runtime_settings_problems(group: Mapping[str, Any]) -> list[Problem]:
     # pydantic, not MLX: the controller has the runtime package installed
     from pydantic import TypeAdapter, ValidationError
 
-    from ..settings import Settings
+    from ..settings import Settings, step_budget_problem
 
     tunable = sorted(k for k in Settings.model_fields if k not in RUNTIME_OWNED)
     found = []
@@ -126,13 +126,13 @@ def _runtime_settings_problems(group: Mapping[str, Any]) -> list[Problem]:
     if not found:  # the one rule across two settings (Settings checks it again at start-up)
         budget = value.get("step_token_budget", Settings.default("step_token_budget"))
         batch = value.get("max_batch", Settings.default("max_batch"))
-        if budget <= batch:
+        problem = step_budget_problem(budget, batch)
+        if problem:
             found.append(
                 Problem(
                     GROUP,
                     f"{key}.step_token_budget",
-                    f"is {budget}, not more than max_batch ({batch}): a step decodes up to max_batch sequences "
-                    "and prefills with the rest",
+                    problem,
                     f"raise step_token_budget above {batch} or lower max_batch",
                 )
             )

@@ -164,12 +164,15 @@ def model_state(path: str, manifest_path: str) -> dict[str, Any]:
     node that holds a pipeline share, ``share``: ``{"files", "of_files", "layers"}`` (its
     manifest's count, the whole model's, its stages' ``[start, end)``) and ``label``
     (``"share 3 of 7 files (layers 0-11)"``); both None for a whole copy."""
+    unreadable = f"manifest {manifest_path} is not a JSON object"
     try:
         wanted = json.loads(Path(manifest_path).read_text())
     except (OSError, ValueError) as exc:
         wanted, unreadable = None, f"no manifest: {exc}"
+    if not isinstance(wanted, dict):
+        wanted = None
     share = label = None
-    if isinstance(wanted, dict) and "of_files" in wanted:
+    if wanted is not None and "of_files" in wanted:
         share = {"files": len(wanted.get("files", {})), "of_files": wanted["of_files"], "layers": wanted.get("layers")}
         label = manifest.share_label(wanted)
     state: dict[str, Any] = {"share": share, "label": label}
