@@ -110,14 +110,12 @@ def test_a_chunked_body_is_capped_while_it_arrives(cluster):
     assert _error(r)["code"] == "request_too_large"
 
 
-def test_a_client_that_sends_its_whole_oversized_body_reads_the_413(cluster):
-    """A plain client writes the whole body before it reads the answer. The server reads and
-    drops the excess before answering, so the client gets the 413, not a connection reset
-    (32 MiB: more than loopback's socket buffers can hold unread)."""
-    body = b"x" * (32 * MAX_BODY)
+def _raw_post(cluster, length: int, body: bytes, extra: str = "") -> bytes:
+    """POST over a bare socket as a plain client does: the whole head and ``body`` written
+    before anything is read; returns all the server answered until it closed."""
     head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEY}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n{extra}\r\n"
     ).encode()
     api = urllib.parse.urlsplit(cluster.url("/"))
     with socket.create_connection((api.hostname, api.port), timeout=60) as sock:
@@ -125,6 +123,15 @@ def test_a_client_that_sends_its_whole_oversized_body_reads_the_413(cluster):
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
+    return answer
+
+
+def test_a_client_that_sends_its_whole_oversized_body_reads_the_413(cluster):
+    """A plain client writes the whole body before it reads the answer. The server reads and
+    drops the excess before answering, so the client gets the 413, not a connection reset
+    (32 MiB: more than loopback's socket buffers can hold unread)."""
+    body = b"x" * (32 * MAX_BODY)
+    answer = _raw_post(cluster, len(body), body)
     status, _, rest = answer.partition(b"\r\n")
     assert status.startswith(b"HTTP/1.1 413"), answer[:300]
     assert b"request_too_large" in rest
@@ -133,16 +140,7 @@ def test_a_client_that_sends_its_whole_oversized_body_reads_the_413(cluster):
 def test_a_client_that_waits_to_continue_gets_the_413_without_sending_its_body(cluster):
     """curl sends "Expect: 100-continue" with large bodies and waits: the server answers the
     413 at once and never asks for the body (no "100 Continue", nothing uploaded)."""
-    head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEY}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {8 * MAX_BODY}\r\nExpect: 100-continue\r\n\r\n"
-    ).encode()
-    api = urllib.parse.urlsplit(cluster.url("/"))
-    with socket.create_connection((api.hostname, api.port), timeout=60) as sock:
-        sock.sendall(head)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+    answer = _raw_post(cluster, 8 * MAX_BODY, b"", "Expect: 100-continue\r\n")
     assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
 
 
