@@ -798,34 +798,21 @@ def run_interleave(opts, model: Path, workdir: Path, res: dict) -> list[System]:
             base = Baseline(opts, model, workdir)
             closers.append(base.close)
             systems.append(System("in-process", "inproc", base))
+
+        def runtime(tag: str, label: str, env: dict[str, str]) -> None:
+            """Our runtime with other settings, as one more system of the interleave run."""
+            nccl = nccl_env(opts.ranks) if opts.backend == "nccl" else {}
+            o = Ours(f"runtime-{tag}", model, workdir, opts.ranks, opts.backend, env=env | nccl)
+            closers.append(o.close)
+            systems.append(System(label, "ours", o, o.model_id, prompts))
+
         for size in opts.runtime_step_sizes:
-            o = Ours(
-                f"runtime-step{size}",
-                model,
-                workdir,
-                opts.ranks,
-                opts.backend,
-                env={"MJC_PREFILL_STEP_SIZE": str(size)} | (nccl_env(opts.ranks) if opts.backend == "nccl" else {}),
-            )
-            closers.append(o.close)
-            systems.append(System(f"runtime prefill_step_size {size}", "ours", o, o.model_id, prompts))
+            runtime(f"step{size}", f"runtime prefill_step_size {size}", {"MJC_PREFILL_STEP_SIZE": str(size)})
         for budget in opts.runtime_budgets:
-            o = Ours(
-                f"runtime-budget{budget}",
-                model,
-                workdir,
-                opts.ranks,
-                opts.backend,
-                env={"MJC_STEP_TOKEN_BUDGET": str(budget)} | (nccl_env(opts.ranks) if opts.backend == "nccl" else {}),
-            )
-            closers.append(o.close)
-            systems.append(System(f"runtime step_token_budget {budget}", "ours", o, o.model_id, prompts))
+            runtime(f"budget{budget}", f"runtime step_token_budget {budget}", {"MJC_STEP_TOKEN_BUDGET": str(budget)})
         for spec in opts.runtime_env:  # NAME:VAR=VALUE[,VAR=VALUE...]: the runtime with other settings
             name, _, pairs = spec.partition(":")
-            extra = dict(kv.split("=", 1) for kv in pairs.split(",") if kv)
-            o = Ours(f"runtime-{name}", model, workdir, opts.ranks, opts.backend, env=extra)
-            closers.append(o.close)
-            systems.append(System(f"runtime {name} ({pairs})", "ours", o, o.model_id, prompts))
+            runtime(name, f"runtime {name} ({pairs})", dict(kv.split("=", 1) for kv in pairs.split(",") if kv))
         if not opts.skip_peer:
             peer = Peer(opts, model, workdir)
             closers.append(peer.close)
