@@ -138,11 +138,16 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop" | "length" on the last token
 
 
+#: ErrorEvent.code of a constrained request whose grammar matcher gave up part-way
+GRAMMAR_GAVE_UP = "grammar_gave_up"
+
+
 @dataclass(frozen=True)
 class ErrorEvent:
     message: str
     kind: str = "server_error"  # OpenAI error type
     status: int = 500
+    code: str = "cluster_error"
 
 
 class EngineUnavailable(Exception):

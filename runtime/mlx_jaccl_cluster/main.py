@@ -101,16 +101,22 @@ def main(argv: list[str] | None = None) -> None:
         "version": __version__,
     }
 
+    ending: list[int] = []  # the exit code scheduled, once one is
+
+    def leave(code: int) -> None:
+        ending.append(code)
+        _exit_soon(code, 1.0 if settings.rank == 0 else 0.0)
+
     def lost(reason: str) -> None:
         state.set("lost", reason)
         if engine is not None:
             engine.fail_all(f"cluster lost a rank: {reason}")
         log.error("exiting so the service manager restarts the group: %s", reason)
-        _exit_soon(EXIT_LOST, 1.0 if settings.rank == 0 else 0.0)
+        leave(EXIT_LOST)
 
     def fatal(message: str, config_error: bool) -> None:
         log.error("%s", message)
-        _exit_soon(EXIT_CONFIG if config_error else EXIT_LOST, 1.0 if settings.rank == 0 else 0.0)
+        leave(EXIT_CONFIG if config_error else EXIT_LOST)
 
     channel = None
     beat = dict(
@@ -145,7 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     if settings.rank != 0:
         engine.start()
         engine.join()
-        return
+        # The engine thread of a follower ends only when the group is lost or the engine
+        # failed; either already scheduled the exit with its code. Returning here would
+        # beat that timer to it with a clean exit, and the service manager would see 0.
+        os._exit(ending[0] if ending else EXIT_LOST)
 
     import uvicorn
 

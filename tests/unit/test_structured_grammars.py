@@ -423,5 +423,34 @@ def test_masks_filled_ahead_are_the_masks_filled_in_the_step(grammars, tokenizer
     batch.ahead([1, 2], mx.array([5, 5]))  # a step past the end: not fed, EOS only
     out = batch.apply([1, 2], mx.array([5, 5]), mx.zeros((2, vocab)))
     assert _allowed(out[0]) == _allowed(out[1]) == set(eos)
-    assert not any(row.failed for row in batch._rows.values())
+    assert batch.failure(1) is None and batch.failure(2) is None
+    batch.close()
+
+
+#: A schema llguidance compiles and validates, but whose parser outgrows its limit (2000
+#: items in a row) as soon as the object opens: 600 optional properties, any one may come next.
+GIVES_UP = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(600)}}
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["in-step", "ahead"])
+def test_a_matcher_that_gives_up_lets_only_eos_and_says_why(tokenizer, ahead):
+    grammars = Grammars(tokenizer, None, max_bytes=65536, max_depth=8)
+    g = grammars.for_response_format("json_schema", GIVES_UP, "response_format", False)  # accepted
+    eos = sorted(tokenizer.eos_token_ids)
+    vocab = grammars.vocab_size
+    batch = GrammarBatch(grammars.lltokenizer, vocab, eos, rows=1)
+    batch.add(7, g)
+    prompt = encode(tokenizer, "hi")[-1]
+    out = batch.apply([7], mx.array([prompt]), mx.zeros((1, vocab)))
+    (brace,) = encode(tokenizer, "{")
+    assert brace in _allowed(out[0]) and batch.failure(7) is None
+    if ahead:
+        batch.ahead([7], mx.array([brace]))
+        batch._join()
+    out = batch.apply([7], mx.array([brace]), mx.zeros((1, vocab)))
+    assert _allowed(out[0]) == set(eos)
+    why = batch.failure(7)
+    assert "max is 2000" in why and "\n" not in why and len(why) <= 300
+    batch.discard([7])
+    assert batch.failure(7) is None
     batch.close()

@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 
 from fastapi.responses import StreamingResponse
 
-from ..generation import Engine, EngineUnavailable, ErrorEvent, GenerationRequest, SamplingParams, TokenEvent
+from ..generation import (
+    GRAMMAR_GAVE_UP,
+    Engine,
+    EngineUnavailable,
+    ErrorEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+)
 from ..settings import Settings
 from ..state import ClusterState
 from ..structured import StructuredError
@@ -44,6 +52,13 @@ def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
     )
 
 
+def _event_error(event: ErrorEvent, prepared: Prepared) -> APIError:
+    """The engine's error for one request as the HTTP error (a grammar that gave up names
+    the field it came from)."""
+    param = prepared.grammar_param if event.code == GRAMMAR_GAVE_UP else None
+    return APIError(event.status, event.message, type=event.kind, code=event.code, param=param)
+
+
 @dataclass
 class GrammarJob:
     """The grammar a request needs, still to be compiled (``build`` may raise
@@ -65,6 +80,7 @@ class Prepared:
     channels: Channels | None = None  # chat replies with reasoning or tool calls
     cached_tokens: int = 0  # prompt tokens the engine took from its prompt cache
     grammar_job: GrammarJob | None = None  # compiled by Serving.prepare into request.grammar
+    grammar_param: str | None = None  # the field the grammar came from (named by its errors)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -262,7 +278,7 @@ class Serving:
         if prepared.grammar_job is not None:
             grammar = await self._compile(prepared.grammar_job)
             prepared.request = dataclasses.replace(prepared.request, grammar=grammar)
-            prepared.grammar_job = None
+            prepared.grammar_param, prepared.grammar_job = prepared.grammar_job.param, None
         return prepared
 
     async def _compile(self, job: GrammarJob) -> str:
@@ -596,12 +612,12 @@ class Serving:
                         continue
                     event = events.popleft()
                     if isinstance(event, ErrorEvent):
-                        raise APIError(event.status, event.message, type=event.kind, code="cluster_error")
+                        raise _event_error(event, prepared)
                     batch = [event]
                     while event.finish_reason is None and events:
                         event = events.popleft()
                         if isinstance(event, ErrorEvent):
-                            raise APIError(event.status, event.message, type=event.kind, code="cluster_error")
+                            raise _event_error(event, prepared)
                         batch.append(event)
                     text = []
                     reason = None

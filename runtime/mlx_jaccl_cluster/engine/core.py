@@ -36,6 +36,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ..cluster import Follower, Leader, Rejected
 from ..generation import (
+    GRAMMAR_GAVE_UP,
     Dispatch,
     EngineUnavailable,
     ErrorEvent,
@@ -105,6 +106,9 @@ class Engine:
         self.grammars: Grammars | None = None
         #: the constrained sequences' matchers, masked as one batch (engine/grammar.py)
         self._masks: grammar.GrammarBatch | None = None
+        #: uid -> why its matcher gave up, for the sequences that ended so (rank 0 turns
+        #: their last token into an error; see _deliver)
+        self._gave_up: dict[int, str] = {}
         self._inbox: queue.SimpleQueue[tuple[str, Ticket]] = queue.SimpleQueue()
         self._tickets: dict[int, Ticket] = {}
         self._tickets_lock = threading.Lock()
@@ -406,6 +410,8 @@ class Engine:
                 self._active.discard(r.uid)
                 self._prompts.store(r.all_tokens, r.prompt_cache)
                 if self._masks is not None:
+                    if self.settings.rank == 0 and (why := self._masks.failure(r.uid)) is not None:
+                        self._gave_up[r.uid] = why
                     self._masks.discard((r.uid,))
         self._checksum = acc
         return responses
@@ -483,13 +489,30 @@ class Engine:
         with self._tickets_lock:
             for r in responses:
                 ticket = self._tickets.get(r.uid)
+                why = None
                 if r.finish_reason is not None:
                     self._tickets.pop(r.uid, None)
+                    why = self._gave_up.pop(r.uid, None)
                 if ticket is None or ticket.cancelled:
                     continue
-                batch.append((ticket, self._token_event(ticket, r)))
+                if why is not None:  # the sequence only ended because its grammar gave up
+                    batch.append((ticket, self._gave_up_event(why)))
+                else:
+                    batch.append((ticket, self._token_event(ticket, r)))
         if batch:
             self.dispatch(batch)
+
+    @staticmethod
+    def _gave_up_event(why: str) -> ErrorEvent:
+        return ErrorEvent(
+            message=(
+                f"the output could not be kept to its structure: the grammar matcher gave up ({why}); "
+                "simplify the schema or tools (fewer optional properties, alternatives, numeric ranges)"
+            ),
+            kind="invalid_request_error",
+            status=400,
+            code=GRAMMAR_GAVE_UP,
+        )
 
     @staticmethod
     def _token_event(ticket: Ticket, r) -> TokenEvent:

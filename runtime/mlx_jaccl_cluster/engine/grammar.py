@@ -66,16 +66,17 @@ COMPILED_KEPT = 32
 
 class _Row:
     """One constrained sequence: its matcher (being built, then built), whether it has
-    seen its first step (whose input is the prompt's last token, not a sampled one), and
-    the next step's mask when the mask thread has filled it ahead (its token already fed)."""
+    seen its first step (whose input is the prompt's last token, not a sampled one), why
+    its matcher gave up (None while it follows), and the next step's mask when the mask
+    thread has filled it ahead (its token already fed)."""
 
-    __slots__ = ("building", "matcher", "started", "failed", "next_mask", "ahead")
+    __slots__ = ("building", "matcher", "started", "why", "next_mask", "ahead")
 
     def __init__(self, building: Future, words: int):
         self.building: Future | None = building
         self.matcher = None
         self.started = False
-        self.failed = False
+        self.why: str | None = None
         self.next_mask = np.empty(words, dtype=np.int32)
         self.ahead = False
 
@@ -139,6 +140,12 @@ class GrammarBatch:
     def __len__(self) -> int:
         return len(self._rows)
 
+    def failure(self, uid: int) -> str | None:
+        """Why ``uid``'s matcher gave up (its sequence was then only let end), or None.
+        Read when the sequence ends, before :meth:`discard`."""
+        row = self._rows.get(uid)
+        return row.why if row is not None else None
+
     def close(self) -> None:
         self._builder.shutdown(wait=False, cancel_futures=True)
         self._filler.shutdown(wait=False, cancel_futures=True)
@@ -169,7 +176,7 @@ class GrammarBatch:
             if tokens is None:  # a new row, or one the mask thread did not see
                 tokens = inputs.reshape(-1).tolist()
             self._feed(row, tokens[i])
-            if row.failed:
+            if row.why is not None:
                 bitmask[i] = self._eos_row
             else:
                 row.matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data + i * row_bytes, row_bytes)
@@ -185,9 +192,9 @@ class GrammarBatch:
         """Feed ``row`` its previous token (none at its first step) and settle its matcher."""
         if row.building is not None:
             self._settle(row)
-        if not row.failed:
+        if row.why is None:
             if row.started and not row.matcher.consume_token(token):
-                self._fail(row, f"token {token} refused: {row.matcher.get_error()}")
+                self._fail(row, row.matcher.get_error() or f"token {token} refused")
             row.started = True
 
     def ahead(self, uids: list[int], sampled: mx.array) -> None:
@@ -214,12 +221,12 @@ class GrammarBatch:
         for row, token in zip(rows, tokens):
             if row is None or not row.started:
                 continue
-            if not row.failed and row.matcher.is_stopped():
+            if row.why is None and row.matcher.is_stopped():
                 # finished: the engine drops it after this step; EOS only if it steps again
                 row.next_mask[:] = self._eos_row
             else:
                 self._feed(row, token)
-                if row.failed:
+                if row.why is not None:
                     row.next_mask[:] = self._eos_row
                 else:
                     row.matcher.unsafe_compute_mask_ptr(row.next_mask.ctypes.data, row_bytes)
@@ -243,11 +250,13 @@ class GrammarBatch:
             self._fail(row, row.matcher.get_error())
 
     def _fail(self, row: _Row, why: str) -> None:
-        # It should not happen (rank 0 validated the grammar and every sampled token was
-        # allowed); the sequence then may only end, the same way on every rank.
-        if not row.failed:
-            log.warning("grammar matcher failed (%s); ending the sequence", why)
-        row.failed = True
+        # Rank 0 validated the grammar and every sampled token was allowed, but a grammar
+        # may still outgrow llguidance's parser limits part-way (a schema with hundreds of
+        # optional properties does after its "{"). The sequence then may only end, the same
+        # way on every rank; rank 0 ends the request with an error naming the reason.
+        if row.why is None:
+            row.why = short_error(why)
+            log.warning("grammar matcher gave up (%s); ending the sequence", row.why)
 
     def _masked(self, logits: mx.array, words: mx.array) -> mx.array:
         width = logits.shape[-1]
@@ -261,6 +270,12 @@ class GrammarBatch:
         if logits.ndim == 3:
             allowed = allowed[:, None, :]
         return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
+
+
+def short_error(message: str) -> str:
+    """llguidance's error without the parser state and grammar it appends."""
+    first = message.strip().split("\n", 1)[0].strip()
+    return first[:300] or "the matcher gave up"
 
 
 _active: GrammarBatch | None = None
