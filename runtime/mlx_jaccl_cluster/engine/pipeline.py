@@ -20,7 +20,9 @@ the last layer of the stack every rank takes the last rank's hidden state (one
 Communication is tied to the KV caches, as in mlx-lm's own ``pipeline()``: a stage's send
 is made a dependency of its last layer's cache, so evaluating the caches (chunked prefill
 evaluates only those) runs every send and receive; the final gather runs only when logits
-are evaluated, which every rank does at the same steps.
+are evaluated, which every rank does at the same steps. The skip layers' cache updates are
+made dependencies of the gathered output (:class:`Unevaluated`): nothing else reads them,
+and a lazy update nobody evaluates keeps the one before it alive, step after step.
 
 Limits (checked at load, each a clear error): the model needs a ``layers`` list whose
 entries are called with the hidden state first and return it (a single array); every cache
@@ -97,25 +99,52 @@ def _advance(cache, x: mx.array) -> None:
         cache.update_and_fetch(empty, empty)
 
 
+class Unevaluated:
+    """The arrays the skip layers' cache updates made in the forward under way.
+
+    A skip layer's cache holds no keys, so no attention reads it and nothing would evaluate
+    its updates. A batch cache's update is lazy and refers to the previous state (its keys
+    and its ``offset`` array), so unevaluated, every decode step would hang one more node
+    on each skip layer's chain: about 4 KB per layer and token, held while the batch runs
+    (the soak's steady growth outside MLX's buffers). The gathering layer, which every rank
+    runs last and whose output every rank evaluates, takes them as dependencies
+    (:meth:`settle`), so each step evaluates and frees them with the logits.
+    """
+
+    def __init__(self) -> None:
+        self.arrays: list[mx.array] = []
+
+    def add(self, cache) -> None:
+        if cache is not None:
+            self.arrays.extend(v for v in vars(cache).values() if isinstance(v, mx.array))
+
+    def settle(self, x: mx.array) -> mx.array:
+        arrays, self.arrays = self.arrays, []
+        return mx.depends(x, arrays) if arrays else x
+
+
 class SkipLayer(nn.Module):
     """Stands in for a layer another rank runs: passes the hidden state through. It keeps
     the scalar attributes of that layer (``use_sliding``, ``layer_type``...), so model code
     that reads them from the layers list still finds them, but none of its weights."""
 
-    def __init__(self, layer: nn.Module, index: int, gather: tuple[Any, int] | None):
+    def __init__(self, layer: nn.Module, index: int, gather: tuple[Any, int] | None, pending: Unevaluated):
         super().__init__()
         self._sig = _cache_param(layer)
         self._index = index
         self._gather_group, self._gather_last = gather if gather else (None, None)
+        self._pending = pending
         for key, value in vars(layer).items():
             if not key.startswith("_") and isinstance(value, (bool, int, float, str, type(None))):
                 object.__setattr__(self, key, value)
 
     def __call__(self, *args, **kwargs):
         x = args[0]
-        _advance(_cache_of(self._sig, args, kwargs), x)
+        cache = _cache_of(self._sig, args, kwargs)
+        _advance(cache, x)
+        self._pending.add(cache)
         if self._gather_group is not None:
-            x = _take_last(x, self._gather_group, self._gather_last)
+            x = self._pending.settle(_take_last(x, self._gather_group, self._gather_last))
         return x
 
 
@@ -130,6 +159,7 @@ class StageLayer(nn.Module):
         send_to: int | None,
         gather: tuple[Any, int] | None,
         group,
+        pending: Unevaluated,
     ):
         super().__init__()
         self.layer = layer
@@ -139,6 +169,7 @@ class StageLayer(nn.Module):
         self._send_to = send_to
         self._gather_group, self._gather_last = gather if gather else (None, None)
         self._group = group
+        self._pending = pending
 
     def __getattr__(self, name):
         # Model code may read a layer's attributes (use_sliding, layer_type...).
@@ -166,7 +197,7 @@ class StageLayer(nn.Module):
             if cache is not None and getattr(cache, "keys", None) is not None:
                 cache.keys = mx.depends(cache.keys, out)
         if self._gather_group is not None:
-            out = _take_last(out, self._gather_group, self._gather_last)
+            out = self._pending.settle(_take_last(out, self._gather_group, self._gather_last))
         return out
 
 
@@ -210,6 +241,7 @@ def install(model: nn.Module, group, split: Sequence[int]) -> tuple[int, int]:
     start, end = layer_range(split, rank)
     last = len(layers) - 1
     gather = (group, world - 1)
+    pending = Unevaluated()
     for i, layer in enumerate(layers):
         g = gather if i == last else None
         if start <= i < end:
@@ -220,7 +252,8 @@ def install(model: nn.Module, group, split: Sequence[int]) -> tuple[int, int]:
                 send_to=rank + 1 if i == end - 1 and rank < world - 1 else None,
                 gather=g,
                 group=group,
+                pending=pending,
             )
         else:
-            layers[i] = SkipLayer(layer, i, g)
+            layers[i] = SkipLayer(layer, i, g, pending)
     return start, end
