@@ -12,7 +12,9 @@ body over the size cap (413). An *error* is any answer other than the one expect
 
 Memory comes from ``/dashboard/state`` (every rank's RSS from its heartbeats), sampled
 every ``--sample`` s; growth is measured from the end of the warm-up (``--warmup`` s) to
-the end, so allocator and cache warm-up do not count. The run passes (exit 0) with no
+the end, so allocator and cache warm-up do not count, as the median of the first
+``--window`` s after the warm-up against the median of the last ``--window`` s (a single
+sample swings with the KV caches of the requests in flight). The run passes (exit 0) with no
 errors and RSS growth under ``--max-growth`` % on every rank.
 """
 
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -233,7 +236,7 @@ def _outside_mlx(rss: list[tuple[float, int]], mlx: list[tuple[float, int, int]]
     return {k: round(v, 1) for k, v in (("start", rest[0]), ("min", min(rest)), ("max", max(rest)), ("end", rest[-1]))}
 
 
-def report(tally: Tally, info: dict, warmup: float) -> dict:
+def report(tally: Tally, info: dict, warmup: float, window: float) -> dict:
     lat = {
         k: {"n": len(v), "p50": percentile(v, 50), "p90": percentile(v, 90), "p99": percentile(v, 99)}
         for k, v in tally.latencies.items()
@@ -241,8 +244,12 @@ def report(tally: Tally, info: dict, warmup: float) -> dict:
     }
     memory = {}
     for rank, series in sorted(tally.rss.items()):
-        after = [rss for t, rss in series if t >= warmup] or [series[-1][1]]
-        base, end = after[0], after[-1]
+        after = [(t, rss) for t, rss in series if t >= warmup] or [series[-1]]
+        # RSS swings by the requests in flight at the moment of a sample (their KV caches):
+        # compare the medians of the first and the last ``window`` s after the warm-up
+        first, last = after[0][0], after[-1][0]
+        base = statistics.median(rss for t, rss in after if t <= first + window)
+        end = statistics.median(rss for t, rss in after if t >= last - window)
         memory[rank] = {
             "rss_start_mb": round(series[0][1] / 2**20, 1),
             "rss_after_warmup_mb": round(base / 2**20, 1),
@@ -275,6 +282,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, help="stop after this many requests (default: run the whole time)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--warmup", type=float, default=120, help="seconds before the RSS baseline is taken")
+    parser.add_argument(
+        "--window", type=float, default=120, help="seconds whose median RSS is the baseline, and the end figure"
+    )
     parser.add_argument("--sample", type=float, default=10, help="seconds between memory samples")
     parser.add_argument("--max-body", type=int, default=4 << 20, help="the server's max_body_bytes")
     parser.add_argument("--max-growth", type=float, default=5.0, help="RSS growth (%%) that fails the run")
@@ -299,7 +309,7 @@ def main() -> int:
             opts.timeout,
         )
     )
-    result = report(tally, info, opts.warmup)
+    result = report(tally, info, opts.warmup, opts.window)
     print(json.dumps(result, indent=2))
     if opts.out:
         with open(opts.out, "w") as f:
