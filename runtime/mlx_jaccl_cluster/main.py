@@ -102,9 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     }
 
     ending: list[int] = []  # the exit code scheduled, once one is
+    left = threading.Event()
 
     def leave(code: int) -> None:
         ending.append(code)
+        left.set()
         _exit_soon(code, 1.0 if settings.rank == 0 else 0.0)
 
     def lost(reason: str) -> None:
@@ -152,8 +154,10 @@ def main(argv: list[str] | None = None) -> None:
         engine.start()
         engine.join()
         # The engine thread of a follower ends only when the group is lost or the engine
-        # failed; either already scheduled the exit with its code. Returning here would
-        # beat that timer to it with a clean exit, and the service manager would see 0.
+        # failed; either schedules the exit with its code (the channel's hook may still be
+        # logging why). Returning here would beat that timer to it with a clean exit, and
+        # the service manager would see 0.
+        left.wait(2.0)
         os._exit(ending[0] if ending else EXIT_LOST)
 
     import uvicorn
