@@ -77,6 +77,16 @@ def test_errors_name_the_surfaces_own_field():
     assert adapters.renamed(same, responses.NAMES) is same
 
 
+def test_a_grammar_that_gives_up_during_generation_names_the_surfaces_field():
+    # Serving.generate names Prepared.grammar_param, which the adapters set to the surface's field
+    field = "response_format.json_schema.schema"
+    assert adapters._surface_field(field, ollama.NAMES) == "format"
+    assert adapters._surface_field(field, anthropic.NAMES) == "output_config.format.schema"
+    assert adapters._surface_field(field, responses.NAMES) == "text.format.schema"
+    assert adapters._surface_field(field, {}) == field
+    assert adapters._surface_field(None, ollama.NAMES) is None
+
+
 @pytest.mark.parametrize(
     "options, refused",
     [

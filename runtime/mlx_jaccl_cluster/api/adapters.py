@@ -65,17 +65,29 @@ def body_doc(model: type[BaseModel]) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
+def _prefix(param: str, names: dict[str, str]) -> str | None:
+    """The longest OpenAI field path in ``names`` that ``param`` is or lies under."""
+    for old in sorted(names, key=len, reverse=True):
+        if param == old or param.startswith(old + "."):
+            return old
+    return None
+
+
+def _surface_field(param: str | None, names: dict[str, str]) -> str | None:
+    """The surface's name for OpenAI field path ``param`` (itself when ``names`` has none)."""
+    old = _prefix(param or "", names)
+    return param if old is None else names[old] + param[len(old) :]
+
+
 def renamed(exc: APIError, names: dict[str, str]) -> APIError:
     """``exc`` (raised about an OpenAI field) naming the surface's own field instead.
     ``names`` maps an OpenAI field path (``max_tokens``, ``response_format.json_schema``)
     to the surface's; the longest matching prefix wins."""
     param = exc.param or ""
-    for old in sorted(names, key=len, reverse=True):
-        if param == old or param.startswith(old + "."):
-            break
-    else:
+    old = _prefix(param, names)
+    if old is None:
         return exc
-    new = names[old] + param[len(old) :]
+    new = _surface_field(param, names)
     message = exc.message
     if message.startswith(param):
         message = new + message[len(param) :]
@@ -106,18 +118,26 @@ async def prepare_chat(
     it: on the tokenizing thread, never on the event loop. ``fill_context``: without
     max_tokens, until the model's context is full (``Serving.budget``)."""
     try:
-        return await serving.prepare(serving.prepare_chat, req, fill_context=fill_context)
+        prepared = await serving.prepare(serving.prepare_chat, req, fill_context=fill_context)
     except APIError as exc:
         raise renamed(exc, names) from None
+    return _named(prepared, names)
 
 
 async def prepare_completion(
     serving: Serving, req: CompletionRequest, names: dict[str, str], *, fill_context: bool = False
 ) -> Prepared:
     try:
-        return await serving.prepare(serving.prepare_completion, req, fill_context=fill_context)
+        prepared = await serving.prepare(serving.prepare_completion, req, fill_context=fill_context)
     except APIError as exc:
         raise renamed(exc, names) from None
+    return _named(prepared, names)
+
+
+def _named(prepared: Prepared, names: dict[str, str]) -> Prepared:
+    """``prepared`` whose grammar field (named by an error during generation) is the surface's."""
+    prepared.grammar_param = _surface_field(prepared.grammar_param, names)
+    return prepared
 
 
 # --- running ------------------------------------------------------------------------

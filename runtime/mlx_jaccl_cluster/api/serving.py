@@ -616,8 +616,9 @@ class Serving:
                     batch = [event]
                     while event.finish_reason is None and events:
                         event = events.popleft()
-                        if isinstance(event, ErrorEvent):
-                            raise _event_error(event, prepared)
+                        if isinstance(event, ErrorEvent):  # the text before it goes out first
+                            events.appendleft(event)
+                            break
                         batch.append(event)
                     text = []
                     reason = None

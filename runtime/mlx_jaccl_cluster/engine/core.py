@@ -410,8 +410,11 @@ class Engine:
                 self._active.discard(r.uid)
                 self._prompts.store(r.all_tokens, r.prompt_cache)
                 if self._masks is not None:
-                    if self.settings.rank == 0 and (why := self._masks.failure(r.uid)) is not None:
-                        self._gave_up[r.uid] = why
+                    # a matcher that gave up let only EOS through, so its sequence ends "stop"
+                    # (one cut by max_tokens ends "length", which says as much)
+                    if self.settings.rank == 0 and r.finish_reason == "stop":
+                        if (why := self._masks.failure(r.uid)) is not None:
+                            self._gave_up[r.uid] = why
                     self._masks.discard((r.uid,))
         self._checksum = acc
         return responses

@@ -142,9 +142,13 @@ class GrammarBatch:
 
     def failure(self, uid: int) -> str | None:
         """Why ``uid``'s matcher gave up (its sequence was then only let end), or None.
-        Read when the sequence ends, before :meth:`discard`."""
+        Read when the sequence ends, before :meth:`discard`; it waits for the mask thread,
+        which may be feeding the row its last token."""
         row = self._rows.get(uid)
-        return row.why if row is not None else None
+        if row is None:
+            return None
+        self._join()
+        return row.why
 
     def close(self) -> None:
         self._builder.shutdown(wait=False, cancel_futures=True)

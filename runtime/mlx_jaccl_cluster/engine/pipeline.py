@@ -114,6 +114,10 @@ class Unevaluated:
     def __init__(self) -> None:
         self.arrays: list[mx.array] = []
 
+    def clear(self) -> None:
+        """A forward starts (layer 0): anything left from one that raised is dropped."""
+        self.arrays = []
+
     def add(self, cache) -> None:
         if cache is not None:
             self.arrays.extend(v for v in vars(cache).values() if isinstance(v, mx.array))
@@ -140,6 +144,8 @@ class SkipLayer(nn.Module):
 
     def __call__(self, *args, **kwargs):
         x = args[0]
+        if self._index == 0:
+            self._pending.clear()
         cache = _cache_of(self._sig, args, kwargs)
         _advance(cache, x)
         self._pending.add(cache)
@@ -183,6 +189,8 @@ class StageLayer(nn.Module):
 
     def __call__(self, *args, **kwargs):
         x = args[0]
+        if self._index == 0:
+            self._pending.clear()
         if self._recv_from is not None:
             x = mx.distributed.recv_like(x, self._recv_from, group=self._group)
         out = self.layer(x, *args[1:], **kwargs)
