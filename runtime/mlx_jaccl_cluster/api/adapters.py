@@ -87,7 +87,7 @@ def renamed(exc: APIError, names: dict[str, str]) -> APIError:
     old = _prefix(param, names)
     if old is None:
         return exc
-    new = _surface_field(param, names)
+    new = names[old] + param[len(old) :]
     message = exc.message
     if message.startswith(param):
         message = new + message[len(param) :]
