@@ -17,6 +17,10 @@ from pydantic import ValidationError
 
 EXIT_CONFIG = 2  # bad settings or model: restarting will not help until someone fixes it
 EXIT_LOST = 1  # the group broke: restart the whole group
+#: rank 0, once its group is lost: /health says so (503) this long, then the API stops
+#: taking connections and gives the ones in flight up to GRACE_S to get their answers
+LOST_ANSWER_S = 1.0
+GRACE_S = 3.0
 
 
 def _configure_logging(level: str, rank: int) -> None:
@@ -27,9 +31,9 @@ def _configure_logging(level: str, rank: int) -> None:
     )
 
 
-def _exit_soon(code: int, delay: float) -> None:
-    """Leave the process after ``delay`` s (time for in-flight streams to get their error)."""
-    timer = threading.Timer(delay, os._exit, (code,))
+def _after(delay: float, action, *args) -> None:
+    """Run ``action(*args)`` on a daemon timer thread after ``delay`` s."""
+    timer = threading.Timer(delay, action, args)
     timer.daemon = True
     timer.start()
 
@@ -103,11 +107,23 @@ def main(argv: list[str] | None = None) -> None:
 
     ending: list[int] = []  # the exit code scheduled, once one is
     left = threading.Event()
+    api: list = []  # rank 0's uvicorn server, once made
+
+    def stop_serving() -> None:
+        if api:
+            api[0].should_exit = True  # a graceful shutdown, as on SIGTERM
 
     def leave(code: int) -> None:
         ending.append(code)
         left.set()
-        _exit_soon(code, 1.0 if settings.rank == 0 else 0.0)
+        if settings.rank != 0:
+            _after(0.0, os._exit, code)
+            return
+        # Every request in flight has its error by now; a loaded machine may still take a
+        # while to write it. main() leaves with the code once the server has shut down,
+        # and the second timer makes sure it does however the shutdown goes.
+        _after(LOST_ANSWER_S, stop_serving)
+        _after(LOST_ANSWER_S + GRACE_S + 2.0, os._exit, code)
 
     def lost(reason: str) -> None:
         state.set("lost", reason)
@@ -165,10 +181,23 @@ def main(argv: list[str] | None = None) -> None:
     from .api.app import create_app
 
     app = create_app(settings, state, engine)
-    engine.start()
-    uvicorn.run(
-        app, host=settings.api_host, port=settings.api_port, log_level=settings.log_level, timeout_graceful_shutdown=3
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.api_host,
+            port=settings.api_port,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=GRACE_S,
+        )
     )
+    api.append(server)
+    engine.start()
+    server.run()
+    if ending:  # the group broke or the engine failed: leave with that code
+        os._exit(ending[0])
+    if not server.started:  # the API port taken, maybe by the rank 0 this one replaces
+        log.error("the API could not start on %s:%s", settings.api_host, settings.api_port)
+        os._exit(EXIT_LOST)
 
 
 if __name__ == "__main__":

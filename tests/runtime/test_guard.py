@@ -160,7 +160,9 @@ def test_a_client_that_leaves_is_a_cancellation_not_an_error(cluster, route):
     """On every surface (the OpenAI routes and the adapters' non-streamed replies alike)."""
     body = _chat(cluster, "go", max_tokens=1900)
     if route == "/api/chat":  # Ollama's shape
-        body = {"model": body["model"], "messages": body["messages"], "stream": False, "options": {"num_predict": 1900}}
+        # greedy, as above: a sampled answer of the tiny model may reach its end within the second
+        options = {"num_predict": 1900, "temperature": 0}
+        body = {"model": body["model"], "messages": body["messages"], "stream": False, "options": options}
 
     def error_count() -> float:
         metrics = httpx.get(cluster.url("/metrics"), headers=_auth()).text

@@ -111,7 +111,10 @@ class Engine:
         self._gave_up: dict[int, str] = {}
         self._inbox: queue.SimpleQueue[tuple[str, Ticket]] = queue.SimpleQueue()
         self._tickets: dict[int, Ticket] = {}
-        self._tickets_lock = threading.Lock()
+        #: tickets the engine thread has taken from the inbox and not yet placed by uid (a
+        #: group that breaks in between, inside a collective, must still answer them)
+        self._held: list[Ticket] = []
+        self._tickets_lock = threading.Lock()  # guards _tickets, _held, _dead and the inbox's end
         self._active: set[int] = set()
         self._next_uid = 0
         self._checksum = 0
@@ -163,10 +166,11 @@ class Engine:
         self._thread.join()
 
     def submit(self, request: GenerationRequest, sink: Callable[[object], None]) -> Ticket:
-        if self._dead is not None or not self.state.ready:
-            raise EngineUnavailable(self._dead or f"cluster is {self.state.phase}")
         ticket = Ticket(request=request, sink=sink)
-        self._inbox.put(("insert", ticket))
+        with self._tickets_lock:  # so fail_all, once it has run, leaves nothing in the inbox
+            if self._dead is not None or not self.state.ready:
+                raise EngineUnavailable(self._dead or f"cluster is {self.state.phase}")
+            self._inbox.put(("insert", ticket))
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:
@@ -175,22 +179,26 @@ class Engine:
             ticket.cancelled = True
             self._inbox.put(("cancel", ticket))
 
-    def fail_all(self, message: str, status: int = 503) -> None:
+    def fail_all(self, message: str) -> None:
         """End every request in flight with an error; refuse new ones. Any thread."""
-        self._dead = message
         with self._tickets_lock:
-            tickets = list(self._tickets.values())
+            self._dead = message
+            tickets = list(self._tickets.values()) + self._held
             self._tickets.clear()
-        pending = []
-        while True:
-            try:
-                kind, ticket = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "insert":
-                pending.append(ticket)
-        error = ErrorEvent(message=message, kind="service_unavailable", status=status)
-        self.dispatch([(t, error) for t in tickets + pending])
+            self._held = []
+            while True:
+                try:
+                    kind, ticket = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "insert":
+                    tickets.append(ticket)
+        self._refuse(tickets, message)
+
+    def _refuse(self, tickets: list[Ticket], message: str) -> None:
+        """Answer ``tickets`` 503: the cluster cannot serve them (any thread)."""
+        error = ErrorEvent(message=message, kind="service_unavailable", status=503)
+        self.dispatch([(t, error) for t in tickets])
 
     # --- start-up ----------------------------------------------------------------
     def _run(self) -> None:
@@ -463,6 +471,7 @@ class Engine:
                     ticket.uid = uid
                     ticket.inserted = now
                     self._tickets[uid] = ticket
+                self._held = []
                 for uid in removes:
                     self._tickets.pop(uid, None)
             if self._active:
@@ -485,7 +494,15 @@ class Engine:
                 inserts.append(ticket)
             elif ticket.uid is not None and ticket.uid in self._active:
                 removes.append(ticket.uid)
-        return [t for t in inserts if not t.cancelled], removes
+        inserts = [t for t in inserts if not t.cancelled]
+        with self._tickets_lock:  # held until placed, where fail_all finds them
+            dead = self._dead
+            if dead is None:
+                self._held = list(inserts)
+        if dead is not None:  # taken from the inbox just before fail_all drained it
+            self._refuse(inserts, dead)
+            return [], []
+        return inserts, removes
 
     def _deliver(self, responses: list) -> None:
         batch: list[tuple[Ticket, object]] = []
