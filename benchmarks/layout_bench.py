@@ -20,9 +20,9 @@ Ranks are started directly (``mlx_jaccl_cluster.launch.start_group``, ring on lo
 
     python benchmarks/layout_bench.py --model /tmp/smollm2-q4 \\
         --layout inprocess --layout tensor:3 --layout pipeline:2 --repeats 5
-    # two GPUs (nccl, one a rank) on a built model with mlx-lm's own pipeline() (qwen2):
-    python benchmarks/layout_bench.py --backend nccl --build 'qwen2:{"hidden_size": 2048}' \\
-        --layout inprocess --layout tensor:2 --layout pipeline:2 --layout generic:2
+    # two GPUs (nccl, one a rank; a pipeline there hands over by all_gather):
+    python benchmarks/layout_bench.py --backend nccl --build 'llama:{"hidden_size": 2048}' \\
+        --layout inprocess --layout tensor:2 --layout pipeline:2
 
 This is a measuring script, not a test.
 """
@@ -118,16 +118,31 @@ def backend_env(backend: str, world: int) -> dict:
     return {"MJC_BACKEND": "nccl", "NCCL_HOST_IP": "127.0.0.1", "NCCL_PORT": str(port), "MLX_WORLD_SIZE": str(world)}
 
 
-def bench_cluster(
-    model: Path, parallel: str, world: int, split, repeats: int, max_tokens: int, backend: str = "ring"
-) -> dict:
+def parse_layout(text: str) -> tuple[str, int, list[int] | None]:
+    """``KIND:N[:a,b,...]`` (tensor, pipeline, generic, gather) -> (kind, ranks, split)."""
+    parts = text.split(":")
+    split = [int(n) for n in parts[2].split(",")] if len(parts) > 2 else None
+    return parts[0], int(parts[1]), split
+
+
+def start_layout(model: Path, kind: str, world: int, split, backend: str = "ring"):
+    """Start ``world`` ranks of ``model`` laid out as ``kind`` (parse_layout); not yet ready."""
     work = Path(tempfile.mkdtemp(prefix="mjc-layout-"))
     # a generous heartbeat: on a loaded 2-core machine a rank can stall for seconds while loading
     args = ("--heartbeat-misses", "30")
-    if parallel == "generic":
+    parallel = kind
+    if kind == "generic":
         parallel, args = "pipeline", args + ("--generic-pipeline",)
+    elif kind == "gather":  # the all_gather hand-over (what nccl runs) on any backend
+        parallel, args = "pipeline", args + ("--pipeline-transport", "all_gather")
     env = backend_env(backend, world)
-    group = start_group(model, world, work, parallel=parallel, split=split, args=args, env=env)
+    return start_group(model, world, work, parallel=parallel, split=split, args=args, env=env)
+
+
+def bench_cluster(
+    model: Path, kind: str, world: int, split, repeats: int, max_tokens: int, backend: str = "ring"
+) -> dict:
+    group = start_layout(model, kind, world, split, backend)
     try:
         t0 = time.perf_counter()
         health = group.wait_ready(300)
@@ -215,7 +230,7 @@ def main(argv=None) -> int:
         action="append",
         required=True,
         help="inprocess | tensor:N | pipeline:N | pipeline:N:a,b | generic:N (the generic split even "
-        "where mlx-lm has pipeline()) (repeatable)",
+        "where mlx-lm has pipeline()) | gather:N (a pipeline handing over by all_gather) (repeatable)",
     )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -228,12 +243,10 @@ def main(argv=None) -> int:
         p.error("give --model or --build")
     rows = []
     for layout in a.layout:
-        parts = layout.split(":")
-        if parts[0] == "inprocess":
+        if layout == "inprocess":
             row = bench_inprocess(a.model, a.repeats, a.max_tokens)
         else:
-            split = [int(n) for n in parts[2].split(",")] if len(parts) > 2 else None
-            row = bench_cluster(a.model, parts[0], int(parts[1]), split, a.repeats, a.max_tokens, a.backend)
+            row = bench_cluster(a.model, *parse_layout(layout), a.repeats, a.max_tokens, a.backend)
         row = {"layout": layout, "model": a.model.name, **row}
         rows.append(row)
         print(json.dumps(row), flush=True)

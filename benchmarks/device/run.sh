@@ -8,6 +8,7 @@
 #   bash benchmarks/device/run.sh structured [ARGS...] #       structured_bench.py (a JSON schema vs none;
 #                                                      #   needs llguidance's wheel in /tmp/mjc-wheels too)
 #   bash benchmarks/device/run.sh layout [ARGS...]   #         benchmarks/layout_bench.py (e.g. --backend nccl)
+#   bash benchmarks/device/run.sh soak [ARGS...]     #         benchmarks/cluster_soak.py (ARGS -- soak.py's)
 #
 # The device image has no internet and lacks mlx, mlx-lm, fastapi, uvicorn, pydantic...
 # Wheels travel in git-ignored folders named in `carry` (64 MiB a call):
@@ -61,4 +62,6 @@ out="$OUT/gpu-bench-$stage.json"
 [ "$stage" = structured ] && bench=(benchmarks/structured_bench.py)
 # layout: benchmarks/layout_bench.py, the layouts through our API (pipeline vs tensor)
 [ "$stage" = layout ] && bench=(benchmarks/layout_bench.py) && out="$OUT/layout-bench.json"
+# soak: benchmarks/cluster_soak.py, soak.py against ranks it starts (ARGS: its own, -- soak.py's)
+[ "$stage" = soak ] && bench=(benchmarks/cluster_soak.py) && out="$OUT/soak.json"
 "${limit[@]}" python3 "${bench[@]}" --out "$out" "$@" 2> >(tee "$OUT/bench-$stage.log" >&2)

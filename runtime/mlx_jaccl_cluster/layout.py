@@ -126,17 +126,37 @@ class Layout:
     parallel: str  # "tensor" or "pipeline" ("none" on one rank)
     reason: str
     native_pipeline: bool = False  # mlx-lm's own pipeline() (else the generic split)
+    handover: str = "send"  # how a pipeline stage hands its hidden state on (TRANSPORTS)
 
 
-# MLX backends without point-to-point send/recv (measured on mlx 0.32.4: "Send/Recv has no
-# CUDA implementation"; docs/BENCHMARKS.md): every pipeline split needs them.
-NO_SEND_RECV = {"nccl": "MLX's nccl backend has no send/recv, which every pipeline split needs"}
+# MLX backends without point-to-point send/recv (measured on mlx 0.32.4's nccl: "[nccl]
+# Send/Recv not supported in NCCL backend"; docs/BENCHMARKS.md). A pipeline hands its hidden
+# state on with all_gather there, and mlx-lm's own pipeline(), which sends, cannot run.
+NO_SEND_RECV = {"nccl": "MLX's nccl backend has no send/recv"}
+TRANSPORTS = ("auto", "send", "all_gather")
 
 
-def choose(config: dict, world: int, requested: str = "auto", backend: str | None = None) -> Layout:
+def transport(backend: str | None, requested: str = "auto") -> str:
+    """How a pipeline stage hands its hidden state to the next rank: ``send`` (send/recv,
+    wherever the backend has it) or ``all_gather`` (every rank calls it at each stage
+    boundary and the next stage takes the sender's slice)."""
+    if requested not in TRANSPORTS:
+        raise LayoutError(f"pipeline_transport must be one of {', '.join(TRANSPORTS)} (got {requested!r})")
+    missing = NO_SEND_RECV.get(backend or "")
+    if requested == "auto":
+        return "all_gather" if missing else "send"
+    if requested == "send" and missing:
+        raise LayoutError(f"pipeline_transport=send cannot run on {backend}: {missing}; use auto or all_gather")
+    return requested
+
+
+def choose(
+    config: dict, world: int, requested: str = "auto", backend: str | None = None, handover: str = "auto"
+) -> Layout:
     """The split for ``config`` over ``world`` ranks; ``requested`` is the setting
-    (auto / tensor / pipeline), ``backend`` the MLX backend (None: not known, any).
-    Raises :class:`LayoutError` for one that cannot work."""
+    (auto / tensor / pipeline), ``backend`` the MLX backend (None: not known, any),
+    ``handover`` the pipeline_transport setting. Raises :class:`LayoutError` for one that
+    cannot work."""
     if requested not in PARALLEL_CHOICES:
         raise LayoutError(f"parallel must be one of {', '.join(PARALLEL_CHOICES)} (got {requested!r})")
     model_type = str(config.get("model_type"))
@@ -144,31 +164,25 @@ def choose(config: dict, world: int, requested: str = "auto", backend: str | Non
     if world == 1:
         return Layout("none", "one rank: the whole model in one process")
     blockers = tensor_blockers(config, world)
-    no_pipeline = NO_SEND_RECV.get(backend or "")
-    if no_pipeline and requested == "pipeline":
-        raise LayoutError(f"pipeline cannot run on {backend}: {no_pipeline}; use parallel=tensor or auto")
-    if no_pipeline and requested == "auto" and (not shards or blockers):
-        why = "it has no shard() in mlx-lm" if not shards else "; ".join(blockers)
-        raise LayoutError(
-            f"no split of {model_type} over {world} ranks runs on {backend}: tensor parallel cannot take it "
-            f"({why}) and {no_pipeline}; use a model that tensor parallel splits, or another backend"
-        )
     if requested == "tensor":
-        other = f"({no_pipeline})" if no_pipeline else "or use parallel=pipeline or auto"
         if not shards:
             raise LayoutError(
                 f"model_type {model_type!r} has no tensor-parallel split in mlx-lm (no shard()); "
-                f"use a model that has one {other}"
+                "use a model that has one or use parallel=pipeline or auto"
             )
         if blockers:
             raise LayoutError(
                 f"tensor parallel over {world} ranks cannot split this model: {'; '.join(blockers)}; it splits "
-                f"over {tensor_world_sizes(config)} ranks, {other}"
+                f"over {tensor_world_sizes(config)} ranks, or use parallel=pipeline or auto"
             )
         return Layout("tensor", "requested")
+    hand = transport(backend, handover)
+    # mlx-lm's pipeline() sends: where the hand-over is all_gather, the generic split runs
+    native = pipelines and hand == "send"
+    why_gather = f"; stages hand over by all_gather ({NO_SEND_RECV[backend]})" if backend in NO_SEND_RECV else ""
     if requested == "pipeline":
-        return Layout("pipeline", "requested", native_pipeline=pipelines)
+        return Layout("pipeline", "requested" + why_gather, native_pipeline=native, handover=hand)
     if shards and not blockers:
         return Layout("tensor", f"auto: {model_type} shards in mlx-lm and its heads and MLP divide by {world}")
     why = "has no shard() in mlx-lm" if not shards else "; ".join(blockers)
-    return Layout("pipeline", f"auto: {model_type} {why}", native_pipeline=pipelines)
+    return Layout("pipeline", f"auto: {model_type} {why}{why_gather}", native_pipeline=native, handover=hand)

@@ -17,9 +17,11 @@ from pydantic import AfterValidator, Field, SecretStr, field_validator, model_va
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .generation import SAMPLING_DEFAULTS
+from .layout import LayoutError, transport
 
 Backend = Literal["jaccl", "jaccl-ring", "ring", "nccl"]
 Parallel = Literal["auto", "tensor", "pipeline"]
+Handover = Literal["auto", "send", "all_gather"]  # layout.TRANSPORTS
 
 
 def _env_int(name: str) -> int | None:
@@ -106,6 +108,12 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Pipeline layers per rank, comma-separated in rank order (rank 0 first), e.g. 10,20; "
         "empty: an even split. The plan renders it from each node's memory or its cluster_layers.",
+    )
+    pipeline_transport: Handover = Field(
+        "auto",
+        description="How a pipeline stage hands its hidden state to the next rank: send (send/recv), all_gather "
+        "(every rank joins one all_gather per stage boundary; the generic split), or auto: all_gather on nccl, "
+        "which has no send/recv, send elsewhere.",
     )
     control: str | None = Field(
         None,
@@ -323,6 +331,10 @@ class Settings(BaseSettings):
             raise ValueError(f"{problem}; raise MJC_STEP_TOKEN_BUDGET or lower MJC_MAX_BATCH")
         if self.pipeline_split and self.parallel == "tensor":
             raise ValueError("pipeline_split is set but parallel=tensor; drop the split or use parallel=pipeline/auto")
+        try:
+            transport(self.backend, self.pipeline_transport)
+        except LayoutError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     @classmethod

@@ -1,7 +1,8 @@
 """The generic pipeline split (engine/pipeline.py) on real ranks: six architectures that
 mlx-lm 0.32.2 cannot pipeline itself answer token for token like in-process mlx-lm on one
 rank, over 2 and 3 ranks and uneven splits, with 8 requests at once and with the prompt
-cache (a chat's second turn).
+cache (a chat's second turn); with both hand-overs, send/recv and all_gather (what nccl
+runs; ring has both), the latter also with prompts prefilled in small chunks.
 
 One cluster per case (each ~10 s here); every case runs all the checks, and every arch,
 rank count and kind of split appears in at least one case."""
@@ -19,15 +20,20 @@ from mlx_jaccl_cluster.models.tiny import build_tiny_model
 pytestmark = pytest.mark.slow
 
 CASES = [
-    # arch, world, split (None: even)
-    ("mistral", 2, None),
-    ("gemma3_text", 2, None),
-    ("gemma3_text", 3, [4, 1, 1]),
-    ("phi3", 3, None),
-    ("olmo2", 2, [1, 5]),
-    ("granite", 3, [1, 3, 2]),
-    ("starcoder2", 2, [4, 2]),
+    # arch, world, split (None: even), hand-over
+    ("mistral", 2, None, "send"),
+    ("gemma3_text", 2, None, "send"),
+    ("gemma3_text", 3, [4, 1, 1], "send"),
+    ("phi3", 3, None, "send"),
+    ("olmo2", 2, [1, 5], "send"),
+    ("granite", 3, [1, 3, 2], "send"),
+    ("starcoder2", 2, [4, 2], "send"),
+    ("gemma3_text", 3, [1, 2, 3], "all_gather"),
+    ("olmo2", 2, None, "all_gather"),
 ]
+# all_gather cases: every prompt is prefilled over several steps (the hand-overs of a
+# chunk that computes no logits run through the caches they are tied to)
+SMALL_CHUNKS = ("--prefill-step-size", "16", "--step-token-budget", "24")
 
 PROMPTS = [
     "Tell me about the quick brown fox.",
@@ -53,22 +59,25 @@ def _msgs(text: str) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "arch, world, split",
+    "arch, world, split, handover",
     CASES,
-    ids=[f"{a}-{w}rank-{'even' if s is None else '-'.join(map(str, s))}" for a, w, s in CASES],
+    ids=[f"{a}-{w}rank-{'even' if s is None else '-'.join(map(str, s))}-{h}" for a, w, s, h in CASES],
 )
-def test_generic_split_equals_one_rank(arch, world, split, arch_models, cluster_factory):
+def test_generic_split_equals_one_rank(arch, world, split, handover, arch_models, cluster_factory):
     model = arch_models[arch]
     shards, _ = capabilities(arch)  # mistral shards (as llama): ask for pipeline; the others get it from auto
-    cluster = cluster_factory(model, world, parallel="pipeline" if shards else "auto", split=split)
+    gathers = handover == "all_gather"
+    args = ("--pipeline-transport", handover, *(SMALL_CHUNKS if gathers else ()))
+    cluster = cluster_factory(model, world, parallel="pipeline" if shards else "auto", split=split, args=args)
     health = cluster.wait_ready()
     assert health["ranks_up"] == world
     assert health["parallel"] == "pipeline", health
     assert health["parallel_reason"] == ("requested" if shards else f"auto: {arch} has no shard() in mlx-lm")
     layers = split or [6 // world + (1 if r < 6 % world else 0) for r in range(world)]
+    how = "generic split, all_gather hand-over" if gathers else "generic split"
     start = 0
     for rank, n in enumerate(layers):  # each rank loaded only its own run of layers
-        assert f"generic split, layers {start}..{start + n - 1} of 6" in cluster.log(rank)
+        assert f"{how}, layers {start}..{start + n - 1} of 6" in cluster.log(rank)
         start += n
 
     # One request, then eight at once (decoded together), each against in-process mlx-lm.

@@ -408,20 +408,22 @@ def test_a_model_tensor_cannot_split_names_the_rank_counts_and_auto() -> None:
     assert validate_cluster(hosts, group, model_config=config) == []
 
 
-def test_nccl_with_a_pipeline_is_refused_before_any_host() -> None:
-    """MLX's nccl backend has no send/recv: a pipeline (asked for, or what auto would pick)
-    is refused in preflight, naming cluster_parallel; auto with a model tensor splits passes."""
+def test_nccl_pipelines_pass_preflight_and_a_send_hand_over_is_refused() -> None:
+    """MLX's nccl backend has no send/recv: a pipeline there hands over by all_gather
+    (layout.transport), so preflight passes it; asking for send/recv there is refused,
+    naming the setting and the fix."""
     hosts, group = local_ring()
     group.update(cluster_backend="nccl", cluster_parallel="pipeline")
     config = {"model_type": "llama", "num_attention_heads": 6, "num_key_value_heads": 3, "num_hidden_layers": 6}
     for rank in ("rank1", "rank2"):  # one GPU each
         hosts[rank]["cluster_cuda_device"] = rank[-1]
-    [problem] = validate_cluster(hosts, group, model_config=config)
-    assert problem.field == "cluster_parallel" and "send/recv" in problem.message, problem
-    group["cluster_parallel"] = "auto"
     assert validate_cluster(hosts, group, model_config=config) == []
+    group["cluster_parallel"] = "auto"
+    assert validate_cluster(hosts, group, model_config=config | {"model_type": "phi3"}) == []
+    group["cluster_runtime_settings"] = {"pipeline_transport": "send"}
     [problem] = validate_cluster(hosts, group, model_config=config | {"model_type": "phi3"})
-    assert "no split of phi3" in problem.message and "auto" not in problem.fix, problem
+    assert problem.field == "cluster_runtime_settings.pipeline_transport", problem
+    assert "pipeline_transport=send cannot run on nccl" in problem.message and "all_gather" in problem.fix
 
 
 def test_jaccl_ring_allows_null_between_non_neighbours() -> None:

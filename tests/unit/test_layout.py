@@ -4,7 +4,7 @@ pipeline's split arithmetic (engine/pipeline.py)."""
 import pytest
 
 from mlx_jaccl_cluster.engine.pipeline import SplitError, check_split, even_split, layer_range
-from mlx_jaccl_cluster.layout import LayoutError, capabilities, choose, num_layers
+from mlx_jaccl_cluster.layout import Layout, LayoutError, capabilities, choose, num_layers
 
 
 def cfg(model_type, heads=6, kv=6, layers=6, mlp=None):
@@ -66,19 +66,41 @@ def test_requested_tensor_that_cannot_work_is_refused_with_the_fix():
         choose(cfg("llama"), 2, "data")
 
 
-def test_nccl_cannot_run_a_pipeline_so_auto_takes_tensor_or_refuses():
-    """MLX's nccl backend has no send/recv (measured, docs/BENCHMARKS.md): no pipeline there."""
+def test_nccl_pipelines_hand_over_by_all_gather():
+    """MLX's nccl backend has no send/recv (measured, docs/BENCHMARKS.md): a pipeline there
+    hands its hidden state on with all_gather, through the generic split (mlx-lm's own
+    pipeline() sends)."""
     assert choose(cfg("llama"), 2, "auto", "nccl").parallel == "tensor"
-    assert choose(cfg("llama"), 2, "tensor", "nccl").parallel == "tensor"
-    with pytest.raises(LayoutError, match=r"pipeline cannot run on nccl: .*send/recv.*parallel=tensor or auto"):
-        choose(cfg("qwen2"), 2, "pipeline", "nccl")
-    with pytest.raises(LayoutError, match=r"no split of phi3 over 2 ranks runs on nccl.*no shard\(\)"):
-        choose(cfg("phi3"), 2, "auto", "nccl")
-    with pytest.raises(LayoutError, match=r"num_attention_heads \(9\).*\(MLX's nccl backend has no send/recv"):
+    phi3 = choose(cfg("phi3"), 2, "auto", "nccl")
+    assert (phi3.parallel, phi3.handover, phi3.native_pipeline) == ("pipeline", "all_gather", False)
+    assert (
+        phi3.reason
+        == "auto: phi3 has no shard() in mlx-lm; stages hand over by all_gather (MLX's nccl backend has no send/recv)"
+    )
+    qwen2 = choose(cfg("qwen2"), 2, "pipeline", "nccl")
+    assert (qwen2.handover, qwen2.native_pipeline) == ("all_gather", False)
+    with pytest.raises(
+        LayoutError, match=r"pipeline_transport=send cannot run on nccl: .*send/recv; use auto or all_gather"
+    ):
+        choose(cfg("phi3"), 2, "auto", "nccl", "send")
+    with pytest.raises(LayoutError, match=r"num_attention_heads \(9\).*parallel=pipeline or auto"):
         choose(cfg("llama", heads=9, kv=3), 2, "tensor", "nccl")
-    # ring and jaccl implement send/recv: pipeline as before
-    assert choose(cfg("phi3"), 2, "auto", "ring").parallel == "pipeline"
-    assert choose(cfg("qwen2"), 2, "pipeline", "jaccl").parallel == "pipeline"
+    # ring and jaccl send; all_gather may be asked for anywhere (then the generic split runs)
+    assert choose(cfg("qwen2"), 2, "pipeline", "jaccl") == Layout("pipeline", "requested", True, "send")
+    assert choose(cfg("qwen2"), 2, "pipeline", "ring", "all_gather") == Layout(
+        "pipeline", "requested", False, "all_gather"
+    )
+    with pytest.raises(LayoutError, match="pipeline_transport must be one of auto, send, all_gather"):
+        choose(cfg("phi3"), 2, "auto", "ring", "rdma")
+
+
+def test_settings_refuse_a_send_hand_over_on_nccl(tmp_path, monkeypatch):
+    from mlx_jaccl_cluster.settings import Settings
+
+    monkeypatch.delenv("MLX_HOSTFILE", raising=False)
+    with pytest.raises(ValueError, match="pipeline_transport=send cannot run on nccl"):
+        Settings(model=tmp_path, world_size=1, rank=0, backend="nccl", pipeline_transport="send")
+    assert Settings(model=tmp_path, world_size=1, rank=0, backend="nccl").pipeline_transport == "auto"
 
 
 def test_num_layers_reads_nested_and_renamed_fields():

@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
-from mlx_jaccl_cluster.engine.pipeline import SkipLayer, Unevaluated
+from mlx_jaccl_cluster.engine.pipeline import Handover, SkipLayer, Unevaluated
 
 
 class _Layer(nn.Module):
@@ -28,7 +28,7 @@ def test_skip_layer_cache_updates_are_evaluated_with_the_output():
     assert group.size() == 1
     pending = Unevaluated()
     layers = [SkipLayer(_Layer(), i, None, pending) for i in range(7)]
-    layers.append(SkipLayer(_Layer(), 7, (group, 0), pending))
+    layers.append(SkipLayer(_Layer(), 7, Handover(group, 0, final=True), pending))
     caches = [BatchKVCache([0, 0]) for _ in layers]
     x = mx.ones((2, 1, 64))
 

@@ -244,7 +244,9 @@ class Engine:
         map_large_buffers()  # and freed buffers leave the process (allocator.py)
         self.state.set("loading", f"loading {s.model}")
         started = time.perf_counter()
-        self.loaded = load_model(s.model, s.parallel, group, s.mlx_backend, s.pipeline_split, s.generic_pipeline)
+        self.loaded = load_model(
+            s.model, s.parallel, group, s.mlx_backend, s.pipeline_split, s.generic_pipeline, s.pipeline_transport
+        )
         layout = self.loaded.layout
         log.info(
             "rank %d loaded %s in %.1f s: %s (%s)%s",

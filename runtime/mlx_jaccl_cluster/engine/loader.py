@@ -170,11 +170,13 @@ def read_generation_config(folder: Path) -> dict:
     return found
 
 
-def check_split(config: dict, parallel: str, world_size: int, backend: str | None = None) -> Layout:
-    """The layout (``layout.choose``) for this model, group size, setting and backend; a split
+def check_split(
+    config: dict, parallel: str, world_size: int, backend: str | None = None, handover: str = "auto"
+) -> Layout:
+    """The layout (``layout.choose``) for this model, group size, settings and backend; a split
     the model (or the backend) cannot take is a :class:`ModelError` naming the numbers involved."""
     try:
-        return choose(config, world_size, parallel, backend)
+        return choose(config, world_size, parallel, backend, handover)
     except LayoutError as exc:
         raise ModelError(str(exc)) from None
 
@@ -234,8 +236,8 @@ def _pipeline_load(
         span = (model.model.start_idx, model.model.end_idx)
         how = "mlx-lm pipeline()"
     else:
-        span = pipeline.install(model, group, split)
-        how = "generic split"
+        span = pipeline.install(model, group, split, layout.handover)
+        how = "generic split" + (", all_gather hand-over" if layout.handover == "all_gather" else "")
     if partial:  # the layers this rank really runs: their files must be here (else random weights)
         check_weight_files(folder, config, span)
     if partial and span[0] > 0:
@@ -253,15 +255,16 @@ def load_model(
     backend: str | None = None,
     split: list[int] | None = None,
     generic: bool = False,
+    handover: str = "auto",
 ) -> LoadedModel:
     """Load (and shard, when ``group`` has several ranks) the model in ``folder``.
     ``backend`` is the MLX backend of ``group`` (settings' ``mlx_backend``); ``split`` the
     pipeline layers per rank (empty: even); ``generic``: the generic split even where the
-    class has its own ``pipeline()``."""
+    class has its own ``pipeline()``; ``handover``: the pipeline_transport setting."""
     config = read_config(folder)
     generation_config = read_generation_config(folder)
     world = group.size() if group is not None else 1
-    layout = check_split(config, parallel, world, backend)
+    layout = check_split(config, parallel, world, backend, handover)
     detail = ""
     try:
         if layout.parallel != "pipeline":

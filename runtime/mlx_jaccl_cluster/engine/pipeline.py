@@ -17,10 +17,15 @@ head. Skip layers keep every cache's offset right, so a mask built from any laye
 the last layer of the stack every rank takes the last rank's hidden state (one
 ``all_gather``), so every rank computes the same logits and samples the same token.
 
+On backends without send/recv (nccl) a stage hands over by ``all_gather`` instead
+(:class:`Handover`): after rank r's last layer every rank joins one ``all_gather`` and goes
+on with rank r's slice, which is rank r+1's input.
+
 Communication is tied to the KV caches, as in mlx-lm's own ``pipeline()``: a stage's send
-is made a dependency of its last layer's cache, so evaluating the caches (chunked prefill
-evaluates only those) runs every send and receive; the final gather runs only when logits
-are evaluated, which every rank does at the same steps. The skip layers' cache updates are
+(or hand-over) is made a dependency of its last layer's cache, so evaluating the caches
+(chunked prefill evaluates only those) runs every send, receive and hand-over on every
+rank (a hand-over is tied to that layer index's cache everywhere); the final gather runs
+only when logits are evaluated, which every rank does at the same steps. The skip layers' cache updates are
 made dependencies of the gathered output (:class:`Unevaluated`): nothing else reads them,
 and a lazy update nobody evaluates keeps the one before it alive, step after step.
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -132,11 +138,11 @@ class SkipLayer(nn.Module):
     the scalar attributes of that layer (``use_sliding``, ``layer_type``...), so model code
     that reads them from the layers list still finds them, but none of its weights."""
 
-    def __init__(self, layer: nn.Module, index: int, gather: tuple[Any, int] | None, pending: Unevaluated):
+    def __init__(self, layer: nn.Module, index: int, handover: Handover | None, pending: Unevaluated):
         super().__init__()
         self._sig = _cache_param(layer)
         self._index = index
-        self._gather_group, self._gather_last = gather if gather else (None, None)
+        self._handover = handover
         self._pending = pending
         for key, value in vars(layer).items():
             if not key.startswith("_") and isinstance(value, (bool, int, float, str, type(None))):
@@ -148,9 +154,13 @@ class SkipLayer(nn.Module):
             self._pending.clear()
         cache = _cache_of(self._sig, args, kwargs)
         _advance(cache, x)
+        h = self._handover
+        if h is not None and not h.final:  # another rank's stage ends here: join its all_gather
+            x = h.take(x)
+            _tie(cache, x)
         self._pending.add(cache)
-        if self._gather_group is not None:
-            x = self._pending.settle(_take_last(x, self._gather_group, self._gather_last))
+        if h is not None and h.final:
+            x = self._pending.settle(h.take(x))
         return x
 
 
@@ -163,7 +173,7 @@ class StageLayer(nn.Module):
         index: int,
         recv_from: int | None,
         send_to: int | None,
-        gather: tuple[Any, int] | None,
+        handover: Handover | None,
         group,
         pending: Unevaluated,
     ):
@@ -173,7 +183,7 @@ class StageLayer(nn.Module):
         self._index = index
         self._recv_from = recv_from
         self._send_to = send_to
-        self._gather_group, self._gather_last = gather if gather else (None, None)
+        self._handover = handover
         self._group = group
         self._pending = pending
 
@@ -199,20 +209,40 @@ class StageLayer(nn.Module):
                 f"{type(self.layer).__name__} returns {type(out).__name__}, not the hidden state; "
                 "the generic pipeline split needs layers that return one array"
             )
+        h = self._handover
         if self._send_to is not None:
             out = mx.distributed.send(out.astype(x.dtype), self._send_to, group=self._group)
-            cache = _cache_of(self._sig, args, kwargs)
-            if cache is not None and getattr(cache, "keys", None) is not None:
-                cache.keys = mx.depends(cache.keys, out)
-        if self._gather_group is not None:
-            out = self._pending.settle(_take_last(out, self._gather_group, self._gather_last))
+            _tie(_cache_of(self._sig, args, kwargs), out)
+        elif h is not None and not h.final:  # this stage ends: every rank takes its output
+            out = h.take(out.astype(x.dtype))
+            _tie(_cache_of(self._sig, args, kwargs), out)
+        if h is not None and h.final:
+            out = self._pending.settle(h.take(out))
         return out
 
 
-def _take_last(x: mx.array, group, last: int) -> mx.array:
-    """Every rank gets the last rank's ``x`` (all ranks call this at the same point)."""
-    n = x.shape[0]
-    return mx.distributed.all_gather(x, group=group)[last * n : (last + 1) * n]
+def _tie(cache, x: mx.array) -> None:
+    """Make evaluating ``cache`` run what made ``x`` (a send, a hand-over's all_gather):
+    chunked prefill evaluates only the caches, and every rank must run every collective."""
+    if cache is not None and getattr(cache, "keys", None) is not None:
+        cache.keys = mx.depends(cache.keys, x)
+
+
+@dataclass(frozen=True)
+class Handover:
+    """After this layer index, rank ``source``'s hidden state goes to every rank by one
+    ``all_gather`` that all ranks call at the same point (each passing its own hidden state
+    of the same shape, which the others ignore). ``final``: after the last layer, so every
+    rank computes the same logits; otherwise a stage boundary of the all_gather transport
+    (layout.transport), where the next stage takes its input from it instead of a recv."""
+
+    group: Any
+    source: int
+    final: bool
+
+    def take(self, x: mx.array) -> mx.array:
+        n = x.shape[0]
+        return mx.distributed.all_gather(x, group=self.group)[self.source * n : (self.source + 1) * n]
 
 
 def layer_list(model: nn.Module) -> list:
@@ -236,32 +266,38 @@ def check_caches(model: nn.Module) -> None:
         )
 
 
-def install(model: nn.Module, group, split: Sequence[int]) -> tuple[int, int]:
+def install(model: nn.Module, group, split: Sequence[int], transport: str = "send") -> tuple[int, int]:
     """Make this rank one pipeline stage of ``model``; returns its ``(start, end)``.
+    ``transport``: how a stage hands its hidden state to the next, ``send`` (send/recv) or
+    ``all_gather`` (for backends without send/recv; layout.transport).
 
     Call it on the lazily loaded model, before its weights are evaluated: the layers
     replaced by skip layers drop their weights, so only this rank's share is ever read.
     """
+    if transport not in ("send", "all_gather"):
+        raise SplitError(f"unknown pipeline transport {transport!r} (send or all_gather)")
     layers = layer_list(model)
     world, rank = group.size(), group.rank()
     split = check_split(split, len(layers), world)
     check_caches(model)
     start, end = layer_range(split, rank)
-    last = len(layers) - 1
-    gather = (group, world - 1)
+    handovers = {len(layers) - 1: Handover(group, world - 1, final=True)}
+    if transport == "all_gather":
+        for r in range(world - 1):
+            handovers[layer_range(split, r)[1] - 1] = Handover(group, r, final=False)
+    sends = transport == "send"
     pending = Unevaluated()
     for i, layer in enumerate(layers):
-        g = gather if i == last else None
         if start <= i < end:
             layers[i] = StageLayer(
                 layer,
                 i,
-                recv_from=rank - 1 if i == start and rank > 0 else None,
-                send_to=rank + 1 if i == end - 1 and rank < world - 1 else None,
-                gather=g,
+                recv_from=rank - 1 if sends and i == start and rank > 0 else None,
+                send_to=rank + 1 if sends and i == end - 1 and rank < world - 1 else None,
+                handover=handovers.get(i),
                 group=group,
                 pending=pending,
             )
         else:
-            layers[i] = SkipLayer(layer, i, g, pending)
+            layers[i] = SkipLayer(layer, i, handovers.get(i), pending)
     return start, end

@@ -136,6 +136,17 @@ def _runtime_settings_problems(group: Mapping[str, Any]) -> list[Problem]:
                     f"raise step_token_budget above {batch} or lower max_batch",
                 )
             )
+        from ..layout import LayoutError, transport
+
+        try:  # a hand-over the backend cannot run (send on nccl)
+            transport(
+                setting(group, "cluster_backend"),
+                value.get("pipeline_transport", Settings.default("pipeline_transport")),
+            )
+        except LayoutError as exc:
+            found.append(
+                Problem(GROUP, f"{key}.pipeline_transport", str(exc), "remove it (auto picks all_gather on nccl)")
+            )
     return found
 
 

@@ -189,6 +189,7 @@ def place(
     prompt_cache_size: int = 0,
     generic: bool = False,
     backend: str | None = None,
+    handover: str = "auto",
 ) -> Placement:
     """Layout, split and fit of the model over ``ranks`` (hostnames in rank order).
 
@@ -198,12 +199,13 @@ def place(
     ``prompt_cache_bytes`` / ``prompt_cache_size``: the runtime's prompt cache bounds
     (Settings), whose KV memory the ranks hold in proportion to their layers; ``generic``:
     the generic split even where mlx-lm's class has its own pipeline() (Settings);
-    ``backend``: the MLX backend (some cannot run a pipeline: ``layout.choose``).
+    ``backend``: the MLX backend and ``handover`` the pipeline_transport setting (where a
+    stage hands over by all_gather, the generic split runs: ``layout.choose``).
     """
     world = len(ranks)
     fp = footprint(config, sizes, max_context)
     try:
-        layout = choose(dict(config), world, parallel, backend)
+        layout = choose(dict(config), world, parallel, backend, handover)
     except LayoutError as exc:
         return Placement(parallel, "", problems=[f"{ranks[0]}: cluster_parallel: {exc}"])
     machines = machines or {h: h for h in ranks}
@@ -436,6 +438,7 @@ def place_plan(
         int(runtime.get("prompt_cache_size", defaults["prompt_cache_size"])),
         bool(runtime.get("generic_pipeline", defaults["generic_pipeline"])),
         plan.get("backend"),
+        str(runtime.get("pipeline_transport", defaults["pipeline_transport"])),
     )
     out = json.loads(json.dumps(plan))  # a deep copy of plain data
     resolved = placement.parallel if placement.parallel in ("tensor", "pipeline") else "tensor"
