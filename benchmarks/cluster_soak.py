@@ -13,33 +13,25 @@ This is a measuring script, not a test.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from layout_bench import build, parse_layout, start_layout
+from layout_bench import add_model_options, model_from, parse_layout, start_layout
 
 HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, help="an mlx-lm model folder (or --build)")
-    p.add_argument("--build", metavar="ARCH:JSON", help="build a random-weight model instead (layout_bench.py)")
-    p.add_argument("--dtype", default="bfloat16", help="dtype of a --build model")
-    p.add_argument("--backend", choices=("ring", "nccl"), default="ring")
+    add_model_options(p)
     p.add_argument("--layout", default="pipeline:2", help="tensor:N | pipeline:N[:a,b] | generic:N | gather:N")
     p.add_argument("--out", type=Path, help="soak.py's JSON report")
     p.add_argument("soak_args", nargs=argparse.REMAINDER, help="-- then soak.py's options")
     a = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if a.build:
-        a.model = build(a.build, a.dtype)
-    elif a.model is None:
-        p.error("give --model or --build")
+    model = model_from(p, a)
     extra = [x for x in a.soak_args if x != "--"]
-    group = start_layout(a.model, *parse_layout(a.layout), a.backend)
+    group = start_layout(model, *parse_layout(a.layout), a.backend)
     try:
         health = group.wait_ready(300)
         print(f"ready: {health.get('parallel')} ({health.get('parallel_reason')})", flush=True)

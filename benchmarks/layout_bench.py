@@ -212,8 +212,8 @@ def build(spec: str, dtype: str) -> Path:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model / --build / --dtype / --backend (this script's and cluster_soak.py's)."""
     p.add_argument("--model", type=Path, help="an mlx-lm model folder (or --build)")
     p.add_argument(
         "--build",
@@ -225,6 +225,21 @@ def main(argv=None) -> int:
     p.add_argument(
         "--backend", choices=("ring", "nccl"), default="ring", help="the ranks' backend (nccl: one GPU each)"
     )
+
+
+def model_from(p: argparse.ArgumentParser, a: argparse.Namespace) -> Path:
+    """The model folder the options name (building it for --build); offline from here on."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.build:
+        return build(a.build, a.dtype)
+    if a.model is None:
+        p.error("give --model or --build")
+    return a.model
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_options(p)
     p.add_argument(
         "--layout",
         action="append",
@@ -236,11 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if a.build:
-        a.model = build(a.build, a.dtype)
-    elif a.model is None:
-        p.error("give --model or --build")
+    a.model = model_from(p, a)
     rows = []
     for layout in a.layout:
         if layout == "inprocess":

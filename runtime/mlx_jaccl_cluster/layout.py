@@ -179,7 +179,11 @@ def choose(
     hand = transport(backend, handover)
     # mlx-lm's pipeline() sends: where the hand-over is all_gather, the generic split runs
     native = pipelines and hand == "send"
-    why_gather = f"; stages hand over by all_gather ({NO_SEND_RECV[backend]})" if backend in NO_SEND_RECV else ""
+    why_gather = ""
+    if hand == "all_gather":
+        why_gather = "; stages hand over by all_gather" + (
+            f" ({NO_SEND_RECV[backend]})" if backend in NO_SEND_RECV else ""
+        )
     if requested == "pipeline":
         return Layout("pipeline", "requested" + why_gather, native_pipeline=native, handover=hand)
     if shards and not blockers:

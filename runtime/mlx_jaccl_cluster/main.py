@@ -191,13 +191,14 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     api.append(server)
+    if ending:  # lost before the server existed: it starts, and shuts down at once
+        stop_serving()
     engine.start()
-    server.run()
-    if ending:  # the group broke or the engine failed: leave with that code
-        os._exit(ending[0])
-    if not server.started:  # the API port taken, maybe by the rank 0 this one replaces
-        log.error("the API could not start on %s:%s", settings.api_host, settings.api_port)
-        os._exit(EXIT_LOST)
+    try:
+        server.run()  # a port it cannot bind ends it with uvicorn's SystemExit(3)
+    finally:
+        if ending:  # the group broke or the engine failed: leave with that code
+            os._exit(ending[0])
 
 
 if __name__ == "__main__":

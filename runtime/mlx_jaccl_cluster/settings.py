@@ -17,11 +17,11 @@ from pydantic import AfterValidator, Field, SecretStr, field_validator, model_va
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .generation import SAMPLING_DEFAULTS
-from .layout import LayoutError, transport
+from .layout import TRANSPORTS, LayoutError, transport
 
 Backend = Literal["jaccl", "jaccl-ring", "ring", "nccl"]
 Parallel = Literal["auto", "tensor", "pipeline"]
-Handover = Literal["auto", "send", "all_gather"]  # layout.TRANSPORTS
+PipelineTransport = Literal[TRANSPORTS]
 
 
 def _env_int(name: str) -> int | None:
@@ -109,7 +109,7 @@ class Settings(BaseSettings):
         description="Pipeline layers per rank, comma-separated in rank order (rank 0 first), e.g. 10,20; "
         "empty: an even split. The plan renders it from each node's memory or its cluster_layers.",
     )
-    pipeline_transport: Handover = Field(
+    pipeline_transport: PipelineTransport = Field(
         "auto",
         description="How a pipeline stage hands its hidden state to the next rank: send (send/recv), all_gather "
         "(every rank joins one all_gather per stage boundary; the generic split), or auto: all_gather on nccl, "

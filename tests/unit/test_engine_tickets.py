@@ -5,7 +5,6 @@ broadcast and the prefill run collectives there, and a peer that dies fails them
 from __future__ import annotations
 
 import queue
-import threading
 
 import pytest
 
@@ -63,11 +62,39 @@ def test_a_request_taken_just_after_the_inbox_was_drained_is_refused_not_run(eng
     inbox = LosesAfterGet()
     inbox.put(engine._inbox.get_nowait())
     engine._inbox = inbox
-    ran = threading.Event()
-    monkeypatch.setattr(engine, "_apply", lambda *a: ran.set() or [])
-    assert engine._collect(block=True) == ([], [])
-    assert not ran.is_set()
+    assert engine._collect(block=True) == ([], [])  # nothing for the loop to place or run
     assert _errors(engine) == [(ticket, 503, LOST)]
+    assert not engine._held
+
+
+def test_a_request_placed_after_fail_all_is_not_served_again(engine, monkeypatch):
+    """The collective finished before the peer died: the loop places the batch, but the
+    tickets fail_all answered are not registered to receive tokens."""
+
+    def apply(requests, *_):
+        engine.fail_all(LOST)
+        return list(range(len(requests)))
+
+    monkeypatch.setattr(engine, "_apply", apply)
+    monkeypatch.setattr(engine, "_step", lambda: [])
+    engine.submit(GenerationRequest([1, 2, 3], 4), sink=lambda e: None)
+    engine._active = {0}  # the loop runs one step, then waits on the inbox: stop it there
+    monkeypatch.setattr(engine, "_collect", _once(engine._collect))
+    with pytest.raises(StopIteration):
+        engine._leader_loop()
+    assert not engine._tickets and len(_errors(engine)) == 1
+
+
+def _once(collect):
+    calls = []
+
+    def wrapped(*a, **kw):
+        if calls:
+            raise StopIteration
+        calls.append(1)
+        return collect(*a, **kw)
+
+    return wrapped
 
 
 def test_after_fail_all_nothing_is_accepted_and_nothing_is_left_unanswered(engine):

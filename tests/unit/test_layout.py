@@ -88,7 +88,7 @@ def test_nccl_pipelines_hand_over_by_all_gather():
     # ring and jaccl send; all_gather may be asked for anywhere (then the generic split runs)
     assert choose(cfg("qwen2"), 2, "pipeline", "jaccl") == Layout("pipeline", "requested", True, "send")
     assert choose(cfg("qwen2"), 2, "pipeline", "ring", "all_gather") == Layout(
-        "pipeline", "requested", False, "all_gather"
+        "pipeline", "requested; stages hand over by all_gather", False, "all_gather"
     )
     with pytest.raises(LayoutError, match="pipeline_transport must be one of auto, send, all_gather"):
         choose(cfg("phi3"), 2, "auto", "ring", "rdma")

@@ -472,7 +472,8 @@ class Engine:
                 for uid, ticket in zip(uids, inserts):
                     ticket.uid = uid
                     ticket.inserted = now
-                    self._tickets[uid] = ticket
+                    if self._dead is None:  # else fail_all has answered it already
+                        self._tickets[uid] = ticket
                 self._held = []
                 for uid in removes:
                     self._tickets.pop(uid, None)

@@ -108,7 +108,8 @@ def check_weight_files(folder: Path, config: dict, stage: tuple[int, int] | None
 
 def _stand_in_embeddings(model, folder: Path) -> list[str]:
     """A later pipeline stage on a node without the embedding files: its embedding output
-    is never evaluated (the stage's first layer receives the hidden state instead), so the
+    is not used (the stage's first layer receives the hidden state instead; with the
+    all_gather hand-over it is this rank's ignored part of the first gather), so the
     embedding gets zero-stride stand-ins of the right shape that hold no memory. Refused
     when the model has no separate head (tied: the embedding computes every rank's logits)."""
     weight_map = stage_files.read_weight_map(folder) or {}

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Memory per request, narrowed down: the RSS of a rank (or of mlx-lm's BatchGenerator
+alone) printed every tenth of N requests of one kind, 8 at a time.
+
+    # a running rank 0 (python -m mlx_jaccl_cluster.launch --world 1 ...), its PID:
+    benchmarks/request_rss.py --url http://127.0.0.1:8093 --pid PID --kind chat --words 5 60 -n 2400
+    benchmarks/request_rss.py --url http://127.0.0.1:8093 --pid PID --kind invalid -n 5000
+    # the same prompt shapes through mlx-lm's BatchGenerator in this process, no server:
+    benchmarks/request_rss.py --inprocess MODEL_DIR --words 5 60 -n 2400
+
+``chat``: a chat of ``--words`` random words (a different prompt each time) and
+``--max-tokens`` greedy tokens; ``invalid``: a body the API refuses (HTTP only). A steady
+climb over thousands of requests, where ``invalid`` and ``--inprocess`` stay flat, points
+at the runtime's generation path (docs/BENCHMARKS.md, "Soak on GPUs").
+
+This is a measuring script, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+
+WORDS = "cluster ring token model cache layer batch prompt stream queue rank heartbeat memory link".split()
+CONCURRENT = 8
+
+
+def rss_mb(pid: int | str = "self") -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) // 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def _text(words: tuple[int, int], i: int) -> str:
+    return " ".join(random.choice(WORDS) for _ in range(random.randint(*words))) + f" {i}"
+
+
+async def _server(a) -> None:
+    import httpx
+
+    done, start = 0, time.time()
+    async with httpx.AsyncClient(base_url=a.url, timeout=120) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+        gate = asyncio.Semaphore(CONCURRENT)
+
+        async def one(i: int) -> None:
+            nonlocal done
+            if a.kind == "chat":
+                body = {"model": model, "messages": [{"role": "user", "content": _text(a.words, i)}]}
+                body |= {"max_tokens": a.max_tokens, "temperature": 0}
+            else:
+                body = {"model": model, "messages": "not a list"}
+            async with gate:
+                await client.post("/v1/chat/completions", json=body)
+            done += 1
+            if done % max(1, a.n // 10) == 0:
+                print(f"{done} requests, {time.time() - start:.0f} s, rss {rss_mb(a.pid)} MB", flush=True)
+
+        await asyncio.gather(*(one(i) for i in range(a.n)))
+
+
+def _inprocess(a) -> None:
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import BatchGenerator
+
+    model, tokenizer = load(a.inprocess)
+    mx.set_cache_limit(256 << 20)  # the runtime's default mlx_cache_limit
+    gen = BatchGenerator(model, max_tokens=a.max_tokens, completion_batch_size=CONCURRENT)
+    done, start = 0, time.time()
+    while done < a.n:
+        prompts = [tokenizer.encode(_text(a.words, done + k)) for k in range(CONCURRENT)]
+        gen.insert(prompts, max_tokens=[a.max_tokens] * CONCURRENT)
+        left = CONCURRENT
+        while left:
+            for r in gen.next()[1]:
+                if r.finish_reason is not None:
+                    left, done = left - 1, done + 1
+                    if done % max(1, a.n // 10) == 0:
+                        print(f"{done} sequences, {time.time() - start:.0f} s, rss {rss_mb()} MB", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="rank 0's API")
+    p.add_argument("--pid", type=int, help="rank 0's process (its RSS is read from /proc)")
+    p.add_argument("--inprocess", metavar="MODEL_DIR", help="mlx-lm's BatchGenerator in this process instead")
+    p.add_argument("--kind", choices=("chat", "invalid"), default="chat")
+    p.add_argument("--words", type=int, nargs=2, default=(5, 60), metavar=("MIN", "MAX"))
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("-n", type=int, default=2400, help="requests (sequences in-process)")
+    a = p.parse_args()
+    random.seed(1)
+    if a.inprocess:
+        _inprocess(a)
+    elif a.url and a.pid:
+        asyncio.run(_server(a))
+    else:
+        p.error("give --url and --pid, or --inprocess")
+
+
+if __name__ == "__main__":
+    main()
