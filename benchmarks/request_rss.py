@@ -1,17 +1,22 @@
 #!/usr/bin/env python3
-"""Memory per request, narrowed down: the RSS of a rank (or of mlx-lm's BatchGenerator
-alone) printed every tenth of N requests of one kind, 8 at a time.
+"""Memory per request, narrowed down: the RSS of a rank (or of mlx-lm in this process)
+printed every tenth of N requests of one kind, 8 at a time.
 
     # a running rank 0 (python -m mlx_jaccl_cluster.launch --world 1 ...), its PID:
     benchmarks/request_rss.py --url http://127.0.0.1:8093 --pid PID --kind chat --words 5 60 -n 2400
     benchmarks/request_rss.py --url http://127.0.0.1:8093 --pid PID --kind invalid -n 5000
     # the same prompt shapes through mlx-lm's BatchGenerator in this process, no server:
-    benchmarks/request_rss.py --inprocess MODEL_DIR --words 5 60 -n 2400
+    benchmarks/request_rss.py --inprocess --model MODEL_DIR --words 5 60 -n 2400
+    # plain forward passes (a fresh KV cache each, then --max-tokens decode steps), each of a
+    # random batch x length from --tokens, or all of one shape with --fixed (the control):
+    benchmarks/request_rss.py --forward --build 'llama:{"hidden_size": 2048}' --tokens 16 512 -n 1500
 
 ``chat``: a chat of ``--words`` random words (a different prompt each time) and
 ``--max-tokens`` greedy tokens; ``invalid``: a body the API refuses (HTTP only). A steady
 climb over thousands of requests, where ``invalid`` and ``--inprocess`` stay flat, points
-at the runtime's generation path (docs/BENCHMARKS.md, "Soak on GPUs").
+at the runtime's generation path; ``--forward`` against ``--forward --fixed`` shows what
+new shapes alone cost (on CUDA: MLX's per-shape cuDNN attention graphs, docs/BENCHMARKS.md,
+"Soak on GPUs"). Each line also gives MLX's active and cache memory.
 
 This is a measuring script, not a test.
 """
@@ -22,6 +27,8 @@ import argparse
 import asyncio
 import random
 import time
+
+from layout_bench import add_model_options, model_from
 
 WORDS = "cluster ring token model cache layer batch prompt stream queue rank heartbeat memory link".split()
 CONCURRENT = 8
@@ -62,15 +69,57 @@ async def _server(a) -> None:
         await asyncio.gather(*(one(i) for i in range(a.n)))
 
 
-def _inprocess(a) -> None:
+class _Report:
+    """A line every tenth of ``n`` and at least every 10 s (a slow run still shows its slope)."""
+
+    def __init__(self, what: str, n: int):
+        self.what, self.every, self.start = what, max(1, n // 10), time.time()
+        self.last = self.start
+
+    def __call__(self, done: int) -> None:
+        import mlx.core as mx
+
+        now = time.time()
+        if done % self.every and now - self.last < 10:
+            return
+        self.last = now
+        mlx = f"mlx active {mx.get_active_memory() >> 20} MB, cache {mx.get_cache_memory() >> 20} MB"
+        print(f"{done} {self.what}, {now - self.start:.0f} s, rss {rss_mb()} MB, {mlx}", flush=True)
+
+
+def _load(a):
     import mlx.core as mx
     from mlx_lm import load
+
+    model, tokenizer = load(str(a.model))
+    mx.set_cache_limit(256 << 20)  # the runtime's default mlx_cache_limit
+    return model, tokenizer
+
+
+def _forward(a) -> None:
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, tokenizer = _load(a)
+    vocab = model.args.vocab_size
+    report = _Report("forwards", a.n)
+    for i in range(a.n):
+        batch = CONCURRENT if a.fixed else random.randint(1, CONCURRENT)
+        length = a.tokens[1] if a.fixed else random.randint(*a.tokens)
+        cache = make_prompt_cache(model)
+        tokens = model(mx.random.randint(0, vocab, (batch, length)), cache=cache)[:, -1:].argmax(-1)
+        for _ in range(a.max_tokens):
+            tokens = model(tokens, cache=cache)[:, -1:].argmax(-1)
+        mx.eval(tokens)
+        report(i + 1)
+
+
+def _inprocess(a) -> None:
     from mlx_lm.generate import BatchGenerator
 
-    model, tokenizer = load(a.inprocess)
-    mx.set_cache_limit(256 << 20)  # the runtime's default mlx_cache_limit
+    model, tokenizer = _load(a)
     gen = BatchGenerator(model, max_tokens=a.max_tokens, completion_batch_size=CONCURRENT)
-    done, start = 0, time.time()
+    done, report = 0, _Report("sequences", a.n)
     while done < a.n:
         prompts = [tokenizer.encode(_text(a.words, done + k)) for k in range(CONCURRENT)]
         gen.insert(prompts, max_tokens=[a.max_tokens] * CONCURRENT)
@@ -79,23 +128,27 @@ def _inprocess(a) -> None:
             for r in gen.next()[1]:
                 if r.finish_reason is not None:
                     left, done = left - 1, done + 1
-                    if done % max(1, a.n // 10) == 0:
-                        print(f"{done} sequences, {time.time() - start:.0f} s, rss {rss_mb()} MB", flush=True)
+                    report(done)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="rank 0's API")
     p.add_argument("--pid", type=int, help="rank 0's process (its RSS is read from /proc)")
-    p.add_argument("--inprocess", metavar="MODEL_DIR", help="mlx-lm's BatchGenerator in this process instead")
+    p.add_argument("--inprocess", action="store_true", help="mlx-lm's BatchGenerator in this process instead")
+    p.add_argument("--forward", action="store_true", help="plain forward passes in this process instead")
+    p.add_argument("--tokens", type=int, nargs=2, default=(16, 512), metavar=("MIN", "MAX"))
+    p.add_argument("--fixed", action="store_true", help="--forward: every pass 8 x MAX tokens")
+    add_model_options(p)
     p.add_argument("--kind", choices=("chat", "invalid"), default="chat")
     p.add_argument("--words", type=int, nargs=2, default=(5, 60), metavar=("MIN", "MAX"))
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("-n", type=int, default=2400, help="requests (sequences in-process)")
     a = p.parse_args()
     random.seed(1)
-    if a.inprocess:
-        _inprocess(a)
+    if a.inprocess or a.forward:
+        a.model = model_from(p, a)
+        _forward(a) if a.forward else _inprocess(a)
     elif a.url and a.pid:
         asyncio.run(_server(a))
     else:

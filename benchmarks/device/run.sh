@@ -9,6 +9,7 @@
 #                                                      #   needs llguidance's wheel in /tmp/mjc-wheels too)
 #   bash benchmarks/device/run.sh layout [ARGS...]   #         benchmarks/layout_bench.py (e.g. --backend nccl)
 #   bash benchmarks/device/run.sh soak [ARGS...]     #         benchmarks/cluster_soak.py (ARGS -- soak.py's)
+#   bash benchmarks/device/run.sh py SCRIPT [ARGS...] #        any script, e.g. benchmarks/request_rss.py --forward
 #
 # The device image has no internet and lacks mlx, mlx-lm, fastapi, uvicorn, pydantic...
 # Wheels travel in git-ignored folders named in `carry` (64 MiB a call):
@@ -64,4 +65,8 @@ out="$OUT/gpu-bench-$stage.json"
 [ "$stage" = layout ] && bench=(benchmarks/layout_bench.py) && out="$OUT/layout-bench.json"
 # soak: benchmarks/cluster_soak.py, soak.py against ranks it starts (ARGS: its own, -- soak.py's)
 [ "$stage" = soak ] && bench=(benchmarks/cluster_soak.py) && out="$OUT/soak.json"
+if [ "$stage" = py ]; then
+  "${limit[@]}" python3 "$@" 2> >(tee "$OUT/bench-py.log" >&2)
+  exit
+fi
 "${limit[@]}" python3 "${bench[@]}" --out "$out" "$@" 2> >(tee "$OUT/bench-$stage.log" >&2)

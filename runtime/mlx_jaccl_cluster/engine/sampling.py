@@ -3,20 +3,23 @@
 Random draws are keyed by (request seed, draw number), not by MLX's global random
 state, so every rank draws the same numbers for the same request, whatever else is in
 the batch and however many ranks there are.
+
+A request's ``top_p``, ``min_p`` and ``top_k`` never reach ``mx.compile`` as Python
+numbers. mlx-lm's filters are compiled functions, and ``mx.compile`` builds and keeps a
+new kernel for every distinct constant it is called with: on Linux each new value cost
+the engine thread a C++ compile of about a second (every sequence of the batch waited)
+and about 20 KB that is never freed, so a client sending varied values could stall and
+grow every rank without bound. ``top_p`` goes to mlx-lm's filter as an array (one
+kernel for all values); min-p and top-k are plain ops here, uncompiled.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import mlx.core as mx
-from mlx_lm.sample_utils import (
-    apply_min_p,
-    apply_top_k,
-    apply_top_p,
-    greedy_sampler,
-    make_logits_processors,
-)
+from mlx_lm.sample_utils import apply_top_p, greedy_sampler, make_logits_processors
 
 from ..generation import SamplingParams
 
@@ -25,18 +28,46 @@ Sampler = Callable[[mx.array], mx.array]
 _KEY_MASK = (1 << 63) - 1
 
 
+def min_p_filter(min_p: float) -> Callable[[mx.array], mx.array]:
+    """Drop tokens less likely than ``min_p`` times the likeliest (which always stays)."""
+    log_min_p = math.log(min_p)
+
+    def apply(logprobs: mx.array) -> mx.array:
+        floor = mx.max(logprobs, axis=-1, keepdims=True) + log_min_p
+        return mx.where(logprobs < floor, -mx.inf, logprobs)
+
+    return apply
+
+
+def top_k_filter(top_k: int) -> Callable[[mx.array], mx.array]:
+    """Keep the ``top_k`` likeliest tokens (all of them when ``top_k`` reaches the vocabulary)."""
+
+    def apply(logprobs: mx.array) -> mx.array:
+        if top_k >= logprobs.shape[-1]:
+            return logprobs
+        dropped = mx.argpartition(-logprobs, kth=top_k - 1, axis=-1)[..., top_k:]
+        return mx.put_along_axis(logprobs, dropped, mx.array(-mx.inf, logprobs.dtype), axis=-1)
+
+    return apply
+
+
+def top_p_filter(top_p: float) -> Callable[[mx.array], mx.array]:
+    """Keep the smallest set of likeliest tokens whose mass reaches ``top_p`` (mlx-lm's)."""
+    threshold = mx.array(top_p, mx.float32)
+    return lambda logprobs: apply_top_p(logprobs, threshold)
+
+
 def make_sampler(params: SamplingParams) -> Sampler:
     """Greedy requests share one sampler (batched argmax); others get a keyed closure."""
     if params.greedy:
         return greedy_sampler
     filters: list[Callable[[mx.array], mx.array]] = []
     if 0.0 < params.top_p < 1.0:
-        filters.append(lambda x: apply_top_p(x, params.top_p))
+        filters.append(top_p_filter(params.top_p))
     if params.min_p > 0.0:
-        filters.append(lambda x: apply_min_p(x, params.min_p))
+        filters.append(min_p_filter(params.min_p))
     if params.top_k > 0:
-        # A top_k at or above the vocabulary size keeps everything.
-        filters.append(lambda x: apply_top_k(x, params.top_k) if params.top_k < x.shape[-1] else x)
+        filters.append(top_k_filter(params.top_k))
     inv_temp = 1.0 / params.temperature
     draws = 0
 
