@@ -12,11 +12,12 @@ printed every tenth of N requests of one kind, 8 at a time.
     benchmarks/request_rss.py --forward --build 'llama:{"hidden_size": 2048}' --tokens 16 512 -n 1500
 
 ``chat``: a chat of ``--words`` random words (a different prompt each time) and
-``--max-tokens`` greedy tokens; ``invalid``: a body the API refuses (HTTP only). A steady
-climb over thousands of requests, where ``invalid`` and ``--inprocess`` stay flat, points
-at the runtime's generation path; ``--forward`` against ``--forward --fixed`` shows what
-new shapes alone cost (on CUDA: MLX's per-shape cuDNN attention graphs, docs/BENCHMARKS.md,
-"Soak on GPUs"). Each line also gives MLX's active and cache memory.
+``--max-tokens`` tokens (greedy unless ``--temperature``); ``invalid``: a body the API
+refuses (HTTP only). Comparing kinds and modes narrows a climb down: ``invalid`` tests
+the HTTP layer alone, ``--inprocess`` mlx-lm's engine without ours, and ``--forward``
+against ``--forward --fixed`` what new shapes alone cost (on CUDA: MLX's per-shape cuDNN
+attention graphs). docs/BENCHMARKS.md, "Soak on GPUs", has the figures. Each in-process
+line also gives MLX's active and cache memory.
 
 This is a measuring script, not a test.
 """
@@ -57,7 +58,7 @@ async def _server(a) -> None:
             nonlocal done
             if a.kind == "chat":
                 body = {"model": model, "messages": [{"role": "user", "content": _text(a.words, i)}]}
-                body |= {"max_tokens": a.max_tokens, "temperature": 0}
+                body |= {"max_tokens": a.max_tokens, "temperature": a.temperature}
             else:
                 body = {"model": model, "messages": "not a list"}
             async with gate:
@@ -143,6 +144,7 @@ def main() -> None:
     p.add_argument("--kind", choices=("chat", "invalid"), default="chat")
     p.add_argument("--words", type=int, nargs=2, default=(5, 60), metavar=("MIN", "MAX"))
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=0.0, help="chat: 0 greedy, else sampled")
     p.add_argument("-n", type=int, default=2400, help="requests (sequences in-process)")
     a = p.parse_args()
     random.seed(1)
