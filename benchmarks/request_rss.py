@@ -9,7 +9,8 @@ printed every tenth of N requests of one kind, 8 at a time.
     benchmarks/request_rss.py --inprocess --model MODEL_DIR --words 5 60 -n 2400
     # plain forward passes (a fresh KV cache each, then --max-tokens decode steps), each of a
     # random batch x length from --tokens, or all of one shape with --fixed (the control):
-    benchmarks/request_rss.py --forward --build 'llama:{"hidden_size": 2048}' --tokens 16 512 -n 1500
+    benchmarks/request_rss.py --forward --build 'llama:{"hidden_size": 2048, "num_attention_heads": 16,
+        "num_key_value_heads": 8}' --tokens 16 512 --max-tokens 4 -n 1500
 
 ``chat``: a chat of ``--words`` random words (a different prompt each time) and
 ``--max-tokens`` tokens (greedy unless ``--temperature``); ``invalid``: a body the API
@@ -101,7 +102,7 @@ def _forward(a) -> None:
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    model, tokenizer = _load(a)
+    model, _ = _load(a)
     vocab = model.args.vocab_size
     report = _Report("forwards", a.n)
     for i in range(a.n):
@@ -136,11 +137,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="rank 0's API")
     p.add_argument("--pid", type=int, help="rank 0's process (its RSS is read from /proc)")
-    p.add_argument("--inprocess", action="store_true", help="mlx-lm's BatchGenerator in this process instead")
-    p.add_argument("--forward", action="store_true", help="plain forward passes in this process instead")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--inprocess", action="store_true", help="mlx-lm's BatchGenerator in this process instead")
+    mode.add_argument("--forward", action="store_true", help="plain forward passes in this process instead")
     p.add_argument("--tokens", type=int, nargs=2, default=(16, 512), metavar=("MIN", "MAX"))
-    p.add_argument("--fixed", action="store_true", help="--forward: every pass 8 x MAX tokens")
-    add_model_options(p)
+    p.add_argument("--fixed", action="store_true", help=f"--forward: every pass {CONCURRENT} x MAX tokens")
+    add_model_options(p)  # --model / --build / --dtype for the in-process modes (--backend: unused)
     p.add_argument("--kind", choices=("chat", "invalid"), default="chat")
     p.add_argument("--words", type=int, nargs=2, default=(5, 60), metavar=("MIN", "MAX"))
     p.add_argument("--max-tokens", type=int, default=8)
@@ -150,7 +152,10 @@ def main() -> None:
     random.seed(1)
     if a.inprocess or a.forward:
         a.model = model_from(p, a)
-        _forward(a) if a.forward else _inprocess(a)
+        if a.forward:
+            _forward(a)
+        else:
+            _inprocess(a)
     elif a.url and a.pid:
         asyncio.run(_server(a))
     else:

@@ -32,7 +32,7 @@ for d in "$DEV/whl" "$DEV/a" "$DEV/b"; do
   [ -d "$d" ] && cp "$d"/* "$STORE"/
 done
 echo "stored: $(ls "$STORE" | tr '\n' ' ')"
-stage=${1:?stage: stash, single or tp}
+stage=${1:?stage: stash, single, tp, interleave, structured, layout, soak or py}
 shift
 [ "$stage" = stash ] && exit 0
 
@@ -66,7 +66,8 @@ out="$OUT/gpu-bench-$stage.json"
 # soak: benchmarks/cluster_soak.py, soak.py against ranks it starts (ARGS: its own, -- soak.py's)
 [ "$stage" = soak ] && bench=(benchmarks/cluster_soak.py) && out="$OUT/soak.json"
 if [ "$stage" = py ]; then
-  "${limit[@]}" python3 "$@" 2> >(tee "$OUT/bench-py.log" >&2)
-  exit
+  : "${1:?py SCRIPT [ARGS...]}"
+  "${limit[@]}" python3 "$@" 2>&1 | tee "$OUT/bench-py.log"
+  exit "${PIPESTATUS[0]}"
 fi
 "${limit[@]}" python3 "${bench[@]}" --out "$out" "$@" 2> >(tee "$OUT/bench-$stage.log" >&2)

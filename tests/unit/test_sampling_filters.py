@@ -27,7 +27,14 @@ def test_each_filter_keeps_the_tokens_mlx_lm_keeps():
     assert _kept(top_k_filter(5)(x)) == _kept(apply_top_k(x, 5))
     assert all(sum(row) == 5 for row in _kept(top_k_filter(5)(x)))
     assert top_k_filter(VOCAB)(x) is x  # a top_k at or above the vocabulary keeps everything
-    assert all(any(row) for row in _kept(min_p_filter(1.0)(x)))  # the likeliest token always stays
+    assert _kept(min_p_filter(1.0)(x)) == _kept(apply_min_p(x, 1.0))  # only the likeliest stays
+    bf16 = x.astype(mx.bfloat16)
+    for ours, theirs in (
+        (top_p_filter(0.9), lambda v: apply_top_p(v, 0.9)),
+        (min_p_filter(0.1), lambda v: apply_min_p(v, 0.1)),
+    ):
+        assert ours(bf16).dtype == mx.bfloat16
+        assert _kept(ours(bf16)) == _kept(theirs(bf16))
 
 
 def _compiled_libraries(tmp_path) -> set[str]:
@@ -49,3 +56,6 @@ def test_new_filter_values_compile_nothing_new(tmp_path, monkeypatch):
     first = _compiled_libraries(tmp_path)
     _sample([0.54, 0.65, 0.76, 0.87])
     assert _compiled_libraries(tmp_path) == first
+    # the control: a value passed as a Python number does build a kernel, written there
+    mx.eval(apply_top_p(_logprobs(1), 0.4321))
+    assert _compiled_libraries(tmp_path) > first

@@ -6,11 +6,12 @@ the batch and however many ranks there are.
 
 A request's ``top_p``, ``min_p`` and ``top_k`` never reach ``mx.compile`` as Python
 numbers. mlx-lm's filters are compiled functions, and ``mx.compile`` builds and keeps a
-new kernel for every distinct constant it is called with: on Linux each new value cost
-the engine thread a C++ compile of about a second (every sequence of the batch waited)
-and about 20 KB that is never freed, so a client sending varied values could stall and
-grow every rank without bound. ``top_p`` goes to mlx-lm's filter as an array (one
-kernel for all values); min-p and top-k are plain ops here, uncompiled.
+new kernel for every distinct constant it is called with, so a client sending varied
+values stalled the engine thread on each new one and grew every rank without bound
+(docs/BENCHMARKS.md has the cost). ``top_p`` goes to mlx-lm's filter as an array (one
+kernel for all values). mlx-lm's min-p and top-k cannot take arrays (min-p checks its
+value in Python, top-k's value is a position), so they are the same few ops here,
+uncompiled.
 """
 
 from __future__ import annotations
