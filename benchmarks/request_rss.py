@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Memory per request, narrowed down: the RSS of a rank (or of mlx-lm in this process)
-printed every tenth of N requests of one kind, 8 at a time.
+while it serves N requests of one kind, 8 at a time.
 
     # a running rank 0 (python -m mlx_jaccl_cluster.launch --world 1 ...), its PID:
     benchmarks/request_rss.py --url http://127.0.0.1:8093 --pid PID --kind chat --words 5 60 -n 2400
@@ -12,13 +12,19 @@ printed every tenth of N requests of one kind, 8 at a time.
     benchmarks/request_rss.py --forward --build 'llama:{"hidden_size": 2048, "num_attention_heads": 16,
         "num_key_value_heads": 8}' --tokens 16 512 --max-tokens 4 -n 1500
 
-``chat``: a chat of ``--words`` random words (a different prompt each time) and
-``--max-tokens`` tokens (greedy unless ``--temperature``); ``invalid``: a body the API
-refuses (HTTP only). Comparing kinds and modes narrows a climb down: ``invalid`` tests
+``--kind`` is one of soak.py's request kinds, each with ``--max-tokens`` tokens, greedy
+unless ``--temperature``: ``chat`` (here of ``--words`` random words, a new prompt each
+time), ``chat_turns`` (multi-turn, so the prompt cache fills and evicts), ``stream``,
+``dropped_stream`` (the client leaves mid-stream), ``completion``, and the refused
+``invalid``, ``too_long`` and ``too_large``. Comparing kinds and modes narrows a climb down: ``invalid`` tests
 the HTTP layer alone, ``--inprocess`` mlx-lm's engine without ours, and ``--forward``
 against ``--forward --fixed`` what new shapes alone cost (on CUDA: MLX's per-shape cuDNN
-attention graphs). docs/BENCHMARKS.md, "Soak on GPUs", has the figures. Each in-process
-line also gives MLX's active and cache memory.
+attention graphs). docs/BENCHMARKS.md, "Soak on GPUs", has the figures. Each line also
+gives MLX's active and cache memory; against a server (a line every ``--every`` s) also
+what RSS holds outside them, and at the end that part's growth per request over the
+second half of the run. MLX's figures there come from rank 0's last heartbeat and swing with
+the requests in flight, so that figure is noisy over a short run. Against a GPU rank, read
+the RSS lines: there MLX's memory is mostly on the device.
 
 This is a measuring script, not a test.
 """
@@ -31,6 +37,7 @@ import random
 import time
 
 from layout_bench import add_model_options, model_from
+from soak import KINDS
 
 WORDS = "cluster ring token model cache layer batch prompt stream queue rank heartbeat memory link".split()
 CONCURRENT = 8
@@ -47,28 +54,62 @@ def _text(words: tuple[int, int], i: int) -> str:
     return " ".join(random.choice(WORDS) for _ in range(random.randint(*words))) + f" {i}"
 
 
+async def _rank0_memory(http, pid: int | None) -> dict[str, int]:
+    """Rank 0's RSS (from /proc with ``pid``, else its last heartbeat) and MLX's active and
+    cache memory, in MB, and what RSS holds outside those two."""
+    m = next(r for r in (await http.get("/dashboard/state")).json()["ranks"] if r["rank"] == 0)["memory"]
+    mb = {k: m[k] >> 20 for k in ("rss", "active", "cache")}
+    if pid:
+        mb["rss"] = rss_mb(pid)
+    return mb | {"outside": mb["rss"] - mb["active"] - mb["cache"]}
+
+
 async def _server(a) -> None:
     import httpx
+    from soak import Client, Tally
 
-    done, start = 0, time.time()
-    async with httpx.AsyncClient(base_url=a.url, timeout=120) as client:
-        model = (await client.get("/v1/models")).json()["data"][0]["id"]
-        gate = asyncio.Semaphore(CONCURRENT)
+    start, tally, marks = time.time(), Tally(), []
+    deadline = start + (a.seconds or float("inf"))
+    async with httpx.AsyncClient(base_url=a.url, timeout=120) as http:
+        model = (await http.get("/v1/models")).json()["data"][0]["id"]
+        sampling = {"temperature": a.temperature}
 
-        async def one(i: int) -> None:
-            nonlocal done
-            if a.kind == "chat":
-                body = {"model": model, "messages": [{"role": "user", "content": _text(a.words, i)}]}
-                body |= {"max_tokens": a.max_tokens, "temperature": a.temperature}
-            else:
-                body = {"model": model, "messages": "not a list"}
-            async with gate:
-                await client.post("/v1/chat/completions", json=body)
-            done += 1
-            if done % max(1, a.n // 10) == 0:
-                print(f"{done} requests, {time.time() - start:.0f} s, rss {rss_mb(a.pid)} MB", flush=True)
+        async def sample() -> None:
+            mem = await _rank0_memory(http, a.pid)
+            marks.append((tally.requests, mem["outside"]))
+            print(
+                f"{tally.requests} {a.kind}, {time.time() - start:.0f} s, rss {mem['rss']} MB "
+                f"(mlx active {mem['active']}, cache {mem['cache']}, outside {mem['outside']}), "
+                f"{len(tally.errors)} errors",
+                flush=True,
+            )
 
-        await asyncio.gather(*(one(i) for i in range(a.n)))
+        async def worker(i: int) -> None:
+            client = Client(http, model, a.max_tokens, i, tally, a.max_body, a.context_chars, sampling)
+
+            async def chat() -> str | None:  # here: a prompt of --words words (soak.py's: 20)
+                body = client._chat([{"role": "user", "content": _text(a.words, tally.requests)}])
+                return await client._expect("/v1/chat/completions", body, 200)
+
+            client.chat = chat
+            while tally.requests + CONCURRENT <= a.n and time.time() < deadline:
+                await client.one(a.kind)
+
+        async def sampler() -> None:
+            while True:
+                await asyncio.sleep(a.every)
+                await sample()
+
+        every = asyncio.create_task(sampler())
+        await asyncio.gather(*(worker(i) for i in range(CONCURRENT)))
+        every.cancel()
+        await sample()
+    for e in tally.errors[:5]:
+        print("error:", e)
+    if len(marks) >= 4:  # the second half, past the warm-up
+        (n0, m0), (n1, m1) = marks[len(marks) // 2], marks[-1]
+        per = f"{(m1 - m0) * 1024 / (n1 - n0):.1f} KB a request" if n1 > n0 else "no requests"
+        print(f"{a.kind}: outside MLX {m0} -> {m1} MB over requests {n0}-{n1}: {per}")
 
 
 class _Report:
@@ -136,18 +177,22 @@ def _inprocess(a) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="rank 0's API")
-    p.add_argument("--pid", type=int, help="rank 0's process (its RSS is read from /proc)")
+    p.add_argument("--pid", type=int, help="rank 0's process: its RSS from /proc (default: from its heartbeat)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--inprocess", action="store_true", help="mlx-lm's BatchGenerator in this process instead")
     mode.add_argument("--forward", action="store_true", help="plain forward passes in this process instead")
     p.add_argument("--tokens", type=int, nargs=2, default=(16, 512), metavar=("MIN", "MAX"))
     p.add_argument("--fixed", action="store_true", help=f"--forward: every pass {CONCURRENT} x MAX tokens")
     add_model_options(p)  # --model / --build / --dtype for the in-process modes (--backend: unused)
-    p.add_argument("--kind", choices=("chat", "invalid"), default="chat")
+    p.add_argument("--kind", choices=KINDS, default="chat", help="soak.py's request kinds (chat: of --words words)")
+    p.add_argument("--max-body", type=int, default=4 << 20, help="too_large: the server's max_body_bytes")
+    p.add_argument("--context-chars", type=int, default=50_000, help="too_long: characters surely over the context")
     p.add_argument("--words", type=int, nargs=2, default=(5, 60), metavar=("MIN", "MAX"))
     p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--temperature", type=float, default=0.0, help="chat: 0 greedy, else sampled")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 greedy, else sampled")
     p.add_argument("-n", type=int, default=2400, help="requests (sequences in-process)")
+    p.add_argument("--seconds", type=float, help="--url: stop after this long, even short of -n")
+    p.add_argument("--every", type=float, default=10, help="--url: seconds between memory lines")
     a = p.parse_args()
     random.seed(1)
     if a.inprocess or a.forward:
@@ -156,10 +201,10 @@ def main() -> None:
             _forward(a)
         else:
             _inprocess(a)
-    elif a.url and a.pid:
+    elif a.url:
         asyncio.run(_server(a))
     else:
-        p.error("give --url and --pid, or --inprocess")
+        p.error("give --url, --inprocess or --forward")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 """Split running processes' RSS by where it lives, every few seconds, as JSON lines (Linux).
 
     python benchmarks/rss_split.py PID[,PID...] --every 30 --minutes 23 --out split.jsonl
+    python benchmarks/rss_split.py smapsA.gz,smapsB.gz     # saved copies of /proc/PID/smaps
 
 Kinds, from ``/proc/PID/smaps``: ``arena`` (glibc's per-thread malloc heaps: an anonymous
-read-write region at a 64 MiB boundary directly followed by its reserved ``---p`` rest),
+read-write region at a 64 MiB boundary, followed by its reserved ``---p`` rest until it has
+grown to fill it; ``arenas`` counts them),
 ``heap`` (the main ``[heap]``), ``anon_big`` (other anonymous regions of 1 MiB and more:
 MLX's large buffers, Python's object arenas), ``anon_small`` and ``files``. Used to find
 what grew in a soak (docs/benchmarks-cpu.md); to split an arena into in-use and free bytes,
@@ -16,15 +18,19 @@ A measuring script, not a test.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import time
 
 ARENA_ALIGN = 64 << 20
 
 
-def regions(pid: int) -> list[dict]:
+def regions(source: int | str) -> list[dict]:
+    """The regions of process ``source`` (a PID), or of a saved copy of its smaps (a path,
+    gzipped when it ends in .gz)."""
     out: list[dict] = []
-    with open(f"/proc/{pid}/smaps") as f:
+    path = f"/proc/{source}/smaps" if isinstance(source, int) else source
+    with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
         for line in f:
             parts = line.split()
             if "-" in parts[0] and len(parts) >= 5 and ":" in parts[3]:
@@ -35,37 +41,35 @@ def regions(pid: int) -> list[dict]:
     return out
 
 
-def split(pid: int) -> dict:
-    regs = regions(pid)
+def split(source: int | str) -> dict:
+    regs = regions(source)
     kb = {"arena": 0, "heap": 0, "anon_big": 0, "anon_small": 0, "files": 0}
-    for i, r in enumerate(regs):
-        nxt = regs[i + 1] if i + 1 < len(regs) else None
+    arenas = 0
+    for r in regs:
         if r["name"] == "[heap]":
             kind = "heap"
         elif r["name"]:
             kind = "files"
-        elif (
-            r["lo"] % ARENA_ALIGN == 0
-            and r["perm"].startswith("rw")
-            and nxt is not None
-            and not nxt["name"]
-            and nxt["perm"].startswith("---")
-            and nxt["lo"] == r["hi"]
-        ):
-            kind = "arena"
+        elif r["lo"] % ARENA_ALIGN == 0 and r["perm"].startswith("rw"):
+            kind = "arena"  # a grown arena fills its 64 MiB: no reserved ---p rest follows it
+            arenas += 1
         else:
             kind = "anon_big" if r["hi"] - r["lo"] >= 1 << 20 else "anon_small"
         kb[kind] += r["rss"]
-    return {k: round(v / 1024, 1) for k, v in kb.items()}
+    return {k: round(v / 1024, 1) for k, v in kb.items()} | {"arenas": arenas}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("pids", help="comma-separated process ids")
+    p.add_argument("pids", help="comma-separated process ids, or saved smaps files (then one line each)")
     p.add_argument("--every", type=float, default=30)
     p.add_argument("--minutes", type=float, default=10)
     p.add_argument("--out", default="/dev/stdout")
     a = p.parse_args()
+    if not a.pids.replace(",", "").isdigit():
+        for path in a.pids.split(","):
+            print(json.dumps({path: split(path)}))
+        return
     pids = [int(x) for x in a.pids.split(",")]
     start = time.monotonic()
     with open(a.out, "a") as f:

@@ -70,14 +70,16 @@ class Client:
         tally: Tally,
         max_body: int,
         context_chars: int,
+        sampling: dict | None = None,
     ):
         self.http, self.model, self.max_tokens, self.tally = http, model, max_tokens, tally
         self.rng = random.Random(seed)
         self.max_body, self.context_chars = max_body, context_chars
+        self.sampling = sampling or {}  # e.g. {"temperature": 0}; the server's defaults otherwise
         self.turns: list[dict] = []
 
     def _chat(self, messages: list[dict], **kw) -> dict:
-        return {"model": self.model, "messages": messages, "max_tokens": self.max_tokens, **kw}
+        return {"model": self.model, "messages": messages, "max_tokens": self.max_tokens, **self.sampling, **kw}
 
     async def one(self, kind: str) -> None:
         started = time.perf_counter()
@@ -143,7 +145,9 @@ class Client:
 
     async def completion(self) -> str | None:
         return await self._expect(
-            "/v1/completions", {"model": self.model, "prompt": _text(self.rng, 20), "max_tokens": self.max_tokens}, 200
+            "/v1/completions",
+            {"model": self.model, "prompt": _text(self.rng, 20), "max_tokens": self.max_tokens, **self.sampling},
+            200,
         )
 
     async def invalid(self) -> str | None:

@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_CONFIG)
     _configure_logging(settings.log_level, settings.rank)
     log = logging.getLogger("mjc")
+    from .engine.allocator import tune_malloc
+
+    tune_malloc(settings.malloc_arena_max)  # before any thread starts (allocator.py)
     if settings.backend == "nccl":
         _pin_cuda_device(settings.rank)
 

@@ -49,3 +49,51 @@ def _retained_mb(mode: str) -> float:
 def test_freed_mlx_memory_leaves_the_process():
     # about 300 MB allocated in 1 MB buffers; without the fix 25 to 70 MB stays resident here
     assert _retained_mb("fixed") < 12
+
+
+ARENAS = """
+import ctypes, os, sys, tempfile, threading
+from mlx_jaccl_cluster.engine.allocator import cap_arenas
+if sys.argv[1] != "0":
+    assert cap_arenas(int(sys.argv[1]))
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = libc.fopen.restype = ctypes.c_void_p
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = libc.free.argtypes = [ctypes.c_void_p]
+threads = 24
+ready, done = threading.Barrier(threads + 1), threading.Event()
+def work():  # every thread alive at once, so each first malloc asks glibc for an arena
+    ready.wait()
+    blocks = [libc.malloc(4096) for _ in range(64)]
+    done.wait()
+    for b in blocks:
+        libc.free(b)
+pool = [threading.Thread(target=work) for _ in range(threads)]
+for t in pool:
+    t.start()
+ready.wait()
+path = os.path.join(tempfile.mkdtemp(), "info.xml")
+f = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, f)
+libc.fclose(f)
+done.set()
+for t in pool:
+    t.join()
+print(open(path).read().count("<heap nr="))
+"""
+
+
+def _arenas(arena_max: int) -> int:
+    out = subprocess.run([sys.executable, "-c", ARENAS, str(arena_max)], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip(), out.stderr
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_malloc_arena_max_bounds_the_arenas_of_a_many_threaded_rank():
+    # glibc's own limit is 8 per core: 24 threads at once get many arenas (a GPU host's
+    # rank had 37, most 64 MiB resident); the rank's default cap keeps them to two
+    from mlx_jaccl_cluster.settings import Settings
+
+    assert _arenas(0) > 4
+    assert _arenas(Settings.default("malloc_arena_max")) <= 2

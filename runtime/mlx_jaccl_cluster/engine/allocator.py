@@ -1,16 +1,27 @@
-"""Give freed MLX memory back to the system on Linux (glibc), so RSS follows MLX's own figures.
+"""glibc's malloc, tuned so that a rank's RSS follows what it uses (Linux only).
 
-On the CPU backend MLX's buffers come from ``malloc``. glibc serves a large request with its
-own ``mmap`` (returned to the system on ``free``) only above a threshold that starts at
-128 KiB but *rises to the size of every such block freed*, up to 32 MiB; after the first
-few freed activations or KV buffers, everything is carved from the heap or a thread's 64 MiB
-arena instead, and a freed buffer there goes back to the system only if nothing younger sits
-above it. With the engine, the tokenizing threads and the heartbeats all allocating, that is
-rarely the case: in a soak rank 0's RSS kept climbing while MLX's active memory and buffer
-cache (bounded by ``mlx_cache_limit``) stayed flat, and the 64 MiB arenas stayed fully
-resident. Fixing the threshold stops it rising, so MLX's buffers are always mapped on their
-own and returned when MLX lets them go. MLX's buffer cache still reuses freed buffers, so
-few allocations pay for a fresh mapping.
+Two settings, both made once at the start of the process (``tune_malloc``):
+
+- **The mmap threshold, fixed at 128 KiB.** On the CPU backend MLX's buffers come from
+  ``malloc``. glibc serves a large request with its own ``mmap`` (returned to the system on
+  ``free``) only above a threshold that starts at 128 KiB but *rises to the size of every
+  such block freed*, up to 32 MiB; after the first few freed activations or KV buffers,
+  everything is carved from the heap or a thread's 64 MiB arena instead, and a freed buffer
+  there goes back to the system only if nothing younger sits above it. With the engine, the
+  tokenizing threads and the heartbeats all allocating, that is rarely the case: in a soak
+  rank 0's RSS kept climbing while MLX's active memory and buffer cache (bounded by
+  ``mlx_cache_limit``) stayed flat. Fixing the threshold stops it rising, so MLX's buffers
+  are always mapped on their own and returned when MLX lets them go. MLX's buffer cache
+  still reuses freed buffers, so few allocations pay for a fresh mapping.
+- **At most ``malloc_arena_max`` arenas** (``Settings``; glibc's own limit is 8 per core).
+  glibc gives a new thread its own 64 MiB arena while it has fewer than its limit, and an
+  arena keeps what it once held. On a GPU host (16 cores, a CUDA stack with many threads)
+  a 1-rank soak made 28 arenas in its first minute and 37 after four more, most of them
+  63-64 MiB resident: 1.1 and then 1.6 GB of RSS, growing about 225 KB a request while
+  MLX's own figures stayed flat (docs/BENCHMARKS.md). A cap bounds that to a few arenas'
+  worth; threads then share arenas, which the ranks' few allocating threads do not notice.
+  It must be set before glibc fixes its limit, which it does once the process has more
+  arenas than ``M_ARENA_TEST`` (8): first thing in the rank's ``main``.
 
 macOS (Metal buffers, its own malloc) needs none of this; elsewhere it is a no-op.
 """
@@ -24,20 +35,42 @@ import sys
 
 log = logging.getLogger("mjc.engine")
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters (malloc.h)
+M_ARENA_MAX = -8
 MMAP_THRESHOLD = 128 << 10  # glibc's own starting value, now fixed
+
+
+def _mallopt():
+    """glibc's ``mallopt``, or None (not Linux, or a libc without it, like musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+
+
+def _set(param: int, value: int, what: str) -> bool:
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    if mallopt(param, value) != 1:
+        log.warning("mallopt(%s, %d) failed: this rank's RSS may keep memory it freed", what, value)
+        return False
+    return True
 
 
 def map_large_buffers() -> bool:
     """Fix glibc's mmap threshold for this process; True when it was set."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    if mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
-        log.warning("mallopt(M_MMAP_THRESHOLD) failed: freed MLX memory may stay in this process")
-        return False
-    return True
+    return _set(M_MMAP_THRESHOLD, MMAP_THRESHOLD, "M_MMAP_THRESHOLD")
+
+
+def cap_arenas(arena_max: int) -> bool:
+    """At most ``arena_max`` malloc arenas in this process; True when set (0: glibc's own)."""
+    return arena_max > 0 and _set(M_ARENA_MAX, arena_max, "M_ARENA_MAX")
+
+
+def tune_malloc(arena_max: int) -> None:
+    """Both, for this process: call before it starts threads."""
+    map_large_buffers()
+    cap_arenas(arena_max)

@@ -51,7 +51,6 @@ from ..settings import Settings
 from ..state import ClusterState
 from ..structured import Grammars
 from . import fastpath, grammar, prefill
-from .allocator import map_large_buffers
 from .link_probe import LinkProbe, run_step
 from .loader import LoadedModel, ModelError, load_model
 from .prompt_cache import PromptCache, held_bytes, kv_bytes_per_token
@@ -241,7 +240,6 @@ class Engine:
         # Without a limit MLX keeps every freed buffer for reuse, up to its memory limit: a
         # burst of long prompts would leave the process that much larger for good.
         mx.set_cache_limit(s.mlx_cache_limit)
-        map_large_buffers()  # and freed buffers leave the process (allocator.py)
         self.state.set("loading", f"loading {s.model}")
         started = time.perf_counter()
         self.loaded = load_model(
