@@ -13,18 +13,17 @@ while it serves N requests of one kind, 8 at a time.
         "num_key_value_heads": 8}' --tokens 16 512 --max-tokens 4 -n 1500
 
 ``--kind`` is one of soak.py's request kinds, each with ``--max-tokens`` tokens, greedy
-unless ``--temperature``: ``chat`` (here of ``--words`` random words, a new prompt each
-time), ``chat_turns`` (multi-turn, so the prompt cache fills and evicts), ``stream``,
+unless ``--temperature``: ``chat`` (here of ``--words`` random words), ``chat_turns`` (multi-turn, so the prompt cache fills and evicts), ``stream``,
 ``dropped_stream`` (the client leaves mid-stream), ``completion``, and the refused
 ``invalid``, ``too_long`` and ``too_large``. Comparing kinds and modes narrows a climb down: ``invalid`` tests
 the HTTP layer alone, ``--inprocess`` mlx-lm's engine without ours, and ``--forward``
 against ``--forward --fixed`` what new shapes alone cost (on CUDA: MLX's per-shape cuDNN
 attention graphs). docs/BENCHMARKS.md, "Soak on GPUs", has the figures. Each line also
 gives MLX's active and cache memory; against a server (a line every ``--every`` s) also
-what RSS holds outside them, and at the end that part's growth per request over the
-second half of the run. MLX's figures there come from rank 0's last heartbeat and swing with
-the requests in flight, so that figure is noisy over a short run. Against a GPU rank, read
-the RSS lines: there MLX's memory is mostly on the device.
+what RSS holds outside them, and at the end RSS's growth per request over the second half
+of the run, with that part's. MLX's figures there come from rank 0's last heartbeat
+and swing with the requests in flight, so the outside figure is noisy over a short run, and
+against a GPU rank it means nothing (MLX's memory is mostly on the device): read RSS.
 
 This is a measuring script, not a test.
 """
@@ -38,8 +37,8 @@ import time
 
 from layout_bench import add_model_options, model_from
 from soak import KINDS
+from soak import _text as words_of
 
-WORDS = "cluster ring token model cache layer batch prompt stream queue rank heartbeat memory link".split()
 CONCURRENT = 8
 
 
@@ -51,7 +50,7 @@ def rss_mb(pid: int | str = "self") -> int:
 
 
 def _text(words: tuple[int, int], i: int) -> str:
-    return " ".join(random.choice(WORDS) for _ in range(random.randint(*words))) + f" {i}"
+    return words_of(random, random.randint(*words)) + f" {i}"
 
 
 async def _rank0_memory(http, pid: int | None) -> dict[str, int]:
@@ -76,7 +75,7 @@ async def _server(a) -> None:
 
         async def sample() -> None:
             mem = await _rank0_memory(http, a.pid)
-            marks.append((tally.requests, mem["outside"]))
+            marks.append((tally.requests, mem["rss"], mem["outside"]))
             print(
                 f"{tally.requests} {a.kind}, {time.time() - start:.0f} s, rss {mem['rss']} MB "
                 f"(mlx active {mem['active']}, cache {mem['cache']}, outside {mem['outside']}), "
@@ -84,15 +83,13 @@ async def _server(a) -> None:
                 flush=True,
             )
 
+        started = 0
+
         async def worker(i: int) -> None:
-            client = Client(http, model, a.max_tokens, i, tally, a.max_body, a.context_chars, sampling)
-
-            async def chat() -> str | None:  # here: a prompt of --words words (soak.py's: 20)
-                body = client._chat([{"role": "user", "content": _text(a.words, tally.requests)}])
-                return await client._expect("/v1/chat/completions", body, 200)
-
-            client.chat = chat
-            while tally.requests + CONCURRENT <= a.n and time.time() < deadline:
+            nonlocal started
+            client = Client(http, model, a.max_tokens, i, tally, a.max_body, a.context_chars, sampling, a.words)
+            while started < a.n and time.time() < deadline:
+                started += 1
                 await client.one(a.kind)
 
         async def sampler() -> None:
@@ -107,9 +104,12 @@ async def _server(a) -> None:
     for e in tally.errors[:5]:
         print("error:", e)
     if len(marks) >= 4:  # the second half, past the warm-up
-        (n0, m0), (n1, m1) = marks[len(marks) // 2], marks[-1]
-        per = f"{(m1 - m0) * 1024 / (n1 - n0):.1f} KB a request" if n1 > n0 else "no requests"
-        print(f"{a.kind}: outside MLX {m0} -> {m1} MB over requests {n0}-{n1}: {per}")
+        (n0, r0, m0), (n1, r1, m1) = marks[len(marks) // 2], marks[-1]
+        if n1 > n0:
+            print(
+                f"{a.kind}, requests {n0}-{n1}: rss {r0} -> {r1} MB, {(r1 - r0) * 1024 / (n1 - n0):.1f} KB a request; "
+                f"outside MLX {m0} -> {m1} MB (CPU backend only: on a GPU MLX's memory is not in RSS)"
+            )
 
 
 class _Report:

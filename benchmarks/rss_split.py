@@ -4,9 +4,10 @@
     python benchmarks/rss_split.py PID[,PID...] --every 30 --minutes 23 --out split.jsonl
     python benchmarks/rss_split.py smapsA.gz,smapsB.gz     # saved copies of /proc/PID/smaps
 
-Kinds, from ``/proc/PID/smaps``: ``arena`` (glibc's per-thread malloc heaps: an anonymous
-read-write region at a 64 MiB boundary, followed by its reserved ``---p`` rest until it has
-grown to fill it; ``arenas`` counts them),
+Kinds, from ``/proc/PID/smaps``: ``arena`` (glibc's per-thread malloc arenas: anonymous
+read-write heaps at a 64 MiB boundary, each followed by its reserved ``---p`` rest until it
+has grown to fill its 64 MiB; ``arena_heaps`` counts those heaps, and an arena may chain
+several),
 ``heap`` (the main ``[heap]``), ``anon_big`` (other anonymous regions of 1 MiB and more:
 MLX's large buffers, Python's object arenas), ``anon_small`` and ``files``. Used to find
 what grew in a soak (docs/benchmarks-cpu.md); to split an arena into in-use and free bytes,
@@ -41,22 +42,36 @@ def regions(source: int | str) -> list[dict]:
     return out
 
 
+def _arena_heaps(r: dict, nxt: dict | None) -> int:
+    """How many of glibc's 64 MiB arena heaps region ``r`` is (0: none). A heap starts at a
+    64 MiB boundary; a growing one is followed by its reserved ``---p`` rest, a full one
+    fills its 64 MiB (and smaps shows neighbouring full heaps as one region)."""
+    if r["name"] or not r["perm"].startswith("rw") or r["lo"] % ARENA_ALIGN:
+        return 0
+    size = r["hi"] - r["lo"]
+    growing = nxt is not None and not nxt["name"] and nxt["perm"].startswith("---") and nxt["lo"] == r["hi"]
+    if growing or size % ARENA_ALIGN == 0:
+        return -(-size // ARENA_ALIGN)
+    return 0  # e.g. a library's 2 MiB data that happens to start at a boundary
+
+
 def split(source: int | str) -> dict:
     regs = regions(source)
     kb = {"arena": 0, "heap": 0, "anon_big": 0, "anon_small": 0, "files": 0}
-    arenas = 0
-    for r in regs:
+    heaps = 0
+    for i, r in enumerate(regs):
+        n = _arena_heaps(r, regs[i + 1] if i + 1 < len(regs) else None)
+        heaps += n
         if r["name"] == "[heap]":
             kind = "heap"
         elif r["name"]:
             kind = "files"
-        elif r["lo"] % ARENA_ALIGN == 0 and r["perm"].startswith("rw"):
-            kind = "arena"  # a grown arena fills its 64 MiB: no reserved ---p rest follows it
-            arenas += 1
+        elif n:
+            kind = "arena"
         else:
             kind = "anon_big" if r["hi"] - r["lo"] >= 1 << 20 else "anon_small"
         kb[kind] += r["rss"]
-    return {k: round(v / 1024, 1) for k, v in kb.items()} | {"arenas": arenas}
+    return {k: round(v / 1024, 1) for k, v in kb.items()} | {"arena_heaps": heaps}
 
 
 def main() -> None:

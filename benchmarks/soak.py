@@ -71,11 +71,13 @@ class Client:
         max_body: int,
         context_chars: int,
         sampling: dict | None = None,
+        chat_words: tuple[int, int] = (20, 20),
     ):
         self.http, self.model, self.max_tokens, self.tally = http, model, max_tokens, tally
         self.rng = random.Random(seed)
         self.max_body, self.context_chars = max_body, context_chars
         self.sampling = sampling or {}  # e.g. {"temperature": 0}; the server's defaults otherwise
+        self.chat_words = chat_words  # a chat's prompt: this many random words (lowest, highest)
         self.turns: list[dict] = []
 
     def _chat(self, messages: list[dict], **kw) -> dict:
@@ -106,8 +108,10 @@ class Client:
         return None
 
     async def chat(self) -> str | None:
+        lo, hi = self.chat_words
+        words = lo if lo == hi else self.rng.randint(lo, hi)
         return await self._expect(
-            "/v1/chat/completions", self._chat([{"role": "user", "content": _text(self.rng, 20)}]), 200
+            "/v1/chat/completions", self._chat([{"role": "user", "content": _text(self.rng, words)}]), 200
         )
 
     async def chat_turns(self) -> str | None:

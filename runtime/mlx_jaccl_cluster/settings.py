@@ -183,9 +183,9 @@ class Settings(BaseSettings):
     malloc_arena_max: int = Field(
         2,
         ge=0,
-        description="Linux (glibc): most malloc arenas in each rank. glibc's own limit, 8 per core, let a rank "
-        "on a many-core GPU host keep a 64 MiB arena per thread it ever ran (1.6 GB after a short soak); "
-        "0: glibc's limit. Ignored on macOS.",
+        description="Linux (glibc): most malloc arenas in each rank (each keeps its high-water mark; glibc's own "
+        "limit is 8 per core, under which a rank's arenas kept multiplying through a soak on a many-core GPU "
+        "host); 0: glibc's limit. Ignored on macOS.",
     )
 
     max_context: int | None = Field(

@@ -14,14 +14,13 @@ Two settings, both made once at the start of the process (``tune_malloc``):
   are always mapped on their own and returned when MLX lets them go. MLX's buffer cache
   still reuses freed buffers, so few allocations pay for a fresh mapping.
 - **At most ``malloc_arena_max`` arenas** (``Settings``; glibc's own limit is 8 per core).
-  glibc gives a new thread its own 64 MiB arena while it has fewer than its limit, and an
-  arena keeps what it once held. On a GPU host (16 cores, a CUDA stack with many threads)
-  a 1-rank soak made 28 arenas in its first minute and 37 after four more, most of them
-  63-64 MiB resident: 1.1 and then 1.6 GB of RSS, growing about 225 KB a request while
-  MLX's own figures stayed flat (docs/BENCHMARKS.md). A cap bounds that to a few arenas'
-  worth; threads then share arenas, which the ranks' few allocating threads do not notice.
-  It must be set before glibc fixes its limit, which it does once the process has more
-  arenas than ``M_ARENA_TEST`` (8): first thing in the rank's ``main``.
+  A thread's first allocation makes it a new arena unless one of an ended thread is free,
+  and an arena keeps its high-water mark. On a many-core GPU host a rank's arenas kept
+  multiplying through a soak, and they held most of its growth (docs/BENCHMARKS.md, "Soak on
+  GPUs: what grew is glibc's per-thread arenas"). The cap bounds how many arenas there are;
+  one arena can still grow, by chaining heaps. glibc fixes its limit once the process has
+  more arenas than ``M_ARENA_TEST`` (8), so the cap is set first thing in the rank's
+  ``main``, before any thread starts.
 
 macOS (Metal buffers, its own malloc) needs none of this; elsewhere it is a no-op.
 """
@@ -30,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import sys
 
@@ -40,6 +40,7 @@ M_ARENA_MAX = -8
 MMAP_THRESHOLD = 128 << 10  # glibc's own starting value, now fixed
 
 
+@functools.cache
 def _mallopt():
     """glibc's ``mallopt``, or None (not Linux, or a libc without it, like musl)."""
     if not sys.platform.startswith("linux"):
