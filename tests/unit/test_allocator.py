@@ -63,10 +63,12 @@ libc.malloc.restype = libc.fopen.restype = ctypes.c_void_p
 libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
 libc.fclose.argtypes = libc.free.argtypes = [ctypes.c_void_p]
 threads = 24
-ready, done = threading.Barrier(threads + 1), threading.Event()
+ready, allocated = threading.Barrier(threads + 1), threading.Barrier(threads + 1)
+done = threading.Event()
 def work():  # every thread alive at once, so each first malloc asks glibc for an arena
     ready.wait()
     blocks = [libc.malloc(4096) for _ in range(64)]
+    allocated.wait()  # counted only once every thread has its blocks
     done.wait()
     for b in blocks:
         libc.free(b)
@@ -74,6 +76,7 @@ pool = [threading.Thread(target=work) for _ in range(threads)]
 for t in pool:
     t.start()
 ready.wait()
+allocated.wait()
 path = os.path.join(tempfile.mkdtemp(), "info.xml")
 f = libc.fopen(path.encode(), b"w")
 libc.malloc_info(0, f)
