@@ -36,7 +36,7 @@ import random
 import time
 
 from layout_bench import add_model_options, model_from
-from soak import KINDS
+from soak import CONTEXT_CHARS, KINDS, MAX_BODY
 from soak import _text as words_of
 
 CONCURRENT = 8
@@ -185,8 +185,10 @@ def main() -> None:
     p.add_argument("--fixed", action="store_true", help=f"--forward: every pass {CONCURRENT} x MAX tokens")
     add_model_options(p)  # --model / --build / --dtype for the in-process modes (--backend: unused)
     p.add_argument("--kind", choices=KINDS, default="chat", help="soak.py's request kinds (chat: of --words words)")
-    p.add_argument("--max-body", type=int, default=4 << 20, help="too_large: the server's max_body_bytes")
-    p.add_argument("--context-chars", type=int, default=50_000, help="too_long: characters surely over the context")
+    p.add_argument("--max-body", type=int, default=MAX_BODY, help="too_large: the server's max_body_bytes")
+    p.add_argument(
+        "--context-chars", type=int, default=CONTEXT_CHARS, help="too_long: characters surely over the context"
+    )
     p.add_argument("--words", type=int, nargs=2, default=(5, 60), metavar=("MIN", "MAX"))
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--temperature", type=float, default=0.0, help="0 greedy, else sampled")

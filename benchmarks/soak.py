@@ -31,6 +31,10 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from mlx_jaccl_cluster.settings import Settings
+
+MAX_BODY = Settings.default("max_body_bytes")  # the server's, unless it was set
+CONTEXT_CHARS = 50_000  # over the context of any model the soak is meant for (too_long)
 KINDS = ("chat", "chat_turns", "stream", "completion", "dropped_stream", "invalid", "too_long", "too_large")
 WEIGHTS = (30, 15, 20, 15, 5, 6, 6, 3)
 WORDS = (
@@ -214,7 +218,7 @@ async def soak(
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
         health = (await http.get("/health")).json()
-        context_chars = 50_000
+        context_chars = CONTEXT_CHARS
         start = time.monotonic()
         deadline = start + minutes * 60
         stop = asyncio.Event()
@@ -294,7 +298,7 @@ def main() -> int:
         "--window", type=float, default=120, help="seconds whose median RSS is the baseline, and the end figure"
     )
     parser.add_argument("--sample", type=float, default=10, help="seconds between memory samples")
-    parser.add_argument("--max-body", type=int, default=4 << 20, help="the server's max_body_bytes")
+    parser.add_argument("--max-body", type=int, default=MAX_BODY, help="the server's max_body_bytes")
     parser.add_argument("--max-growth", type=float, default=5.0, help="RSS growth (%%) that fails the run")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
