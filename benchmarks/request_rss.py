@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import time
 
@@ -55,9 +56,9 @@ def _text(words: tuple[int, int], i: int) -> str:
 
 async def _rank0_memory(http, pid: int | None) -> dict[str, int]:
     """Rank 0's RSS (from /proc with ``pid``, else its last heartbeat) and MLX's active and
-    cache memory, in MB, and what RSS holds outside those two."""
+    cache memory, in MB, what RSS holds outside those two, and (glibc) malloc's heaps in use and free."""
     m = next(r for r in (await http.get("/dashboard/state")).json()["ranks"] if r["rank"] == 0)["memory"]
-    mb = {k: m[k] >> 20 for k in ("rss", "active", "cache")}
+    mb = {k: m[k] >> 20 for k in ("rss", "active", "cache", "malloc_in_use", "malloc_free") if k in m}
     if pid:
         mb["rss"] = rss_mb(pid)
     return mb | {"outside": mb["rss"] - mb["active"] - mb["cache"]}
@@ -71,15 +72,16 @@ async def _server(a) -> None:
     deadline = start + (a.seconds or float("inf"))
     async with httpx.AsyncClient(base_url=a.url, timeout=120) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
-        sampling = {"temperature": a.temperature}
+        sampling = {"temperature": a.temperature} | json.loads(a.sampling)
 
         async def sample() -> None:
             mem = await _rank0_memory(http, a.pid)
             marks.append((tally.requests, mem["rss"], mem["outside"]))
             print(
                 f"{tally.requests} {a.kind}, {time.time() - start:.0f} s, rss {mem['rss']} MB "
-                f"(mlx active {mem['active']}, cache {mem['cache']}, outside {mem['outside']}), "
-                f"{len(tally.errors)} errors",
+                f"(mlx active {mem['active']}, cache {mem['cache']}, outside {mem['outside']}"
+                + (f"; malloc in use {mem['malloc_in_use']}, free {mem['malloc_free']}" if "malloc_free" in mem else "")
+                + f"), {len(tally.errors)} errors",
                 flush=True,
             )
 
@@ -192,6 +194,7 @@ def main() -> None:
     p.add_argument("--words", type=int, nargs=2, default=(5, 60), metavar=("MIN", "MAX"))
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--temperature", type=float, default=0.0, help="0 greedy, else sampled")
+    p.add_argument("--sampling", default="{}", help="--url: more sampling fields, as JSON (e.g. '{\"top_k\": 1}')")
     p.add_argument("-n", type=int, default=2400, help="requests (sequences in-process)")
     p.add_argument("--seconds", type=float, help="--url: stop after this long, even short of -n")
     p.add_argument("--every", type=float, default=10, help="--url: seconds between memory lines")

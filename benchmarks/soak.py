@@ -49,6 +49,8 @@ class Tally:
     errors: list[str] = field(default_factory=list)
     rss: dict[int, list[tuple[float, int]]] = field(default_factory=dict)
     mlx: dict[int, list[tuple[float, int, int]]] = field(default_factory=dict)  # (t, active, cache) per rank
+    # (t, in use, free) per rank: what glibc's heaps hold (Linux ranks only)
+    heap: dict[int, list[tuple[float, int, int]]] = field(default_factory=dict)
     requests: int = 0
 
 
@@ -192,6 +194,10 @@ async def sample_memory(http: httpx.AsyncClient, tally: Tally, start: float, eve
                     tally.mlx.setdefault(r["rank"], []).append(
                         (time.monotonic() - start, r["memory"].get("active", 0), r["memory"].get("cache", 0))
                     )
+                if "malloc_in_use" in r.get("memory", {}):
+                    tally.heap.setdefault(r["rank"], []).append(
+                        (time.monotonic() - start, r["memory"]["malloc_in_use"], r["memory"]["malloc_free"])
+                    )
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             tally.errors.append(f"memory sample: {exc}")
         try:
@@ -248,6 +254,17 @@ def _outside_mlx(rss: list[tuple[float, int]], mlx: list[tuple[float, int, int]]
     return {k: round(v, 1) for k, v in (("start", rest[0]), ("min", min(rest)), ("max", max(rest)), ("end", rest[-1]))}
 
 
+def _after_warmup(series: list[tuple[float, int]], warmup: float, window: float) -> tuple[float, float]:
+    """The median of the first and of the last ``window`` s after the warm-up. (RSS swings by
+    the requests in flight at the moment of a sample, their KV caches: one sample says little.)"""
+    after = [(t, v) for t, v in series if t >= warmup] or [series[-1]]
+    first, last = after[0][0], after[-1][0]
+    return (
+        statistics.median(v for t, v in after if t <= first + window),
+        statistics.median(v for t, v in after if t >= last - window),
+    )
+
+
 def report(tally: Tally, info: dict, warmup: float, window: float) -> dict:
     lat = {
         k: {"n": len(v), "p50": percentile(v, 50), "p90": percentile(v, 90), "p99": percentile(v, 99)}
@@ -256,12 +273,7 @@ def report(tally: Tally, info: dict, warmup: float, window: float) -> dict:
     }
     memory = {}
     for rank, series in sorted(tally.rss.items()):
-        after = [(t, rss) for t, rss in series if t >= warmup] or [series[-1]]
-        # RSS swings by the requests in flight at the moment of a sample (their KV caches):
-        # compare the medians of the first and the last ``window`` s after the warm-up
-        first, last = after[0][0], after[-1][0]
-        base = statistics.median(rss for t, rss in after if t <= first + window)
-        end = statistics.median(rss for t, rss in after if t >= last - window)
+        base, end = _after_warmup(series, warmup, window)
         memory[rank] = {
             "rss_start_mb": round(series[0][1] / 2**20, 1),
             "rss_after_warmup_mb": round(base / 2**20, 1),
@@ -275,6 +287,10 @@ def report(tally: Tally, info: dict, warmup: float, window: float) -> dict:
             # when nothing leaks, whatever MLX's buffer cache (bounded by mlx_cache_limit) does
             "rss_outside_mlx_mb": _outside_mlx(series, tally.mlx[rank]),
         }
+        if heap := tally.heap.get(rank):  # glibc's heaps: memory kept in use, or freed and kept
+            for i, kind in ((1, "malloc_in_use"), (2, "malloc_free")):
+                a, b = _after_warmup([(x[0], x[i]) for x in heap], warmup, window)
+                memory[rank][f"{kind}_mb"] = {"after_warmup": round(a / 2**20, 1), "end": round(b / 2**20, 1)}
     return {
         **info,
         "requests": tally.requests,
@@ -325,7 +341,9 @@ def main() -> int:
     print(json.dumps(result, indent=2))
     if opts.out:
         with open(opts.out, "w") as f:
-            json.dump(result | {"rss_series": tally.rss, "mlx_series": tally.mlx}, f, indent=1)
+            json.dump(
+                result | {"rss_series": tally.rss, "mlx_series": tally.mlx, "heap_series": tally.heap}, f, indent=1
+            )
     grew = [r for r, m in result["memory"].items() if m["growth_after_warmup_pct"] >= opts.max_growth]
     return 0 if not result["errors"] and not grew else 1
 

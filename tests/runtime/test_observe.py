@@ -4,6 +4,7 @@ history, /metrics, and the API key on every data endpoint."""
 
 from __future__ import annotations
 
+import platform
 import time
 
 import httpx
@@ -76,6 +77,9 @@ def test_heartbeat_memory_of_every_rank_reaches_rank_0(cluster):
     assert state["ranks"][1]["silent_s"] < 3
     m = _metrics(cluster)
     assert m[("mjc_rank_memory_bytes", (("kind", "rss"), ("rank", "1")))] > 10_000_000
+    if platform.libc_ver()[0] == "glibc":  # what malloc's heaps hold: in use (Python's objects at least) and free
+        assert m[("mjc_rank_memory_bytes", (("kind", "malloc_in_use"), ("rank", "1")))] > 1_000_000
+        assert ("mjc_rank_memory_bytes", (("kind", "malloc_free"), ("rank", "1"))) in m
     assert m[("mjc_rank_up", (("host", state["ranks"][1]["host"]), ("rank", "1")))] == 1
     assert m[("mjc_ranks_up", ())] == 2 and m[("mjc_world_size", ())] == 2
 

@@ -106,3 +106,26 @@ def test_malloc_arena_max_bounds_the_arenas_of_a_many_threaded_rank():
 
     assert _arenas(0) > 4
     assert _arenas(Settings.default("malloc_arena_max")) <= 2
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
+def test_heap_stats_tell_memory_in_use_from_memory_freed_but_kept():
+    # the heartbeat's malloc_in_use / malloc_free: what RSS alone cannot tell apart
+    import ctypes
+
+    from mlx_jaccl_cluster.engine.allocator import heap_stats
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = heap_stats()
+    blocks = [libc.malloc(1000) for _ in range(50_000)]  # 50 MB in small blocks: glibc's heap
+    held = heap_stats()
+    for b in blocks[:-1]:  # the last stays, above the freed ones: glibc keeps them for reuse
+        libc.free(b)
+    freed = heap_stats()
+    libc.free(blocks[-1])
+    mb = 1 << 20
+    assert held["malloc_in_use"] - before["malloc_in_use"] > 45 * mb
+    assert held["malloc_in_use"] - freed["malloc_in_use"] > 45 * mb
+    assert freed["malloc_free"] - held["malloc_free"] > 40 * mb

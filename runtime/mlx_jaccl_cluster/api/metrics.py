@@ -26,7 +26,7 @@ RATE_SECONDS = 60  # the tokens/s series: one bucket per second
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
-MEMORY_KINDS = ("active", "peak", "cache", "prompt_cache", "rss")
+MEMORY_KINDS = ("active", "peak", "cache", "prompt_cache", "rss", "malloc_in_use", "malloc_free")
 
 
 @dataclass
@@ -183,8 +183,9 @@ class _ClusterCollector(Collector):
         silent = _gauge("mjc_rank_heartbeat_age_seconds", "Seconds since rank 0 last heard from the rank.", ["rank"])
         memory = _gauge(
             "mjc_rank_memory_bytes",
-            "MLX memory (active, peak, cache; prompt_cache: the part of active the prompt cache holds) and "
-            "process RSS of each rank, from its last heartbeat.",
+            "MLX memory (active, peak, cache; prompt_cache: the part of active the prompt cache holds), "
+            "process RSS and, on Linux, what glibc's malloc heaps hold (malloc_in_use, malloc_free: freed "
+            "but kept) of each rank, from its last heartbeat.",
             ["rank", "kind"],
         )
         for r in s["ranks"]:

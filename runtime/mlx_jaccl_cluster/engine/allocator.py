@@ -22,6 +22,9 @@ Two settings, both made once at the start of the process (``tune_malloc``):
   more arenas than ``M_ARENA_TEST`` (8), so the cap is set first thing in the rank's
   ``main``, before any thread starts.
 
+``heap_stats`` reads what glibc's heaps hold, in use and free, for the heartbeat: RSS alone
+cannot tell memory something keeps from memory the allocator keeps for it.
+
 macOS (Metal buffers, its own malloc) needs none of this; elsewhere it is a no-op.
 """
 
@@ -40,19 +43,43 @@ M_ARENA_MAX = -8
 MMAP_THRESHOLD = 128 << 10  # glibc's own starting value, now fixed
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (malloc.h, glibc 2.33 and later): every field a size_t."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
 @functools.cache
-def _mallopt():
-    """glibc's ``mallopt``, or None (not Linux, or a libc without it, like musl)."""
+def _libc_function(name: str):
+    """glibc's function ``name``, or None (not Linux, or a libc without it: musl, glibc < 2.33
+    for ``mallinfo2``)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
+    if name == "mallinfo2":
+        function.restype = _MallInfo2
+    return function
 
 
 def _set(param: int, value: int, what: str) -> bool:
-    mallopt = _mallopt()
+    mallopt = _libc_function("mallopt")
     if mallopt is None:
         return False
     if mallopt(param, value) != 1:
@@ -75,3 +102,15 @@ def tune_malloc(arena_max: int) -> None:
     """Both, for this process: call before it starts threads."""
     map_large_buffers()
     cap_arenas(arena_max)
+
+
+def heap_stats() -> dict[str, int]:
+    """Bytes glibc's heaps and arenas hold for this process: ``malloc_in_use`` (handed out
+    and not freed) and ``malloc_free`` (freed, kept for reuse; part of it may have been given
+    back to the system page by page). Blocks mapped on their own (above the mmap threshold:
+    MLX's CPU buffers) are in neither. Empty where glibc cannot say."""
+    mallinfo2 = _libc_function("mallinfo2")
+    if mallinfo2 is None:
+        return {}
+    info = mallinfo2()
+    return {"malloc_in_use": info.uordblks, "malloc_free": info.fordblks}

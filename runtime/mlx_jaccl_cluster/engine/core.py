@@ -51,6 +51,7 @@ from ..settings import Settings
 from ..state import ClusterState
 from ..structured import Grammars
 from . import fastpath, grammar, prefill
+from .allocator import heap_stats
 from .link_probe import LinkProbe, run_step
 from .loader import LoadedModel, ModelError, load_model
 from .prompt_cache import PromptCache, held_bytes, kv_bytes_per_token
@@ -65,8 +66,8 @@ class Desync(Exception):
 
 
 def memory_stats() -> dict:
-    """This rank's MLX memory, the part of it its prompt cache holds, and process RSS, in
-    bytes (sent with every heartbeat)."""
+    """This rank's MLX memory, the part of it its prompt cache holds, process RSS and (glibc)
+    what malloc's heaps hold in use and free, in bytes (sent with every heartbeat)."""
     rss = 0
     try:
         with open("/proc/self/statm") as f:
@@ -80,7 +81,7 @@ def memory_stats() -> dict:
         "cache": mx.get_cache_memory(),
         "prompt_cache": held_bytes(),
         "rss": rss,
-    }
+    } | heap_stats()
 
 
 class Engine:
