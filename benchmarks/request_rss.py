@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Memory per request, narrowed down: the RSS of a rank (or of mlx-lm in this process)
-while it serves N requests of one kind, 8 at a time.
+while it serves N requests of one kind, 8 at a time, or of several kinds in turn.
 
     # a running rank 0 (python -m mlx_jaccl_cluster.launch --world 1 ...), its PID:
     benchmarks/request_rss.py --url http://127.0.0.1:8093 --pid PID --kind chat --words 5 60 -n 2400
     benchmarks/request_rss.py --url http://127.0.0.1:8093 --pid PID --kind invalid -n 5000
+    # kinds in turn, a minute each; last, each kind's figures at rest before and after it
+    benchmarks/request_rss.py --url http://127.0.0.1:8093 --kind chat,chat_turns,stream,completion \
+        --max-tokens 64 -n 1000000 --seconds 60
     # the same prompt shapes through mlx-lm's BatchGenerator in this process, no server:
     benchmarks/request_rss.py --inprocess --model MODEL_DIR --words 5 60 -n 2400
     # plain forward passes (a fresh KV cache each, then --max-tokens decode steps), each of a
@@ -23,7 +26,8 @@ gives MLX's active and cache memory; against a server (a line every ``--every`` 
 what RSS holds outside them, and at the end RSS's growth per request over the second half
 of the run, with that part's. MLX's figures there come from rank 0's last heartbeat
 and swing with the requests in flight, so the outside figure is noisy over a short run, and
-against a GPU rank it means nothing (MLX's memory is mostly on the device): read RSS.
+against a GPU rank it means nothing (MLX's memory is mostly on the device): read RSS and,
+on Linux, what malloc's heaps hold in use (no request in flight: the figures at rest).
 
 This is a measuring script, not a test.
 """
@@ -41,6 +45,13 @@ from soak import CONTEXT_CHARS, KINDS, MAX_BODY
 from soak import _text as words_of
 
 CONCURRENT = 8
+
+
+def _kinds(text: str) -> list[str]:
+    kinds = text.split(",")
+    if unknown := [k for k in kinds if k not in KINDS]:
+        raise argparse.ArgumentTypeError(f"unknown kind {', '.join(unknown)}: one of {', '.join(KINDS)}")
+    return kinds
 
 
 def rss_mb(pid: int | str = "self") -> int:
@@ -66,52 +77,76 @@ async def _rank0_memory(http, pid: int | None) -> dict[str, int]:
 
 async def _server(a) -> None:
     import httpx
+
+    async with httpx.AsyncClient(base_url=a.url, timeout=120) as http:
+        model = (await http.get("/v1/models")).json()["data"][0]["id"]
+        rows = []
+        for kind in a.kind:
+            await asyncio.sleep(1.5)  # nothing in flight: the figures of a rank at rest
+            before = await _rank0_memory(http, a.pid)
+            n = await _run_kind(http, a, kind, model)
+            await asyncio.sleep(1.5)
+            rows.append((kind, n, before, await _rank0_memory(http, a.pid)))
+    if len(rows) > 1 or "malloc_in_use" in rows[0][2]:
+        print("\nat rest before -> after each kind (MB):")
+        for kind, n, m0, m1 in rows:
+            heap = (
+                f"; malloc in use {m0['malloc_in_use']} -> {m1['malloc_in_use']}"
+                f" ({(m1['malloc_in_use'] - m0['malloc_in_use']) * 1024 / max(n, 1):.1f} KB a request)"
+                if "malloc_in_use" in m0
+                else ""
+            )
+            print(f"{kind}: {n} requests, rss {m0['rss']} -> {m1['rss']}{heap}")
+
+
+async def _run_kind(http, a, kind: str, model: str) -> int:
+    """``-n`` requests of ``kind`` (at most ``--seconds``), 8 at a time, with memory lines;
+    the number of requests made."""
     from soak import Client, Tally
 
     start, tally, marks = time.time(), Tally(), []
     deadline = start + (a.seconds or float("inf"))
-    async with httpx.AsyncClient(base_url=a.url, timeout=120) as http:
-        model = (await http.get("/v1/models")).json()["data"][0]["id"]
-        sampling = {"temperature": a.temperature} | json.loads(a.sampling)
+    sampling = {"temperature": a.temperature} | json.loads(a.sampling)
 
-        async def sample() -> None:
-            mem = await _rank0_memory(http, a.pid)
-            marks.append((tally.requests, mem["rss"], mem["outside"]))
-            print(
-                f"{tally.requests} {a.kind}, {time.time() - start:.0f} s, rss {mem['rss']} MB "
-                f"(mlx active {mem['active']}, cache {mem['cache']}, outside {mem['outside']}"
-                + (f"; malloc in use {mem['malloc_in_use']}, free {mem['malloc_free']}" if "malloc_free" in mem else "")
-                + f"), {len(tally.errors)} errors",
-                flush=True,
-            )
+    async def sample() -> None:
+        mem = await _rank0_memory(http, a.pid)
+        marks.append((tally.requests, mem["rss"], mem["outside"]))
+        print(
+            f"{tally.requests} {kind}, {time.time() - start:.0f} s, rss {mem['rss']} MB "
+            f"(mlx active {mem['active']}, cache {mem['cache']}, outside {mem['outside']}"
+            + (f"; malloc in use {mem['malloc_in_use']}, free {mem['malloc_free']}" if "malloc_free" in mem else "")
+            + f"), {len(tally.errors)} errors",
+            flush=True,
+        )
 
-        started = 0
+    started = 0
 
-        async def worker(i: int) -> None:
-            nonlocal started
-            client = Client(http, model, a.max_tokens, i, tally, a.max_body, a.context_chars, sampling, a.words)
-            while started < a.n and time.time() < deadline:
-                started += 1
-                await client.one(a.kind)
+    async def worker(i: int) -> None:
+        nonlocal started
+        client = Client(http, model, a.max_tokens, i, tally, a.max_body, a.context_chars, sampling, a.words)
+        while started < a.n and time.time() < deadline:
+            started += 1
+            await client.one(kind)
 
-        async def sampler() -> None:
-            while True:
-                await asyncio.sleep(a.every)
-                await sample()
+    async def sampler() -> None:
+        while True:
+            await asyncio.sleep(a.every)
+            await sample()
 
-        every = asyncio.create_task(sampler())
-        await asyncio.gather(*(worker(i) for i in range(CONCURRENT)))
-        every.cancel()
-        await sample()
+    every = asyncio.create_task(sampler())
+    await asyncio.gather(*(worker(i) for i in range(CONCURRENT)))
+    every.cancel()
+    await sample()
     for e in tally.errors[:5]:
         print("error:", e)
     if len(marks) >= 4:  # the second half, past the warm-up
         (n0, r0, m0), (n1, r1, m1) = marks[len(marks) // 2], marks[-1]
         if n1 > n0:
             print(
-                f"{a.kind}, requests {n0}-{n1}: rss {r0} -> {r1} MB, {(r1 - r0) * 1024 / (n1 - n0):.1f} KB a request; "
+                f"{kind}, requests {n0}-{n1}: rss {r0} -> {r1} MB, {(r1 - r0) * 1024 / (n1 - n0):.1f} KB a request; "
                 f"outside MLX {m0} -> {m1} MB (CPU backend only: on a GPU MLX's memory is not in RSS)"
             )
+    return tally.requests
 
 
 class _Report:
@@ -186,7 +221,12 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs=2, default=(16, 512), metavar=("MIN", "MAX"))
     p.add_argument("--fixed", action="store_true", help=f"--forward: every pass {CONCURRENT} x MAX tokens")
     add_model_options(p)  # --model / --build / --dtype for the in-process modes (--backend: unused)
-    p.add_argument("--kind", choices=KINDS, default="chat", help="soak.py's request kinds (chat: of --words words)")
+    p.add_argument(
+        "--kind",
+        type=_kinds,
+        default=["chat"],
+        help="soak.py's request kinds (chat: of --words words); several, comma-separated, run one after another",
+    )
     p.add_argument("--max-body", type=int, default=MAX_BODY, help="too_large: the server's max_body_bytes")
     p.add_argument(
         "--context-chars", type=int, default=CONTEXT_CHARS, help="too_long: characters surely over the context"
@@ -196,7 +236,7 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 greedy, else sampled")
     p.add_argument("--sampling", default="{}", help="--url: more sampling fields, as JSON (e.g. '{\"top_k\": 1}')")
     p.add_argument("-n", type=int, default=2400, help="requests (sequences in-process)")
-    p.add_argument("--seconds", type=float, help="--url: stop after this long, even short of -n")
+    p.add_argument("--seconds", type=float, help="--url: stop each kind after this long, even short of -n")
     p.add_argument("--every", type=float, default=10, help="--url: seconds between memory lines")
     a = p.parse_args()
     random.seed(1)
