@@ -106,7 +106,7 @@ async def _run_kind(http, a, kind: str, model: str) -> int:
 
     start, tally, marks = time.time(), Tally(), []
     deadline = start + (a.seconds or float("inf"))
-    sampling = {"temperature": a.temperature} | json.loads(a.sampling)
+    sampling = {"temperature": a.temperature} | a.sampling
 
     async def sample() -> None:
         mem = await _rank0_memory(http, a.pid)
@@ -234,7 +234,9 @@ def main() -> None:
     p.add_argument("--words", type=int, nargs=2, default=(5, 60), metavar=("MIN", "MAX"))
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--temperature", type=float, default=0.0, help="0 greedy, else sampled")
-    p.add_argument("--sampling", default="{}", help="--url: more sampling fields, as JSON (e.g. '{\"top_k\": 1}')")
+    p.add_argument(
+        "--sampling", type=json.loads, default={}, help="--url: more sampling fields, as JSON (e.g. '{\"top_k\": 1}')"
+    )
     p.add_argument("-n", type=int, default=2400, help="requests (sequences in-process)")
     p.add_argument("--seconds", type=float, help="--url: stop each kind after this long, even short of -n")
     p.add_argument("--every", type=float, default=10, help="--url: seconds between memory lines")

@@ -108,24 +108,51 @@ def test_malloc_arena_max_bounds_the_arenas_of_a_many_threaded_rank():
     assert _arenas(Settings.default("malloc_arena_max")) <= 2
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
-def test_heap_stats_tell_memory_in_use_from_memory_freed_but_kept():
+def _has_mallinfo2() -> bool:
+    from mlx_jaccl_cluster.engine.allocator import _libc_function
+
+    return _libc_function("mallinfo2") is not None
+
+
+@pytest.mark.skipif(not _has_mallinfo2(), reason="glibc 2.33 or later (mallinfo2)")
+def test_heap_stats_tell_memory_in_use_from_memory_freed_but_kept(monkeypatch):
     # the heartbeat's malloc_in_use / malloc_free: what RSS alone cannot tell apart
     import ctypes
 
-    from mlx_jaccl_cluster.engine.allocator import heap_stats
+    from mlx_jaccl_cluster.engine import allocator
 
+    monkeypatch.setattr(allocator, "HEAP_STATS_MAX_AGE", 0.0)  # a fresh reading every call
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
-    before = heap_stats()
+    before = allocator.heap_stats()
     blocks = [libc.malloc(1000) for _ in range(50_000)]  # 50 MB in small blocks: glibc's heap
-    held = heap_stats()
+    held = allocator.heap_stats()
     for b in blocks[:-1]:  # the last stays, above the freed ones: glibc keeps them for reuse
         libc.free(b)
-    freed = heap_stats()
+    freed = allocator.heap_stats()
     libc.free(blocks[-1])
     mb = 1 << 20
     assert held["malloc_in_use"] - before["malloc_in_use"] > 45 * mb
     assert held["malloc_in_use"] - freed["malloc_in_use"] > 45 * mb
     assert freed["malloc_free"] - held["malloc_free"] > 40 * mb
+
+
+def test_heap_stats_are_read_at_most_once_a_second_and_empty_without_mallinfo2(monkeypatch):
+    from mlx_jaccl_cluster.engine import allocator
+
+    calls = []
+
+    class Info:
+        uordblks, fordblks = 7, 3
+
+    monkeypatch.setattr(allocator, "_heap_stats", (float("-inf"), {}))
+    monkeypatch.setattr(allocator, "_libc_function", lambda name: lambda: calls.append(name) or Info())
+    assert allocator.heap_stats() == {"malloc_in_use": 7, "malloc_free": 3}
+    assert allocator.heap_stats() == {"malloc_in_use": 7, "malloc_free": 3}
+    assert calls == ["mallinfo2"]  # the second within HEAP_STATS_MAX_AGE: the first reading
+    monkeypatch.setattr(allocator, "HEAP_STATS_MAX_AGE", 0.0)
+    allocator.heap_stats()
+    assert len(calls) == 2
+    monkeypatch.setattr(allocator, "_libc_function", lambda name: None)  # musl, glibc < 2.33, macOS
+    assert allocator.heap_stats() == {}

@@ -184,8 +184,8 @@ class _ClusterCollector(Collector):
         memory = _gauge(
             "mjc_rank_memory_bytes",
             "MLX memory (active, peak, cache; prompt_cache: the part of active the prompt cache holds), "
-            "process RSS and, on Linux, what glibc's malloc heaps hold (malloc_in_use, malloc_free: freed "
-            "but kept) of each rank, from its last heartbeat.",
+            "process RSS and, with glibc 2.33 or later, malloc's heaps (malloc_in_use; malloc_free: freed but "
+            "kept) of each rank, from its last heartbeat.",
             ["rank", "kind"],
         )
         for r in s["ranks"]:

@@ -16,14 +16,15 @@ Two settings, both made once at the start of the process (``tune_malloc``):
 - **At most ``malloc_arena_max`` arenas** (``Settings``; glibc's own limit is 8 per core).
   A thread's first allocation makes it a new arena unless one of an ended thread is free,
   and an arena keeps its high-water mark. On a many-core GPU host a rank's arenas kept
-  multiplying through a soak, and they held most of its growth (docs/BENCHMARKS.md, "Soak on
-  GPUs: what grew is glibc's per-thread arenas"). The cap bounds how many arenas there are;
-  one arena can still grow, by chaining heaps. glibc fixes its limit once the process has
+  multiplying through a soak (docs/BENCHMARKS.md, "Soak on GPUs: what grew is glibc's
+  per-thread arenas"; what they held was memory in use, which with the cap sits in the main
+  heap instead). The cap bounds how many arenas there are; one arena can still grow, by
+  chaining heaps. glibc fixes its limit once the process has
   more arenas than ``M_ARENA_TEST`` (8), so the cap is set first thing in the rank's
   ``main``, before any thread starts.
 
-``heap_stats`` reads what glibc's heaps hold, in use and free, for the heartbeat: RSS alone
-cannot tell memory something keeps from memory the allocator keeps for it.
+``heap_stats`` reads what glibc's heaps hold, in use and free, for the heartbeat
+(docs/runtime.md, "Memory", says how to read them).
 
 macOS (Metal buffers, its own malloc) needs none of this; elsewhere it is a no-op.
 """
@@ -35,6 +36,7 @@ import ctypes.util
 import functools
 import logging
 import sys
+import time
 
 log = logging.getLogger("mjc.engine")
 
@@ -104,13 +106,27 @@ def tune_malloc(arena_max: int) -> None:
     cap_arenas(arena_max)
 
 
+HEAP_STATS_MAX_AGE = 1.0  # s: mallinfo2 walks every free chunk under the arenas' locks
+_heap_stats: tuple[float, dict[str, int]] = (float("-inf"), {})
+
+
 def heap_stats() -> dict[str, int]:
     """Bytes glibc's heaps and arenas hold for this process: ``malloc_in_use`` (handed out
     and not freed) and ``malloc_free`` (freed, kept for reuse; part of it may have been given
     back to the system page by page). Blocks mapped on their own (above the mmap threshold:
-    MLX's CPU buffers) are in neither. Empty where glibc cannot say."""
-    mallinfo2 = _libc_function("mallinfo2")
-    if mallinfo2 is None:
-        return {}
-    info = mallinfo2()
-    return {"malloc_in_use": info.uordblks, "malloc_free": info.fordblks}
+    MLX's CPU buffers) are in neither. Empty where glibc cannot say (before 2.33, musl, macOS).
+
+    Read at most once every ``HEAP_STATS_MAX_AGE`` s, whoever asks (heartbeats, the dashboard,
+    /metrics): ``mallinfo2`` holds each arena's lock while it counts the free chunks, which
+    took about 20 ms with 100 000 of them, and the engine thread shares those arenas."""
+    global _heap_stats
+    read_at, stats = _heap_stats
+    now = time.monotonic()
+    if now - read_at < HEAP_STATS_MAX_AGE:
+        return stats
+    stats = {}
+    if (mallinfo2 := _libc_function("mallinfo2")) is not None:
+        info = mallinfo2()
+        stats = {"malloc_in_use": info.uordblks, "malloc_free": info.fordblks}
+    _heap_stats = (now, stats)
+    return stats
