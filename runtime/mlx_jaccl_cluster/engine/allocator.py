@@ -19,9 +19,9 @@ Two settings, both made once at the start of the process (``tune_malloc``):
   multiplying through a soak (docs/BENCHMARKS.md, "Soak on GPUs: what grew is glibc's
   per-thread arenas"; what they held was memory in use, which with the cap sits in the main
   heap instead). The cap bounds how many arenas there are; one arena can still grow, by
-  chaining heaps. glibc fixes its limit once the process has
-  more arenas than ``M_ARENA_TEST`` (8), so the cap is set first thing in the rank's
-  ``main``, before any thread starts.
+  chaining heaps. glibc fixes its limit once the process has more arenas than
+  ``M_ARENA_TEST`` (8), so the cap is set first thing in the rank's ``main``, before any
+  thread starts.
 
 ``heap_stats`` reads what glibc's heaps hold, in use and free, for the heartbeat
 (docs/runtime.md, "Memory", says how to read them).
