@@ -54,6 +54,16 @@ def _kinds(text: str) -> list[str]:
     return kinds
 
 
+def _sampling(text: str) -> dict:
+    try:
+        fields = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): give an object, e.g. '{{\"top_k\": 1}}'") from None
+    if not isinstance(fields, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object: give one, e.g. '{{\"top_k\": 1}}'")
+    return fields
+
+
 def rss_mb(pid: int | str = "self") -> int:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS"):
@@ -235,7 +245,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--temperature", type=float, default=0.0, help="0 greedy, else sampled")
     p.add_argument(
-        "--sampling", type=json.loads, default={}, help="--url: more sampling fields, as JSON (e.g. '{\"top_k\": 1}')"
+        "--sampling", type=_sampling, default={}, help="--url: more sampling fields, as JSON (e.g. '{\"top_k\": 1}')"
     )
     p.add_argument("-n", type=int, default=2400, help="requests (sequences in-process)")
     p.add_argument("--seconds", type=float, help="--url: stop each kind after this long, even short of -n")

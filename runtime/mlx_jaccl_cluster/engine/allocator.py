@@ -117,8 +117,8 @@ def heap_stats() -> dict[str, int]:
     MLX's CPU buffers) are in neither. Empty where glibc cannot say (before 2.33, musl, macOS).
 
     Read at most once every ``HEAP_STATS_MAX_AGE`` s, whoever asks (heartbeats, the dashboard,
-    /metrics): ``mallinfo2`` holds each arena's lock while it counts the free chunks, which
-    took about 20 ms with 100 000 of them, and the engine thread shares those arenas."""
+    /metrics): ``mallinfo2`` holds each arena's lock while it counts the free chunks, so its
+    cost grows with their number, and the engine thread shares those arenas."""
     global _heap_stats
     read_at, stats = _heap_stats
     now = time.monotonic()
