@@ -55,9 +55,26 @@ def _pin_cuda_device(rank: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(rank % gpus)
 
 
+#: What every rank's process sets for itself unless its environment already does.
+ENV_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",  # never reach for a hub at run time
+    "TOKENIZERS_PARALLELISM": "false",
+    # MLX on CUDA raises "Cache thrashing is happening" (and the engine thread dies) once
+    # one of its per-shape caches (attention graphs: 256, CUDA graphs: 400) has missed twice
+    # its size over the process's life: a rank serving varied prompts died at its 513th
+    # distinct attention shape (docs/BENCHMARKS.md). The caches stay bounded without it.
+    "MLX_ENABLE_CACHE_THRASHING_CHECK": "0",
+}
+
+
+def _set_env_defaults() -> None:
+    """``ENV_DEFAULTS``, before MLX builds its caches (it reads them then)."""
+    for name, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _set_env_defaults()
     from .settings import backend_links, load_settings
 
     try:

@@ -45,3 +45,15 @@ def test_nccl_rank_sees_only_its_gpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")  # the operator's choice wins
     main._pin_cuda_device(0)
     assert main.os.environ["CUDA_VISIBLE_DEVICES"] == "7"
+
+
+def test_a_rank_turns_off_mlx_cuda_cache_thrashing_exception(monkeypatch):
+    """On CUDA, MLX raised "Cache thrashing is happening" at the 513th distinct attention
+    shape of a process and the rank's engine died (docs/BENCHMARKS.md, session 11); a rank
+    turns that check off unless its environment says otherwise."""
+    monkeypatch.delenv("MLX_ENABLE_CACHE_THRASHING_CHECK", raising=False)
+    main._set_env_defaults()
+    assert main.os.environ["MLX_ENABLE_CACHE_THRASHING_CHECK"] == "0"
+    monkeypatch.setenv("MLX_ENABLE_CACHE_THRASHING_CHECK", "1")  # the operator's choice wins
+    main._set_env_defaults()
+    assert main.os.environ["MLX_ENABLE_CACHE_THRASHING_CHECK"] == "1"

@@ -1,0 +1,34 @@
+"""memray's view of a live rank: put this folder first on the rank's ``PYTHONPATH``, memray
+on it too, and set ``MEMPROF_OUT=PREFIX``. Then SIGUSR1 starts tracking every allocation,
+Python's and native (with both stacks), into ``PREFIX.PID.bin``, and SIGUSR2 stops it; what
+the window allocated and the rank still held at its end is what
+``benchmarks/heap_leaks.py PREFIX.PID.bin`` prints. For measuring, never for serving
+(benchmarks/device/rank_memory.sh uses it; memray is no dependency of the project).
+"""
+
+import os
+import signal
+
+_PREFIX = os.environ.get("MEMPROF_OUT")
+
+if _PREFIX:
+    import memray
+
+    _tracking: list = []
+
+    def _start(signum, frame):
+        if _tracking:
+            return
+        path = f"{_PREFIX}.{os.getpid()}.bin"
+        if os.path.exists(path):
+            os.remove(path)
+        tracker = memray.Tracker(path, native_traces=True, file_format=memray.FileFormat.AGGREGATED_ALLOCATIONS)
+        tracker.__enter__()
+        _tracking.append(tracker)
+
+    def _stop(signum, frame):
+        if _tracking:
+            _tracking.pop().__exit__(None, None, None)
+
+    signal.signal(signal.SIGUSR1, _start)
+    signal.signal(signal.SIGUSR2, _stop)
