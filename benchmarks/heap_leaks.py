@@ -5,30 +5,36 @@
 
 The capture comes from a rank run with ``benchmarks/heapprof`` first on ``PYTHONPATH`` and
 ``MEMPROF_OUT`` set (SIGUSR1 starts tracking, SIGUSR2 stops it; see that module). Prints the
-held total, then the held bytes by first native caller and by first Python caller, then the
-TOP largest stacks. This is a measuring script, not a test.
+held total, then the held bytes grouped three ways: by first native caller (past the
+allocator's own frames), by first Python caller, and by MLX operation with the CUDA or cuDNN
+call that allocated (none on CPU); then the TOP largest stacks, DEPTH frames each. This is a
+measuring script, not a test.
 """
 
 from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 
 from memray import AllocatorType, FileReader
 
-GENERIC = (
+#: frames that only pass an allocation on: the allocator's own, and the C++ library's
+ALLOCATOR_FRAMES = (
     "operator new",
     "malloc",
     "calloc",
     "realloc",
+    "posix_memalign",
+    "aligned_alloc",
     "memalign",
-    "allocate",
-    "Allocator",
-    "allocator",
-    "<unknown>",
     "std::",
-    "__gnu_cxx",
+    "__gnu_cxx::",
+    "mlx::core::allocator::",
+    "<unknown>",
 )
+#: MLX frames that name what an allocation was for
+MLX_OPERATIONS = ("::eval_gpu", "::eval_cpu", "sdpa_", "DnnGraph::", "CudaGraphExec::")
 
 
 def frames(rec, depth: int) -> list:
@@ -38,26 +44,38 @@ def frames(rec, depth: int) -> list:
         return list(rec.stack_trace(max_stacks=depth))
 
 
-def first(fs: list, python: bool) -> str:
-    for func, path, line in fs:
-        is_py = str(path).endswith(".py")
-        if python and is_py:
-            return f"{func} ({str(path).split('site-packages/')[-1]}:{line})"
-        if not python and not is_py and not any(g in str(func) for g in GENERIC):
+def native_caller(fs: list) -> str:
+    for func, path, _ in fs:
+        if not str(path).endswith(".py") and not str(func).startswith(ALLOCATOR_FRAMES):
             return str(func)[:150]
     return "?"
 
 
-def op(fs: list) -> str:
-    """The MLX operation (or cuDNN/graph step) an allocation was made for, with the CUDA call."""
-    cuda = next((str(f) for f, _, _ in fs if str(f).startswith(("cu", "cudnn"))), "")
+def python_caller(fs: list) -> str:
+    for func, path, line in fs:
+        if str(path).endswith(".py"):
+            return f"{func} ({str(path).split('site-packages/')[-1]}:{line})"
+    return "?"
+
+
+def operation(fs: list) -> str:
+    cuda = next((str(f).split("(")[0] for f, _, _ in fs if str(f).startswith("cu")), "")
     for func, _, _ in fs:
         name = str(func)
-        if "mlx::core::" in name and any(
-            t in name for t in ("::eval_gpu", "::eval_cpu", "sdpa_", "DnnGraph::", "CudaGraphExec::")
-        ):
-            return f"{name.split('(')[0]} <- {cuda.split('(')[0]}"
-    return f"? <- {cuda.split('(')[0]}"
+        if name.startswith("mlx::core::") and any(t in name for t in MLX_OPERATIONS):
+            return f"{name.split('(')[0]} <- {cuda}"
+    return f"? <- {cuda}"
+
+
+def print_groups(title: str, recs: list, key: Callable[[list], str], stacks: dict, top: int) -> None:
+    by: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in recs:
+        entry = by[key(stacks[id(r)])]
+        entry[0] += r.size
+        entry[1] += r.n_allocations
+    print(f"\nby {title}:")
+    for name, (size, n) in sorted(by.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {size / 2**20:9.2f} MB {n:8d}  {name[:160]}")
 
 
 def main() -> int:
@@ -73,23 +91,9 @@ def main() -> int:
         f"held at stop: {total / 2**20:.1f} MB in {sum(r.n_allocations for r in recs)} allocations, {len(recs)} stacks"
     )
     stacks = {id(r): frames(r, depth) for r in recs}
-    for python in (False, True):
-        by: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        for r in recs:
-            entry = by[first(stacks[id(r)], python)]
-            entry[0] += r.size
-            entry[1] += r.n_allocations
-        print(f"\nby first {'Python' if python else 'native'} caller:")
-        for name, (size, n) in sorted(by.items(), key=lambda kv: -kv[1][0])[:top]:
-            print(f"  {size / 2**20:9.2f} MB {n:8d}  {name}")
-    by_op: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for r in recs:
-        entry = by_op[op(stacks[id(r)])]
-        entry[0] += r.size
-        entry[1] += r.n_allocations
-    print("\nby MLX operation <- CUDA or cuDNN call (none on CPU):")
-    for name, (size, n) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:top]:
-        print(f"  {size / 2**20:9.2f} MB {n:8d}  {name[:160]}")
+    print_groups("first native caller", recs, native_caller, stacks, top)
+    print_groups("first Python caller", recs, python_caller, stacks, top)
+    print_groups("MLX operation <- CUDA or cuDNN call (none on CPU)", recs, operation, stacks, top)
     for r in sorted(recs, key=lambda r: -r.size)[:top]:
         print(f"\n{r.size / 2**20:.2f} MB in {r.n_allocations} ({AllocatorType(r.allocator).name})")
         for func, fpath, line in stacks[id(r)]:

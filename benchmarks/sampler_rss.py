@@ -6,7 +6,8 @@
 For one row of logits MLX's ``mx.random.categorical`` samples by inverse CDF (cumsum, then
 searchsorted); for several rows, and in the ``gumbel`` row here, by adding Gumbel noise and
 taking the argmax; ``argmax`` is greedy. Prints malloc's memory in use (glibc) after a
-warm-up and after STEPS draws of each.
+warm-up and after STEPS draws of each, in this plain process (glibc's default malloc
+settings, not a rank's ``allocator.tune_malloc``).
 """
 
 import sys
@@ -20,8 +21,10 @@ STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
 VOCAB = int(sys.argv[2]) if len(sys.argv) > 2 else 32000
 
 
+allocator.HEAP_STATS_MAX_AGE = 0.0  # a fresh reading each time, not the once-a-second one
+
+
 def in_use_mb() -> float:
-    allocator._heap_stats = (float("-inf"), {})  # a fresh reading, not the once-a-second one
     return allocator.heap_stats().get("malloc_in_use", 0) / 2**20
 
 

@@ -8,27 +8,43 @@ the window allocated and the rank still held at its end is what
 
 import os
 import signal
+import sys
 
 _PREFIX = os.environ.get("MEMPROF_OUT")
 
-if _PREFIX:
-    import memray
 
-    _tracking: list = []
+def _install() -> None:
+    try:
+        import memray
+    except ImportError as exc:  # keep SIGUSR1/2 from ending the process: say why instead
+        why = str(exc)
 
-    def _start(signum, frame):
-        if _tracking:
+        def _missing(signum, frame):
+            print(f"heapprof: memray is not importable ({why})", file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGUSR1, _missing)
+        signal.signal(signal.SIGUSR2, _missing)
+        return
+
+    tracking: list = []
+
+    def start(signum, frame):
+        if tracking:
             return
         path = f"{_PREFIX}.{os.getpid()}.bin"
         if os.path.exists(path):
             os.remove(path)
         tracker = memray.Tracker(path, native_traces=True, file_format=memray.FileFormat.AGGREGATED_ALLOCATIONS)
         tracker.__enter__()
-        _tracking.append(tracker)
+        tracking.append(tracker)
 
-    def _stop(signum, frame):
-        if _tracking:
-            _tracking.pop().__exit__(None, None, None)
+    def stop(signum, frame):
+        if tracking:
+            tracking.pop().__exit__(None, None, None)
 
-    signal.signal(signal.SIGUSR1, _start)
-    signal.signal(signal.SIGUSR2, _stop)
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+
+
+if _PREFIX:
+    _install()

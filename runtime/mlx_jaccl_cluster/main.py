@@ -59,16 +59,16 @@ def _pin_cuda_device(rank: int) -> None:
 ENV_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",  # never reach for a hub at run time
     "TOKENIZERS_PARALLELISM": "false",
-    # MLX on CUDA raises "Cache thrashing is happening" (and the engine thread dies) once
-    # one of its per-shape caches (attention graphs: 256, CUDA graphs: 400) has missed twice
-    # its size over the process's life: a rank serving varied prompts died at its 513th
-    # distinct attention shape (docs/BENCHMARKS.md). The caches stay bounded without it.
+    # MLX on CUDA raises "Cache thrashing is happening" from inside an eval, and the engine
+    # thread dies with it, once one of its per-shape caches (cuDNN attention graphs, CUDA
+    # graphs) has missed more than twice its size; the caches stay bounded without the check
+    # (docs/BENCHMARKS.md, "Soak on GPUs, session 11").
     "MLX_ENABLE_CACHE_THRASHING_CHECK": "0",
 }
 
 
 def _set_env_defaults() -> None:
-    """``ENV_DEFAULTS``, before MLX builds its caches (it reads them then)."""
+    """``ENV_DEFAULTS``, before anything imports MLX (it reads them as it builds its caches)."""
     for name, value in ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
 

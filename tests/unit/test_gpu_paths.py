@@ -1,9 +1,13 @@
-"""The engine's GPU-found changes: the batch-of-one mask, and the nccl start-up fixes."""
+"""The engine's GPU-found changes: the batch-of-one mask, the nccl start-up fixes, and MLX's
+CUDA cache check turned off."""
+
+from unittest import mock
 
 import mlx.core as mx
+import pytest
 from mlx_lm.models.cache import BatchKVCache
 
-from mlx_jaccl_cluster import main
+from mlx_jaccl_cluster import main, settings
 from mlx_jaccl_cluster.engine import fastpath
 from mlx_jaccl_cluster.engine.loader import _collectives_on_gpu
 
@@ -38,22 +42,35 @@ def test_nccl_load_runs_the_cpu_stream_barrier_on_the_default_stream():
 
 
 def test_nccl_rank_sees_only_its_gpu(monkeypatch):
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(main.os, "listdir", lambda path: ["0000:60:00.0", "0000:70:00.0"])
-    main._pin_cuda_device(3)
-    assert main.os.environ["CUDA_VISIBLE_DEVICES"] == "1"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")  # the operator's choice wins
-    main._pin_cuda_device(0)
-    assert main.os.environ["CUDA_VISIBLE_DEVICES"] == "7"
+    with mock.patch.dict(main.os.environ):  # restored whole afterwards
+        main.os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        main._pin_cuda_device(3)
+        assert main.os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+        main.os.environ["CUDA_VISIBLE_DEVICES"] = "7"  # the operator's choice wins
+        main._pin_cuda_device(0)
+        assert main.os.environ["CUDA_VISIBLE_DEVICES"] == "7"
 
 
-def test_a_rank_turns_off_mlx_cuda_cache_thrashing_exception(monkeypatch):
-    """On CUDA, MLX raised "Cache thrashing is happening" at the 513th distinct attention
-    shape of a process and the rank's engine died (docs/BENCHMARKS.md, session 11); a rank
-    turns that check off unless its environment says otherwise."""
-    monkeypatch.delenv("MLX_ENABLE_CACHE_THRASHING_CHECK", raising=False)
-    main._set_env_defaults()
-    assert main.os.environ["MLX_ENABLE_CACHE_THRASHING_CHECK"] == "0"
-    monkeypatch.setenv("MLX_ENABLE_CACHE_THRASHING_CHECK", "1")  # the operator's choice wins
-    main._set_env_defaults()
-    assert main.os.environ["MLX_ENABLE_CACHE_THRASHING_CHECK"] == "1"
+def test_a_rank_turns_off_mlx_cuda_cache_thrashing_exception_before_anything_else(monkeypatch):
+    """MLX on CUDA raises "Cache thrashing is happening" from inside an eval once one of its
+    per-shape caches has missed more than twice its size, and the engine thread dies with it
+    (docs/BENCHMARKS.md, "Soak on GPUs, session 11"). A rank turns that check off before it
+    reads its settings (MLX reads the variable when it builds a cache), unless its
+    environment already says otherwise."""
+    seen: dict[str, str] = {}
+
+    def load_settings(argv):
+        seen.update(main.os.environ)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(settings, "load_settings", load_settings)
+    with mock.patch.dict(main.os.environ):  # restored whole afterwards
+        main.os.environ.pop("MLX_ENABLE_CACHE_THRASHING_CHECK", None)
+        with pytest.raises(SystemExit) as stopped:
+            main.main([])
+        assert stopped.value.code == main.EXIT_CONFIG
+        assert seen["MLX_ENABLE_CACHE_THRASHING_CHECK"] == "0"
+        main.os.environ["MLX_ENABLE_CACHE_THRASHING_CHECK"] = "1"  # the operator's choice wins
+        main._set_env_defaults()
+        assert main.os.environ["MLX_ENABLE_CACHE_THRASHING_CHECK"] == "1"
