@@ -4,12 +4,13 @@
 #
 # For each config in CONFIGS (space-separated, each "default" or VAR=VALUE[,VAR=VALUE...],
 # optionally followed by @WARM@WINDOW): a fresh rank of the soak's model (hidden 2048,
-# 16 layers, bf16), greedy chats for WARM s (default 40), then chats of KIND (default chat;
-# one of request_rss.py's kinds) at temperature TEMP (default 1) for WINDOW s (default 150).
+# 16 layers, bf16), chats at temperature WARM_TEMP (default 0: greedy) for WARM s (default
+# 40), then chats of KIND (default chat; one of request_rss.py's kinds) at temperature TEMP
+# (default 1) for WINDOW s (default 150).
 # request_rss.py prints RSS and malloc's memory in use as it goes and at rest.
 # PROFILE=1: memray tracks the rank's allocations through each window (benchmarks/heapprof;
 # memray's wheels carried in .dev/prof), and heap_leaks.py prints what the window allocated
-# and the rank still held at its end. (memray's own memory is in malloc's figures then.)
+# and the rank still held at its end. (malloc's figures then may include memray's own.)
 # Ranks set MLX_ENABLE_CACHE_THRASHING_CHECK=0 themselves (main.py): a config sets it to 1
 # to see MLX's check.
 # Exits 7 if a rank was not up, or died during its run.
@@ -46,7 +47,7 @@ for spec in ${CONFIGS:-default}; do
   if [ -z "$PID" ] || ! up; then echo "== $cfg: no rank up after ${i}s"; tail -5 /tmp/server$n.log; failed=1; kill $launcher; continue; fi
   echo "== $cfg: rank pid $PID, up after ${i}s; $(tr '\0' '\n' < /proc/$PID/environ | grep ^MLX_ | tr '\n' ' ')"
   RR="python3 benchmarks/request_rss.py --url http://127.0.0.1:$PORT --pid $PID --max-tokens 64 -n 1000000"
-  $RR --kind chat --temperature 0 --seconds "${warm:-${WARM:-40}}" > "$OUT/warm$n.txt" 2>&1; tail -2 "$OUT/warm$n.txt"
+  $RR --kind chat --temperature "${WARM_TEMP:-0}" --seconds "${warm:-${WARM:-40}}" > "$OUT/warm$n.txt" 2>&1; tail -2 "$OUT/warm$n.txt"
   [ "${PROFILE:-0}" = 1 ] && kill -0 "$PID" && kill -USR1 "$PID" && sleep 2
   $RR --kind "${KIND:-chat}" --temperature "${TEMP:-1}" --seconds "${window:-${WINDOW:-150}}" --every 15 > "$OUT/window$n.txt" 2>&1
   grep -E "^[0-9]+ |at rest|a request" "$OUT/window$n.txt" | tail -16
