@@ -2,16 +2,21 @@
 """Whether MLX's CUDA attention-graph cache raises "Cache thrashing" after enough distinct
 prompt shapes (a measuring script, not a test): attention over N distinct lengths in turn.
 
-    python benchmarks/sdpa_thrash.py [N]
+    python benchmarks/sdpa_thrash.py [--shapes 700]
 """
 
+import argparse
 import os
 import sys
 import time
 
 import mlx.core as mx
 
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 700
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--shapes", type=int, default=700, help="distinct lengths, 16 upwards (at least 1)")
+N = p.parse_args().shapes
+if N < 1:
+    p.error(f"--shapes {N}: give at least 1")
 print(
     f"mlx {mx.__version__} on {mx.default_device()}; MLX_CUDA_SDPA_CACHE_SIZE="
     f"{os.environ.get('MLX_CUDA_SDPA_CACHE_SIZE', 'default')}, check "
