@@ -8,8 +8,10 @@ while it serves N requests of one kind, 8 at a time, or of several kinds in turn
     # kinds in turn, a minute each; last, each kind's figures at rest before and after it
     benchmarks/request_rss.py --url http://127.0.0.1:8093 --kind chat,chat_turns,stream,completion \
         --max-tokens 64 -n 1000000 --seconds 60
-    # the same prompt shapes through mlx-lm's BatchGenerator in this process, no server:
-    benchmarks/request_rss.py --inprocess --model MODEL_DIR --words 5 60 -n 2400
+    # the same prompt shapes through mlx-lm's BatchGenerator in this process, no server, 8
+    # sequences in flight; --ours adds the engine's pieces one by one (all: every one):
+    benchmarks/request_rss.py --inprocess --model MODEL_DIR --words 5 60 -n 2400 [--temperature 1] \
+        [--vary-tokens] [--ours fastpath,prefill,budget,samplers,store]
     # plain forward passes (a fresh KV cache each, then --max-tokens decode steps), each of a
     # random batch x length from --tokens, or all of one shape with --fixed (the control):
     benchmarks/request_rss.py --forward --build 'llama:{"hidden_size": 2048, "num_attention_heads": 16,
@@ -19,7 +21,9 @@ while it serves N requests of one kind, 8 at a time, or of several kinds in turn
 unless ``--temperature``: ``chat`` (here of ``--words`` random words), ``chat_turns`` (multi-turn, so the prompt cache fills and evicts), ``stream``,
 ``dropped_stream`` (the client leaves mid-stream), ``completion``, and the refused
 ``invalid``, ``too_long`` and ``too_large``. Comparing kinds and modes narrows a climb down: ``invalid`` tests
-the HTTP layer alone, ``--inprocess`` mlx-lm's engine without ours, and ``--forward``
+the HTTP layer alone, ``--inprocess`` mlx-lm's engine without ours (``--ours``: with the
+pieces of ours named), ``--vary-tokens`` answers that end at varied steps (each request's
+budget drawn from 1..``--max-tokens``, greedy or not), and ``--forward``
 against ``--forward --fixed`` what new shapes alone cost (on CUDA: MLX's per-shape cuDNN
 attention graphs). docs/BENCHMARKS.md, "Soak on GPUs", has the figures. Each line also
 gives MLX's active and cache memory; against a server (a line every ``--every`` s) also
@@ -133,7 +137,8 @@ async def _run_kind(http, a, kind: str, model: str) -> int:
 
     async def worker(i: int) -> None:
         nonlocal started
-        client = Client(http, model, a.max_tokens, i, tally, a.max_body, a.context_chars, sampling, a.words)
+        budget = (1, a.max_tokens) if a.vary_tokens else a.max_tokens
+        client = Client(http, model, budget, i, tally, a.max_body, a.context_chars, sampling, a.words)
         while started < a.n and time.time() < deadline:
             started += 1
             await client.one(kind)
@@ -173,13 +178,21 @@ class _Report:
         if done % self.every and now - self.last < 10:
             return
         self.last = now
+        from mlx_jaccl_cluster.engine.allocator import heap_stats
+
         mlx = f"mlx active {mx.get_active_memory() >> 20} MB, cache {mx.get_cache_memory() >> 20} MB"
-        print(f"{done} {self.what}, {now - self.start:.0f} s, rss {rss_mb()} MB, {mlx}", flush=True)
+        heap = "".join(f", {k.replace('_', ' ')} {v >> 20} MB" for k, v in heap_stats().items())
+        print(f"{done} {self.what}, {now - self.start:.0f} s, rss {rss_mb()} MB, {mlx}{heap}", flush=True)
 
 
 def _load(a):
     import mlx.core as mx
     from mlx_lm import load
+
+    from mlx_jaccl_cluster.engine.allocator import tune_malloc
+    from mlx_jaccl_cluster.settings import Settings
+
+    tune_malloc(Settings.model_fields["malloc_arena_max"].default)  # malloc as a rank's, by default
 
     model, tokenizer = load(str(a.model))
     mx.set_cache_limit(256 << 20)  # the runtime's default mlx_cache_limit
@@ -204,21 +217,79 @@ def _forward(a) -> None:
         report(i + 1)
 
 
+OURS = ("fastpath", "prefill", "budget", "samplers", "store")
+
+
+def _ours(text: str) -> set[str]:
+    pieces = set(OURS) if text == "all" else set(filter(None, text.split(",")))
+    if unknown := pieces - set(OURS):
+        raise argparse.ArgumentTypeError(f"unknown piece {', '.join(sorted(unknown))}: all, or of {', '.join(OURS)}")
+    return pieces
+
+
 def _inprocess(a) -> None:
+    """mlx-lm's BatchGenerator, 8 sequences in flight, with the engine's pieces in ``a.ours``:
+    its patches (engine/fastpath.py, engine/prefill.py), its budgeted generator, its
+    per-request samplers, and its prompt cache storing each finished sequence's cache."""
     from mlx_lm.generate import BatchGenerator
+    from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
+
+    from mlx_jaccl_cluster.engine import fastpath, prefill
+    from mlx_jaccl_cluster.engine.prompt_cache import PromptCache, kv_bytes_per_token
+    from mlx_jaccl_cluster.engine.sampling import make_sampler
+    from mlx_jaccl_cluster.generation import SamplingParams
+    from mlx_jaccl_cluster.settings import Settings
 
     model, tokenizer = _load(a)
-    gen = BatchGenerator(model, max_tokens=a.max_tokens, completion_batch_size=CONCURRENT)
-    done, report = 0, _Report("sequences", a.n)
+    default = Settings.model_fields
+    if "fastpath" in a.ours:
+        fastpath.install()
+    if "prefill" in a.ours:
+        prefill.install()
+    kw = dict(
+        max_tokens=a.max_tokens,
+        completion_batch_size=CONCURRENT,
+        stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
+        sampler=mlx_lm_sampler(a.temperature),
+    )
+    if "budget" in a.ours:
+        kw |= dict(prefill_step_size=default["prefill_step_size"].default, prefill_batch_size=CONCURRENT)
+        gen = prefill.Budgeted(model, step_token_budget=default["step_token_budget"].default, **kw)
+    else:
+        gen = BatchGenerator(model, **kw)
+    store = None
+    if "store" in a.ours:
+        config = json.loads((a.model / "config.json").read_text())
+        store = PromptCache(
+            default["prompt_cache_size"].default, default["prompt_cache_bytes"].default, kv_bytes_per_token(config)
+        )
+    started = done = 0
+    report = _Report("sequences", a.n)
+
+    def insert(count: int) -> None:  # CONCURRENT in flight, as a server's clients keep it
+        nonlocal started
+        prompts = [tokenizer.encode(_text(a.words, started + k)) for k in range(count)]
+        budgets = [random.randint(1, a.max_tokens) if a.vary_tokens else a.max_tokens for _ in prompts]
+        more = {}
+        if "samplers" in a.ours:
+            more["samplers"] = [
+                make_sampler(SamplingParams(temperature=a.temperature, seed=random.getrandbits(32))) for _ in prompts
+            ]
+        gen.insert(prompts, max_tokens=budgets, **more)
+        started += count
+
+    insert(min(CONCURRENT, a.n))
     while done < a.n:
-        prompts = [tokenizer.encode(_text(a.words, done + k)) for k in range(CONCURRENT)]
-        gen.insert(prompts, max_tokens=[a.max_tokens] * CONCURRENT)
-        left = CONCURRENT
-        while left:
-            for r in gen.next()[1]:
-                if r.finish_reason is not None:
-                    left, done = left - 1, done + 1
-                    report(done)
+        ended = [r for r in gen.next()[1] if r.finish_reason is not None]
+        if store is not None:
+            for r in ended:
+                store.store(r.all_tokens, r.prompt_cache)
+        finished = len(ended)
+        for _ in range(finished):
+            done += 1
+            report(done)
+        if finished and started < a.n:
+            insert(min(finished, a.n - started))
 
 
 def main() -> None:
@@ -228,6 +299,12 @@ def main() -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--inprocess", action="store_true", help="mlx-lm's BatchGenerator in this process instead")
     mode.add_argument("--forward", action="store_true", help="plain forward passes in this process instead")
+    p.add_argument(
+        "--ours",
+        type=_ours,
+        default=set(),
+        help=f"--inprocess: the engine's pieces to use, comma-separated (all, or of {', '.join(OURS)})",
+    )
     p.add_argument("--tokens", type=int, nargs=2, default=(16, 512), metavar=("MIN", "MAX"))
     p.add_argument("--fixed", action="store_true", help=f"--forward: every pass {CONCURRENT} x MAX tokens")
     add_model_options(p)  # --model / --build / --dtype for the in-process modes (--backend: unused)
@@ -243,6 +320,11 @@ def main() -> None:
     )
     p.add_argument("--words", type=int, nargs=2, default=(5, 60), metavar=("MIN", "MAX"))
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument(
+        "--vary-tokens",
+        action="store_true",
+        help="each request (sequence) a budget drawn from 1..--max-tokens: greedy answers of varied lengths",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 greedy, else sampled")
     p.add_argument(
         "--sampling", type=_sampling, default={}, help="--url: more sampling fields, as JSON (e.g. '{\"top_k\": 1}')"

@@ -71,7 +71,7 @@ class Client:
         self,
         http: httpx.AsyncClient,
         model: str,
-        max_tokens: int,
+        max_tokens: int | tuple[int, int],
         seed: int,
         tally: Tally,
         max_body: int,
@@ -84,10 +84,16 @@ class Client:
         self.max_body, self.context_chars = max_body, context_chars
         self.sampling = sampling or {}  # e.g. {"temperature": 0}; the server's defaults otherwise
         self.chat_words = chat_words  # a chat's prompt: this many random words (lowest, highest)
+        # max_tokens: each request's answer budget, or (lowest, highest) to draw one a request
         self.turns: list[dict] = []
 
+    def _budget(self) -> int:
+        if isinstance(self.max_tokens, int):
+            return self.max_tokens
+        return self.rng.randint(*self.max_tokens)
+
     def _chat(self, messages: list[dict], **kw) -> dict:
-        return {"model": self.model, "messages": messages, "max_tokens": self.max_tokens, **self.sampling, **kw}
+        return {"model": self.model, "messages": messages, "max_tokens": self._budget(), **self.sampling, **kw}
 
     async def one(self, kind: str) -> None:
         started = time.perf_counter()
@@ -134,7 +140,7 @@ class Client:
     async def stream(self, drop: bool = False) -> str | None:
         body = self._chat([{"role": "user", "content": _text(self.rng, 20)}], stream=True)
         if drop:
-            body["max_tokens"] = max(self.max_tokens, 64)
+            body["max_tokens"] = max(body["max_tokens"], 64)
         done = False
         async with self.http.stream("POST", "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
@@ -156,7 +162,7 @@ class Client:
     async def completion(self) -> str | None:
         return await self._expect(
             "/v1/completions",
-            {"model": self.model, "prompt": _text(self.rng, 20), "max_tokens": self.max_tokens, **self.sampling},
+            {"model": self.model, "prompt": _text(self.rng, 20), "max_tokens": self._budget(), **self.sampling},
             200,
         )
 

@@ -6,11 +6,13 @@
 # optionally followed by @WARM@WINDOW): a fresh rank of the soak's model (hidden 2048,
 # 16 layers, bf16), chats at temperature WARM_TEMP (default 0: greedy) for WARM s (default
 # 40), then chats of KIND (default chat; one of request_rss.py's kinds) at temperature TEMP
-# (default 1) for WINDOW s (default 150).
+# (default 1) for WINDOW s (default 150); VARY=1: the window's answers have budgets drawn from
+# 1..64 tokens (request_rss.py --vary-tokens), so requests end at varied steps even when greedy.
 # request_rss.py prints RSS and malloc's memory in use as it goes and at rest.
 # PROFILE=1: memray tracks the rank's allocations through each window (benchmarks/heapprof;
 # memray's wheels carried in .dev/prof), and heap_leaks.py prints what the window allocated
 # and the rank still held at its end. (malloc's figures then may include memray's own.)
+# RANK_ARGS: flags for the rank (settings, e.g. "--prompt-cache-size 0"), after launch.py's `--`.
 # Ranks set MLX_ENABLE_CACHE_THRASHING_CHECK=0 themselves (main.py): a config sets it to 1
 # to see MLX's check.
 # Exits 7 if a rank was not up, or died during its run.
@@ -40,7 +42,7 @@ for spec in ${CONFIGS:-default}; do
   IFS=@ read -r cfg warm window <<< "$spec"
   ( [ "$cfg" != default ] && export $(echo "$cfg" | tr ',' ' ')
     [ "${PROFILE:-0}" = 1 ] && export MEMPROF_OUT
-    PYTHONPATH=$RANK_PATH exec python3 -m mlx_jaccl_cluster.launch --model /tmp/m --world 1 --api-port $PORT --workdir /tmp/w$n ) > /tmp/server$n.log 2>&1 &
+    PYTHONPATH=$RANK_PATH exec python3 -m mlx_jaccl_cluster.launch --model /tmp/m --world 1 --api-port $PORT --workdir /tmp/w$n -- ${RANK_ARGS:-} ) > /tmp/server$n.log 2>&1 &
   launcher=$!
   for i in $(seq 120); do up && break; sleep 1; done
   PID=$(pgrep -f mlx_jaccl_cluster.main | head -1)
@@ -49,7 +51,7 @@ for spec in ${CONFIGS:-default}; do
   RR="python3 benchmarks/request_rss.py --url http://127.0.0.1:$PORT --pid $PID --max-tokens 64 -n 1000000"
   $RR --kind chat --temperature "${WARM_TEMP:-0}" --seconds "${warm:-${WARM:-40}}" > "$OUT/warm$n.txt" 2>&1; tail -2 "$OUT/warm$n.txt"
   [ "${PROFILE:-0}" = 1 ] && kill -0 "$PID" && kill -USR1 "$PID" && sleep 2
-  $RR --kind "${KIND:-chat}" --temperature "${TEMP:-1}" --seconds "${window:-${WINDOW:-150}}" --every 15 > "$OUT/window$n.txt" 2>&1
+  $RR --kind "${KIND:-chat}" --temperature "${TEMP:-1}" $([ "${VARY:-0}" = 1 ] && echo --vary-tokens) --seconds "${window:-${WINDOW:-150}}" --every 15 > "$OUT/window$n.txt" 2>&1
   grep -E "^[0-9]+ |at rest|a request" "$OUT/window$n.txt" | tail -16
   if ! kill -0 "$PID" 2>/dev/null; then
     echo "== $cfg: the rank died"; failed=1
