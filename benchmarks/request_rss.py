@@ -17,7 +17,7 @@ while it serves N requests of one kind, 8 at a time, or of several kinds in turn
     benchmarks/request_rss.py --forward --build 'llama:{"hidden_size": 2048, "num_attention_heads": 16,
         "num_key_value_heads": 8}' --tokens 16 512 --max-tokens 4 -n 1500
 
-``--kind`` is one of soak.py's request kinds, each with ``--max-tokens`` tokens, greedy
+``--kind`` is one of soak.py's request kinds, each with at most ``--max-tokens`` tokens, greedy
 unless ``--temperature``: ``chat`` (here of ``--words`` random words), ``chat_turns`` (multi-turn, so the prompt cache fills and evicts), ``stream``,
 ``dropped_stream`` (the client leaves mid-stream), ``completion``, and the refused
 ``invalid``, ``too_long`` and ``too_large``. Comparing kinds and modes narrows a climb down: ``invalid`` tests
@@ -32,6 +32,9 @@ of the run, with that part's. MLX's figures there come from rank 0's last heartb
 and swing with the requests in flight, so the outside figure is noisy over a short run, and
 against a GPU rank it means nothing (MLX's memory is mostly on the device): read RSS and,
 on Linux, what malloc's heaps hold in use (no request in flight: the figures at rest).
+The in-process modes set themselves up as a rank does before MLX is imported (its
+environment defaults, malloc's settings, MLX's buffer cache limit) and print malloc's heaps
+too.
 
 This is a measuring script, not a test.
 """
@@ -185,17 +188,26 @@ class _Report:
         print(f"{done} {self.what}, {now - self.start:.0f} s, rss {rss_mb()} MB, {mlx}{heap}", flush=True)
 
 
+def _as_a_rank() -> None:
+    """This process set up as a rank sets itself up (main.py), before MLX is imported or a
+    thread starts: its environment defaults (MLX's CUDA cache check off, ...) and malloc's
+    settings."""
+    from mlx_jaccl_cluster.engine.allocator import tune_malloc
+    from mlx_jaccl_cluster.main import set_env_defaults
+    from mlx_jaccl_cluster.settings import Settings
+
+    set_env_defaults()
+    tune_malloc(Settings.default("malloc_arena_max"))
+
+
 def _load(a):
     import mlx.core as mx
     from mlx_lm import load
 
-    from mlx_jaccl_cluster.engine.allocator import tune_malloc
     from mlx_jaccl_cluster.settings import Settings
 
-    tune_malloc(Settings.model_fields["malloc_arena_max"].default)  # malloc as a rank's, by default
-
     model, tokenizer = load(str(a.model))
-    mx.set_cache_limit(256 << 20)  # the runtime's default mlx_cache_limit
+    mx.set_cache_limit(Settings.default("mlx_cache_limit"))
     return model, tokenizer
 
 
@@ -230,7 +242,10 @@ def _ours(text: str) -> set[str]:
 def _inprocess(a) -> None:
     """mlx-lm's BatchGenerator, 8 sequences in flight, with the engine's pieces in ``a.ours``:
     its patches (engine/fastpath.py, engine/prefill.py), its budgeted generator, its
-    per-request samplers, and its prompt cache storing each finished sequence's cache."""
+    per-request samplers, and its prompt cache (a fetch before each insert, a store of each
+    finished sequence's cache). Not here, even with all: the engine thread and leader loop
+    (core.py), the single-sequence path, logits processors and grammars (a plain chat has
+    none), the HTTP side."""
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
 
@@ -241,7 +256,6 @@ def _inprocess(a) -> None:
     from mlx_jaccl_cluster.settings import Settings
 
     model, tokenizer = _load(a)
-    default = Settings.model_fields
     if "fastpath" in a.ours:
         fastpath.install()
     if "prefill" in a.ours:
@@ -253,15 +267,15 @@ def _inprocess(a) -> None:
         sampler=mlx_lm_sampler(a.temperature),
     )
     if "budget" in a.ours:
-        kw |= dict(prefill_step_size=default["prefill_step_size"].default, prefill_batch_size=CONCURRENT)
-        gen = prefill.Budgeted(model, step_token_budget=default["step_token_budget"].default, **kw)
+        kw |= dict(prefill_step_size=Settings.default("prefill_step_size"), prefill_batch_size=CONCURRENT)
+        gen = prefill.Budgeted(model, step_token_budget=Settings.default("step_token_budget"), **kw)
     else:
         gen = BatchGenerator(model, **kw)
     store = None
     if "store" in a.ours:
         config = json.loads((a.model / "config.json").read_text())
         store = PromptCache(
-            default["prompt_cache_size"].default, default["prompt_cache_bytes"].default, kv_bytes_per_token(config)
+            Settings.default("prompt_cache_size"), Settings.default("prompt_cache_bytes"), kv_bytes_per_token(config)
         )
     started = done = 0
     report = _Report("sequences", a.n)
@@ -275,6 +289,10 @@ def _inprocess(a) -> None:
             more["samplers"] = [
                 make_sampler(SamplingParams(temperature=a.temperature, seed=random.getrandbits(32))) for _ in prompts
             ]
+        if store is not None:  # as the engine does: the reusable cache, and the rest of the prompt
+            reused = [store.fetch(p) for p in prompts]
+            more |= dict(caches=[c for c, _ in reused], all_tokens=[p[:k] for p, (_, k) in zip(prompts, reused)])
+            prompts = [p[k:] for p, (_, k) in zip(prompts, reused)]
         gen.insert(prompts, max_tokens=budgets, **more)
         started += count
 
@@ -333,8 +351,13 @@ def main() -> None:
     p.add_argument("--seconds", type=float, help="--url: stop each kind after this long, even short of -n")
     p.add_argument("--every", type=float, default=10, help="--url: seconds between memory lines")
     a = p.parse_args()
+    if a.ours and not a.inprocess:
+        p.error("--ours goes with --inprocess")
+    if a.vary_tokens and a.forward:
+        p.error("--vary-tokens goes with --url or --inprocess")
     random.seed(1)
     if a.inprocess or a.forward:
+        _as_a_rank()
         a.model = model_from(p, a)
         if a.forward:
             _forward(a)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Host memory of one GPU rank serving chats, on the device machine after `run.sh stash`
-# (commands in docs/BENCHMARKS.md, "Soak on GPUs, session 11").
+# (commands in docs/BENCHMARKS.md, "Soak on GPUs, session 11" and "session 12").
 #
 # For each config in CONFIGS (space-separated, each "default" or VAR=VALUE[,VAR=VALUE...],
 # optionally followed by @WARM@WINDOW): a fresh rank of the soak's model (hidden 2048,

@@ -67,14 +67,15 @@ ENV_DEFAULTS = {
 }
 
 
-def _set_env_defaults() -> None:
-    """``ENV_DEFAULTS``, before anything imports MLX (it reads them as it builds its caches)."""
+def set_env_defaults() -> None:
+    """``ENV_DEFAULTS``, before anything imports MLX (it reads them as it builds its caches);
+    also for measuring scripts that run the engine in their own process as a rank would."""
     for name, value in ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
 
 
 def main(argv: list[str] | None = None) -> None:
-    _set_env_defaults()
+    set_env_defaults()
     from .settings import backend_links, load_settings
 
     try:

@@ -72,5 +72,5 @@ def test_a_rank_turns_off_mlx_cuda_cache_thrashing_exception_before_anything_els
         assert stopped.value.code == main.EXIT_CONFIG
         assert seen["MLX_ENABLE_CACHE_THRASHING_CHECK"] == "0"
         main.os.environ["MLX_ENABLE_CACHE_THRASHING_CHECK"] = "1"  # the operator's choice wins
-        main._set_env_defaults()
+        main.set_env_defaults()
         assert main.os.environ["MLX_ENABLE_CACHE_THRASHING_CHECK"] == "1"
