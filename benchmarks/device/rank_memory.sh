@@ -17,13 +17,12 @@
 # to see MLX's check.
 # Exits 7 if a rank was not up, or died during its run.
 set -u
-R=benchmarks/device/run.sh
 OUT=${OUT:-/tmp/mjc-out}
 PORT=8093
 MEMPROF_OUT=/tmp/rank  # memray's captures: $MEMPROF_OUT.PID.bin
-export TMPDIR=/tmp  # the first model build here failed in std::filesystem::temp_directory_path
 mkdir -p "$OUT"
-[ -d /tmp/m ] || bash $R py -c "from mlx_jaccl_cluster.models.tiny import build_tiny_model as b; b('/tmp/m', arch='llama', dtype='bfloat16', hidden_size=2048, num_hidden_layers=16, intermediate_size=5120, num_attention_heads=16, num_key_value_heads=8)" > /tmp/build.log 2>&1 || { tail -20 /tmp/build.log; exit 6; }
+. benchmarks/device/soak_model.sh
+soak_model || exit 6
 # launch.py gives a rank only its own MLX_* variables: let the config's through (the device's copy only)
 L=runtime/mlx_jaccl_cluster/launch.py
 sed -i 's/startswith(("MLX_", "MJC_"))/startswith(("MLX_RANK", "MLX_HOSTFILE", "MJC_"))/' $L
@@ -42,7 +41,7 @@ for spec in ${CONFIGS:-default}; do
   IFS=@ read -r cfg warm window <<< "$spec"
   ( [ "$cfg" != default ] && export $(echo "$cfg" | tr ',' ' ')
     [ "${PROFILE:-0}" = 1 ] && export MEMPROF_OUT
-    PYTHONPATH=$RANK_PATH exec python3 -m mlx_jaccl_cluster.launch --model /tmp/m --world 1 --api-port $PORT --workdir /tmp/w$n -- ${RANK_ARGS:-} ) > /tmp/server$n.log 2>&1 &
+    PYTHONPATH=$RANK_PATH exec python3 -m mlx_jaccl_cluster.launch --model $SOAK_MODEL --world 1 --api-port $PORT --workdir /tmp/w$n -- ${RANK_ARGS:-} ) > /tmp/server$n.log 2>&1 &
   launcher=$!
   for i in $(seq 120); do up && break; sleep 1; done
   PID=$(pgrep -f mlx_jaccl_cluster.main | head -1)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Host memory of the engine's pieces, one set at a time: request_rss.py's in-process loop (8
+# sequences in flight, no server) on the soak's model, on the device machine after
+# `run.sh stash` (docs/BENCHMARKS.md, "Soak on GPUs, session 12").
+#
+# PIECES: space-separated values for request_rss.py --ours, "-" for none (mlx-lm's
+# BatchGenerator alone); default "- all". Each run stops after SECONDS_EACH s (default 150).
+# TEMP (default 0: greedy); VARY=1 (the default): budgets drawn from 1..64 tokens, so
+# sequences end at varied steps; VARY=0: 64 tokens each.
+# Each run's lines go to $OUT/inproc-SET.txt; the last few are printed.
+set -u
+OUT=${OUT:-/tmp/mjc-out}
+mkdir -p "$OUT"
+. benchmarks/device/soak_model.sh
+soak_model || exit 6
+vary=()
+[ "${VARY:-1}" = 1 ] && vary=(--vary-tokens)
+for set in ${PIECES:-- all}; do
+  ours=()
+  [ "$set" != - ] && ours=(--ours "$set")
+  MJC_BENCH_LIMIT=${SECONDS_EACH:-150} bash benchmarks/device/run.sh py benchmarks/request_rss.py --inprocess \
+    --model "$SOAK_MODEL" --max-tokens 64 -n 1000000 --temperature "${TEMP:-0}" "${vary[@]}" "${ours[@]}" \
+    > "$OUT/inproc-${set/-/mlx-lm}.txt" 2>&1
+  echo "== ${set/-/mlx-lm alone}"
+  grep -E "^[0-9]+ sequences|Error" "$OUT/inproc-${set/-/mlx-lm}.txt" | tail -6
+done
