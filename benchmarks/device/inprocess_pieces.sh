@@ -7,7 +7,7 @@
 # BatchGenerator alone); default "- all". Each run stops after SECONDS_EACH s (default 150).
 # TEMP (default 0: greedy); VARY=1 (the default): budgets drawn from 1..64 tokens, so
 # sequences end at varied steps; VARY=0: 64 tokens each.
-# Each run's lines go to $OUT/inproc-SET.txt; the last few are printed.
+# Each run's lines go to $OUT/inproc-SET.txt; the last few are printed. Exits 1 if a run failed.
 set -u
 OUT=${OUT:-/tmp/mjc-out}
 mkdir -p "$OUT"
@@ -15,12 +15,20 @@ mkdir -p "$OUT"
 soak_model || exit 6
 vary=()
 [ "${VARY:-1}" = 1 ] && vary=(--vary-tokens)
+failed=0
 for set in ${PIECES:-- all}; do
   ours=()
   [ "$set" != - ] && ours=(--ours "$set")
+  name=${set/-/mlx-lm}
+  file="$OUT/inproc-${name//,/+}.txt"  # no comma in a name that comes back
   MJC_BENCH_LIMIT=${SECONDS_EACH:-150} bash benchmarks/device/run.sh py benchmarks/request_rss.py --inprocess \
     --model "$SOAK_MODEL" --max-tokens 64 -n 1000000 --temperature "${TEMP:-0}" "${vary[@]}" "${ours[@]}" \
-    > "$OUT/inproc-${set/-/mlx-lm}.txt" 2>&1
+    > "$file" 2>&1
+  rc=$?
   echo "== ${set/-/mlx-lm alone}"
-  grep -E "^[0-9]+ sequences|Error" "$OUT/inproc-${set/-/mlx-lm}.txt" | tail -6
+  grep -E "^[0-9]+ sequences" "$file" | tail -6
+  if [ $rc != 0 ] && [ $rc != 124 ]; then  # 124: stopped at SECONDS_EACH, as planned
+    echo "failed (exit $rc):"; tail -5 "$file"; failed=1
+  fi
 done
+exit $failed

@@ -41,7 +41,7 @@ for spec in ${CONFIGS:-default}; do
   IFS=@ read -r cfg warm window <<< "$spec"
   ( [ "$cfg" != default ] && export $(echo "$cfg" | tr ',' ' ')
     [ "${PROFILE:-0}" = 1 ] && export MEMPROF_OUT
-    PYTHONPATH=$RANK_PATH exec python3 -m mlx_jaccl_cluster.launch --model $SOAK_MODEL --world 1 --api-port $PORT --workdir /tmp/w$n -- ${RANK_ARGS:-} ) > /tmp/server$n.log 2>&1 &
+    PYTHONPATH=$RANK_PATH exec python3 -m mlx_jaccl_cluster.launch --model "$SOAK_MODEL" --world 1 --api-port $PORT --workdir /tmp/w$n -- ${RANK_ARGS:-} ) > /tmp/server$n.log 2>&1 &
   launcher=$!
   for i in $(seq 120); do up && break; sleep 1; done
   PID=$(pgrep -f mlx_jaccl_cluster.main | head -1)
