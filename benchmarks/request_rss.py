@@ -189,8 +189,8 @@ class _Report:
 
 
 def _as_a_rank() -> None:
-    """This process set up as a rank sets itself up (main.py), before MLX is imported or a
-    thread starts: its environment defaults (MLX's CUDA cache check off, ...) and malloc's
+    """Set this process up as main.py sets up a rank, before MLX is imported or a thread
+    starts: the rank's environment defaults (MLX's CUDA cache check off, ...) and malloc's
     settings."""
     from mlx_jaccl_cluster.engine.allocator import tune_malloc
     from mlx_jaccl_cluster.main import set_env_defaults
@@ -351,6 +351,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, help="--url: stop each kind after this long, even short of -n")
     p.add_argument("--every", type=float, default=10, help="--url: seconds between memory lines")
     a = p.parse_args()
+    if a.max_tokens < 1:
+        p.error(f"--max-tokens must be at least 1, got {a.max_tokens}")
     if a.ours and not a.inprocess:
         p.error("--ours goes with --inprocess")
     if a.vary_tokens and a.forward:
