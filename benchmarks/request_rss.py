@@ -12,6 +12,9 @@ while it serves N requests of one kind, 8 at a time, or of several kinds in turn
     # sequences in flight; --ours adds the engine's pieces one by one (all: every one):
     benchmarks/request_rss.py --inprocess --model MODEL_DIR --words 5 60 -n 2400 [--temperature 1] \
         [--vary-tokens] [--ours fastpath,prefill,budget,samplers,store]
+    # the rank's own engine (its thread and loop, world size 1) without HTTP; --without turns
+    # pieces off (fastpath, prefill, budget, lone, store):
+    benchmarks/request_rss.py --engine --model MODEL_DIR --max-tokens 64 --vary-tokens [--without prefill]
     # plain forward passes (a fresh KV cache each, then --max-tokens decode steps), each of a
     # random batch x length from --tokens, or all of one shape with --fixed (the control):
     benchmarks/request_rss.py --forward --build 'llama:{"hidden_size": 2048, "num_attention_heads": 16,
@@ -245,7 +248,7 @@ def _inprocess(a) -> None:
     per-request samplers, and its prompt cache (a fetch before each insert, a store of each
     finished sequence's cache). Not here, even with all: the engine thread and leader loop
     (core.py), the single-sequence path, logits processors and grammars (a plain chat has
-    none), the HTTP side."""
+    none), the HTTP side (``--engine`` runs the engine itself)."""
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
 
@@ -310,6 +313,81 @@ def _inprocess(a) -> None:
             insert(min(finished, a.n - started))
 
 
+#: what --engine --without may turn off in the rank's own engine
+ENGINE_PIECES = ("fastpath", "prefill", "budget", "lone", "store")
+
+
+def _without(text: str) -> set[str]:
+    pieces = set(filter(None, text.split(",")))
+    if unknown := pieces - set(ENGINE_PIECES):
+        raise argparse.ArgumentTypeError(f"unknown piece {', '.join(sorted(unknown))}: of {', '.join(ENGINE_PIECES)}")
+    return pieces
+
+
+def _engine(a) -> None:
+    """The rank's own engine (engine/core.py: its thread, its leader loop, every piece),
+    world size 1, driven from this thread as rank 0's HTTP side drives it (requests
+    submitted, events back through the direct dispatch), 8 in flight; no HTTP, no chat
+    template. ``a.without`` turns pieces off: the patches (``fastpath``, ``prefill``), the
+    budgeted generator (``budget``: mlx-lm's BatchGenerator instead), the single-sequence
+    path (``lone``), the prompt cache (``store``)."""
+    import threading
+
+    from mlx_lm.generate import BatchGenerator
+
+    from mlx_jaccl_cluster.engine import fastpath, prefill
+    from mlx_jaccl_cluster.engine.core import Engine
+    from mlx_jaccl_cluster.generation import ErrorEvent, GenerationRequest, SamplingParams
+    from mlx_jaccl_cluster.settings import Settings
+    from mlx_jaccl_cluster.state import ClusterState
+
+    if "fastpath" in a.without:
+        fastpath.install = lambda: None
+    if "prefill" in a.without:
+        prefill.install = lambda: None
+    if "budget" in a.without:
+        prefill.Budgeted = lambda model, *, step_token_budget, **kw: BatchGenerator(model, **kw)
+    off = {"single_sequence": False} if "lone" in a.without else {}
+    if "store" in a.without:
+        off["prompt_cache_size"] = 0
+    failed: list[str] = []
+    settings = Settings(model=a.model, world_size=1, rank=0, **off)
+    engine = Engine(settings, ClusterState(1, settings.backend, a.model.name), None, lambda m, _: failed.append(m))
+    engine.start()
+    while not engine.state.ready and not failed:
+        time.sleep(0.2)
+    if failed:
+        raise SystemExit(f"the engine did not start: {failed[0]}")
+    ended, errors = threading.Semaphore(0), []
+
+    def sink(event) -> None:  # on the engine thread
+        if isinstance(event, ErrorEvent):
+            errors.append(event.message)
+            ended.release()
+        elif event.finish_reason is not None:
+            ended.release()
+
+    def submit(i: int) -> None:
+        budget = random.randint(1, a.max_tokens) if a.vary_tokens else a.max_tokens
+        sampling = SamplingParams(temperature=a.temperature, seed=random.getrandbits(32))
+        engine.submit(GenerationRequest(engine.tokenizer.encode(_text(a.words, i)), budget, sampling), sink)
+
+    report = _Report("sequences", a.n)
+    started = min(CONCURRENT, a.n)
+    for i in range(started):
+        submit(i)
+    for done in range(1, a.n + 1):
+        while not ended.acquire(timeout=60):
+            if failed:
+                raise SystemExit(f"the engine failed: {failed[0]}")
+        report(done)
+        if started < a.n:
+            submit(started)
+            started += 1
+    if errors:
+        print(f"{len(errors)} errors, the first: {errors[0]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="rank 0's API")
@@ -317,11 +395,18 @@ def main() -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--inprocess", action="store_true", help="mlx-lm's BatchGenerator in this process instead")
     mode.add_argument("--forward", action="store_true", help="plain forward passes in this process instead")
+    mode.add_argument("--engine", action="store_true", help="the rank's own engine in this process instead (no HTTP)")
     p.add_argument(
         "--ours",
         type=_ours,
         default=set(),
         help=f"--inprocess: the engine's pieces to use, comma-separated (all, or of {', '.join(OURS)})",
+    )
+    p.add_argument(
+        "--without",
+        type=_without,
+        default=set(),
+        help=f"--engine: the pieces to turn off, comma-separated (of {', '.join(ENGINE_PIECES)})",
     )
     p.add_argument("--tokens", type=int, nargs=2, default=(16, 512), metavar=("MIN", "MAX"))
     p.add_argument("--fixed", action="store_true", help=f"--forward: every pass {CONCURRENT} x MAX tokens")
@@ -355,16 +440,15 @@ def main() -> None:
         p.error(f"--max-tokens must be at least 1, got {a.max_tokens}")
     if a.ours and not a.inprocess:
         p.error("--ours goes with --inprocess")
+    if a.without and not a.engine:
+        p.error("--without goes with --engine")
     if a.vary_tokens and a.forward:
-        p.error("--vary-tokens goes with --url or --inprocess")
+        p.error("--vary-tokens goes with --url, --inprocess or --engine")
     random.seed(1)
-    if a.inprocess or a.forward:
+    if a.inprocess or a.forward or a.engine:
         _as_a_rank()
         a.model = model_from(p, a)
-        if a.forward:
-            _forward(a)
-        else:
-            _inprocess(a)
+        (_forward if a.forward else _engine if a.engine else _inprocess)(a)
     elif a.url:
         asyncio.run(_server(a))
     else:

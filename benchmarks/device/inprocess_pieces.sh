@@ -3,8 +3,10 @@
 # sequences in flight, no server) on the soak's model, on the device machine after
 # `run.sh stash` (docs/BENCHMARKS.md, "Soak on GPUs, session 12").
 #
-# PIECES: space-separated values for request_rss.py --ours, "-" for none (mlx-lm's
-# BatchGenerator alone); default "- all". Each run stops after SECONDS_EACH s (default 150).
+# PIECES: space-separated sets. A value for request_rss.py --ours, "-" for none (mlx-lm's
+# BatchGenerator alone); "engine" for the rank's own engine (--engine: its thread and loop,
+# every piece), "engine/X,Y" for that engine without pieces X and Y (--without). Default
+# "- all". Each run stops after SECONDS_EACH s (default 150).
 # TEMP (default 0: greedy); VARY=1 (the default): budgets drawn from 1..64 tokens, so
 # sequences end at varied steps; VARY=0: 64 tokens each.
 # Each run's lines go to $OUT/inproc-SET.txt; the last few are printed. Exits 1 if a run failed.
@@ -17,15 +19,19 @@ vary=()
 [ "${VARY:-1}" = 1 ] && vary=(--vary-tokens)
 failed=0
 for set in ${PIECES:-- all}; do
-  ours=()
-  [ "$set" != - ] && ours=(--ours "$set")
-  name=${set/-/mlx-lm}
-  file="$OUT/inproc-${name//,/+}.txt"  # no comma in a name that comes back
-  MJC_BENCH_LIMIT=${SECONDS_EACH:-150} bash benchmarks/device/run.sh py benchmarks/request_rss.py --inprocess \
-    --model "$SOAK_MODEL" --max-tokens 64 -n 1000000 --temperature "${TEMP:-0}" "${vary[@]}" "${ours[@]}" \
-    > "$file" 2>&1
+  case $set in
+    -) mode=(--inprocess) ;;
+    engine) mode=(--engine) ;;
+    engine/*) mode=(--engine --without "${set#engine/}") ;;
+    *) mode=(--inprocess --ours "$set") ;;
+  esac
+  name=${set/#-/mlx-lm}
+  name=${name//\//-without-}
+  file="$OUT/inproc-${name//,/+}.txt"  # no comma or slash in a name that comes back
+  MJC_BENCH_LIMIT=${SECONDS_EACH:-150} bash benchmarks/device/run.sh py benchmarks/request_rss.py "${mode[@]}" \
+    --model "$SOAK_MODEL" --max-tokens 64 -n 1000000 --temperature "${TEMP:-0}" "${vary[@]}" > "$file" 2>&1
   rc=$?
-  echo "== ${set/-/mlx-lm alone}"
+  echo "== ${set/#-/mlx-lm alone}"
   grep -E "^[0-9]+ sequences" "$file" | tail -6
   if [ $rc != 0 ] && [ $rc != 124 ]; then  # 124: stopped at SECONDS_EACH, as planned
     echo "failed (exit $rc):"; tail -5 "$file"; failed=1
