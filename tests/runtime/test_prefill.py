@@ -77,6 +77,46 @@ def test_batch_engine_with_queued_prefill_matches_mlx_lm(tiny_llama):
     assert a.extract(1).offset == 2
 
 
+def test_no_layer_keeps_a_graph_of_the_sequences_that_came_and_went(tiny_llama, tmp_path):
+    """While sequences join and leave a batch that never empties, every layer's left padding
+    stays a plain array. A model builds its mask from one layer's cache only; the other
+    layers' arrays, updated lazily and never read, kept every update since the batch began
+    as a graph, a few nodes for each sequence: host memory a busy rank never got back."""
+    import random
+
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import BatchGenerator
+
+    from mlx_jaccl_cluster.engine import fastpath, prefill
+
+    model, _ = load(str(tiny_llama))
+    fastpath.install()
+    prefill.install()
+    gen = BatchGenerator(model, completion_batch_size=4, prefill_step_size=8)
+    rng = random.Random(0)
+
+    def insert(n: int) -> None:  # prompts and budgets of varied lengths: rows end at varied steps
+        prompts = [[rng.randint(3, 200) for _ in range(rng.randint(2, 30))] for _ in range(n)]
+        gen.insert(prompts, max_tokens=[rng.randint(1, 8) for _ in range(n)])
+
+    def edges(a: mx.array) -> int:
+        mx.export_to_dot(str(tmp_path / "g.dot"), a)
+        return (tmp_path / "g.dot").read_text().count("->")
+
+    insert(4)
+    done, largest = 0, []
+    while done < 60:
+        ended = sum(r.finish_reason is not None for r in gen.next()[1])
+        done += ended
+        if ended:
+            insert(ended)
+        if caches := gen._generation_batch.prompt_cache:
+            largest.append(max(edges(c.left_padding) for c in caches[1:]))
+    assert len(caches) > 1 and len(largest) > 50
+    assert max(largest) == 0, f"a layer's left padding held a graph of {max(largest)} edges"
+
+
 def _kv(length):
     import mlx.core as mx
     from mlx_lm.models.cache import KVCache

@@ -28,7 +28,16 @@ three waits for the GPU queue on the host:
 
 Here each chunk is queued with ``mx.async_eval`` behind the decode step, as the decode
 step queues its own next step, and the cache keeps a host copy of its left padding that
-``filter`` and ``extract`` read instead of the array. MLX keeps freed buffers up to
+``filter`` and ``extract`` read instead of the array.
+
+**The left padding array is rebuilt from the host copy** (a leaf, with no graph behind it)
+whenever ``prepare``, ``finalize``, ``extend`` or ``filter`` changes it. mlx-lm's versions
+update it lazily (``left_padding[indices] - k``, a concatenation) and evaluate it in the
+next ``filter``'s ``tolist()``. A model builds its mask from one layer's cache only, so with
+those reads gone the other layers' arrays were never evaluated: each of them kept every
+update since the batch began as a graph, a few nodes for every sequence that joined or
+left. On a CUDA rank that held about 230 KB of host memory a request while the batch never
+emptied (docs/BENCHMARKS.md, "Soak on GPUs, session 13"). MLX keeps freed buffers up to
 ``Settings.mlx_cache_limit``, which bounds what skipping ``clear_cache`` holds. Results
 are unchanged: the same operations run in the same order; only when the host waits for
 them moves. Patched methods (and ``Budgeted._next``) are mlx-lm 0.32.2's (pinned), each
@@ -58,6 +67,12 @@ def _host_padding(cache: BatchKVCache) -> list[int]:
     return host
 
 
+def _set_padding(cache: BatchKVCache, host: list[int]) -> None:
+    """Set the left padding, host copy and array, the array as a leaf (see the module doc)."""
+    cache._host_left_padding = host
+    cache.left_padding = mx.array(host, dtype=mx.int32)
+
+
 def _init(self, left_padding):
     _orig_init(self, left_padding)
     self._host_left_padding = [int(p) for p in left_padding]
@@ -68,19 +83,22 @@ def _prepare(self, *, left_padding=None, lengths=None, right_padding=None):
     host = _host_padding(self)
     _orig_prepare(self, left_padding=left_padding, lengths=lengths, right_padding=right_padding)
     if left_padding is not None:
-        self._host_left_padding = [a + int(b) for a, b in zip(host, left_padding)]
+        _set_padding(self, [a + int(b) for a, b in zip(host, left_padding)])
     if right_padding is not None and max(right_padding) > 0:
         self._host_right_padding = [int(p) for p in right_padding]
 
 
 def _finalize(self):
+    host = None
     if self._right_padding is not None:
         right = getattr(self, "_host_right_padding", None)
         if right is None:
             right = self._right_padding.tolist()
-        self._host_left_padding = [a + b for a, b in zip(_host_padding(self), right)]
+        host = [a + b for a, b in zip(_host_padding(self), right)]
         self._host_right_padding = None
     _orig_finalize(self)
+    if host is not None:
+        _set_padding(self, host)
 
 
 def _filter(self, batch_indices):
@@ -90,7 +108,6 @@ def _filter(self, batch_indices):
         self.keys = self.keys[batch_indices]
         self.values = self.values[batch_indices]
     self.offset = self.offset[batch_indices]
-    self.left_padding = self.left_padding[batch_indices]
     host = [host[i] for i in (batch_indices.tolist() if isinstance(batch_indices, mx.array) else batch_indices)]
     min_left_pad = min(host) if host else 0
     if min_left_pad > 0:
@@ -98,9 +115,8 @@ def _filter(self, batch_indices):
             self.keys = self.keys[..., min_left_pad:, :]
             self.values = self.values[..., min_left_pad:, :]
         self._idx -= min_left_pad
-        self.left_padding -= min_left_pad
         host = [p - min_left_pad for p in host]
-    self._host_left_padding = host
+    _set_padding(self, host)
 
 
 def _extend(self, other):
@@ -111,7 +127,7 @@ def _extend(self, other):
         top = max(self._idx, other._idx)
         host = [p + top - self._idx for p in mine] + [p + top - other._idx for p in theirs]
     _orig_extend(self, other)
-    self._host_left_padding = host
+    _set_padding(self, host)
 
 
 def _extract(self, idx):
