@@ -28,7 +28,8 @@ three waits for the GPU queue on the host:
 
 Here each chunk is queued with ``mx.async_eval`` behind the decode step, as the decode
 step queues its own next step, and the cache keeps a host copy of its left padding that
-``filter`` and ``extract`` read instead of the array.
+``filter`` and ``extract`` read instead of the array. MLX keeps freed buffers up to
+``Settings.mlx_cache_limit``, which bounds what skipping ``clear_cache`` holds.
 
 **The left padding array is rebuilt from the host copy** (a leaf, with no graph behind it)
 whenever ``prepare``, ``finalize``, ``extend`` or ``filter`` changes it. mlx-lm's versions
@@ -37,11 +38,12 @@ next ``filter``'s ``tolist()``. A model builds its mask from one layer's cache o
 those reads gone the other layers' arrays were never evaluated: each of them kept every
 update since the batch began as a graph, a few nodes for every sequence that joined or
 left. On a CUDA rank that held about 230 KB of host memory a request while the batch never
-emptied (docs/BENCHMARKS.md, "Soak on GPUs, session 13"). MLX keeps freed buffers up to
-``Settings.mlx_cache_limit``, which bounds what skipping ``clear_cache`` holds. Results
-are unchanged: the same operations run in the same order; only when the host waits for
-them moves. Patched methods (and ``Budgeted._next``) are mlx-lm 0.32.2's (pinned), each
-re-stated below with the change; ``install`` is idempotent and every rank runs it.
+emptied (docs/BENCHMARKS.md, "The growth found").
+
+Results are unchanged: the same operations run in the same order, on the same values;
+only when the host waits for them moves. Patched methods (and ``Budgeted._next``) are
+mlx-lm 0.32.2's (pinned), each re-stated below with the change; ``install`` is idempotent
+and every rank runs it.
 """
 
 from __future__ import annotations
