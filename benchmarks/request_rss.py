@@ -210,7 +210,7 @@ def _load(a):
     from mlx_jaccl_cluster.settings import Settings
 
     model, tokenizer = load(str(a.model))
-    mx.set_cache_limit(Settings.default("mlx_cache_limit"))
+    mx.set_cache_limit(Settings.default("mlx_cache_limit") if a.mlx_cache_limit is None else a.mlx_cache_limit)
     return model, tokenizer
 
 
@@ -330,14 +330,15 @@ def _engine(a) -> None:
     submitted, events back through the direct dispatch), 8 in flight; no HTTP, no chat
     template. ``a.without`` turns pieces off: the patches (``fastpath``, ``prefill``), the
     budgeted generator (``budget``: mlx-lm's BatchGenerator instead), the single-sequence
-    path (``lone``), the prompt cache (``store``)."""
+    path (``lone``; with 8 always in flight only the first request takes it), the prompt
+    cache (``store``). A request that fails ends the run."""
     import threading
 
     from mlx_lm.generate import BatchGenerator
 
     from mlx_jaccl_cluster.engine import fastpath, prefill
     from mlx_jaccl_cluster.engine.core import Engine
-    from mlx_jaccl_cluster.generation import ErrorEvent, GenerationRequest, SamplingParams
+    from mlx_jaccl_cluster.generation import EngineUnavailable, ErrorEvent, GenerationRequest, SamplingParams
     from mlx_jaccl_cluster.settings import Settings
     from mlx_jaccl_cluster.state import ClusterState
 
@@ -350,6 +351,8 @@ def _engine(a) -> None:
     off = {"single_sequence": False} if "lone" in a.without else {}
     if "store" in a.without:
         off["prompt_cache_size"] = 0
+    if a.mlx_cache_limit is not None:
+        off["mlx_cache_limit"] = a.mlx_cache_limit
     failed: list[str] = []
     settings = Settings(model=a.model, world_size=1, rank=0, **off)
     engine = Engine(settings, ClusterState(1, settings.backend, a.model.name), None, lambda m, _: failed.append(m))
@@ -370,7 +373,10 @@ def _engine(a) -> None:
     def submit(i: int) -> None:
         budget = random.randint(1, a.max_tokens) if a.vary_tokens else a.max_tokens
         sampling = SamplingParams(temperature=a.temperature, seed=random.getrandbits(32))
-        engine.submit(GenerationRequest(engine.tokenizer.encode(_text(a.words, i)), budget, sampling), sink)
+        try:
+            engine.submit(GenerationRequest(engine.tokenizer.encode(_text(a.words, i)), budget, sampling), sink)
+        except EngineUnavailable as exc:
+            raise SystemExit(f"the engine failed: {failed[0] if failed else exc}") from None
 
     report = _Report("sequences", a.n)
     started = min(CONCURRENT, a.n)
@@ -380,12 +386,13 @@ def _engine(a) -> None:
         while not ended.acquire(timeout=60):
             if failed:
                 raise SystemExit(f"the engine failed: {failed[0]}")
+            print(f"no sequence ended in 60 s ({done - 1} done)", flush=True)
+        if errors:  # a measuring run is void once a request fails
+            raise SystemExit(f"a request failed after {done - 1} sequences: {errors[0]}")
         report(done)
         if started < a.n:
             submit(started)
             started += 1
-    if errors:
-        print(f"{len(errors)} errors, the first: {errors[0]}")
 
 
 def main() -> None:
@@ -407,6 +414,13 @@ def main() -> None:
         type=_without,
         default=set(),
         help=f"--engine: the pieces to turn off, comma-separated (of {', '.join(ENGINE_PIECES)})",
+    )
+    p.add_argument(
+        "--mlx-cache-limit",
+        type=int,
+        metavar="BYTES",
+        help="the in-process modes: MLX's buffer cache limit (default: a rank's); 0 keeps no freed buffer, "
+        "so that on CPU malloc's figures hold none",
     )
     p.add_argument("--tokens", type=int, nargs=2, default=(16, 512), metavar=("MIN", "MAX"))
     p.add_argument("--fixed", action="store_true", help=f"--forward: every pass {CONCURRENT} x MAX tokens")
@@ -442,6 +456,10 @@ def main() -> None:
         p.error("--ours goes with --inprocess")
     if a.without and not a.engine:
         p.error("--without goes with --engine")
+    if a.mlx_cache_limit is not None and not (a.inprocess or a.forward or a.engine):
+        p.error("--mlx-cache-limit goes with --inprocess, --engine or --forward (a server has its own setting)")
+    if a.mlx_cache_limit is not None and a.mlx_cache_limit < 0:
+        p.error(f"--mlx-cache-limit must be 0 or more, got {a.mlx_cache_limit}")
     if a.vary_tokens and a.forward:
         p.error("--vary-tokens goes with --url, --inprocess or --engine")
     random.seed(1)
@@ -452,7 +470,7 @@ def main() -> None:
     elif a.url:
         asyncio.run(_server(a))
     else:
-        p.error("give --url, --inprocess or --forward")
+        p.error("give --url, --inprocess, --engine or --forward")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Soak a running cluster: N requests over M minutes from a few concurrent clients, then
-errors, latency percentiles and each rank's RSS growth after warm-up.
+errors, latency percentiles, the slowest requests (and when each started) and each rank's
+RSS growth after warm-up.
 
     benchmarks/soak.py http://127.0.0.1:8080 --key KEY --clients 6 --minutes 10 [--out soak.json]
 
@@ -52,6 +53,9 @@ class Tally:
     # (t, in use, free) per rank: what glibc's heaps hold (Linux ranks only)
     heap: dict[int, list[tuple[float, int, int]]] = field(default_factory=dict)
     requests: int = 0
+    # (seconds, kind, seconds into the run when it started) of every answered request
+    timed: list[tuple[float, str, float]] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
 
 
 def _text(rng: random.Random, words: int) -> str:
@@ -105,7 +109,9 @@ class Client:
         if problem:
             self.tally.errors.append(f"{kind}: {problem}")
         else:
-            self.tally.latencies[kind].append(time.perf_counter() - started)
+            took = time.perf_counter() - started
+            self.tally.latencies[kind].append(took)
+            self.tally.timed.append((took, kind, started - self.tally.start))
 
     async def _expect(self, path: str, body, status: int, **kw) -> str | None:
         r = (
@@ -303,6 +309,11 @@ def report(tally: Tally, info: dict, warmup: float, window: float) -> dict:
         "errors": len(tally.errors),
         "error_samples": tally.errors[:10],
         "latency_s": lat,
+        # when the slowest requests started tells a cold start from a stall mid-run
+        "slowest": [
+            {"kind": k, "started_s": round(at, 1), "took_s": round(took, 2)}
+            for took, k, at in sorted(tally.timed, reverse=True)[:10]
+        ],
         "memory": memory,
     }
 

@@ -9,7 +9,8 @@
 # "- all". Each run stops after SECONDS_EACH s (default 150).
 # TEMP (default 0: greedy); VARY=1 (the default): budgets drawn from 1..64 tokens, so
 # sequences end at varied steps; VARY=0: 64 tokens each.
-# Each run's lines go to $OUT/inproc-SET.txt; the last few are printed. Exits 1 if a run failed.
+# Each run's lines go to $OUT/inproc-NAME.txt (NAME: the set, mlx-lm for "-", "/" written -without-,
+# "," written +); the last few are printed. Exits 1 if a run failed.
 set -u
 OUT=${OUT:-/tmp/mjc-out}
 mkdir -p "$OUT"

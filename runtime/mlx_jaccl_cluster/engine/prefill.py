@@ -40,8 +40,8 @@ update since the batch began as a graph, a few nodes for every sequence that joi
 left. On a CUDA rank that held about 230 KB of host memory a request while the batch never
 emptied (docs/BENCHMARKS.md, "The growth found").
 
-Results are unchanged: the same operations run in the same order, on the same values;
-only when the host waits for them moves. Patched methods (and ``Budgeted._next``) are
+Results are unchanged: the same values, computed in the same order; only when the host
+waits for them moves. Patched methods (and ``Budgeted._next``) are
 mlx-lm 0.32.2's (pinned), each re-stated below with the change; ``install`` is idempotent
 and every rank runs it.
 """
@@ -62,7 +62,8 @@ _orig_extend = BatchKVCache.extend
 
 def _host_padding(cache: BatchKVCache) -> list[int]:
     """The host copy of ``cache.left_padding`` (read from the array only if a cache was
-    built another way, e.g. its ``state`` set directly)."""
+    built another way. A copy is found stale by its length alone: whoever sets ``state``
+    directly on a cache with rows must drop ``_host_left_padding``; nothing here does)."""
     host = getattr(cache, "_host_left_padding", None)
     if host is None or len(host) != cache.left_padding.shape[0]:
         host = cache._host_left_padding = cache.left_padding.tolist()
